@@ -1,0 +1,5 @@
+import sys
+
+from saelightning.cli import main
+
+sys.exit(main())

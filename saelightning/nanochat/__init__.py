@@ -1,0 +1,1 @@
+"""The project's own implementation of nanochat: model (both eras), checkpoints, tokenizer, shards."""
