@@ -1,0 +1,180 @@
+"""Callbacks: dead-latent resampling, SAE export, feature-density histograms."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+
+from saelightning.metrics import log10_density
+
+
+# --- resampling ---
+
+def _latent_axis(name: str, param: torch.Tensor, d_sae: int) -> int | None:
+    """Which axis of a parameter indexes latents (None: it has none)."""
+    if param.dim() == 1:
+        return 0 if param.shape[0] == d_sae else None
+    if name.startswith("W_dec"):
+        return 0
+    return 1 if param.shape[-1] == d_sae else None
+
+
+def reset_adam_rows(optimizer: torch.optim.Optimizer, sae, latents: torch.Tensor) -> int:
+    """Zero the Adam moments of exactly the given latents' rows/columns in every parameter of `sae`."""
+    touched = 0
+    for name, param in sae.named_parameters():
+        axis = _latent_axis(name, param, sae.config.d_sae)
+        state = optimizer.state.get(param, {})
+        if axis is None or not state:
+            continue
+        for key in ("exp_avg", "exp_avg_sq"):
+            state[key].index_fill_(axis, latents, 0.0)
+        touched += 1
+    return touched
+
+
+@torch.no_grad()
+def resample(sae, latents: torch.Tensor, x: torch.Tensor, generator: torch.Generator) -> None:
+    """Anthropic's procedure: sample inputs with probability ∝ squared reconstruction error; the dead decoder
+    row becomes the normalised sample, the encoder column the sample x 0.2 x mean alive encoder norm, bias 0."""
+    x_hat = sae.decode(sae.encode(x))  # not forward: it may update running statistics
+    loss = (x - x_hat).pow(2).sum(-1).double()
+    probs = loss / loss.sum() if loss.sum() > 0 else torch.full_like(loss, 1 / len(loss))
+    picks = torch.multinomial(probs.cpu(), len(latents), replacement=len(latents) > len(loss), generator=generator)
+    samples = x[picks.to(x.device)]
+    directions = samples / samples.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+    alive = torch.ones(sae.config.d_sae, dtype=torch.bool, device=x.device)
+    alive[latents] = False
+    enc_norm = sae.W_enc[:, alive].norm(dim=0).mean() if alive.any() else torch.tensor(1.0, device=x.device)
+    sae.reinit_latents(latents, directions * 0.2 * enc_norm, directions)
+
+
+class ResampleDeadLatents(pl.Callback):
+    """Resample latents dead over the module's window every `every_n_steps` steps, up to `until_step`.
+
+    The inputs are the current batch of every rank (gathered), and the sampling generator is seeded
+    from (seed, step) on every rank, so each rank makes exactly the same change.
+
+    Args:
+        every_n_steps: resample at these steps (0: never).
+        until_step: no resampling after this step (resampling late in training hurts).
+        seed: seed of the sampling generator.
+    """
+
+    def __init__(self, every_n_steps: int = 0, until_step: int = 100_000, seed: int = 0):
+        self.every_n_steps, self.until_step, self.seed = every_n_steps, until_step, seed
+        self.history: list[dict] = []  # {"step", "sae", "resampled"}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if not self.every_n_steps or step % self.every_n_steps or step > self.until_step:
+            return
+        optimizer = trainer.optimizers[0]
+        for name, sae in pl_module.saes.items():
+            dead = pl_module.dead_mask(name).nonzero().flatten()
+            if len(dead) == 0:
+                continue
+            x = pl_module.all_gather(batch["acts"][pl_module.specs[name].hook_name]).reshape(-1, sae.config.d_in)
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+            resample(sae, dead, x, generator)
+            reset_adam_rows(optimizer, sae, dead)
+            pl_module.since_fired(name)[dead] = 0  # give them a full window before judging again
+            self.history.append({"step": step, "sae": name, "resampled": len(dead)})
+            pl_module.log(f"{pl_module.prefix(name)}sparsity/resampled", float(len(dead)), on_step=True, on_epoch=False)
+
+    def state_dict(self) -> dict:
+        return {"history": list(self.history)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.history = list(state_dict["history"])
+
+
+# --- export ---
+
+def _run_dir(trainer) -> Path:
+    callback = trainer.checkpoint_callback
+    if callback is not None and getattr(callback, "dirpath", None):
+        return Path(callback.dirpath)
+    return Path(trainer.default_root_dir)
+
+
+def export_dir(trainer) -> Path:
+    return _run_dir(trainer) / "saes"
+
+
+def export_module(pl_module, out_root: Path, step: int, metrics: dict | None = None) -> list[Path]:
+    """save_sae every SAE of the module to out_root/<name>/ (SAELens layout, weights on raw activations)."""
+    from saelightning.export import save_sae
+
+    paths = []
+    for name, sae in pl_module.saes.items():
+        spec, info = pl_module.specs[name], pl_module.model_info
+        prefix = pl_module.prefix(name)
+        mine = {k[len(prefix):]: v for k, v in (metrics or {}).items() if k.startswith(prefix)} if prefix else dict(metrics or {})
+        density = pl_module.density(name)
+        metadata = {
+            "model_name": "nanochat", "hook_name": spec.hook_name, "context_size": info.get("context_size"),
+            "model": {k: info.get(k) for k in ("path", "step", "era", "config")}, "sae_name": name,
+            "training_steps": step, "training_tokens": int(pl_module.tokens_seen),
+            "trainer_config": {k: v for k, v in pl_module.hparams.items() if k not in ("saes", "model_info")},
+            "spec": {k: v for k, v in vars(spec).items()}, "final_metrics": mine,
+        }
+        sparsity = log10_density(density) if torch.isfinite(density).all() else None
+        paths.append(save_sae(sae, out_root / name, metadata=metadata, sparsity=sparsity))
+    return paths
+
+
+def _scalar_metrics(trainer) -> dict:
+    out = {}
+    for k, v in trainer.callback_metrics.items():
+        value = float(v)
+        if math.isfinite(value):
+            out[k] = value
+    return out
+
+
+class ExportSAEs(pl.Callback):
+    """Write <run dir>/saes/<name>/ (cfg.json, sae_weights.safetensors, sparsity.safetensors) at every
+    checkpoint save and at the end of training, with the model info and the latest metrics in metadata."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self.last_export: list[Path] = []
+
+    @rank_zero_only
+    def _export(self, trainer, pl_module) -> None:
+        if self.enabled and trainer.global_step > 0:
+            self.last_export = export_module(pl_module, export_dir(trainer), trainer.global_step, _scalar_metrics(trainer))
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        self._export(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._export(trainer, pl_module)
+
+
+# --- TensorBoard ---
+
+class DensityHistograms(pl.Callback):
+    """log10 feature-density histograms to TensorBoard, once per completed density window."""
+
+    def __init__(self):
+        self._logged = -1
+
+    @rank_zero_only
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if pl_module.density_step == self._logged:
+            return
+        self._logged = pl_module.density_step
+        for logger in trainer.loggers:
+            experiment = getattr(logger, "experiment", None)
+            if experiment is None or not hasattr(experiment, "add_histogram"):
+                continue
+            for name in pl_module.saes:
+                values = log10_density(pl_module.density(name)).cpu()
+                experiment.add_histogram(f"{pl_module.prefix(name)}sparsity/log10_feature_density", values, trainer.global_step)
+                experiment.add_scalar(f"{pl_module.prefix(name)}sparsity/mean_log10_feature_density", values.mean(), trainer.global_step)

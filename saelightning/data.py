@@ -1,0 +1,365 @@
+"""ActivationDataModule: text shards → token batches → frozen nanochat → activations → shuffle buffer.
+
+DataLoader workers only read parquet and tokenize (TokenBatches). The frozen model lives here, on the
+training device, never on the LightningModule (so it is not checkpointed, optimised or broadcast).
+The train "dataloader" is an ActivationStream: it pulls token batches in a fixed worker order, runs
+the model up to the deepest hook, drops BOS positions, scales, and fills a shuffle buffer of
+`buffer_tokens` activations that is permuted as a whole and cut into SAE batches of `batch_size`.
+
+Exact resume: a buffer is refilled whole, so the state of the next SAE batch is (the token readers'
+position when its buffer was filled, the buffer's index, how many batches were already drawn from
+it). Resuming replays that one refill (same tokens, same forward, same permutation seeded from the
+buffer index) and skips the drawn batches. Every rank's state goes into the Lightning checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections import defaultdict, deque
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, IterableDataset
+
+from saelightning.errors import SAELightningError
+from saelightning.hooks import hook_width, parse_hook
+from saelightning.nanochat.shards import TextStream, list_shards
+
+STATE_VERSION = 1
+
+
+# --- token batches (DataLoader workers) ---
+
+class TokenBatches(IterableDataset):
+    """Packed rows of `context_size` token ids (BOS before each document, as nanochat packs them).
+
+    Yields {"tokens": LongTensor[rows, context_size], "worker": id, "state": position after it}: the
+    state (TextStream position + the tokens carried over to the next batch) lets a reader resume here.
+    """
+
+    def __init__(self, paths, tokenizer, context_size: int, rows: int, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, start: dict | None = None):
+        self.tokenizer, self.context_size, self.rows = tokenizer, context_size, rows
+        self.stream = TextStream(paths, rank=rank, world_size=world_size, seed=seed, loop=True)
+        self.carry: dict[int, list[int]] = {}
+        if start and start.get("workers"):
+            workers = start["workers"]
+            self.stream.load_state_dict(TextStream.merge_states(w["stream"] for w in workers.values()))
+            self.carry = {int(k): list(w["carry"]) for k, w in workers.items()}
+
+    def __iter__(self) -> Iterator[dict]:
+        info = torch.utils.data.get_worker_info()
+        worker = 0 if info is None else info.id
+        carry, need = list(self.carry.get(worker, [])), self.rows * self.context_size
+        docs = iter(self.stream)
+        while True:
+            while len(carry) < need:
+                carry.extend(self.tokenizer.encode(next(docs), prepend_bos=True))
+            tokens, carry = carry[:need], carry[need:]
+            state = {"stream": self.stream.state_dict(), "carry": list(carry)}
+            yield {"tokens": torch.tensor(tokens, dtype=torch.long).view(self.rows, self.context_size),
+                   "worker": worker, "state": state}
+
+
+class TokenReader:
+    """Token batches from a DataLoader over TokenBatches, in a fixed worker order, with an exact position.
+
+    Batches are taken from workers 0, 1, ..., W-1, 0, ... starting at `next_worker`; a resumed
+    DataLoader starts at worker 0, so batches that arrive early are held until their turn.
+    """
+
+    def __init__(self, make_dataset: Callable[[dict | None], TokenBatches], num_workers: int, start: dict | None):
+        if start is not None and start["num_workers"] != num_workers:
+            raise SAELightningError(
+                f"the checkpoint's data position was saved with data.num_workers={start['num_workers']}, "
+                f"now {num_workers}; resume with the same data.num_workers"
+            )
+        self.make_dataset, self.num_workers = make_dataset, num_workers
+        self.next_worker = 0 if start is None else start["next_worker"]
+        self.workers: dict[int, dict] = {} if start is None else copy.deepcopy(start["workers"])
+        self._start = start
+
+    def state(self) -> dict:
+        return {"num_workers": self.num_workers, "next_worker": self.next_worker,
+                "workers": copy.deepcopy(self.workers)}
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        loader = DataLoader(self.make_dataset(self._start), batch_size=None, num_workers=self.num_workers,
+                            prefetch_factor=2 if self.num_workers else None)
+        it, held, turns = iter(loader), defaultdict(deque), max(self.num_workers, 1)
+        while True:
+            w = self.next_worker
+            while not held[w]:
+                item = next(it)
+                held[item["worker"]].append(item)
+            item = held[w].popleft()
+            self.workers[w] = item["state"]
+            self.next_worker = (w + 1) % turns
+            yield item["tokens"]
+
+
+# --- activations ---
+
+def _buffer_seed(seed: int, rank: int, chunk: int) -> int:
+    return ((seed * 1_000_003 + rank) * 1_000_003 + chunk) % (2**63)
+
+
+class ActivationStream:
+    """The train iterable: SAE batches {"acts": {hook: [batch_size, d]}, "index": n} from a shuffle buffer."""
+
+    def __init__(self, make_reader: Callable[[dict | None], TokenReader], capture: Callable, scales: dict[str, float],
+                 buffer_tokens: int, batch_size: int, seed: int, rank: int, start: dict | None = None):
+        self.make_reader, self.capture, self.scales = make_reader, capture, scales
+        self.buffer_tokens, self.batch_size, self.seed, self.rank = buffer_tokens, batch_size, seed, rank
+        self.start = start or {"chunk": 0, "reader": None, "offset": 0, "index": 0}
+        self._chunks: deque = deque(maxlen=3)  # (chunk, reader state at its fill, first index, n batches)
+        self._reader: TokenReader | None = None
+
+    def __iter__(self) -> Iterator[dict]:
+        chunk, offset, index = self.start["chunk"], self.start["offset"], self.start["index"]
+        self._reader = self.make_reader(self.start["reader"])
+        tokens = iter(self._reader)
+        while True:
+            fill_state = self._reader.state()
+            buffer = self._fill(tokens)
+            n = next(iter(buffer.values())).shape[0]
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(_buffer_seed(self.seed, self.rank, chunk)))
+            perm = perm.to(next(iter(buffer.values())).device)
+            n_batches = n // self.batch_size
+            self._chunks.append((chunk, fill_state, index - offset, n_batches))
+            for j in range(offset, n_batches):
+                rows = perm[j * self.batch_size:(j + 1) * self.batch_size]
+                yield {"acts": {h: a[rows] for h, a in buffer.items()}, "scales": self.scales, "index": index}
+                index += 1
+            chunk, offset = chunk + 1, 0
+
+    def _fill(self, tokens: Iterator[torch.Tensor]) -> dict[str, torch.Tensor]:
+        parts: dict[str, list[torch.Tensor]] = defaultdict(list)
+        count = 0
+        while count < self.buffer_tokens:
+            acts = self.capture(next(tokens))
+            for h, a in acts.items():
+                parts[h].append(a)
+            count += a.shape[0]
+        return {h: torch.cat(p) for h, p in parts.items()}
+
+    def state_at(self, next_index: int) -> dict:
+        """The position from which the SAE batch number `next_index` is the next one produced."""
+        for chunk, fill_state, first, n_batches in reversed(self._chunks):
+            if first <= next_index < first + n_batches:
+                return {"chunk": chunk, "reader": fill_state, "offset": next_index - first, "index": next_index}
+        if self._chunks:
+            chunk, _, first, n_batches = self._chunks[-1]
+            if next_index == first + n_batches:  # the next buffer is not filled yet: it starts here
+                return {"chunk": chunk + 1, "reader": self._reader.state(), "offset": 0, "index": next_index}
+        if next_index == self.start["index"]:
+            return copy.deepcopy(self.start)
+        raise SAELightningError(f"internal: SAE batch {next_index} is outside the buffers this stream kept")
+
+
+class ValActivations:
+    """The val iterable: the same fixed token batches each pass, as {"acts", "scales", "tokens"}."""
+
+    def __init__(self, token_batches: list[torch.Tensor], capture: Callable, scales: dict[str, float]):
+        self.token_batches, self.capture, self.scales = token_batches, capture, scales
+
+    def __len__(self) -> int:
+        return len(self.token_batches)
+
+    def __iter__(self) -> Iterator[dict]:
+        for tokens in self.token_batches:
+            yield {"acts": self.capture(tokens), "scales": self.scales, "tokens": tokens}
+
+
+# --- the data module ---
+
+class ActivationDataModule(pl.LightningDataModule):
+    """Activations of a frozen nanochat model at the SAEs' hook points, streamed from text shards.
+
+    Args:
+        model: nanochat checkpoint dir, model_XXXXXX.pt, nanochat base dir, or "demo" (the bundled model).
+        data_dir: folder of nanochat parquet shards (the last is val), or "demo" (built from the stdlib).
+        step: checkpoint step to load (default: the latest).
+        era: "original" | "current" to override the era detected from the checkpoint's keys.
+        context_size: tokens per row fed to the model (default: the model's sequence_len).
+        batch_size: SAE batch size in tokens (per rank).
+        model_batch_rows: rows of context_size tokens per model forward.
+        buffer_tokens: shuffle buffer size in activations (per rank); refilled whole, then permuted.
+        num_workers: DataLoader workers that read and tokenize (0: in the main process).
+        val_batches: model batches (of model_batch_rows rows) of the val shard per validation.
+        scale_batches: model batches used to estimate the normalisation constant (E||x||² = d_in).
+        normalize: scale activations by that constant (stored in each SAE's input_scale).
+        seed: data order seed (shard row groups and the buffer permutations).
+    """
+
+    def __init__(self, model: str = "demo", data_dir: str = "demo", step: int | None = None, era: str | None = None,
+                 context_size: int | None = None, batch_size: int = 4096, model_batch_rows: int = 8,
+                 buffer_tokens: int = 262144, num_workers: int = 1, val_batches: int = 4, scale_batches: int = 4,
+                 normalize: bool = True, seed: int = 0):
+        super().__init__()
+        from saelightning.nanochat.checkpoint import load_nanochat
+
+        if batch_size < 1 or buffer_tokens < batch_size:
+            raise SAELightningError(f"need 1 <= batch_size ({batch_size}) <= buffer_tokens ({buffer_tokens}); raise data.buffer_tokens")
+        if model == "demo":
+            from saelightning.demo import DEMO_MODEL_DIR
+            model = str(DEMO_MODEL_DIR)
+        self.nanochat = load_nanochat(model, step=step, era=era)
+        if self.nanochat.tokenizer is None:
+            raise SAELightningError(f"no tokenizer/ found above {self.nanochat.meta['path']}; put nanochat's tokenizer dir beside the checkpoints")
+        self.model, self.tokenizer = self.nanochat.model, self.nanochat.tokenizer
+        self.data_dir, self.context_size = data_dir, context_size or self.model.config.sequence_len
+        self.batch_size, self.model_batch_rows, self.buffer_tokens = batch_size, model_batch_rows, buffer_tokens
+        self.num_workers, self.val_batches, self.scale_batches = num_workers, val_batches, scale_batches
+        self.normalize, self.seed = normalize, seed
+        self.hooks: list[str] = []  # set by setup() from the LightningModule's SAEs
+        self.device = torch.device("cpu")
+        self.scales: dict[str, float] | None = None
+        self._start: dict | None = None  # this rank's loaded position
+        self._next_index = 0  # SAE batches handed to training_step so far
+        self._stream: ActivationStream | None = None
+        self._val_tokens: list[torch.Tensor] | None = None
+
+    # facts the SAE module needs (linked by the CLI so d_in is never typed)
+    @property
+    def n_layer(self) -> int:
+        return self.model.n_layer
+
+    @property
+    def d_model(self) -> int:
+        return self.model.d_model
+
+    @property
+    def model_info(self) -> dict:
+        meta = self.nanochat.meta
+        return {"path": meta["path"], "step": meta["step"], "era": meta["era"], "config": meta["model_config"],
+                "context_size": self.context_size}
+
+    def hook_width(self, name: str) -> int:
+        return hook_width(name, self.n_layer, self.d_model)
+
+    # --- Lightning hooks ---
+
+    def setup(self, stage: str) -> None:
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        if module is not None and hasattr(module, "hook_names"):
+            self.hooks = list(module.hook_names)
+        if not self.hooks:
+            raise SAELightningError("ActivationDataModule has no hook points; set dm.hooks or pair it with SAEModule")
+        for name in self.hooks:
+            parse_hook(name, self.n_layer)
+        if self.trainer is not None:
+            self.device = self.trainer.strategy.root_device
+        self.model.to(self.device)
+
+    def _shards(self) -> tuple[list[Path], Path]:
+        if self.data_dir == "demo":
+            from saelightning.demo import ensure_demo_shards
+            return list_shards(ensure_demo_shards())
+        return list_shards(self.data_dir)
+
+    def _rank_world(self) -> tuple[int, int]:
+        if self.trainer is not None:
+            return self.trainer.global_rank, self.trainer.world_size
+        return 0, 1
+
+    @torch.no_grad()
+    def capture(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Activations at the hook points for a token batch: BOS positions dropped, scaled, fp32."""
+        tokens = tokens.to(self.device, non_blocking=True)
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+        with autocast:
+            cache = self.model.run_with_cache(tokens, self.hooks)
+        keep = tokens.reshape(-1) != self.tokenizer.bos_id
+        scales = self.scales or {}
+        return {h: cache[h].reshape(-1, cache[h].shape[-1])[keep].float() * scales.get(h, 1.0) for h in self.hooks}
+
+    def _token_batches(self, paths, start=None) -> TokenBatches:
+        rank, world = self._rank_world()
+        return TokenBatches(paths, self.tokenizer, self.context_size, self.model_batch_rows, rank, world, self.seed, start)
+
+    def _ensure_scales(self) -> None:
+        """Estimate the normalisation constant per hook from the first batches of the train stream."""
+        if self.scales is not None:
+            return
+        if not self.normalize:
+            self.scales = {h: 1.0 for h in self.hooks}
+            return
+        train, _ = self._shards()
+        sums = torch.zeros(2, len(self.hooks), dtype=torch.float64, device=self.device)
+        batches = iter(self._token_batches(train))
+        for _ in range(self.scale_batches):
+            acts = self.capture(next(batches)["tokens"])
+            for i, h in enumerate(self.hooks):
+                sums[0, i] += acts[h].double().pow(2).sum()
+                sums[1, i] += acts[h].shape[0]
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(sums)  # one constant for all ranks
+        mean_sq = sums[0] / sums[1]
+        self.scales = {h: math.sqrt(self.hook_width(h) / mean_sq[i].item()) for i, h in enumerate(self.hooks)}
+
+    def train_dataloader(self) -> ActivationStream:
+        self._ensure_scales()
+        train, _ = self._shards()
+        rank, _ = self._rank_world()
+        start = copy.deepcopy(self._start)
+        self._next_index = 0 if start is None else start["index"]
+        self._stream = ActivationStream(
+            make_reader=lambda st: TokenReader(lambda s: self._token_batches(train, s), self.num_workers, st),
+            capture=self.capture, scales=self.scales, buffer_tokens=self.buffer_tokens, batch_size=self.batch_size,
+            seed=self.seed, rank=rank, start=start,
+        )
+        return self._stream
+
+    def val_dataloader(self) -> ValActivations:
+        self._ensure_scales()
+        if self._val_tokens is None:
+            _, val = self._shards()
+            batches = iter(self._token_batches([val]))
+            self._val_tokens = [next(batches)["tokens"] for _ in range(self.val_batches)]
+        return ValActivations(self._val_tokens, self.capture, self.scales)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        if isinstance(batch, dict) and "index" in batch:  # a train batch is about to be trained on
+            self._next_index = batch["index"] + 1
+        return batch
+
+    # --- exact resume ---
+
+    def _my_position(self) -> dict | None:
+        if self._stream is not None:
+            return self._stream.state_at(self._next_index)
+        return copy.deepcopy(self._start)
+
+    def state_dict(self) -> dict:
+        mine = self._my_position()
+        rank, world = self._rank_world()
+        if world > 1 and dist.is_available() and dist.is_initialized():
+            positions = [None] * world
+            dist.all_gather_object(positions, mine)  # rank 0 writes the checkpoint: it needs every rank's
+        else:
+            positions = [mine]
+        return {"version": STATE_VERSION, "scales": self.scales, "positions": positions, "seed": self.seed,
+                "batch_size": self.batch_size, "buffer_tokens": self.buffer_tokens}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise SAELightningError(f"checkpoint data state version {state.get('version')} is not {STATE_VERSION}")
+        rank, world = self._rank_world()
+        if len(state["positions"]) != world:
+            raise SAELightningError(
+                f"the checkpoint was written by {len(state['positions'])} process(es), this run has {world}; "
+                "resume with the same number of devices x nodes"
+            )
+        for key in ("seed", "batch_size", "buffer_tokens"):
+            if state[key] != getattr(self, key):
+                raise SAELightningError(f"the checkpoint was trained with data.{key}={state[key]}, now {getattr(self, key)}; resume with the same value")
+        self.scales = state["scales"]
+        self._start = state["positions"][rank]
+
+    def __repr__(self) -> str:
+        return f"ActivationDataModule(model={self.nanochat.meta['path']}, data_dir={self.data_dir}, hooks={self.hooks})"

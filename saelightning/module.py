@@ -1,0 +1,294 @@
+"""SAEModule: one or several SAEs trained from the same activation stream (a sweep costs one model forward).
+
+Each SAE gets its own Adam param group (its own lr), its own gradient clipping, and its own dead-latent
+tracker (tokens since each latent last fired, a persistent buffer so AuxK resumes exactly). The SAEs'
+losses are summed: their parameters are disjoint, so each trains exactly as it would alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from saelightning.errors import SAELightningError
+from saelightning.hooks import hook_width, parse_hook
+from saelightning.metrics import L0, L1, FeatureDensity, ReconstructionMetrics
+
+_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
+
+
+@dataclass
+class SAESpec:
+    """One SAE to train: where it reads, what it is, how fast it learns."""
+
+    hook_name: str = "blocks.0.hook_resid_post"  # hook point it reads (TransformerLens-style name)
+    architecture: str = "topk"  # topk | batchtopk | relu | gated | jumprelu | matryoshka
+    d_sae: int | None = None  # number of latents (default: expansion_factor * d_in)
+    expansion_factor: float = 8.0  # used when d_sae is not given
+    k: int | None = None  # active latents per token (topk-style architectures; default: the SAE's)
+    lr: float | None = None  # Adam lr (default: 2e-4 / sqrt(d_sae / 2**14))
+    name: str | None = None  # export folder and log prefix (default: <hook>-<architecture>-<d_sae>)
+    options: dict[str, Any] = field(default_factory=dict)  # further SAEConfig fields (l1_coefficient, k_aux, ...)
+
+
+def default_lr(d_sae: int) -> float:
+    """The learning-rate scaling of Gao et al. / SAELens: 2e-4 at 2**14 latents, ∝ 1/sqrt(d_sae)."""
+    return 2e-4 / math.sqrt(d_sae / 2**14)
+
+
+class WarmupDecay:
+    """LambdaLR factor: linear warm-up over `warmup` steps, constant, then linear decay to `end` over the last `decay` steps."""
+
+    def __init__(self, warmup: int, decay: int, total: int, end: float):
+        self.warmup, self.decay, self.total, self.end = warmup, decay, total, end
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        if self.decay > 0 and self.total > 0 and step >= self.total - self.decay:
+            return self.end + (1 - self.end) * max(self.total - step, 0) / self.decay
+        return 1.0
+
+
+def _as_spec(spec) -> SAESpec:
+    if isinstance(spec, SAESpec):
+        return spec
+    if isinstance(spec, dict):
+        return SAESpec(**spec)
+    raise SAELightningError(f"an SAE spec must be a mapping of SAESpec fields, got {type(spec).__name__}")
+
+
+def build_from_spec(spec: SAESpec, d_in: int):
+    """An SAE (untrained) for a spec at a hook point of width d_in."""
+    from saelightning.saes import SAEConfig, build_sae
+
+    d_sae = spec.d_sae or int(round(spec.expansion_factor * d_in))
+    fields = {f.name for f in dataclasses.fields(SAEConfig)}
+    unknown = sorted(set(spec.options) - fields)
+    if unknown:
+        raise SAELightningError(f"unknown SAE option(s) {unknown}; valid options are {sorted(fields - {'d_in', 'd_sae'})}")
+    kwargs = dict(spec.options, architecture=spec.architecture, d_in=d_in, d_sae=d_sae)
+    if spec.k is not None:
+        kwargs["k"] = spec.k
+    return build_sae(SAEConfig(**kwargs))
+
+
+class SAEModule(pl.LightningModule):
+    """Trains the SAEs in `saes` on the activation stream of ActivationDataModule.
+
+    Args:
+        saes: the SAEs to train (SAESpec fields; one model forward serves them all).
+        n_layer: the nanochat model's depth (linked from the data module by the CLI).
+        d_model: the nanochat model's width (linked from the data module by the CLI).
+        model_info: the nanochat model's path/step/era/config (linked; recorded in exports).
+        warmup_steps: linear lr warm-up steps.
+        decay_steps: linear lr decay over the last steps of trainer.max_steps (0: none).
+        lr_end_factor: lr factor at the end of the decay.
+        betas: Adam betas.
+        eps: Adam eps (small, as for TopK SAEs).
+        grad_clip: clip each SAE's gradient norm to this (None: no clipping).
+        dead_window_tokens: a latent not fired in this many tokens counts as dead (AuxK, resampling, logs).
+    """
+
+    def __init__(self, saes: list[SAESpec] | None = None, n_layer: int = 0, d_model: int = 0,
+                 model_info: dict | None = None, warmup_steps: int = 1000, decay_steps: int = 0,
+                 lr_end_factor: float = 0.0, betas: tuple[float, float] = (0.9, 0.999), eps: float = 6.25e-10,
+                 grad_clip: float | None = 1.0, dead_window_tokens: int = 10_000_000):
+        super().__init__()
+        specs = [_as_spec(s) for s in (saes or [SAESpec()])]
+        if n_layer < 1 or d_model < 1:
+            raise SAELightningError("SAEModule needs n_layer and d_model of the nanochat model (the CLI links them from data)")
+        self.save_hyperparameters({
+            "saes": [dataclasses.asdict(s) for s in specs], "n_layer": n_layer, "d_model": d_model,
+            "model_info": model_info or {}, "warmup_steps": warmup_steps, "decay_steps": decay_steps,
+            "lr_end_factor": lr_end_factor, "betas": list(betas), "eps": eps, "grad_clip": grad_clip,
+            "dead_window_tokens": dead_window_tokens,
+        })
+        self.model_info = model_info or {}
+        self.saes = nn.ModuleDict()
+        self.specs: dict[str, SAESpec] = {}
+        for spec in specs:
+            parse_hook(spec.hook_name, n_layer)
+            sae = build_from_spec(spec, hook_width(spec.hook_name, n_layer, d_model))
+            name = spec.name or f"{spec.hook_name.replace('.', '_')}-{spec.architecture}-{sae.config.d_sae}"
+            if not _NAME.match(name) or name in self.saes:
+                raise SAELightningError(f"SAE name {name!r} is invalid or repeated; use unique names of letters, digits, _ and -")
+            self.saes[name], self.specs[name] = sae, spec
+            self.register_buffer(f"since_fired__{name}", torch.zeros(sae.config.d_sae, dtype=torch.long))
+            self.register_buffer(f"initialized__{name}", torch.zeros((), dtype=torch.bool))
+            self.register_buffer(f"density__{name}", torch.full((sae.config.d_sae,), float("nan")))
+        self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long))  # SAE training tokens, all ranks
+        self.train_metrics = nn.ModuleDict({n: self._metric_set(s) for n, s in self.saes.items()})
+        self.val_metrics = nn.ModuleDict({n: self._metric_set(s) for n, s in self.saes.items()})
+        self.windows = nn.ModuleDict({n: FeatureDensity(s.config.d_sae) for n, s in self.saes.items()})
+        self.density_step = -1  # global step of the last completed density window (callbacks watch it)
+        self._clock: tuple[float, int] | None = None
+
+    @staticmethod
+    def _metric_set(sae) -> nn.ModuleDict:
+        return nn.ModuleDict({"rec": ReconstructionMetrics(sae.config.d_in), "l0": L0(), "l1": L1(),
+                              "density": FeatureDensity(sae.config.d_sae)})
+
+    # --- facts other parts read ---
+
+    @property
+    def hook_names(self) -> list[str]:
+        return list(dict.fromkeys(s.hook_name for s in self.specs.values()))
+
+    def prefix(self, name: str) -> str:
+        return f"{name}/" if len(self.saes) > 1 else ""
+
+    def since_fired(self, name: str) -> torch.Tensor:
+        return getattr(self, f"since_fired__{name}")
+
+    def dead_mask(self, name: str) -> torch.Tensor:
+        return self.since_fired(name) >= self.hparams.dead_window_tokens
+
+    def density(self, name: str) -> torch.Tensor:
+        """Firing frequency per latent over the last completed window of dead_window_tokens (NaN before one)."""
+        return getattr(self, f"density__{name}")
+
+    def world_batch(self, batch_tokens: int) -> int:
+        return batch_tokens * (self.trainer.world_size if self._trainer is not None else 1)
+
+    # --- optimisation ---
+
+    def configure_optimizers(self):
+        groups = []
+        for name, sae in self.saes.items():
+            lr = self.specs[name].lr or default_lr(sae.config.d_sae)
+            groups.append({"params": list(sae.parameters()), "lr": lr, "name": name})
+        optimizer = torch.optim.Adam(groups, betas=tuple(self.hparams.betas), eps=self.hparams.eps)
+        total = self.trainer.max_steps if self._trainer is not None and self.trainer.max_steps > 0 else 0
+        schedule = WarmupDecay(self.hparams.warmup_steps, self.hparams.decay_steps, total, self.hparams.lr_end_factor)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        for sae in self.saes.values():
+            sae.before_optimizer_step()
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        # per SAE, so that one SAE of a sweep never scales another's step
+        if self.hparams.grad_clip:
+            for sae in self.saes.values():
+                nn.utils.clip_grad_norm_(sae.parameters(), self.hparams.grad_clip)
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        for sae in self.saes.values():
+            sae.after_optimizer_step()
+
+    # --- training ---
+
+    def _prepare(self, name: str, sae, x: torch.Tensor, scale: float) -> None:
+        sae.input_scale.fill_(scale)
+        initialized = getattr(self, f"initialized__{name}")
+        if not initialized:
+            sae.init_from_batch(x)
+            if dist.is_available() and dist.is_initialized():  # every rank starts from rank 0's init
+                for t in list(sae.parameters()) + list(sae.buffers()):
+                    dist.broadcast(t.data, 0)
+            initialized.fill_(True)
+
+    def _track(self, name: str, latents: torch.Tensor) -> None:
+        fired = (latents != 0).any(0).float()
+        fired = self.trainer.strategy.reduce(fired, reduce_op="sum") > 0  # the same tracker on every rank
+        since = self.since_fired(name)
+        since += self.world_batch(latents.shape[0])
+        since[fired] = 0
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        total = 0.0
+        log_now = self._should_log()
+        for name, sae in self.saes.items():
+            spec = self.specs[name]
+            x = batch["acts"][spec.hook_name]
+            self._prepare(name, sae, x, batch["scales"][spec.hook_name])
+            sae.set_training_step(self.global_step)
+            x_hat, latents, losses = sae(x, dead_mask=self.dead_mask(name))
+            total = total + losses["loss"]
+            self._track(name, latents)
+            self._update(self.train_metrics[name], x, x_hat, latents)
+            self._window(name, latents)
+            if log_now:
+                self._log_train(name, losses)
+        self.tokens_seen += self.world_batch(batch["acts"][self.hook_names[0]].shape[0])
+        if log_now:
+            self._log_throughput(batch["acts"][self.hook_names[0]].shape[0])
+        return total
+
+    @staticmethod
+    def _update(metrics: nn.ModuleDict, x, x_hat, latents) -> None:
+        metrics["rec"].update(x, x_hat)
+        metrics["l0"].update(latents)
+        metrics["l1"].update(latents)
+        metrics["density"].update(latents)
+
+    def _window(self, name: str, latents: torch.Tensor) -> None:
+        """Feature density over windows of dead_window_tokens (a fixed step count, so ranks agree)."""
+        window = self.windows[name]
+        window.update(latents)
+        steps = max(1, math.ceil(self.hparams.dead_window_tokens / self.world_batch(latents.shape[0])))
+        if (self.global_step + 1) % steps == 0:
+            self.density(name).copy_(window.compute().float())
+            window.reset()
+            self.density_step = self.global_step
+
+    def _should_log(self) -> bool:
+        return (self.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0
+
+    def _log_train(self, name: str, losses: dict) -> None:
+        p, metrics = self.prefix(name), self.train_metrics[name]
+        values = {f"{p}losses/{'overall_loss' if k == 'loss' else k}": v.detach() for k, v in losses.items()}
+        rec = metrics["rec"].compute()  # pooled over the log window and over ranks
+        values[f"{p}metrics/explained_variance"] = rec["explained_variance"]
+        values[f"{p}metrics/mse"] = rec["mse"]
+        values[f"{p}metrics/l0"] = metrics["l0"].compute()
+        values[f"{p}metrics/l1"] = metrics["l1"].compute()
+        values[f"{p}sparsity/dead_fraction"] = self.dead_mask(name).float().mean()
+        values[f"{p}sparsity/window_dead_fraction"] = (metrics["density"].compute() == 0).double().mean()
+        group = next(g for g in self.optimizers().optimizer.param_groups if g["name"] == name)
+        values[f"{p}details/current_learning_rate"] = torch.tensor(group["lr"])
+        for m in metrics.values():
+            m.reset()
+        self.log_dict({k: v.float() for k, v in values.items()}, on_step=True, on_epoch=False, sync_dist=False)
+
+    def _log_throughput(self, batch_tokens: int) -> None:
+        now, step = time.perf_counter(), self.global_step
+        if self._clock is not None and step > self._clock[1]:
+            rate = (step - self._clock[1]) * self.world_batch(batch_tokens) / (now - self._clock[0])
+            self.log("details/tokens_per_second", rate, on_step=True, on_epoch=False)
+        self._clock = (now, step)
+        self.log("details/n_training_tokens", self.tokens_seen.float(), on_step=True, on_epoch=False)
+
+    # --- validation (spliced CE/KL would use batch["tokens"] and the data module's model) ---
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        for name, sae in self.saes.items():
+            x = batch["acts"][self.specs[name].hook_name]
+            sae.input_scale.fill_(batch["scales"][self.specs[name].hook_name])
+            x_hat, latents, losses = sae(x)
+            metrics, p = self.val_metrics[name], self.prefix(name)
+            self._update(metrics, x, x_hat, latents)
+            # Metric objects: Lightning computes them (synced over ranks) at the end of the val epoch
+            self.log(f"{p}val/l0", metrics["l0"], on_step=False, on_epoch=True, batch_size=x.shape[0])
+            self.log(f"{p}val/l1", metrics["l1"], on_step=False, on_epoch=True, batch_size=x.shape[0])
+
+    def on_validation_epoch_end(self) -> None:
+        for name in self.saes:
+            metrics, p = self.val_metrics[name], self.prefix(name)
+            values = {f"{p}val/{k}": v.float() for k, v in metrics["rec"].compute().items()}
+            values[f"{p}val/dead_fraction"] = (metrics["density"].compute() == 0).float().mean()
+            metrics["rec"].reset()
+            metrics["density"].reset()
+            self.log_dict(values, sync_dist=False)

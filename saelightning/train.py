@@ -1,0 +1,84 @@
+"""`saelightning fit|validate`: LightningCLI over SAEModule and ActivationDataModule.
+
+The nanochat model's depth, width and identity are linked from the data module (which reads the
+checkpoint) into the SAE module when both are instantiated, so d_in is never typed. Every run writes
+to trainer.default_root_dir (checkpoints/<run>/): Lightning checkpoints incl. last.ckpt (so
+`--ckpt_path last` resumes), TensorBoard logs under lightning_logs/, and the SAE export under saes/.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+
+from saelightning.callbacks import DensityHistograms, ExportSAEs, ResampleDeadLatents, export_dir
+from saelightning.data import ActivationDataModule
+from saelightning.module import SAEModule
+
+TRAINER_DEFAULTS = {
+    "default_root_dir": "checkpoints/run",
+    "max_steps": 1000,
+    "val_check_interval": 250,  # steps (the stream is infinite: one endless epoch)
+    "check_val_every_n_epoch": None,
+    "log_every_n_steps": 10,
+    "num_sanity_val_steps": 0,
+}
+
+
+def _n_layer(data: ActivationDataModule) -> int:
+    return data.n_layer
+
+
+def _d_model(data: ActivationDataModule) -> int:
+    return data.d_model
+
+
+def _model_info(data: ActivationDataModule) -> dict:
+    return data.model_info
+
+
+class SAELightningCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        for target, fn in (("model.n_layer", _n_layer), ("model.d_model", _d_model), ("model.model_info", _model_info)):
+            parser.link_arguments("data", target, compute_fn=fn, apply_on="instantiate")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_train_steps": 250})
+        parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath")  # one folder per run
+        parser.add_lightning_class_args(ResampleDeadLatents, "resample")
+        parser.add_lightning_class_args(ExportSAEs, "export")
+        parser.add_lightning_class_args(DensityHistograms, "histograms")
+
+
+def _report(trainer) -> None:
+    if not trainer.is_global_zero:
+        return
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    keys = [k for k in metrics if "/val/" in f"/{k}" or k.startswith("val/")] or sorted(metrics)
+    print(f"\nsaelightning: trained {trainer.global_step} steps")
+    if trainer.logger is not None:
+        print(f"  TensorBoard logs: {trainer.logger.log_dir}  (tensorboard --logdir {trainer.default_root_dir})")
+    print(f"  exported SAEs:    {export_dir(trainer)}")
+    if trainer.checkpoint_callback is not None and trainer.checkpoint_callback.last_model_path:
+        print(f"  last checkpoint:  {trainer.checkpoint_callback.last_model_path}")
+    for key in sorted(keys):
+        print(f"  {key:<48} {metrics[key]:.4f}")
+
+
+def cli_main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        cli = SAELightningCLI(
+            SAEModule, ActivationDataModule, args=argv, subclass_mode_model=False, subclass_mode_data=False,
+            trainer_defaults=TRAINER_DEFAULTS, seed_everything_default=0, save_config_kwargs={"overwrite": True},
+        )
+    except SystemExit as e:  # jsonargparse: --help/--print_config exit 0, a bad key or value exits 2
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    if argv and argv[0] == "fit":
+        _report(cli.trainer)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli_main())
