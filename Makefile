@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean browser
 
 $(STAMP): pyproject.toml setup.cfg
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,8 +19,16 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/saelightning fit --config configs/demo.yaml
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest -q
+
+# Debian's chromium for the dashboards' browser test (tests/test_browser.py skips without it).
+browser:
+	@if [ -x /usr/bin/chromium ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } \
+		|| echo "apt-get could not install chromium: the browser test will skip"; \
+	else echo "chromium is missing and cannot be installed here (needs root and apt-get): the browser test will skip"; fi
 
 clean:
 	rm -rf $(VENV) *.egg-info

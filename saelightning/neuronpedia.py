@@ -1,0 +1,108 @@
+"""`saelightning neuronpedia`: the batch files Neuronpedia imports, plus the SAE's weights.
+
+OUT/batch-{n}.json: {model_id, layer, sae_set, features: [...]} in the layout SAEDashboard's
+Neuronpedia runner writes (features_per_batch latents per file), and OUT/<hook_name>/: a copy of the
+exported SAE (SAELens layout: cfg.json, sae_weights.safetensors, sparsity.safetensors), ready to
+be uploaded to a Hugging Face repo. The statistics come from the same streaming pass as the
+dashboards. Nothing here touches the network.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from saelightning.dashboards import add_common_args, compute_records
+from saelightning.dashboards.atomic import atomic_dir
+from saelightning.errors import SAELightningError
+from saelightning.hooks import parse_hook
+
+# hook kind -> the short name Neuronpedia-style source sets use (res-jb, att-kk, ...)
+SET_PREFIX = {"hook_resid_pre": "res-pre", "hook_resid_mid": "res-mid", "hook_resid_post": "res",
+              "hook_attn_out": "att", "hook_mlp_out": "mlp", "mlp.hook_post": "mlp-post"}
+
+
+def _activation(context: dict, bin_min: float, bin_max: float, bin_contains: float) -> dict:
+    return {"bin_min": bin_min, "bin_max": bin_max, "bin_contains": bin_contains,
+            "tokens": context["tokens"], "values": context["values"],
+            "qualifying_token_index": context["index"]}
+
+
+def feature_json(record: dict, n_prompts: int, context_size: int, dataset: str) -> dict:
+    """One latent's Neuronpedia entry. Top activations are the bin (-1, max, -1), as SAEDashboard
+    writes them; each activation interval gives bin_min/bin_max and the fraction of firings in it."""
+    edges = record["hist"]["edges"]
+    acts = [_activation(c, -1.0, record["max_act"], -1.0) for c in record["top"]]
+    for interval in record["intervals"]:
+        acts += [_activation(c, interval["min"], interval["max"], interval["contains"]) for c in interval["contexts"]]
+    return {
+        "feature_index": record["index"],
+        "neg_str": [t for t, _ in record["logits"]["neg"]], "neg_values": [v for _, v in record["logits"]["neg"]],
+        "pos_str": [t for t, _ in record["logits"]["pos"]], "pos_values": [v for _, v in record["logits"]["pos"]],
+        "frac_nonzero": record["density"],
+        "freq_hist_data_bar_heights": [float(h) for h in record["hist"]["heights"]],
+        "freq_hist_data_bar_values": [round((a + b) / 2, 6) for a, b in zip(edges, edges[1:])],
+        "logits_hist_data_bar_heights": [float(h) for h in record["logits"]["hist"]["heights"]],
+        "logits_hist_data_bar_values": record["logits"]["hist"]["centres"],
+        "n_prompts_total": n_prompts, "n_tokens_in_prompt": context_size, "dataset": dataset,
+        "activations": acts,
+    }
+
+
+def write_batches(out_dir, meta: dict, records: list[dict], sae_dir, model_id: str, sae_set: str,
+                  per_batch: int = 128) -> list[Path]:
+    """batch-{n}.json files and the weights copy, written atomically into out_dir."""
+    layer = meta["layer"]
+    n_prompts = -(-meta["n_tokens"] // meta["context_size"])
+    weights = Path(sae_dir)
+    if not (weights / "cfg.json").is_file() or not (weights / "sae_weights.safetensors").is_file():
+        raise SAELightningError(f"{weights} is not an exported SAE (cfg.json + sae_weights.safetensors); "
+                                "export it with `saelightning export` first")
+    manifest = {"model_id": model_id, "layer": layer, "sae_set": sae_set, "hook_name": meta["hook_name"],
+                "n_features": len(records), "n_tokens": meta["n_tokens"]}
+    names = []
+    with atomic_dir(out_dir, "neuronpedia", manifest) as tmp:
+        for n, start in enumerate(range(0, len(records), per_batch)):
+            features = [feature_json(r, n_prompts, meta["context_size"], meta["val_shard"])
+                        for r in records[start:start + per_batch]]
+            batch = {"model_id": model_id, "layer": layer, "sae_set": sae_set, "features": features}
+            (tmp / f"batch-{n}.json").write_text(json.dumps(batch, ensure_ascii=False, allow_nan=False))
+            names.append(f"batch-{n}.json")
+        shutil.copytree(weights, tmp / meta["hook_name"])
+    out = Path(out_dir).expanduser().absolute()
+    return [out / name for name in names]
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="saelightning neuronpedia", description=(
+        "Write Neuronpedia batch files (batch-{n}.json) and a copy of the SAE's weights; no network."))
+    add_common_args(p, default_tokens=100_000)
+    p.add_argument("--model-id", default=None, help="Neuronpedia model id (default: nanochat-d<n_layer>)")
+    p.add_argument("--sae-set", default=None, help="Neuronpedia source set name (default: from the hook, e.g. res-saelightning)")
+    p.add_argument("--features-per-batch", type=int, default=128, help="latents per batch file (default 128)")
+    return p
+
+
+def cli_main(argv: Sequence[str]) -> int:
+    args = _parser().parse_args(list(argv))
+    if args.tokens < 2 or args.features_per_batch < 1:
+        raise SAELightningError("--tokens must be >= 2 and --features-per-batch >= 1")
+    meta, records, sae = compute_records(args)
+    layer, kind = parse_hook(meta["hook_name"], meta["n_layer"])
+    model_id = args.model_id or f"nanochat-d{meta['n_layer']}"
+    sae_set = args.sae_set or f"{SET_PREFIX[kind]}-saelightning"
+    if _slug(model_id) != model_id or _slug(sae_set) != sae_set:
+        raise SAELightningError(f"--model-id {model_id!r} / --sae-set {sae_set!r}: use lowercase letters, digits and '-'")
+    paths = write_batches(args.out, meta, records, args.sae, model_id, sae_set, args.features_per_batch)
+    print(f"{len(paths)} batch file(s) for {len(records)} latents ({model_id} layer {layer} {sae_set}) "
+          f"and the weights in {Path(args.out) / meta['hook_name']}", file=sys.stderr)
+    return 0

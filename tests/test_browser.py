@@ -1,0 +1,100 @@
+"""The dashboard site in a real browser: Debian's chromium, headless, pages opened from file://.
+
+Each page's own JS marks <body data-rendered="ok"> when it finished, and an error trap that runs
+first writes any JS error to <html data-js-errors>; --dump-dom gives the DOM after load.
+"""
+
+import html
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from saelightning.dashboards.html import _page, write_site
+from tests.test_dashboards import CFG, HOOK, PLANTED, _records, model, sae, streamed, tokenizer  # noqa: F401
+
+CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if os.access("/usr/bin/chromium", os.X_OK) else None)
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None,
+    reason="Debian's chromium is not installed and could not be: `make browser` installs it "
+           "(apt-get, as root); `make test` runs that first")
+
+
+def dump_dom(url: str, tmp_path) -> str:
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+           "--disable-component-update", "--no-first-run", "--disable-extensions",
+           f"--user-data-dir={tmp_path / 'chromium-profile'}", "--dump-dom", url]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=90)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "<html" in done.stdout, done.stderr[-2000:]
+    return done.stdout
+
+
+def _tag(dom: str, name: str) -> str:
+    return re.search(rf"<{name}\b[^>]*>", dom).group(0)
+
+
+def assert_clean(dom: str) -> None:
+    root = _tag(dom, "html")
+    assert "data-js-errors" not in root, root
+    assert "data-pwned" not in root  # the planted <script> token did not run
+    assert 'data-rendered="ok"' in _tag(dom, "body")  # the page's JS ran to its end
+
+
+@pytest.fixture(scope="module")
+def site(streamed, model, sae, tokenizer, tmp_path_factory):  # noqa: F811
+    records = _records(streamed, model, sae, tokenizer)
+    out = tmp_path_factory.mktemp("browser") / "site"
+    write_site(out, {"title": "browser test", "n_tokens": streamed[0].n_tokens, "hook_name": HOOK}, records)
+    return out, records
+
+
+def _row_indices(dom: str) -> list[int]:
+    body = dom.split("<tbody>")[1].split("</tbody>")[0]
+    return [int(i) for i in re.findall(r'<a href="features/(\d+)\.html">', body)]
+
+
+def test_index_renders_sorts_and_filters(site, tmp_path):
+    out, records = site
+    dom = dump_dom((out / "index.html").as_uri(), tmp_path)
+    assert_clean(dom)
+    by_density = sorted(records, key=lambda r: (-r["density"], -r["index"]))
+    assert _row_indices(dom) == [r["index"] for r in by_density]  # default: densest first
+    assert html.escape(PLANTED, quote=False) in dom  # the planted token is shown as text
+    dom = dump_dom((out / "index.html").as_uri() + "#sort=max_act&asc=1", tmp_path)
+    assert_clean(dom)
+    assert _row_indices(dom) == [r["index"] for r in sorted(records, key=lambda r: (r["max_act"], r["index"]))]
+    dom = dump_dom((out / "index.html").as_uri() + "#q=pwned", tmp_path)
+    assert_clean(dom)
+    want = {r["index"] for r in records if PLANTED in r["top_tokens"]}
+    assert want and set(_row_indices(dom)) == want
+
+
+def test_feature_page_renders_contexts_and_no_script_runs(site, tmp_path):
+    out, records = site
+    dom = dump_dom((out / "features" / "0.html").as_uri(), tmp_path)
+    assert_clean(dom)
+    rec = records[0]
+    n_contexts = len(rec["top"]) + sum(len(b["contexts"]) for b in rec["intervals"])
+    assert dom.count('<div class="ctx">') == n_contexts > CFG.top_k
+    hits = re.findall(r'<span class="tok hit"[^>]*>(.*?)</span>', dom)
+    assert len(hits) == n_contexts
+    assert hits[0] == html.escape(PLANTED, quote=False)  # the top context's token, as text
+    assert dom.count("<rect") == CFG.n_bins + CFG.logit_bins  # both histograms drawn
+
+
+def test_error_trap_reports_js_errors(tmp_path):
+    # the check above can fail: a page whose script throws is reported
+    (tmp_path / "broken.html").write_text(_page("broken", "", "", {}, "undefinedFunction();", "test"))
+    dom = dump_dom((tmp_path / "broken.html").as_uri(), tmp_path)
+    assert "undefinedFunction is not defined" in _tag(dom, "html")
+    assert 'data-rendered="ok"' not in _tag(dom, "body")
+
+
+def test_planted_token_would_run_if_not_escaped(tmp_path):
+    # control for the checks above: the same text written raw into a page does execute
+    (tmp_path / "raw.html").write_text(_page("raw", "", PLANTED, {}, "finished();", "test"))
+    dom = dump_dom((tmp_path / "raw.html").as_uri(), tmp_path)
+    assert "data-pwned" in _tag(dom, "html")
