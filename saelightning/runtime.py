@@ -1,0 +1,337 @@
+"""InterpretableModel: read and steer a frozen nanochat model's features through exported SAEs.
+
+    im = InterpretableModel(load_nanochat(path), [load_sae(d) for d in sae_dirs])
+    with im.track(top_n=8) as trace:          # record the active latents, output unchanged
+        logits = im(tokens)
+    values, indices = trace.latents("blocks.1.hook_resid_post")   # [B, T, 8] each
+    with im.steering([Steer("blocks.1.hook_resid_post", 123, "add", 4.0)]):
+        for step in im.generate("The", max_tokens=20, top_features=5):
+            print(step.tokens, step.features)
+
+Steering always edits the activation as x + (f' - f) @ W_dec over the changed latents only, so the
+SAE's reconstruction error stays in the stream (replacing x by the reconstruction would drop it).
+BOS positions are never steered: their activation is an outlier the SAE was not trained on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator, Mapping, Sequence
+
+import torch
+
+from saelightning.errors import SAELightningError
+from saelightning.hooks import hook_width, parse_hook
+
+STEER_MODES = ("add", "clamp", "scale")
+
+
+@dataclass(frozen=True)
+class Steer:
+    hook: str  # hook point of the SAE whose latent is steered
+    latent: int  # latent index in that SAE
+    mode: str  # "add": f += value (adds value * decoder row); "clamp": f = value; "scale": f *= value
+    value: float  # strength, clamp value or factor
+
+    def __post_init__(self):
+        if self.mode not in STEER_MODES:
+            raise SAELightningError(f"unknown steer mode {self.mode!r}; use one of {STEER_MODES}")
+
+
+def parse_steer(spec: str, mode: str, default_hook: str | None = None) -> Steer:
+    """'HOOK:LATENT:VALUE' (or 'LATENT:VALUE' when only one SAE is loaded) -> Steer."""
+    parts = spec.rsplit(":", 2)
+    if len(parts) == 2 and default_hook is not None:
+        parts = [default_hook, *parts]
+    try:
+        hook, latent, value = parts[0], int(parts[1]), float(parts[2])
+    except (ValueError, IndexError):
+        raise SAELightningError(f"bad --{'steer' if mode == 'add' else mode} {spec!r}; "
+                                "write HOOK:LATENT:VALUE, e.g. blocks.1.hook_resid_post:123:4.0") from None
+    return Steer(hook, latent, mode, value)
+
+
+@dataclass
+class Trace:
+    """Active latents recorded while tracking: per hook, one (values, indices) pair per forward.
+
+    values/indices are [B, T, top_n], largest first; slots past a token's active latents hold
+    value 0 and index -1. In generation, the prefill is one record and every step one more (T=1).
+    """
+
+    top_n: int | None  # latents kept per token; None = all active ones (padded to the batch max)
+    records: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
+
+    def record(self, hook: str, f: torch.Tensor, n: int | None = None) -> None:
+        n = n or self.top_n or max(int((f != 0).sum(-1).max()), 1)
+        values, indices = f.topk(min(n, f.shape[-1]), dim=-1)
+        indices = indices.masked_fill(values == 0, -1)
+        self.records.setdefault(hook, []).append((values, indices))
+
+    def latents(self, hook: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """All records of a hook joined along T (the forwards must share the batch size)."""
+        if hook not in self.records:
+            raise SAELightningError(f"nothing was tracked at {hook!r}; tracked: {sorted(self.records)}")
+        recs = self.records[hook]
+        width = max(v.shape[-1] for v, _ in recs)
+        pad = [(torch.nn.functional.pad(v, (0, width - v.shape[-1])),
+                torch.nn.functional.pad(i, (0, width - i.shape[-1]), value=-1)) for v, i in recs]
+        return torch.cat([v for v, _ in pad], dim=1), torch.cat([i for _, i in pad], dim=1)
+
+
+@dataclass
+class GenerationStep:
+    """One streamed generation step (one new token per prompt)."""
+
+    step: int  # 0 for the token sampled right after the prefill
+    token_ids: list[int]  # the new token of each prompt
+    tokens: list[str] | None  # their display text (None without a tokenizer)
+    # per hook, per prompt: [(latent, value), ...] largest first, at the position that was just fed in
+    # (the one whose logits produced the new token)
+    features: dict[str, list[list[tuple[int, float]]]]
+
+
+class InterpretableModel:
+    """A frozen nanochat GPT with SAEs on several hook points: tracking, steering, generation."""
+
+    def __init__(self, model, saes, tokenizer=None, bos_id: int | None = None):
+        """model: a GPT or the Nanochat tuple from load_nanochat (its tokenizer is then used).
+        saes: a list of exported SAEs (each at its metadata['hook_name']) or {hook_name: sae}."""
+        if hasattr(model, "model") and hasattr(model, "tokenizer"):
+            tokenizer = tokenizer or model.tokenizer
+            model = model.model
+        self.model, self.tokenizer = model, tokenizer
+        self.bos_id = bos_id if bos_id is not None else (tokenizer.bos_id if tokenizer is not None else None)
+        self.saes = self._index_saes(saes)
+        self.steers: list[Steer] = []
+        self._trace: Trace | None = None
+
+    def _index_saes(self, saes) -> dict[str, torch.nn.Module]:
+        if isinstance(saes, Mapping):
+            pairs = list(saes.items())
+        else:
+            pairs = [((getattr(s, "metadata", None) or {}).get("hook_name"), s) for s in saes]
+        out = {}
+        for hook, sae in pairs:
+            if not hook:
+                raise SAELightningError("an SAE has no metadata['hook_name']; pass {hook_name: sae} instead")
+            if hook in out:
+                raise SAELightningError(f"two SAEs on {hook!r}; an InterpretableModel takes one SAE per hook point")
+            parse_hook(hook, self.model.n_layer)
+            width = hook_width(hook, self.model.n_layer, self.model.d_model)
+            if sae.W_dec.shape[1] != width:
+                raise SAELightningError(f"SAE for {hook!r} has d_in={sae.W_dec.shape[1]} but the hook's width "
+                                        f"is {width}; use an SAE trained on this model")
+            out[hook] = sae.eval()
+        return out
+
+    # -- tracking and steering switches
+    @contextmanager
+    def track(self, top_n: int | None = 8) -> Iterator[Trace]:
+        """Record each tracked SAE's active latents (top_n per token) for every forward inside."""
+        if self._trace is not None:
+            raise SAELightningError("tracking is already on; use the trace of the enclosing track()")
+        self._trace = Trace(top_n)
+        try:
+            yield self._trace
+        finally:
+            self._trace = None
+
+    @contextmanager
+    def steering(self, steers: Sequence[Steer]):
+        """Apply the steers (on top of any already active) to every forward inside."""
+        self.check_steers(steers)
+        before = list(self.steers)
+        self.steers = before + list(steers)
+        try:
+            yield self
+        finally:
+            self.steers = before
+
+    def check_steers(self, steers: Sequence[Steer]) -> None:
+        for s in steers:
+            if s.hook not in self.saes:
+                raise SAELightningError(f"steer on {s.hook!r}, which has no SAE; loaded: {sorted(self.saes)}")
+            if not 0 <= s.latent < self.saes[s.hook].W_dec.shape[0]:
+                raise SAELightningError(f"latent {s.latent} is out of range for the SAE on {s.hook!r} "
+                                        f"(d_sae={self.saes[s.hook].W_dec.shape[0]})")
+
+    # -- hooks
+    def hooks(self, idx: torch.Tensor | None = None) -> dict:
+        """The hook functions for model.forward(idx): one per SAE that is tracked or steered now.
+
+        idx (the tokens of that forward) lets steering skip BOS positions; without it all are steered.
+        """
+        keep = (idx != self.bos_id) if idx is not None and self.bos_id is not None else None
+        out = {}
+        for hook, sae in self.saes.items():
+            steers = [s for s in self.steers if s.hook == hook]
+            if steers or self._trace is not None:
+                out[hook] = self._make_hook(hook, sae, steers, self._trace, keep)
+        return out
+
+    def _make_hook(self, hook: str, sae, steers: list[Steer], trace: Trace | None, keep):
+        latents = sorted({s.latent for s in steers})
+        column = {j: c for c, j in enumerate(latents)}
+        needs_f = trace is not None or any(s.mode != "add" for s in steers)
+        W = sae.W_dec[latents] if latents else None  # [m, d_in]: only the steered rows
+
+        def fn(x: torch.Tensor):
+            B, T, d = x.shape
+            flat = x.reshape(B * T, d)
+            f = sae.encode(flat.to(sae.W_enc.dtype)) if needs_f else None
+            out = None
+            if steers:
+                old = f[:, latents] if f is not None else flat.new_zeros(B * T, len(latents), dtype=W.dtype)
+                new = old.clone()
+                for s in steers:  # in order, so "add" then "scale" composes as written
+                    c = column[s.latent]
+                    new[:, c] = s.value if s.mode == "clamp" else (
+                        new[:, c] + s.value if s.mode == "add" else new[:, c] * s.value)
+                if keep is not None:
+                    new = torch.where(keep.reshape(B * T, 1), new, old)
+                out = (flat + ((new - old) @ W).to(flat.dtype)).view(B, T, d)
+                if f is not None:
+                    f[:, latents] = new
+            if trace is not None:
+                trace.record(hook, f.view(B, T, -1))
+            return out
+
+        return fn
+
+    # -- forward and generation
+    @torch.no_grad()
+    def forward(self, idx: torch.Tensor, kv_cache=None) -> torch.Tensor:
+        """Logits [B, T, V] with the active steers applied and tracked latents recorded."""
+        return self.model(idx, hooks=self.hooks(idx) or None, kv_cache=kv_cache)
+
+    __call__ = forward
+
+    def encode_prompts(self, prompts) -> list[list[int]]:
+        """A string, a list of strings, a list of ids, or a list of id lists -> list of id lists."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        out = []
+        for p in prompts:
+            if isinstance(p, str):
+                if self.tokenizer is None:
+                    raise SAELightningError("text prompts need a tokenizer; pass token ids or a tokenizer")
+                p = self.tokenizer.encode(p)
+            if not p:
+                raise SAELightningError("empty prompt; give at least one token")
+            out.append(list(p))
+        return out
+
+    def generate(self, prompts, max_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 seed: int = 42, top_features: int = 0) -> Iterator[GenerationStep]:
+        """Stream generation with the KV cache: a prefill per prompt length, then one token per step.
+
+        Yields a GenerationStep per new token (all prompts at once). top_features > 0 reports, per
+        SAE, the top latents at the position just fed in. Steers active now apply throughout.
+        temperature 0 is greedy; sampling is seeded.
+        """
+        from saelightning.nanochat.model import KVCache, sample_next
+
+        prompts = self.encode_prompts(prompts)
+        device = self.model.lm_head.weight.device
+        rng = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
+        groups: dict[int, list[int]] = {}  # prompts of one length share a batch and a cache
+        for j, p in enumerate(prompts):
+            groups.setdefault(len(p), []).append(j)
+        caches = {n: KVCache(self.model.n_layer) for n in groups}
+        inputs = {n: torch.tensor([prompts[j] for j in js], device=device) for n, js in groups.items()}
+        for step in range(max_tokens):
+            ids, feats = [0] * len(prompts), {h: [[] for _ in prompts] for h in self.saes} if top_features else {}
+            for n, js in groups.items():
+                with torch.inference_mode():
+                    last = self._step(inputs[n], caches[n], top_features, feats, js)
+                    nxt = sample_next(last, temperature, top_k, rng)
+                inputs[n] = nxt[:, None]
+                for j, t in zip(js, nxt.tolist()):
+                    ids[j] = t
+            strs = [self.tokenizer.token_str(t) for t in ids] if self.tokenizer is not None else None
+            yield GenerationStep(step, ids, strs, feats)
+
+    def _step(self, idx, cache, top_features: int, feats: dict, rows: list[int]) -> torch.Tensor:
+        """One forward of a prompt group; fills feats at the last position; returns its last logits."""
+        if not top_features:
+            return self.forward(idx, kv_cache=cache)[:, -1]
+        own = self._trace is None  # reuse an enclosing trace so user tracking sees every step too
+        with (self.track(top_features) if own else _nullcontext(self._trace)) as trace:
+            logits = self.forward(idx, kv_cache=cache)
+        for hook, recs in trace.records.items():
+            values, indices = recs[-1]
+            values, indices = values[:, -1, :top_features].tolist(), indices[:, -1, :top_features].tolist()
+            for r, vs, ix in zip(rows, values, indices):
+                feats[hook][r] = [(i, v) for i, v in zip(ix, vs) if i >= 0]
+        return logits[:, -1]
+
+
+@contextmanager
+def _nullcontext(value):
+    yield value
+
+
+# ---------------------------------------------------------------------------------------------
+# `saelightning generate`
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="saelightning generate", description=(
+        "Generate text with a nanochat model, printing each new token's top SAE features; steer latents."))
+    p.add_argument("--model", required=True, help='nanochat checkpoint or base dir, or "demo"')
+    p.add_argument("--sae", nargs="+", default=[], metavar="DIR", help="exported SAE directories")
+    p.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
+    p.add_argument("--steer", action="append", default=[], metavar="HOOK:LATENT:STRENGTH",
+                   help="add STRENGTH x the latent's decoder direction (repeatable)")
+    p.add_argument("--clamp", action="append", default=[], metavar="HOOK:LATENT:VALUE",
+                   help="set the latent to VALUE (repeatable)")
+    p.add_argument("--scale", action="append", default=[], metavar="HOOK:LATENT:FACTOR",
+                   help="multiply the latent by FACTOR (repeatable)")
+    p.add_argument("--top-features", type=int, default=5, help="features shown per token (default 5; 0: none)")
+    p.add_argument("--max-tokens", type=int, default=32, help="tokens to generate (default 32)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    p.add_argument("--seed", type=int, default=42, help="sampling seed (default 42)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    return p
+
+
+def _format_features(features: dict, row: int) -> str:
+    parts = []
+    for hook, per_prompt in features.items():
+        shown = " ".join(f"{i}:{v:.2f}" for i, v in per_prompt[row])
+        parts.append(f"{hook}[{shown}]")
+    return "  ".join(parts)
+
+
+def cli_main(argv: Sequence[str]) -> int:
+    from saelightning.evaluate import resolve_model_path
+    from saelightning.export import load_sae
+    from saelightning.nanochat.checkpoint import load_nanochat
+
+    a = _parser().parse_args(list(argv))
+    if a.max_tokens < 1 or a.top_features < 0:
+        raise SAELightningError("--max-tokens must be >= 1 and --top-features >= 0")
+    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    nc = load_nanochat(resolve_model_path(a.model), device=device, dtype=torch.float32)
+    if nc.tokenizer is None:
+        raise SAELightningError(f"no tokenizer found for {a.model}; put tokenizer/ in the nanochat base dir")
+    im = InterpretableModel(nc, [load_sae(d, device=device) for d in a.sae])
+    only = next(iter(im.saes)) if len(im.saes) == 1 else None
+    steers = [parse_steer(s, mode, only) for mode, specs in
+              (("add", a.steer), ("clamp", a.clamp), ("scale", a.scale)) for s in specs]
+    prompts = im.encode_prompts(a.prompt)
+    completions = [[] for _ in prompts]
+    with im.steering(steers):
+        for step in im.generate(prompts, a.max_tokens, a.temperature, a.top_k, a.seed, a.top_features):
+            for r, (tid, text) in enumerate(zip(step.token_ids, step.tokens)):
+                completions[r].append(tid)
+                tag = f"[{r}] " if len(prompts) > 1 else ""
+                print(f"{tag}{step.step:>4} {text!r:<16} {_format_features(step.features, r)}".rstrip(), flush=True)
+    for r, (prompt, ids) in enumerate(zip(a.prompt, completions)):
+        print(f"--- completion {r}: {prompt}{nc.tokenizer.decode(ids)!s}")
+    return 0

@@ -1,0 +1,164 @@
+"""evaluate.py: every metric against a direct computation, identity/zero SAEs, the eval CLI."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from saelightning.cli import main
+from saelightning.errors import SAELightningError
+from saelightning.evaluate import add_sums, feature_density, finalize_scores, splice_hook, spliced_scores
+from saelightning.nanochat.model import GPT, GPTConfig
+from saelightning.saes import SAEConfig, build_sae
+
+HOOK = "blocks.1.hook_resid_mid"
+BOS = 500
+
+
+def tiny_model(era="current"):
+    """A 2-layer, 32-wide nanochat with every weight non-zero (nanochat's init zeroes some)."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(sequence_len=64, vocab_size=512, n_layer=2, n_head=2, n_kv_head=2, n_embd=32, era=era))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    return model.float().eval().requires_grad_(False)
+
+
+def relu_sae(W_enc, b_enc, W_dec, b_dec):
+    d_in, d_sae = W_enc.shape
+    sae = build_sae(SAEConfig(architecture="relu", d_in=d_in, d_sae=d_sae))
+    with torch.no_grad():
+        sae.W_enc.copy_(W_enc), sae.b_enc.copy_(b_enc), sae.W_dec.copy_(W_dec), sae.b_dec.copy_(b_dec)
+    return sae.eval().requires_grad_(False)
+
+
+def random_sae(d_in=32, d_sae=48, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    b_enc = torch.randn(d_sae, generator=g) - 1.5
+    b_enc[:4] = -1e4  # four latents that never fire
+    return relu_sae(torch.randn(d_in, d_sae, generator=g) / d_in**0.5, b_enc,
+                    torch.randn(d_sae, d_in, generator=g) / d_sae**0.5, 0.1 * torch.randn(d_in, generator=g))
+
+
+def identity_sae(d):
+    """relu(x) - relu(-x) = x: a ReLU SAE with 2d latents that reconstructs exactly."""
+    eye = torch.eye(d)
+    return relu_sae(torch.cat([eye, -eye], 1), torch.zeros(2 * d), torch.cat([eye, -eye], 0), torch.zeros(d))
+
+
+def zero_sae(d, d_sae=16):
+    return relu_sae(torch.zeros(d, d_sae), torch.zeros(d_sae), torch.zeros(d_sae, d), torch.zeros(d))
+
+
+def tokens_with_bos(b=3, t=20, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, BOS, (b, t), generator=g)
+    tokens[:, 0] = BOS
+    tokens[1, 9] = BOS  # a document boundary inside a row
+    return tokens
+
+
+def direct_metrics(model, sae, tokens):
+    """The definitions of SAE_REFERENCE.md written out position by position."""
+    x_all = model.run_with_cache(tokens, [HOOK])[HOOK]
+    keep = tokens != BOS
+    x = x_all[keep].double()
+    f = sae.encode(x.float()).double()
+    x_hat = sae.decode(f.float()).double()
+    spliced = x_all.clone()
+    spliced[keep] = x_hat.float()
+    zeroed = torch.where(keep[..., None], torch.zeros_like(x_all), x_all)
+    log_probs = {name: F.log_softmax(model(tokens, hooks={HOOK: (lambda _, r=r: r)}).double(), -1)
+                 for name, r in (("clean", x_all), ("sae", spliced), ("abl", zeroed))}
+    ce = {k: [] for k in log_probs}
+    kl = {"sae": [], "abl": []}
+    for b in range(tokens.shape[0]):
+        for t in range(tokens.shape[1] - 1):
+            if tokens[b, t] == BOS or tokens[b, t + 1] == BOS:
+                continue
+            lp = {k: v[b, t] for k, v in log_probs.items()}
+            for k in ce:
+                ce[k].append(-lp[k][tokens[b, t + 1]].item())
+            for k in kl:
+                kl[k].append((lp["clean"].exp() * (lp["clean"] - lp[k])).sum().item())
+    mean = lambda v: sum(v) / len(v)  # noqa: E731
+    ce_c, ce_s, ce_a = mean(ce["clean"]), mean(ce["sae"]), mean(ce["abl"])
+    kl_s, kl_a = mean(kl["sae"]), mean(kl["abl"])
+    err = (x - x_hat).pow(2).sum(-1)
+    return {
+        "mse": err.mean().item() / x.shape[1],
+        "explained_variance": 1 - err.mean().item() / (x - x.mean(0)).pow(2).sum(-1).mean().item(),
+        "cossim": F.cosine_similarity(x, x_hat, dim=-1).mean().item(),
+        "l2_ratio": (x_hat.norm(dim=-1) / x.norm(dim=-1)).mean().item(),
+        "relative_reconstruction_bias": x_hat.pow(2).sum(-1).mean().item() / (x * x_hat).sum(-1).mean().item(),
+        "l0": (f != 0).sum(-1).double().mean().item(),
+        "l1": f.abs().sum(-1).mean().item(),
+        "frac_alive": (f != 0).any(0).double().mean().item(),
+        "ce_loss_without_sae": ce_c, "ce_loss_with_sae": ce_s, "ce_loss_with_ablation": ce_a,
+        "ce_loss_score": (ce_a - ce_s) / (ce_a - ce_c),
+        "kl_div_with_sae": kl_s, "kl_div_with_ablation": kl_a, "kl_div_score": (kl_a - kl_s) / kl_a,
+        "n_tokens": x.shape[0], "density": (f != 0).double().mean(0),
+    }
+
+
+def test_every_metric_matches_direct_computation():
+    model, sae, tokens = tiny_model(), random_sae(), tokens_with_bos()
+    sums = spliced_scores(model, {HOOK: sae}, tokens, BOS)[HOOK][0]
+    got, want = finalize_scores(sums), direct_metrics(model, sae, tokens)
+    assert 0 < want["l0"] < 48 and 0 < want["frac_alive"] < 1  # the SAE is sparse and has dead latents
+    assert got["n_tokens"] == want["n_tokens"] == 3 * 20 - 4
+    for key, value in want.items():
+        if key == "density":
+            torch.testing.assert_close(feature_density(sums), value)
+        else:
+            assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+
+
+def test_batches_combine_by_adding_sums():
+    model, tokens = tiny_model(), tokens_with_bos(b=4)
+    saes = {HOOK: [random_sae(seed=1), random_sae(seed=3)], "blocks.0.hook_mlp_out": random_sae(seed=4)}
+    whole = spliced_scores(model, saes, tokens, BOS)
+    parts = add_sums(spliced_scores(model, saes, tokens[:1], BOS), spliced_scores(model, saes, tokens[1:], BOS))
+    assert len(whole[HOOK]) == 2 and len(whole["blocks.0.hook_mlp_out"]) == 1
+    for hook in whole:
+        for a, b in zip(whole[hook], parts[hook]):
+            fa, fb = finalize_scores(a), finalize_scores(b)
+            for key in fa:
+                assert fa[key] == pytest.approx(fb[key], rel=1e-6, abs=1e-9), key
+
+
+def test_splice_with_error_term_leaves_logits_unchanged():
+    model, sae, tokens = tiny_model(), random_sae(), tokens_with_bos()
+    clean = model(tokens)
+    spliced = model(tokens, hooks={HOOK: splice_hook(sae, tokens != BOS, with_error=True)})
+    without = model(tokens, hooks={HOOK: splice_hook(sae, tokens != BOS)})
+    torch.testing.assert_close(spliced, clean, rtol=1e-5, atol=1e-5)
+    assert (without - clean).abs().max() > 1e-2  # the error term matters for this SAE
+
+
+@pytest.mark.parametrize("era", ["current", "original"])
+def test_identity_sae_scores_one_and_zero_sae_scores_zero(era):
+    model, tokens = tiny_model(era), tokens_with_bos()
+    out = spliced_scores(model, {HOOK: [identity_sae(32), zero_sae(32)]}, tokens, BOS)[HOOK]
+    ident, zero = finalize_scores(out[0]), finalize_scores(out[1])
+    assert ident["ce_loss_score"] == pytest.approx(1.0, abs=1e-9)
+    assert ident["kl_div_with_sae"] == pytest.approx(0.0, abs=1e-9) and ident["kl_div_score"] == pytest.approx(1.0)
+    assert ident["explained_variance"] == pytest.approx(1.0) and ident["mse"] == 0.0
+    assert ident["cossim"] == pytest.approx(1.0) and ident["l2_ratio"] == pytest.approx(1.0)
+    assert zero["ce_loss_score"] == 0.0 and zero["kl_div_score"] == 0.0
+    assert zero["l0"] == 0.0 and zero["frac_alive"] == 0.0
+    assert abs(ident["ce_loss_with_ablation"] - ident["ce_loss_without_sae"]) > 0.1  # the score is well defined
+
+
+def test_bad_input_is_reported():
+    model, tokens = tiny_model(), tokens_with_bos()
+    with pytest.raises(SAELightningError, match=r"d_in=16 cannot read hook point .*width is 32"):
+        spliced_scores(model, {HOOK: random_sae(d_in=16)}, tokens, BOS)
+    with pytest.raises(SAELightningError, match="unknown hook point"):
+        spliced_scores(model, {"blocks.0.resid": random_sae()}, tokens, BOS)
+    with pytest.raises(SAELightningError, match="width is 128"):
+        spliced_scores(model, {"blocks.0.mlp.hook_post": random_sae()}, tokens, BOS)
+    with pytest.raises(SAELightningError, match="context >= 2"):
+        spliced_scores(model, {HOOK: random_sae()}, tokens[:, :1], BOS)
