@@ -128,6 +128,27 @@ def export_module(pl_module, out_root: Path, step: int, metrics: dict | None = N
     return paths
 
 
+def export_checkpoint(ckpt_path, out_root) -> list[Path]:
+    """Export every SAE of a Lightning checkpoint written by `saelightning fit` (a .ckpt or its run dir)."""
+    from saelightning.errors import SAELightningError
+    from saelightning.module import SAEModule
+
+    path = Path(ckpt_path)
+    if path.is_dir():
+        path = path / "last.ckpt"
+    if not path.is_file():
+        raise SAELightningError(f"no checkpoint at {path}; pass a .ckpt file or a run dir holding last.ckpt")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        hparams = {k: v for k, v in checkpoint["hyper_parameters"].items() if not k.startswith("_")}
+        state = checkpoint["state_dict"]
+    except Exception as e:
+        raise SAELightningError(f"{path} is not a readable saelightning checkpoint ({type(e).__name__}: {e}); pass a .ckpt written by `saelightning fit`") from None
+    module = SAEModule(**hparams)
+    module.load_state_dict(state)
+    return export_module(module, Path(out_root), checkpoint.get("global_step", 0), checkpoint.get("saelightning_metrics", {}))
+
+
 def _scalar_metrics(trainer) -> dict:
     out = {}
     for k, v in trainer.callback_metrics.items():

@@ -271,6 +271,11 @@ class SAEModule(pl.LightningModule):
         self._clock = (now, step)
         self.log("details/n_training_tokens", self.tokens_seen.float(), on_step=True, on_epoch=False)
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # the latest logged scalars, so `saelightning export --ckpt` can put them in cfg.json metadata
+        metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if v.numel() == 1}
+        checkpoint["saelightning_metrics"] = {k: v for k, v in metrics.items() if math.isfinite(v)}
+
     # --- validation (spliced CE/KL would use batch["tokens"] and the data module's model) ---
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
