@@ -179,7 +179,9 @@ def detect_era(state_dict: dict) -> str:
     for era, problems in found.items():
         if not problems:
             return era
-    closest = min(ERAS, key=lambda e: len(found[e]))
+    # anything beyond the original key set means a later nanochat: report against the current era
+    newer = any(k not in expected_layout(sd, "original") for k in sd)
+    closest = "current" if newer else "original"
     raise SAELightningError(
         f"unsupported nanochat layout (an intermediate Jan-Mar 2026 era or not nanochat): closest era is "
         f"{closest!r} but {_describe(found[closest])}; only the 'original' and 'current' eras can be run"
