@@ -7,6 +7,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_only
 
 from saelightning.metrics import log10_density
@@ -53,6 +54,15 @@ def resample(sae, latents: torch.Tensor, x: torch.Tensor, generator: torch.Gener
     sae.reinit_latents(latents, directions * 0.2 * enc_norm, directions)
 
 
+def _gather(x: torch.Tensor) -> torch.Tensor:
+    """The rows of every rank, in rank order (the same tensor on all ranks)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
 class ResampleDeadLatents(pl.Callback):
     """Resample latents dead over the module's window every `every_n_steps` steps, up to `until_step`.
 
@@ -73,18 +83,24 @@ class ResampleDeadLatents(pl.Callback):
         step = trainer.global_step
         if not self.every_n_steps or step % self.every_n_steps or step > self.until_step:
             return
-        optimizer = trainer.optimizers[0]
+        for name, n in self.apply(pl_module, trainer.optimizers[0], batch["acts"], step).items():
+            pl_module.log(f"{pl_module.prefix(name)}sparsity/resampled", float(n), on_step=True, on_epoch=False)
+
+    def apply(self, pl_module, optimizer, acts: dict, step: int) -> dict[str, int]:
+        """Resample every SAE's dead latents from this batch (all ranks'); returns {name: count}."""
+        counts = {}
         for name, sae in pl_module.saes.items():
             dead = pl_module.dead_mask(name).nonzero().flatten()
             if len(dead) == 0:
                 continue
-            x = pl_module.all_gather(batch["acts"][pl_module.specs[name].hook_name]).reshape(-1, sae.config.d_in)
+            x = _gather(acts[pl_module.specs[name].hook_name])
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
             resample(sae, dead, x, generator)
             reset_adam_rows(optimizer, sae, dead)
             pl_module.since_fired(name)[dead] = 0  # give them a full window before judging again
             self.history.append({"step": step, "sae": name, "resampled": len(dead)})
-            pl_module.log(f"{pl_module.prefix(name)}sparsity/resampled", float(len(dead)), on_step=True, on_epoch=False)
+            counts[name] = len(dead)
+        return counts
 
     def state_dict(self) -> dict:
         return {"history": list(self.history)}

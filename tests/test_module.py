@@ -1,0 +1,121 @@
+"""SAEModule: lr rule and schedule, param groups, resampling, and a sweep that trains each SAE as if alone."""
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from saelightning.callbacks import ResampleDeadLatents
+from saelightning.errors import SAELightningError
+from saelightning.module import SAEModule, WarmupDecay, default_lr
+
+HOOK = "blocks.0.hook_resid_post"
+
+
+def test_default_lr_and_schedule():
+    assert default_lr(2**14) == pytest.approx(2e-4)
+    assert default_lr(2**16) == pytest.approx(1e-4)
+    schedule = WarmupDecay(warmup=4, decay=10, total=100, end=0.1)
+    assert [schedule(s) for s in (0, 1, 3, 4, 50, 89)] == pytest.approx([0.25, 0.5, 1.0, 1.0, 1.0, 1.0])
+    assert [schedule(s) for s in (90, 95, 100)] == pytest.approx([1.0, 0.55, 0.1])
+
+
+def test_param_groups_names_and_bad_specs():
+    module = SAEModule(saes=[{"hook_name": HOOK, "d_sae": 64, "k": 4},
+                             {"hook_name": "blocks.1.mlp.hook_post", "architecture": "relu", "expansion_factor": 2, "lr": 1e-3, "name": "mlp"}],
+                       n_layer=2, d_model=16)
+    assert module.hook_names == [HOOK, "blocks.1.mlp.hook_post"]
+    assert module.saes["mlp"].config.d_in == 64 and module.saes["mlp"].config.d_sae == 128  # width from the hook
+    groups = module.configure_optimizers()["optimizer"].param_groups
+    assert [g["name"] for g in groups] == ["blocks_0_hook_resid_post-topk-64", "mlp"]
+    assert [g["initial_lr"] for g in groups] == pytest.approx([default_lr(64), 1e-3])  # before warm-up
+    assert module.prefix("mlp") == "mlp/"
+    with pytest.raises(SAELightningError, match="unknown SAE option"):
+        SAEModule(saes=[{"hook_name": HOOK, "options": {"l1_coef": 1.0}}], n_layer=2, d_model=16)
+    with pytest.raises(SAELightningError, match="unknown hook point"):
+        SAEModule(saes=[{"hook_name": "blocks.0.resid"}], n_layer=2, d_model=16)
+    with pytest.raises(SAELightningError, match="invalid or repeated"):
+        SAEModule(saes=[{"hook_name": HOOK, "name": "a"}, {"hook_name": HOOK, "name": "a"}], n_layer=2, d_model=16)
+
+
+def _relu_module():
+    torch.manual_seed(0)
+    return SAEModule(saes=[{"hook_name": HOOK, "architecture": "relu", "d_sae": 32, "name": "s"}],
+                     n_layer=2, d_model=16, dead_window_tokens=100, warmup_steps=1)
+
+
+def _stepped(module, x):
+    """One Adam step so that every parameter has non-zero moments."""
+    optimizer = module.configure_optimizers()["optimizer"]
+    module.saes["s"](x)[2]["loss"].backward()
+    optimizer.step()
+    return optimizer
+
+
+def test_resampling_revives_dead_latents_and_resets_exactly_their_adam_state():
+    x = torch.randn(64, 16) * 2
+    module = _relu_module()
+    optimizer = _stepped(module, x)
+    sae = module.saes["s"]
+    dead = torch.tensor([3, 7, 11])
+    module.since_fired("s")[dead] = 1000  # dead over the window
+    params = {n: p.detach().clone() for n, p in sae.named_parameters()}
+    moments = {n: {k: v.clone() for k, v in optimizer.state[p].items() if torch.is_tensor(v) and v.dim() > 0}
+               for n, p in sae.named_parameters()}
+    counts = ResampleDeadLatents(every_n_steps=1).apply(module, optimizer, {HOOK: x}, step=5)
+    assert counts == {"s": 3}
+    alive = torch.ones(32, dtype=torch.bool)
+    alive[dead] = False
+    # the dead rows point at (normalised) inputs; nothing else moved
+    torch.testing.assert_close(sae.W_dec[dead].norm(dim=1), torch.ones(3))
+    assert torch.equal(sae.W_dec[alive], params["W_dec"][alive])
+    assert torch.equal(sae.W_enc[:, alive], params["W_enc"][:, alive])
+    assert torch.equal(sae.b_enc[dead], torch.zeros(3))
+    assert not torch.equal(sae.W_dec[dead], params["W_dec"][dead])
+    # Adam moments: zero on exactly the resampled latents' rows / columns / entries
+    for name, axis in (("W_dec", 0), ("W_enc", 1), ("b_enc", 0)):
+        for key, before in moments[name].items():
+            after = optimizer.state[getattr(sae, name)][key]
+            assert torch.equal(after.index_select(axis, dead), torch.zeros_like(after.index_select(axis, dead)))
+            keep = alive.nonzero().flatten()
+            assert torch.equal(after.index_select(axis, keep), before.index_select(axis, keep))
+    for key, before in moments["b_dec"].items():  # no latent axis: untouched
+        assert torch.equal(optimizer.state[sae.b_dec][key], before)
+    # revived: each fires on the batch it was sampled from, and its dead counter restarts
+    assert (sae.encode(x)[:, dead] > 0).any(0).all()
+    assert torch.equal(module.since_fired("s")[dead], torch.zeros(3, dtype=torch.long))
+    # the same step and seed make the same change (as on every rank)
+    again = _relu_module()
+    optimizer2 = _stepped(again, x)
+    again.since_fired("s")[dead] = 1000
+    ResampleDeadLatents(every_n_steps=1).apply(again, optimizer2, {HOOK: x}, step=5)
+    assert torch.equal(again.saes["s"].W_dec, sae.W_dec)
+
+
+def _batches(n=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [{"acts": {HOOK: torch.randn(32, 16, generator=g) * 3 + 1, "blocks.1.hook_resid_post": torch.randn(32, 16, generator=g)},
+             "scales": {HOOK: 1.0, "blocks.1.hook_resid_post": 1.0}, "index": i} for i in range(n)]
+
+
+def _fit(specs, batches):
+    torch.manual_seed(0)
+    module = SAEModule(saes=specs, n_layer=2, d_model=16, warmup_steps=2, dead_window_tokens=64)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=len(batches), logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=2)
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+    return module
+
+
+def test_sweep_trains_each_sae_as_if_alone():
+    first = {"hook_name": HOOK, "d_sae": 48, "k": 4, "name": "a"}
+    other = {"hook_name": "blocks.1.hook_resid_post", "architecture": "relu", "d_sae": 32, "name": "b"}
+    alone, sweep = _fit([first], _batches()), _fit([first, other], _batches())
+    for name, p in alone.saes["a"].named_parameters():
+        assert torch.equal(p, sweep.saes["a"].get_parameter(name)), name
+    torch.manual_seed(0)
+    untrained = SAEModule(saes=[first, other], n_layer=2, d_model=16)
+    assert not torch.equal(sweep.saes["b"].W_dec, untrained.saes["b"].W_dec)  # b trained too, on its own hook
+    assert alone.tokens_seen.item() == 6 * 32
+    # decoder rows of the TopK SAE stay unit-norm; b_dec was initialised from the first batch then trained
+    torch.testing.assert_close(sweep.saes["a"].W_dec.norm(dim=1), torch.ones(48))
+    assert sweep.initialized__a.item() and sweep.initialized__b.item()
