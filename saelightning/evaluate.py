@@ -28,10 +28,6 @@ import torch.nn.functional as F
 from saelightning.errors import SAELightningError
 from saelightning.hooks import hook_width, parse_hook
 
-# Sums whose last dimension is a vector (the rest are scalars).
-_VECTOR_SUMS = ("x_sum", "fire_count")
-
-
 def as_sae_groups(saes) -> dict[str, list]:
     """{hook: sae or [sae, ...]} -> {hook: [sae, ...]}: several SAEs may share a hook point."""
     if not isinstance(saes, Mapping):
@@ -64,6 +60,21 @@ def _log_probs(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return F.log_softmax(logits[:, :-1][mask].float(), dim=-1)
 
 
+def encode_decode(sae, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(latents, reconstruction) of raw activations x [N, d], also for an SAE still in training.
+
+    A training SAE works on x * input_scale (the data module's normalisation); its reconstruction
+    is scaled back. Exported SAEs have input_scale 1 (folded into the weights), where this is exact.
+    """
+    scale = getattr(sae, "input_scale", None)
+    if scale is None:
+        f = sae.encode(x.to(sae.W_enc.dtype))
+        return f, sae.decode(f).to(x.dtype)
+    scale = scale.to(sae.W_enc.dtype)
+    f = sae.encode(x.to(sae.W_enc.dtype) * scale)
+    return f, (sae.decode(f) / scale).to(x.dtype)
+
+
 def splice_hook(sae, keep: torch.Tensor, with_error: bool = False, stats: dict | None = None):
     """A model hook replacing the activation x by the SAE's reconstruction at the kept positions.
 
@@ -77,8 +88,7 @@ def splice_hook(sae, keep: torch.Tensor, with_error: bool = False, stats: dict |
         if sae is None:
             x_hat = torch.zeros_like(x_kept)
         else:
-            f = sae.encode(x_kept.to(sae.W_enc.dtype))
-            x_hat = sae.decode(f).to(x.dtype)
+            f, x_hat = encode_decode(sae, x_kept)
             if stats is not None:
                 stats.update(x=x_kept, f=f, x_hat=x_hat)
         if with_error:
@@ -145,8 +155,7 @@ def spliced_scores(model, saes, tokens: torch.Tensor, bos_id: int) -> dict[str, 
         del ablation_lp
         out[hook] = []
         for sae in group:
-            # the spliced forward computes the SAE on the same activation that capture saw
-            seen = {}
+            seen = {}  # the SAE sees the clean activation: nothing upstream of its hook changes
             sae_lp = _log_probs(model(tokens, hooks={hook: splice_hook(sae, keep, stats=seen)}), mask)
             sae_ce, sae_kl = _loss_sums(sae_lp, clean_lp, targets)
             sums = _reconstruction_sums(seen["x"], seen["x_hat"], seen["f"])

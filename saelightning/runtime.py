@@ -106,6 +106,8 @@ class InterpretableModel:
         self.model, self.tokenizer = model, tokenizer
         self.bos_id = bos_id if bos_id is not None else (tokenizer.bos_id if tokenizer is not None else None)
         self.saes = self._index_saes(saes)
+        # an SAE still in training reads x * input_scale; exported ones have 1.0 (skipped: exact, cheaper)
+        self._scales = {h: float(getattr(s, "input_scale", 1.0)) for h, s in self.saes.items()}
         self.steers: list[Steer] = []
         self._trace: Trace | None = None
 
@@ -165,7 +167,9 @@ class InterpretableModel:
 
         idx (the tokens of that forward) lets steering skip BOS positions; without it all are steered.
         """
-        keep = (idx != self.bos_id) if idx is not None and self.bos_id is not None else None
+        keep = None
+        if self.steers and idx is not None and self.bos_id is not None:
+            keep = idx != self.bos_id
         out = {}
         for hook, sae in self.saes.items():
             steers = [s for s in self.steers if s.hook == hook]
@@ -178,11 +182,15 @@ class InterpretableModel:
         column = {j: c for c, j in enumerate(latents)}
         needs_f = trace is not None or any(s.mode != "add" for s in steers)
         W = sae.W_dec[latents] if latents else None  # [m, d_in]: only the steered rows
+        scale = self._scales[hook]
 
         def fn(x: torch.Tensor):
             B, T, d = x.shape
             flat = x.reshape(B * T, d)
-            f = sae.encode(flat.to(sae.W_enc.dtype)) if needs_f else None
+            if needs_f:
+                f = sae.encode(flat.to(sae.W_enc.dtype) if scale == 1.0 else flat.to(sae.W_enc.dtype) * scale)
+            else:
+                f = None
             out = None
             if steers:
                 old = f[:, latents] if f is not None else flat.new_zeros(B * T, len(latents), dtype=W.dtype)
@@ -193,7 +201,8 @@ class InterpretableModel:
                         new[:, c] + s.value if s.mode == "add" else new[:, c] * s.value)
                 if keep is not None:
                     new = torch.where(keep.reshape(B * T, 1), new, old)
-                out = (flat + ((new - old) @ W).to(flat.dtype)).view(B, T, d)
+                delta = (new - old) @ W if scale == 1.0 else (new - old) @ W / scale
+                out = (flat + delta.to(flat.dtype)).view(B, T, d)
                 if f is not None:
                     f[:, latents] = new
             if trace is not None:
@@ -260,19 +269,18 @@ class InterpretableModel:
         if not top_features:
             return self.forward(idx, kv_cache=cache)[:, -1]
         own = self._trace is None  # reuse an enclosing trace so user tracking sees every step too
-        with (self.track(top_features) if own else _nullcontext(self._trace)) as trace:
+        trace = self._trace = Trace(top_features) if own else self._trace
+        try:
             logits = self.forward(idx, kv_cache=cache)
+        finally:
+            if own:
+                self._trace = None
         for hook, recs in trace.records.items():
             values, indices = recs[-1]
             values, indices = values[:, -1, :top_features].tolist(), indices[:, -1, :top_features].tolist()
             for r, vs, ix in zip(rows, values, indices):
                 feats[hook][r] = [(i, v) for i, v in zip(ix, vs) if i >= 0]
         return logits[:, -1]
-
-
-@contextmanager
-def _nullcontext(value):
-    yield value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,6 +334,8 @@ def cli_main(argv: Sequence[str]) -> int:
               (("add", a.steer), ("clamp", a.clamp), ("scale", a.scale)) for s in specs]
     prompts = im.encode_prompts(a.prompt)
     completions = [[] for _ in prompts]
+    if a.top_features and im.saes:
+        print("step token            top latents (index:value) at the position that produced the token")
     with im.steering(steers):
         for step in im.generate(prompts, a.max_tokens, a.temperature, a.top_k, a.seed, a.top_features):
             for r, (tid, text) in enumerate(zip(step.token_ids, step.tokens)):

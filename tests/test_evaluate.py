@@ -152,6 +152,19 @@ def test_identity_sae_scores_one_and_zero_sae_scores_zero(era):
     assert abs(ident["ce_loss_with_ablation"] - ident["ce_loss_without_sae"]) > 0.1  # the score is well defined
 
 
+def test_training_sae_with_input_scale_scores_like_its_folded_export():
+    """During fit the SAE reads x * input_scale; its scores must equal those of the folded copy."""
+    model, tokens = tiny_model(), tokens_with_bos()
+    sae = random_sae()
+    sae.input_scale.fill_(0.37)
+    folded = sae.fold_input_scale()
+    out = spliced_scores(model, {HOOK: [sae, folded]}, tokens, BOS)[HOOK]
+    live, exported = finalize_scores(out[0]), finalize_scores(out[1])
+    assert exported["l0"] > 0 and float(folded.input_scale) == 1.0
+    for key in live:
+        assert live[key] == pytest.approx(exported[key], rel=1e-4, abs=1e-6), key
+
+
 def test_bad_input_is_reported():
     model, tokens = tiny_model(), tokens_with_bos()
     with pytest.raises(SAELightningError, match=r"d_in=16 cannot read hook point .*width is 32"):
@@ -162,3 +175,54 @@ def test_bad_input_is_reported():
         spliced_scores(model, {"blocks.0.mlp.hook_post": random_sae()}, tokens, BOS)
     with pytest.raises(SAELightningError, match="context >= 2"):
         spliced_scores(model, {HOOK: random_sae()}, tokens[:, :1], BOS)
+
+
+def export_sae(directory, hook, d_in, seed=0, k=8):
+    from saelightning.export import save_sae
+
+    torch.manual_seed(seed)
+    sae = build_sae(SAEConfig(architecture="topk", d_in=d_in, d_sae=4 * d_in, k=k))
+    return save_sae(sae, directory, metadata={"hook_name": hook, "context_size": 32})
+
+
+def test_eval_cli_end_to_end(tmp_path, nanochat_current_dir, tiny_shards_dir, capsys):
+    from saelightning.evaluate import evaluate_saes, load_sae_groups, val_token_rows
+    from saelightning.nanochat.checkpoint import load_nanochat
+
+    a = export_sae(tmp_path / "a", "blocks.1.hook_resid_post", 64)
+    b = export_sae(tmp_path / "b", "blocks.0.mlp.hook_post", 256, seed=1)
+    out = tmp_path / "reports" / "report.json"
+    argv = ["eval", "--sae", str(a), str(b), "--model", str(nanochat_current_dir), "--data", str(tiny_shards_dir),
+            "--tokens", "200", "--out", str(out), "--batch-size", "3", "--context-size", "32", "--device", "cpu"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "ce_loss_score" in printed and "report written to" in printed
+    report = json.loads(out.read_text())
+    assert report["context_size"] == 32 and [e["path"] for e in report["saes"]] == [str(a), str(b)]
+    assert [e["hook_name"] for e in report["saes"]] == ["blocks.1.hook_resid_post", "blocks.0.mlp.hook_post"]
+    assert [len(e["feature_density"]) for e in report["saes"]] == [256, 1024]
+
+    # the same numbers straight from the library on the same 7 rows of 32 tokens
+    nc = load_nanochat(nanochat_current_dir, device="cpu", dtype=torch.float32)
+    rows = list(val_token_rows(tiny_shards_dir, nc.tokenizer, 200, 32, 7))
+    assert len(rows) == 1 and rows[0].shape == (7, 32)
+    groups, _ = load_sae_groups([a, b], "cpu")
+    direct = evaluate_saes(nc.model, groups, rows, nc.tokenizer.bos_id)
+    assert report["saes"][0]["metrics"]["n_tokens"] == int((rows[0] != nc.tokenizer.bos_id).sum())
+    for entry, (metrics, density) in zip(report["saes"], [direct["blocks.1.hook_resid_post"][0],
+                                                          direct["blocks.0.mlp.hook_post"][0]]):
+        for key, value in metrics.items():
+            assert entry["metrics"][key] == pytest.approx(value, rel=1e-6), key
+        assert entry["feature_density"] == pytest.approx(density.tolist())
+    assert report["saes"][0]["metrics"]["l0"] == pytest.approx(8.0)  # topk k=8
+
+
+def test_eval_cli_bad_input_exits_2_and_writes_nothing(tmp_path, nanochat_current_dir, tiny_shards_dir, capsys):
+    wrong = export_sae(tmp_path / "wrong", "blocks.1.hook_resid_post", 32)
+    out = tmp_path / "report.json"
+    argv = ["eval", "--sae", str(wrong), "--model", str(nanochat_current_dir), "--data", str(tiny_shards_dir),
+            "--tokens", "64", "--out", str(out), "--device", "cpu"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "d_in=32 cannot read hook point 'blocks.1.hook_resid_post'" in err[0]
+    assert not out.exists()

@@ -172,3 +172,29 @@ def test_bad_input_is_reported(im):
         InterpretableModel(im.model, {MID: make_sae(16, 8, MID)})
     with pytest.raises(SAELightningError, match="two SAEs"):
         InterpretableModel(im.model, [make_sae(32, 8, MID), make_sae(32, 8, MID)])
+
+
+def test_generate_cli_prints_tokens_with_features(tmp_path, nanochat_current_dir, capsys):
+    from saelightning.cli import main
+    from saelightning.export import load_sae, save_sae
+    from saelightning.nanochat.checkpoint import load_nanochat
+
+    hook = "blocks.1.hook_resid_post"
+    sae_dir = save_sae(make_sae(64, 128, hook, 5), tmp_path / "sae", metadata={"hook_name": hook})
+    argv = ["generate", "--model", str(nanochat_current_dir), "--sae", str(sae_dir), "--prompt", "the model reads",
+            "--max-tokens", "5", "--top-features", "3", "--steer", f"{hook}:3:2.5", "--clamp", "7:1.0", "--device", "cpu"]
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+
+    nc = load_nanochat(nanochat_current_dir, device="cpu", dtype=torch.float32)
+    im = InterpretableModel(nc, [load_sae(sae_dir)])
+    with im.steering([Steer(hook, 3, "add", 2.5), Steer(hook, 7, "clamp", 1.0)]):
+        steps = list(im.generate("the model reads", 5, temperature=0.0, top_features=3))
+    step_lines = [ln for ln in lines if ln.split()[0].isdigit()]
+    assert len(step_lines) == 5
+    for line, step in zip(step_lines, steps):
+        assert repr(step.tokens[0]) in line
+        shown = " ".join(f"{i}:{v:.2f}" for i, v in step.features[hook][0])
+        assert f"{hook}[{shown}]" in line and len(step.features[hook][0]) == 3
+    completion = nc.tokenizer.decode([s.token_ids[0] for s in steps])
+    assert lines[-1] == f"--- completion 0: the model reads{completion}"
