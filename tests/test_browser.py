@@ -13,7 +13,9 @@ import subprocess
 import pytest
 
 from saelightning.dashboards.html import _page, write_site
-from tests.test_dashboards import CFG, HOOK, PLANTED, _records, model, sae, streamed, tokenizer  # noqa: F401
+from saelightning.cli import main
+from tests.test_dashboards import (CFG, HOOK, PLANTED, _records, exported_sae, model, sae,  # noqa: F401
+                                    streamed, tokenizer)
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if os.access("/usr/bin/chromium", os.X_OK) else None)
 pytestmark = pytest.mark.skipif(
@@ -98,3 +100,16 @@ def test_planted_token_would_run_if_not_escaped(tmp_path):
     (tmp_path / "raw.html").write_text(_page("raw", "", PLANTED, {}, "finished();", "test"))
     dom = dump_dom((tmp_path / "raw.html").as_uri(), tmp_path)
     assert "data-pwned" in _tag(dom, "html")
+
+
+def test_viz_output_of_a_real_checkpoint_renders(exported_sae, nanochat_current_dir, tiny_shards_dir, tmp_path):  # noqa: F811
+    out = tmp_path / "site"
+    assert main(["viz", "--sae", str(exported_sae), "--model", str(nanochat_current_dir), "--data",
+                 str(tiny_shards_dir), "--tokens", "300", "--out", str(out), "--features", "0-5"]) == 0
+    dom = dump_dom((out / "index.html").as_uri(), tmp_path)
+    assert_clean(dom)
+    assert sorted(_row_indices(dom)) == list(range(6))
+    fired = next(i for i in range(6) if '"top":[]' not in (out / "features" / f"{i}.html").read_text())
+    dom = dump_dom((out / "features" / f"{fired}.html").as_uri(), tmp_path)
+    assert_clean(dom)
+    assert dom.count('<div class="ctx">') >= 1 and dom.count('class="tok hit"') == dom.count('<div class="ctx">')

@@ -238,3 +238,31 @@ def test_atomic_dir_replaces_own_output_only(tmp_path):
             raise RuntimeError("boom")
     assert (tmp_path / "out" / "b").exists() and (tmp_path / "mine" / "thesis.txt").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+@pytest.fixture(scope="module")
+def exported_sae(tmp_path_factory):
+    from saelightning.export import save_sae
+
+    torch.manual_seed(3)
+    s = build_sae(SAEConfig(architecture="topk", d_in=64, d_sae=20, k=4))
+    out = tmp_path_factory.mktemp("exported") / "sae"
+    return save_sae(s, out, metadata={"hook_name": "blocks.1.hook_resid_post", "context_size": 32})
+
+
+
+def test_viz_command_end_to_end(exported_sae, nanochat_current_dir, tiny_shards_dir, tmp_path):
+    from saelightning.cli import main
+
+    out = tmp_path / "site"
+    argv = ["viz", "--sae", str(exported_sae), "--model", str(nanochat_current_dir), "--data", str(tiny_shards_dir),
+            "--tokens", "300", "--out", str(out), "--features", "0-7,12"]
+    assert main(argv) == 0
+    pages = sorted(int(p.stem) for p in (out / "features").iterdir())
+    assert pages == [0, 1, 2, 3, 4, 5, 6, 7, 12]
+    index = (out / "index.html").read_text()
+    rows = json.loads(re.search(r'id="data">(.*?)</script>', index, re.S).group(1))["rows"]
+    assert [r["index"] for r in rows] == pages
+    assert sum(r["density"] for r in rows) > 0 and all(r["density"] <= 1 for r in rows)
+    assert main(argv[:-2] + ["--features", "0-99"]) == 2  # the SAE has 20 latents: one-line error
+    assert (out / "features" / "12.html").exists()  # and the earlier output is untouched

@@ -18,6 +18,8 @@ import torch
 from saelightning.dashboards.stats import StatsConfig, density_summary  # noqa: F401  (public API)
 from saelightning.errors import SAELightningError
 
+LATENT_BUDGET = 2**26  # floats of dense latents per batch (256 MB in fp32)
+
 __all__ = ["cli_main", "compute_records", "density_summary", "parse_features", "add_common_args"]
 
 
@@ -49,8 +51,10 @@ def add_common_args(p: argparse.ArgumentParser, default_tokens: int) -> None:
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument("--features", default=None, help="latents to include, e.g. 0-99,120 (default: all)")
     p.add_argument("--data", default=None, help='parquet shard dir (last shard = val) or "demo"')
-    p.add_argument("--context-size", type=int, default=None, help="tokens per row (default: SAE metadata)")
-    p.add_argument("--batch-rows", type=int, default=8, help="rows per forward pass (default 8)")
+    p.add_argument("--context-size", type=int, default=None,
+                   help="tokens per row (default: the SAE's training context, at most 128)")
+    p.add_argument("--batch-rows", type=int, default=None,
+                   help="rows per forward pass (default: as many as keep a batch's latents near 256 MB, at most 32)")
     p.add_argument("--top-k", type=int, default=20, help="top-activating contexts per latent (default 20)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
 
@@ -76,8 +80,12 @@ def compute_records(args) -> tuple[dict, list[dict], object]:
         raise SAELightningError(f"{args.sae}: cfg.json metadata has no hook_name; re-export the SAE with it")
     layer, _ = parse_hook(hook, nc.model.n_layer)
     d_in, d_sae = sae.W_dec.shape
-    context = args.context_size or min(int(sae.metadata.get("context_size") or 128), nc.model.config.sequence_len)
-    cfg = StatsConfig(n_tokens=args.tokens, context_size=context, batch_rows=args.batch_rows, top_k=args.top_k)
+    context = args.context_size or min(int(sae.metadata.get("context_size") or 128), 128, nc.model.config.sequence_len)
+    if not 2 <= context <= nc.model.config.sequence_len:
+        raise SAELightningError(f"--context-size must be in [2, {nc.model.config.sequence_len}], got {context}")
+    # a batch's dense latents are rows x context x d_sae floats: keep them near 256 MB
+    rows = args.batch_rows or max(1, min(32, LATENT_BUDGET // (context * d_sae)))
+    cfg = StatsConfig(n_tokens=args.tokens, context_size=context, batch_rows=rows, top_k=args.top_k)
     features = parse_features(args.features, d_sae)
     _, val = list_shards(resolve_data_dir(args.data, args.model))
 

@@ -71,24 +71,27 @@ class GroupTopK:
         return self.keys[:, -1]
 
     def push(self, groups, keys, values, tokens, acts) -> None:
+        """Merge events (group [E], key [E], value [E], tokens [E, W], acts [E, W]) into the state."""
         if groups.numel() == 0:
             return
-        G, K = self.keys.shape
-        old = torch.arange(G, device=groups.device).repeat_interleave(K)
-        g = torch.cat([old, groups])
-        k = torch.cat([self.keys.flatten(), keys])
+        touched = torch.unique(groups)  # only these groups change: merge just their rows
+        local = torch.searchsorted(touched, groups)
+        n, K = len(touched), self.k
+        old = torch.arange(n, device=groups.device).repeat_interleave(K)
+        g = torch.cat([old, local])
+        k = torch.cat([self.keys[touched].flatten(), keys])
         # sort by key (desc), then stably by group: earlier entries win ties, so old beats new
         order = torch.argsort(k, descending=True, stable=True)
         order = order[torch.argsort(g[order], stable=True)]
-        counts = torch.bincount(g, minlength=G)
+        counts = torch.bincount(g, minlength=n)
         starts = torch.cumsum(counts, 0) - counts
         rank = torch.arange(len(order), device=g.device) - starts[g[order]]
         # each group holds >= K entries (K old ones), so the kept ones are exactly K per group, in order
         sel = order[rank < K]
-        self.keys = k[sel].view(G, K)
-        self.values = torch.cat([self.values.flatten(), values])[sel].view(G, K)
-        self.tokens = torch.cat([self.tokens.flatten(0, 1), tokens])[sel].view(G, K, -1)
-        self.acts = torch.cat([self.acts.flatten(0, 1), acts])[sel].view(G, K, -1)
+        self.keys[touched] = k[sel].view(n, K)
+        self.values[touched] = torch.cat([self.values[touched].flatten(), values])[sel].view(n, K)
+        self.tokens[touched] = torch.cat([self.tokens[touched].flatten(0, 1), tokens])[sel].view(n, K, -1)
+        self.acts[touched] = torch.cat([self.acts[touched].flatten(0, 1), acts])[sel].view(n, K, -1)
 
 
 @dataclass
