@@ -201,7 +201,9 @@ def test_generate_applies_hooks_at_prefill_and_each_step():
 
 
 def test_trains_with_autograd():
-    model = make_nanochat_model("current", n_layer=2).train()
+    model = make_nanochat_model("current", n_layer=2)
+    next(model.generate([1, 2], 1))  # rotary tables first built under inference_mode must not break training
+    model.train()
     idx = tokens(512, 17, B=2)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []

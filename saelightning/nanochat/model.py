@@ -319,7 +319,8 @@ class GPT(nn.Module):
         need = start + length
         if self._rotary is None or self._rotary[0].size(1) < need or self._rotary[0].device != device:
             size = max(need, 10 * self.config.sequence_len)  # nanochat precomputes 10x the context
-            self._rotary = rotary_tables(size, self.config.head_dim, self.config.era, device)
+            with torch.inference_mode(False):  # a cache built during generate must still serve training
+                self._rotary = rotary_tables(size, self.config.head_dim, self.config.era, device)
         cos, sin = self._rotary
         return cos[:, start:need].to(dtype), sin[:, start:need].to(dtype)
 
@@ -334,14 +335,14 @@ class GPT(nn.Module):
         # smear: add a gated share of the previous token's embedding (cheap bigram information)
         prev = x[:, :-1]
         if kv_cache is not None:
-            if kv_cache.prev_embedding is not None:
+            if kv_cache.prev_embedding is not None:  # decoding: the predecessor's embedding was cached
                 prev = torch.cat([kv_cache.prev_embedding, prev], dim=1)
             kv_cache.prev_embedding = x[:, -1:]
-        cur = x[:, x.size(1) - prev.size(1):]
         if prev.size(1) == 0:
             return x
-        gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(cur[..., :SMEAR_CHANNELS]))
-        return torch.cat([x[:, : x.size(1) - prev.size(1)], cur + gate * prev], dim=1)
+        k = x.size(1) - prev.size(1)  # leading positions without a predecessor (1, or 0 when decoding)
+        gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[:, k:, :SMEAR_CHANNELS]))
+        return torch.cat([x[:, :k], x[:, k:] + gate * prev], dim=1)
 
     def forward(self, idx: torch.Tensor, hooks: Hooks | None = None, stop_at_layer: int | None = None,
                 kv_cache: KVCache | None = None) -> torch.Tensor | None:
@@ -366,7 +367,8 @@ class GPT(nn.Module):
         for i in range(last + 1):
             ve = None
             if self.config.era == "current":
-                x = self.resid_lambdas[i].to(x.dtype) * x + self.x0_lambdas[i].to(x.dtype) * x0
+                # 0-dim lambdas keep x's dtype without a cast, exactly as nanochat writes it
+                x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
                 if str(i) in self.value_embeds:
                     ve = self.value_embeds[str(i)](idx).to(x.dtype)
             x = self.transformer.h[i](x, ve, cos_sin, self.window_sizes[i], kv_cache, per_layer.get(i))
