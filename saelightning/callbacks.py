@@ -194,6 +194,20 @@ class ExportSAEs(pl.Callback):
         self._export(trainer, pl_module)
 
 
+class FinalCheckpoint(pl.Callback):
+    """Save last.ckpt when training stops between ModelCheckpoint's intervals (max_steps), so that
+    `--ckpt_path last` continues from the final state, not an earlier one."""
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        callback = trainer.checkpoint_callback
+        if callback is None or not getattr(callback, "save_last", False) or callback.dirpath is None:
+            return
+        path = Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
+        if getattr(callback, "_last_global_step_saved", -1) != trainer.global_step:
+            trainer.save_checkpoint(path)  # on every rank: the data state gathers all ranks' positions
+            callback.last_model_path = str(path)
+
+
 # --- TensorBoard ---
 
 class DensityHistograms(pl.Callback):

@@ -13,7 +13,7 @@ import sys
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
-from saelightning.callbacks import DensityHistograms, ExportSAEs, ResampleDeadLatents, export_dir
+from saelightning.callbacks import DensityHistograms, ExportSAEs, FinalCheckpoint, ResampleDeadLatents, export_dir
 from saelightning.data import ActivationDataModule
 from saelightning.module import SAEModule
 
@@ -71,7 +71,7 @@ def cli_main(argv: list[str] | None = None) -> int:
     try:
         cli = SAELightningCLI(
             SAEModule, ActivationDataModule, args=argv, subclass_mode_model=False, subclass_mode_data=False,
-            trainer_defaults=TRAINER_DEFAULTS, seed_everything_default=0, save_config_kwargs={"overwrite": True},
+            trainer_defaults={**TRAINER_DEFAULTS, "callbacks": [FinalCheckpoint()]}, seed_everything_default=0, save_config_kwargs={"overwrite": True},
         )
     except SystemExit as e:  # jsonargparse: --help/--print_config exit 0, a bad key or value exits 2
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)

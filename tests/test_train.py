@@ -1,0 +1,151 @@
+"""`saelightning fit|validate` end to end on a tiny real nanochat model (CPU, in-process through cli.main)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from saelightning.cli import main
+
+HOOK = "blocks.1.hook_resid_post"
+
+
+def _config(tmp_path, model_dir, shards_dir, run="run", saes=None, **trainer):
+    config = {
+        "seed_everything": 0,
+        "trainer": {"accelerator": "cpu", "max_steps": 12, "val_check_interval": 6, "log_every_n_steps": 3,
+                    "default_root_dir": str(tmp_path / run), "enable_progress_bar": False,
+                    "enable_model_summary": False, **trainer},
+        "model": {"saes": saes or [{"hook_name": HOOK, "d_sae": 128, "k": 8}], "warmup_steps": 3,
+                  "dead_window_tokens": 128},
+        "data": {"model": str(model_dir), "data_dir": str(shards_dir), "context_size": 32, "batch_size": 64,
+                 "model_batch_rows": 4, "buffer_tokens": 256, "num_workers": 1, "val_batches": 2, "scale_batches": 2},
+        "checkpoint": {"every_n_train_steps": 4},
+        "resample": {"every_n_steps": 5, "seed": 0},
+        "export": {"enabled": os.environ.get("DEV_NO_EXPORT") is None},
+    }
+    path = tmp_path / f"{run}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _weights(ckpt):
+    state = torch.load(ckpt, weights_only=True)["state_dict"]
+    return {k: v for k, v in state.items() if not k.startswith("density__")}  # a log statistic, not a weight
+
+
+def test_fit_end_to_end_writes_checkpoint_logs_and_export(tmp_path, nanochat_current_dir, tiny_shards_dir, capsys):
+    cfg = _config(tmp_path, nanochat_current_dir, tiny_shards_dir)
+    assert main(["fit", "--config", str(cfg)]) == 0
+    run = tmp_path / "run"
+    out = capsys.readouterr().out
+    assert "exported SAEs" in out and "val/explained_variance" in out
+    assert (run / "last.ckpt").is_file()
+    assert list(run.glob("lightning_logs/version_0/events.out.tfevents.*"))
+    ckpt = torch.load(run / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 12
+    assert len(ckpt["ActivationDataModule"]["positions"]) == 1
+    # the export: SAELens layout, metadata naming the model and hook, weights on raw activations
+    from saelightning.export import load_sae
+
+    (export,) = (run / "saes").iterdir()
+    cfg_json = json.loads((export / "cfg.json").read_text())
+    meta = cfg_json["metadata"]
+    assert meta["hook_name"] == HOOK and meta["context_size"] == 32 and meta["training_tokens"] == 12 * 64
+    assert meta["model"]["era"] == "current" and meta["model"]["step"] == 10
+    assert "val/explained_variance" in meta["final_metrics"]
+    sae = load_sae(export)
+    scale = ckpt["ActivationDataModule"]["scales"][HOOK]
+    x = torch.randn(16, 64)
+    trained = {k.removeprefix(f"saes.{export.name}."): v for k, v in ckpt["state_dict"].items() if k.startswith(f"saes.{export.name}.")}
+    from saelightning.module import build_from_spec, SAESpec
+
+    scaled = build_from_spec(SAESpec(hook_name=HOOK, d_sae=128, k=8), 64)
+    scaled.load_state_dict(trained)
+    torch.testing.assert_close(sae.decode(sae.encode(x)), scaled.decode(scaled.encode(x * scale)) / scale,
+                               rtol=1e-4, atol=1e-5)
+    # validate from the last checkpoint
+    assert main(["validate", "--config", str(cfg), "--ckpt_path", "last"]) == 0
+
+
+def test_resume_from_last_is_bitwise_equal(tmp_path, nanochat_current_dir, tiny_shards_dir):
+    whole = _config(tmp_path, nanochat_current_dir, tiny_shards_dir, run="whole")
+    assert main(["fit", "--config", str(whole)]) == 0
+    parts = _config(tmp_path, nanochat_current_dir, tiny_shards_dir, run="parts")
+    # stopped after step 7 (mid-buffer, after a resampling at step 5), then resumed to the end
+    assert main(["fit", "--config", str(parts), "--trainer.max_steps", "7"]) == 0
+    assert main(["fit", "--config", str(parts), "--ckpt_path", "last"]) == 0
+    a, b = _weights(tmp_path / "whole" / "last.ckpt"), _weights(tmp_path / "parts" / "last.ckpt")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    resampled = torch.load(tmp_path / "parts" / "last.ckpt", weights_only=True)["callbacks"]["ResampleDeadLatents"]
+    assert [h["step"] for h in resampled["history"]] == [5, 10]
+
+
+def test_sweep_runs_one_model_forward_for_all_saes(tmp_path, nanochat_current_dir, tiny_shards_dir, monkeypatch):
+    from saelightning.nanochat.model import GPT
+
+    calls = []
+    original = GPT.run_with_cache
+
+    def counted(self, idx, names, *args, **kwargs):
+        calls.append(tuple(names))
+        return original(self, idx, names, *args, **kwargs)
+
+    monkeypatch.setattr(GPT, "run_with_cache", counted)
+    single = _config(tmp_path, nanochat_current_dir, tiny_shards_dir, run="single", max_steps=6)
+    assert main(["fit", "--config", str(single)]) == 0
+    n_single, calls[:] = len(calls), []
+    saes = [{"hook_name": HOOK, "d_sae": 128, "k": 8, "name": "topk"},
+            {"hook_name": "blocks.0.mlp.hook_post", "architecture": "relu", "expansion_factor": 0.5, "name": "mlp_relu"},
+            {"hook_name": HOOK, "architecture": "batchtopk", "d_sae": 64, "k": 4, "name": "btk"}]
+    sweep = _config(tmp_path, nanochat_current_dir, tiny_shards_dir, run="sweep", saes=saes, max_steps=6)
+    assert main(["fit", "--config", str(sweep)]) == 0
+    assert len(calls) == n_single  # the same number of forwards as one SAE
+    assert set(calls[0]) == {HOOK, "blocks.0.mlp.hook_post"}
+    assert sorted(p.name for p in (tmp_path / "sweep" / "saes").iterdir()) == ["btk", "mlp_relu", "topk"]
+    metrics = torch.load(tmp_path / "sweep" / "last.ckpt", weights_only=True)["saelightning_metrics"]
+    assert {"topk/val/explained_variance", "mlp_relu/val/l0", "btk/metrics/l0"} <= metrics.keys()
+
+
+def test_typo_in_config_exits_2_and_print_config_works(tmp_path, nanochat_current_dir, tiny_shards_dir, capsys):
+    cfg = _config(tmp_path, nanochat_current_dir, tiny_shards_dir)
+    assert main(["fit", "--config", str(cfg), "--print_config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["data"]["batch_size"] == 64 and printed["model"]["saes"][0]["hook_name"] == HOOK
+    assert "n_layer" not in printed["model"] and "d_model" not in printed["model"]  # linked from data
+    bad = yaml.safe_load(cfg.read_text())
+    bad["data"]["bach_size"] = 3
+    cfg.write_text(yaml.safe_dump(bad))
+    assert main(["fit", "--config", str(cfg)]) == 2
+    assert "bach_size" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_two_process_ddp_fit_on_cpu_resumes_bitwise(tmp_path, nanochat_current_dir, tiny_shards_dir):
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+
+    def fit(run, *extra):
+        cfg = _config(tmp_path, nanochat_current_dir, tiny_shards_dir, run=run, max_steps=6)
+        cmd = [sys.executable, "-m", "saelightning", "fit", "--config", str(cfg), "--trainer.strategy", "ddp",
+               "--trainer.devices", "2", *extra]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return torch.load(tmp_path / run / "last.ckpt", weights_only=True)
+
+    whole = fit("whole")
+    positions = whole["ActivationDataModule"]["positions"]
+    assert [p["index"] for p in positions] == [6, 6]  # both ranks' data positions are in the checkpoint
+    assert positions[0]["reader"]["workers"] != positions[1]["reader"]["workers"]  # each rank its own stream
+    assert whole["state_dict"]["tokens_seen"].item() == 6 * 64 * 2
+    fit("parts", "--trainer.max_steps", "4")
+    parts = fit("parts", "--ckpt_path", "last")
+    a, b = _weights(tmp_path / "whole" / "last.ckpt"), _weights(tmp_path / "parts" / "last.ckpt")
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
