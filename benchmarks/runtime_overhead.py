@@ -1,13 +1,14 @@
 """Tokens/s of KV-cache generation with and without tracking one SAE (goal: <= 5% overhead).
 
-    python benchmarks/runtime_overhead.py [--model demo] [--sae DIR] [--device cpu] [--max-tokens 64]
+    python benchmarks/runtime_overhead.py [--model demo | --depth 20] [--sae DIR] [--device cpu] [--max-tokens 64]
 
 Three runs of the same greedy generation, interleaved `--repeats` times (median reported):
   model.generate   the model's own generator (reference)
   untracked        InterpretableModel.generate, SAE loaded, nothing tracked
   tracked          the same, tracking the SAE and streaming each token's top features
 Without --sae a random TopK SAE (8 x d_model, k=32) at the middle layer's resid_post is used: the
-cost of tracking depends on the SAE's shape, not on its weights.
+cost of tracking depends on the SAE's shape, not on its weights. --depth D times a random nanochat of
+nanochat's own shape for that depth (width 64*D, head_dim 128, vocab 65536) instead of a checkpoint.
 """
 
 from __future__ import annotations
@@ -24,13 +25,29 @@ from saelightning.nanochat.checkpoint import load_nanochat
 from saelightning.runtime import InterpretableModel
 
 
-def random_sae(model, device):
+def random_sae(model, device, expansion: int):
     from saelightning.saes import SAEConfig, build_sae
 
     hook = f"blocks.{model.n_layer // 2}.hook_resid_post"
-    sae = build_sae(SAEConfig(architecture="topk", d_in=model.d_model, d_sae=8 * model.d_model, k=32)).to(device)
+    config = SAEConfig(architecture="topk", d_in=model.d_model, d_sae=expansion * model.d_model, k=32)
+    sae = build_sae(config).to(device)
     sae.metadata = {"hook_name": hook}
     return sae.eval().requires_grad_(False)
+
+
+def load_model(a, device):
+    """(model, tokenizer or None, label): a checkpoint, or a random model of nanochat's depth-D shape."""
+    if a.depth is None:
+        nc = load_nanochat(resolve_model_path(a.model), device=device, dtype=torch.float32)
+        return nc.model, nc.tokenizer, a.model
+    from saelightning.nanochat.model import GPT, GPTConfig
+
+    width = 64 * a.depth
+    config = GPTConfig(sequence_len=2048, vocab_size=65536, n_layer=a.depth, n_head=max(1, width // 128),
+                       n_kv_head=max(1, width // 128), n_embd=width, era="original")
+    model = GPT(config).float()
+    torch.nn.init.normal_(model.lm_head.weight, 0.0, 0.02)  # nanochat's init zeroes it: logits would tie
+    return model.to(device).eval().requires_grad_(False), None, f"random d{a.depth}"
 
 
 def timed(fn) -> float:
@@ -44,7 +61,9 @@ def timed(fn) -> float:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="demo")
+    p.add_argument("--depth", type=int, default=None, help="time a random nanochat-shaped model of this depth")
     p.add_argument("--sae", default=None, help="exported SAE dir (default: a random TopK SAE)")
+    p.add_argument("--expansion", type=int, default=8, help="latents per d_model of the random SAE")
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch", type=int, default=1, help="prompts generated together")
     p.add_argument("--prompt-tokens", type=int, default=16)
@@ -56,18 +75,18 @@ def main(argv=None) -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
     device = torch.device(a.device)
-    nc = load_nanochat(resolve_model_path(a.model), device=device, dtype=torch.float32)
-    model = nc.model
+    model, tokenizer, label = load_model(a, device)
     if a.sae:
         from saelightning.export import load_sae
 
         sae = load_sae(a.sae, device=device)
     else:
-        sae = random_sae(model, device)
-    im = InterpretableModel(nc, [sae])
+        sae = random_sae(model, device, a.expansion)
+    bos = tokenizer.bos_id if tokenizer is not None else model.config.vocab_size - 1
+    im = InterpretableModel(model, [sae], tokenizer=tokenizer, bos_id=bos)
     g = torch.Generator().manual_seed(0)
-    body = torch.randint(0, nc.tokenizer.bos_id, (a.batch, a.prompt_tokens - 1), generator=g)
-    prompts = [[nc.tokenizer.bos_id] + row for row in body.tolist()]
+    body = torch.randint(0, bos, (a.batch, a.prompt_tokens - 1), generator=g)
+    prompts = [[bos] + row for row in body.tolist()]
 
     runs = {
         "model.generate": lambda: list(model.generate(prompts, a.max_tokens, temperature=0.0)),
@@ -85,7 +104,7 @@ def main(argv=None) -> None:
     cfg = model.config
     print(f"device: {device} ({platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads)")
-    print(f"model: {a.model} (n_layer={cfg.n_layer}, d_model={cfg.n_embd}, vocab={cfg.vocab_size}); "
+    print(f"model: {label} (n_layer={cfg.n_layer}, d_model={cfg.n_embd}, vocab={cfg.vocab_size}); "
           f"SAE: {sae.W_dec.shape[0]} latents at {next(iter(im.saes))}")
     print(f"batch {a.batch}, prompt {a.prompt_tokens} tokens, {a.max_tokens} new tokens, median of {a.repeats}")
     for k, v in tps.items():
