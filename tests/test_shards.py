@@ -112,6 +112,8 @@ def test_state_mismatch_refused(tiny_shards_dir):
     state = TextStream(train, world_size=2).state_dict()
     with pytest.raises(SAELightningError, match="world_size=2"):
         TextStream(train, world_size=1).load_state_dict(state)
+    with pytest.raises(SAELightningError, match="row_groups=26"):
+        TextStream(train[:1], world_size=2).load_state_dict(state)
     # A position saved by 2 DataLoader workers cannot resume in a loader-less (1-reader) stream.
     _, state = next(iter(_loader(WithState(TextStream(train)), workers=2)))
     moved = TextStream(train)

@@ -134,16 +134,18 @@ class TextStream(torch.utils.data.IterableDataset):
         return {
             "version": STATE_VERSION, "seed": self.seed, "rank": self.rank, "world_size": self.world_size,
             "num_workers": self._num_workers if workers is None else workers.num_workers,
+            "row_groups": len(self._units),  # a resume over different shards would land elsewhere
             "positions": {int(k): dict(v) for k, v in positions.items()},
         }
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("version") != STATE_VERSION:
             raise SAELightningError(f"TextStream state version {state.get('version')} is not {STATE_VERSION}; it comes from another saelightning")
-        for key in ("seed", "rank", "world_size"):
-            if state[key] != getattr(self, key):
+        current = {"seed": self.seed, "rank": self.rank, "world_size": self.world_size, "row_groups": len(self._units)}
+        for key, value in current.items():
+            if state.get(key) != value:
                 raise SAELightningError(
-                    f"TextStream state was saved with {key}={state[key]}, this stream has {getattr(self, key)}; resume with the same setting"
+                    f"TextStream state was saved with {key}={state.get(key)}, this stream has {value}; resume with the same shards and setting"
                 )
         self._num_workers = state.get("num_workers")
         self._resume = {int(k): dict(v) for k, v in state["positions"].items()}
