@@ -227,7 +227,7 @@ def val_token_rows(data_dir, tokenizer, n_tokens: int, context_size: int, batch_
     _, val_shard = list_shards(data_dir)
     n_rows = max(1, math.ceil(n_tokens / context_size))
     buffer, rows = [], []
-    for doc in TextStream([val_shard], loop=False):
+    for doc in TextStream([val_shard], loop=False, shuffle=False):  # the shard's first N tokens
         buffer.extend(tokenizer.encode(doc))
         while len(buffer) >= context_size and n_rows > 0:
             rows.append(buffer[:context_size])
