@@ -10,8 +10,6 @@ from __future__ import annotations
 import math
 from functools import lru_cache
 
-import torch
-
 from saelightning.dashboards.stats import FeatureStats
 
 
@@ -21,24 +19,24 @@ def _num(x: float) -> float:
     return 0.0 if x == 0 or not math.isfinite(x) else float(f"{x:.4g}")
 
 
-def _context(tokens: torch.Tensor, acts: torch.Tensor, before: int, token_str) -> dict:
-    keep = tokens >= 0
-    first = int(keep.int().argmax())  # pads only lie at the start and the end of a window
-    ids = tokens[keep].tolist()
-    return {"tokens": [token_str(i) for i in ids], "values": [_num(a) for a in acts[keep].tolist()],
-            "index": before - first, "value": _num(acts[before])}
-
-
-def _contexts(heap, group: int, before: int, token_str, order=None) -> list[dict]:
-    filled = [j for j in range(heap.keys.shape[1]) if heap.keys[group, j] > float("-inf")]
-    if order == "value":  # samples are kept by random priority: show them by activation instead
-        filled.sort(key=lambda j: -float(heap.values[group, j]))
-    return [_context(heap.tokens[group, j], heap.acts[group, j], before, token_str) for j in filled]
+def _contexts(heap, group: int, before: int, token_str, by_value: bool = False) -> list[dict]:
+    """The filled entries of one heap group as contexts (lists made once per group: fast in Python)."""
+    keys, values = heap.keys[group].tolist(), heap.values[group].tolist()
+    tokens, acts = heap.tokens[group].tolist(), heap.acts[group].tolist()
+    filled = [j for j, k in enumerate(keys) if k > float("-inf")]
+    if by_value:  # samples are kept by random priority: show them by activation instead
+        filled.sort(key=lambda j: -values[j])
+    out = []
+    for j in filled:
+        keep = [p for p, t in enumerate(tokens[j]) if t >= 0]  # pads lie only at the two ends
+        out.append({"tokens": [token_str(tokens[j][p]) for p in keep], "values": [_num(acts[j][p]) for p in keep],
+                    "index": before - keep[0], "value": _num(values[j])})
+    return out
 
 
 def feature_records(stats: FeatureStats, effects, token_str) -> list[dict]:
     """JSON-ready dicts, one per latent in stats.features. effects = stats.logit_effect(...) output."""
-    token_str = lru_cache(maxsize=None)(token_str)
+    token_str = lru_cache(maxsize=None)(_safe(token_str))
     cfg = stats.config
     top_v, top_i, bot_v, bot_i, logit_h, logit_c = effects
     density = stats.density
@@ -57,7 +55,7 @@ def feature_records(stats: FeatureStats, effects, token_str) -> list[dict]:
             intervals.append({"min": edges[q * per], "max": edges[(q + 1) * per],
                               "contains": count / max(fired, 1),
                               "contexts": _contexts(stats.samples, i * cfg.n_intervals + q, cfg.before,
-                                                    token_str, order="value")})
+                                                    token_str, by_value=True)})
         d = float(density[i])
         records.append({
             "index": latent, "density": d, "log10_density": math.log10(d) if d > 0 else None,
@@ -72,6 +70,16 @@ def feature_records(stats: FeatureStats, effects, token_str) -> list[dict]:
             "top": top, "intervals": intervals,
         })
     return records
+
+
+def _safe(token_str):
+    """An id the tokenizer does not know (a model vocab padded past it) shows as <id N>."""
+    def show(i: int) -> str:
+        try:
+            return token_str(i)
+        except (KeyError, ValueError, IndexError):
+            return f"<id {i}>"
+    return show
 
 
 def _top_tokens(contexts: list[dict], n: int = 5) -> list[str]:

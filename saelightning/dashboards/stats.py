@@ -211,7 +211,8 @@ def _pass_two(batches, model, sae, hook, features, bos_id, cfg, max_act, device)
     for idx in batches:
         idx = idx.to(device)
         z = latents_of(model, sae, hook, idx, features, bos_id)
-        b, t, f = torch.nonzero(z > 0, as_tuple=True)
+        # a latent pass one never saw fire (possible only with nondeterministic kernels) is skipped
+        b, t, f = torch.nonzero((z > 0) & (max_act > 0), as_tuple=True)
         v = z[b, t, f]
         # bin j holds (j, j+1] * max / H; the max itself lands in the last bin
         bins = (torch.ceil(v / max_act[f] * H).long() - 1).clamp(0, H - 1)
