@@ -176,7 +176,11 @@ def _scalar_metrics(trainer) -> dict:
 
 class ExportSAEs(pl.Callback):
     """Write <run dir>/saes/<name>/ (cfg.json, sae_weights.safetensors, sparsity.safetensors) at every
-    checkpoint save and at the end of training, with the model info and the latest metrics in metadata."""
+    checkpoint save and at the end of training, with the model info and the latest metrics in metadata.
+
+    Args:
+        enabled: export (False: only Lightning checkpoints; `saelightning export --ckpt` can export later).
+    """
 
     def __init__(self, enabled: bool = True):
         self.enabled = enabled
@@ -211,14 +215,19 @@ class FinalCheckpoint(pl.Callback):
 # --- TensorBoard ---
 
 class DensityHistograms(pl.Callback):
-    """log10 feature-density histograms to TensorBoard, once per completed density window."""
+    """log10 feature-density histograms to TensorBoard, once per completed density window.
 
-    def __init__(self):
+    Args:
+        enabled: log them (False: skip).
+    """
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
         self._logged = -1
 
     @rank_zero_only
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if pl_module.density_step == self._logged:
+        if not self.enabled or pl_module.density_step == self._logged:
             return
         self._logged = pl_module.density_step
         for logger in trainer.loggers:

@@ -185,6 +185,8 @@ class ActivationDataModule(pl.LightningDataModule):
         data_dir: folder of nanochat parquet shards (the last is val), or "demo" (built from the stdlib).
         step: checkpoint step to load (default: the latest).
         era: "original" | "current" to override the era detected from the checkpoint's keys.
+        source: which checkpoints of a nanochat base dir: base | mid | sft | rl.
+        model_tag: the base dir's model folder (e.g. d20; default: the deepest d*).
         context_size: tokens per row fed to the model (default: the model's sequence_len).
         batch_size: SAE batch size in tokens (per rank).
         model_batch_rows: rows of context_size tokens per model forward.
@@ -197,6 +199,7 @@ class ActivationDataModule(pl.LightningDataModule):
     """
 
     def __init__(self, model: str = "demo", data_dir: str = "demo", step: int | None = None, era: str | None = None,
+                 source: str = "base", model_tag: str | None = None,
                  context_size: int | None = None, batch_size: int = 4096, model_batch_rows: int = 8,
                  buffer_tokens: int = 262144, num_workers: int = 1, val_batches: int = 4, scale_batches: int = 4,
                  normalize: bool = True, seed: int = 0):
@@ -208,7 +211,7 @@ class ActivationDataModule(pl.LightningDataModule):
         if model == "demo":
             from saelightning.demo import DEMO_MODEL_DIR
             model = str(DEMO_MODEL_DIR)
-        self.nanochat = load_nanochat(model, step=step, era=era)
+        self.nanochat = load_nanochat(model, step=step, era=era, source=source, model_tag=model_tag)
         if self.nanochat.tokenizer is None:
             raise SAELightningError(f"no tokenizer/ found above {self.nanochat.meta['path']}; put nanochat's tokenizer dir beside the checkpoints")
         self.model, self.tokenizer = self.nanochat.model, self.nanochat.tokenizer
