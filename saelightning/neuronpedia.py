@@ -58,7 +58,7 @@ def write_batches(out_dir, meta: dict, records: list[dict], sae_dir, model_id: s
                   per_batch: int = 128) -> list[Path]:
     """batch-{n}.json files and the weights copy, written atomically into out_dir."""
     layer = meta["layer"]
-    n_prompts = -(-meta["n_tokens"] // meta["context_size"])
+    n_prompts = meta["n_rows"]
     weights = Path(sae_dir)
     if not (weights / "cfg.json").is_file() or not (weights / "sae_weights.safetensors").is_file():
         raise SAELightningError(f"{weights} is not an exported SAE (cfg.json + sae_weights.safetensors); "

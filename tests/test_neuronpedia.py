@@ -87,7 +87,7 @@ def test_neuronpedia_command_writes_batches_and_weights(exported_sae, nanochat_c
         assert (batch["model_id"], batch["layer"], batch["sae_set"]) == ("nanochat-d2", 1, "res-test")
         for f in batch["features"]:
             validate_feature(f, 10)
-            assert f["n_tokens_in_prompt"] == 32 and f["n_prompts_total"] == 13  # ceil(400 / 32)
+            assert f["n_tokens_in_prompt"] == 32 and f["n_prompts_total"] == 13  # 12 rows of 32 + one of 16
             indices.append(f["feature_index"])
     assert indices == list(range(10))
     assert any(f["frac_nonzero"] > 0 for b in batches for f in b["features"])

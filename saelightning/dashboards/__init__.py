@@ -97,7 +97,7 @@ def compute_records(args) -> tuple[dict, list[dict], object]:
     records = feature_records(stats, effects, nc.tokenizer.token_str)
     meta = {"title": f"{Path(args.sae).name}: {hook}", "sae": str(args.sae), "model": str(model_path),
             "hook_name": hook, "layer": layer, "n_layer": nc.model.n_layer, "n_tokens": stats.n_tokens,
-            "d_sae": d_sae, "d_in": d_in, "context_size": context, "val_shard": str(val)}
+            "n_rows": stats.n_rows, "d_sae": d_sae, "d_in": d_in, "context_size": context, "val_shard": str(val)}
     return meta, records, sae
 
 

@@ -100,6 +100,7 @@ class FeatureStats:
 
     features: torch.Tensor  # [F] latent indices
     n_tokens: int  # token positions counted (BOS excluded)
+    n_rows: int  # rows (prompts) the model read
     n_fire: torch.Tensor  # [F] int64, positions where the latent is > 0
     sum_act: torch.Tensor  # [F] float64, sum of activations
     max_act: torch.Tensor  # [F] max activation (0 if never fired)
@@ -183,12 +184,12 @@ def _pass_one(batches, model, sae, hook, features, bos_id, cfg, device):
     sum_act = torch.zeros(F, dtype=torch.float64, device=device)
     max_act = torch.zeros(F, device=device)
     top = GroupTopK(F, cfg.top_k, cfg.window, device)
-    n_tokens = 0
+    n_tokens = n_rows = 0
     for idx in batches:
         idx = idx.to(device)
         z = latents_of(model, sae, hook, idx, features, bos_id)
         flat = z.flatten(0, 1)
-        n_tokens += int((idx != bos_id).sum())
+        n_tokens, n_rows = n_tokens + int((idx != bos_id).sum()), n_rows + len(idx)
         n_fire += (flat > 0).sum(0)
         sum_act += flat.sum(0, dtype=torch.float64)
         max_act = torch.maximum(max_act, flat.max(0).values)
@@ -200,7 +201,7 @@ def _pass_one(batches, model, sae, hook, features, bos_id, cfg, device):
         b, t = pos // idx.shape[1], pos % idx.shape[1]
         tokens, acts = _windows(idx, z, b, t, f, cfg)
         top.push(f, vals, vals, tokens, acts)
-    return n_tokens, n_fire, sum_act, max_act, top
+    return n_tokens, n_rows, n_fire, sum_act, max_act, top
 
 
 def _pass_two(batches, model, sae, hook, features, bos_id, cfg, max_act, device):
@@ -236,13 +237,13 @@ def collect_stats(model, sae, hook_name: str, batches_fn, bos_id: int, features=
         raise SAELightningError(f"features must be latent indices in 0..{d_sae - 1}; check --features")
     device = torch.device(device or "cpu")
     features = features.to(device)
-    n_tokens, n_fire, sum_act, max_act, top = _pass_one(
+    n_tokens, n_rows, n_fire, sum_act, max_act, top = _pass_one(
         batches_fn(), model, sae, hook_name, features, bos_id, cfg, device)
     if n_tokens == 0:
         raise SAELightningError("the val shard gave no tokens; check --data (a dir of shard_*.parquet with text)")
     hist, samples = _pass_two(batches_fn(), model, sae, hook_name, features, bos_id, cfg, max_act, device)
-    return FeatureStats(features.cpu(), n_tokens, n_fire.cpu(), sum_act.cpu(), max_act.cpu(), hist.cpu(),
-                        _to_cpu(top), _to_cpu(samples), cfg)
+    return FeatureStats(features.cpu(), n_tokens, n_rows, n_fire.cpu(), sum_act.cpu(), max_act.cpu(),
+                        hist.cpu(), _to_cpu(top), _to_cpu(samples), cfg)
 
 
 def _to_cpu(heap: GroupTopK) -> GroupTopK:
