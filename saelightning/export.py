@@ -1,0 +1,219 @@
+"""The on-disk SAE format: SAELens 6's directory layout, written atomically and read back with checks.
+
+    dir/cfg.json                  d_in, d_sae, dtype, device, apply_b_dec_to_input, normalize_activations,
+                                  reshape_activations, metadata {...}, architecture (+ its keys, e.g. k)
+    dir/sae_weights.safetensors   W_enc [d_in, d_sae], W_dec [d_sae, d_in], b_dec [d_in] and, by
+                                  architecture, b_enc / threshold / b_gate, b_mag, r_mag
+    dir/sparsity.safetensors      optional: "sparsity" [d_sae] = log10 feature density
+
+So SAELens (SAE.load_from_disk), SAEBench and SAEDashboard read our SAEs as they are, and load_sae
+reads SAELens-written directories of the architectures we have (standard, topk, jumprelu, gated).
+Exported SAEs work on raw activations: save_sae folds the training input scale into the weights.
+"""
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from saelightning.errors import SAELightningError
+from saelightning.saes import SAE, SAEConfig, build_sae
+from saelightning.saes.base import DTYPES
+
+CFG_FILE = "cfg.json"
+WEIGHTS_FILE = "sae_weights.safetensors"
+SPARSITY_FILE = "sparsity.safetensors"
+# SAELens picks its 6.x cfg parser from metadata.sae_lens_version; without it, its pre-6 path
+# would drop the nested metadata. This marks the format version we write, not a SAELens install.
+SAELENS_FORMAT_VERSION = "6.0.0"
+# SAELens architecture name on disk -> ours (batchtopk and matryoshka are written as jumprelu)
+FROM_SAELENS = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "gated": "gated"}
+
+
+def save_sae(sae: SAE, out_dir, metadata: dict | None = None, sparsity: torch.Tensor | None = None) -> Path:
+    """Write `sae` (input scale folded in) to out_dir in the SAELens layout; returns out_dir.
+
+    metadata: JSON-serialisable extras for cfg.json's "metadata" (hook_name, model, metrics...), added
+    to sae.metadata. sparsity: log10 feature density [d_sae], written to sparsity.safetensors.
+    An existing out_dir is replaced only once the new directory is complete.
+    """
+    out_dir = Path(out_dir)
+    folded = sae.fold_input_scale()
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in folded.saelens_tensors().items()}
+    for name, tensor in tensors.items():
+        if not bool(torch.isfinite(tensor).all()):
+            raise SAELightningError(f"SAE tensor {name} has NaN/inf values; refusing to export (train with a lower lr or resume from an earlier checkpoint)")
+    cfg_text = _cfg_json(folded, float(sae.input_scale), metadata)
+    extra = {} if sparsity is None else {SPARSITY_FILE: {"sparsity": _check_sparsity(sparsity, sae.config.d_sae)}}
+    _write_dir_atomically(out_dir, cfg_text, tensors, extra)
+    return out_dir
+
+
+def _cfg_json(sae: SAE, input_scale: float, metadata: dict | None) -> str:
+    meta = {"sae_lens_version": SAELENS_FORMAT_VERSION, **sae.metadata, **(metadata or {})}
+    meta["saelightning_architecture"] = sae.config.architecture
+    meta["saelightning_config"] = sae.config_dict()
+    meta["input_scale_folded"] = input_scale  # raw activations were multiplied by this in training
+    cfg = {
+        "d_in": sae.config.d_in,
+        "d_sae": sae.config.d_sae,
+        "dtype": sae.config.dtype,
+        "device": "cpu",
+        "apply_b_dec_to_input": sae.config.apply_b_dec_to_input,
+        "normalize_activations": "none",  # the scale is folded into the weights
+        "reshape_activations": "none",
+        "metadata": meta,
+        **sae.saelens_cfg(),
+        "architecture": sae.saelens_architecture(),
+    }
+    try:
+        return json.dumps(cfg, indent=2, allow_nan=False, default=_jsonable)
+    except (TypeError, ValueError) as err:
+        raise SAELightningError(f"SAE metadata cannot be written as JSON ({err}); pass plain numbers, strings, lists and dicts") from None
+
+
+def _jsonable(value):
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
+
+
+def _check_sparsity(sparsity: torch.Tensor, d_sae: int) -> torch.Tensor:
+    sparsity = torch.as_tensor(sparsity).detach().to("cpu", torch.float32).contiguous()
+    if sparsity.shape != (d_sae,):
+        raise SAELightningError(f"sparsity has shape {tuple(sparsity.shape)}, expected ({d_sae},): one log10 density per latent")
+    if bool(torch.isnan(sparsity).any()) or bool((sparsity > 1e-6).any()):
+        raise SAELightningError("sparsity must be log10 feature densities (<= 0, no NaN); pass torch.log10(density + 1e-10)")
+    return sparsity
+
+
+def _write_dir_atomically(out_dir: Path, cfg_text: str, tensors: dict, extra_files: dict) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise SAELightningError(f"{out_dir} exists and is not a directory; choose another export path")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        (tmp / CFG_FILE).write_text(cfg_text)
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        for name, file_tensors in extra_files.items():
+            save_file(file_tensors, str(tmp / name), metadata={"format": "pt"})
+        _swap_in(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _swap_in(new: Path, target: Path) -> None:
+    """Rename `new` to `target`; an existing target is moved aside first and removed after."""
+    if not target.exists():
+        os.replace(new, target)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    os.replace(target, old / "dir")
+    try:
+        os.replace(new, target)
+    except BaseException:
+        os.replace(old / "dir", target)  # put the previous export back
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_sae(path, device=None) -> SAE:
+    """Read an SAE directory (ours or SAELens-written) into an SAE that works on raw activations.
+
+    cfg.json's metadata is available as `sae.metadata`. The SAE is returned in eval mode.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise SAELightningError(f"no SAE directory at {path}; pass a directory with {CFG_FILE} and {WEIGHTS_FILE} (as save_sae writes)")
+    cfg = _read_cfg(path / CFG_FILE)
+    sae = build_sae(_config_from_cfg(cfg, path / CFG_FILE))
+    tensors = _read_tensors(path / WEIGHTS_FILE)
+    sae.load_saelens_tensors(_check_tensors(tensors, sae, path / WEIGHTS_FILE))
+    metadata = cfg.get("metadata")
+    sae.metadata = dict(metadata) if isinstance(metadata, dict) else {}
+    sae.eval()
+    return sae.to(device) if device is not None else sae
+
+
+def load_sparsity(path) -> torch.Tensor | None:
+    """log10 feature densities [d_sae] from an SAE directory's sparsity.safetensors, or None if absent."""
+    file = Path(path) / SPARSITY_FILE
+    if not file.exists():
+        return None
+    tensors = _read_tensors(file)
+    if "sparsity" not in tensors or tensors["sparsity"].dim() != 1:
+        raise SAELightningError(f"{file} has no 1-d tensor 'sparsity'; re-export the SAE or delete the file")
+    return tensors["sparsity"]
+
+
+def _read_cfg(file: Path) -> dict:
+    if not file.is_file():
+        raise SAELightningError(f"missing {file}; an SAE directory needs {CFG_FILE} and {WEIGHTS_FILE} (re-export it with save_sae)")
+    try:
+        cfg = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise SAELightningError(f"{file} is not valid JSON ({err}); re-export the SAE") from None
+    if not isinstance(cfg, dict):
+        raise SAELightningError(f"{file} must hold a JSON object; re-export the SAE")
+    return cfg
+
+
+def _config_from_cfg(cfg: dict, file: Path) -> SAEConfig:
+    missing = [key for key in ("d_in", "d_sae", "architecture") if key not in cfg]
+    if cfg.get("architecture") == "topk" and "k" not in cfg:
+        missing.append("k")
+    if missing:
+        raise SAELightningError(f"{file} lacks the key(s) {', '.join(missing)}; re-export the SAE")
+    arch = cfg["architecture"]
+    if arch not in FROM_SAELENS:
+        raise SAELightningError(f"{file}: unknown SAE architecture {arch!r}; saelightning reads {', '.join(FROM_SAELENS)}")
+    for key, allowed in (("normalize_activations", ("none", None, False)), ("reshape_activations", ("none", None)),
+                         ("rescale_acts_by_decoder_norm", (False, None))):
+        if cfg.get(key) not in allowed:
+            raise SAELightningError(f"{file}: {key}={cfg.get(key)!r} is not supported; fold it into the weights first (SAELens: fold_activation_norm_scaling_factor / fold_W_dec_norm)")
+    dtype = str(cfg.get("dtype", "float32")).removeprefix("torch.")
+    if dtype not in DTYPES:
+        raise SAELightningError(f"{file}: dtype {cfg.get('dtype')!r} is not supported; use one of {', '.join(DTYPES)}")
+    fields = {"architecture": FROM_SAELENS[arch], "d_in": cfg["d_in"], "d_sae": cfg["d_sae"], "dtype": dtype,
+              "apply_b_dec_to_input": bool(cfg.get("apply_b_dec_to_input", True))}
+    if arch == "topk":
+        fields["k"] = cfg["k"]
+    try:
+        return SAEConfig(**fields)
+    except SAELightningError as err:
+        raise SAELightningError(f"{file}: {err}") from None
+
+
+def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
+    if not file.is_file():
+        raise SAELightningError(f"missing {file}; re-export the SAE (save_sae writes it)")
+    try:
+        return load_file(str(file), device="cpu")
+    except Exception as err:  # safetensors raises its own error type for every kind of damage
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise SAELightningError(f"{file} is truncated or corrupt ({reason}); re-export the SAE") from None
+
+
+def _check_tensors(tensors: dict, sae: SAE, file: Path) -> dict[str, torch.Tensor]:
+    expected = sae.saelens_shapes()
+    scaling = tensors.pop("scaling_factor", None)  # old SAELens files carry an all-ones one
+    if scaling is not None and not bool((scaling == 1).all()):
+        raise SAELightningError(f"{file} has a scaling_factor that is not 1; fold it into the weights with SAELens first")
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise SAELightningError(f"{file}: tensors missing {missing} / unexpected {unexpected} for architecture {sae.saelens_architecture()}; re-export the SAE")
+    dtype = sae.W_enc.dtype
+    for name, shape in expected.items():
+        tensor = tensors[name]
+        if tuple(tensor.shape) != shape:
+            raise SAELightningError(f"{file}: tensor {name} has shape {tuple(tensor.shape)} but cfg.json implies {shape}; the files do not belong together")
+        if not tensor.is_floating_point() or not bool(torch.isfinite(tensor).all()):
+            raise SAELightningError(f"{file}: tensor {name} must be finite floating point (got {tensor.dtype}); re-export the SAE")
+    return {name: tensors[name].to(dtype) for name in expected}

@@ -1,0 +1,27 @@
+"""SAE architectures as plain torch modules (usable without Lightning), built from an SAEConfig."""
+
+from saelightning.saes.base import ARCHITECTURES, SAE, SAEConfig
+from saelightning.saes.batchtopk import BatchTopKSAE
+from saelightning.saes.gated import GatedSAE
+from saelightning.saes.jumprelu import JumpReLUSAE
+from saelightning.saes.matryoshka import MatryoshkaSAE
+from saelightning.saes.relu import ReLUSAE
+from saelightning.saes.topk import TopKSAE
+
+SAE_CLASSES: dict[str, type[SAE]] = {
+    "topk": TopKSAE,
+    "batchtopk": BatchTopKSAE,
+    "relu": ReLUSAE,
+    "gated": GatedSAE,
+    "jumprelu": JumpReLUSAE,
+    "matryoshka": MatryoshkaSAE,
+}
+
+
+def build_sae(config: SAEConfig) -> SAE:
+    """A freshly initialised SAE of config.architecture (the config was validated on construction)."""
+    return SAE_CLASSES[config.architecture](config)
+
+
+__all__ = ["ARCHITECTURES", "SAE", "SAEConfig", "build_sae", "SAE_CLASSES", "TopKSAE", "BatchTopKSAE",
+           "ReLUSAE", "GatedSAE", "JumpReLUSAE", "MatryoshkaSAE"]

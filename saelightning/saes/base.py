@@ -1,0 +1,259 @@
+"""The shared SAE base: config, parameters, scale folding, decoder-norm constraint, export hooks.
+
+Conventions (every architecture):
+  x        [N, d_in] activations in the space the SAE was trained in (the trainer feeds s·raw);
+  encode   latents f [N, d_sae] (dense, zeros where inactive);
+  decode   x̂ = f W_dec + b_dec;
+  forward  (x̂, f, losses) with losses["loss"] the total to backprop; "mse_loss" (E||x - x̂||² / d_in)
+           and "fvu" (Σ||x - x̂||² / Σ||x - mean x||², the normalised MSE of Gao et al.) are logged
+           for every architecture, plus the architecture's own terms.
+"""
+
+import copy
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from saelightning.errors import SAELightningError
+from saelightning.saes.sparse import dense_to_sparse
+
+ARCHITECTURES = ("topk", "batchtopk", "relu", "gated", "jumprelu", "matryoshka")
+TOPK_STYLE = ("topk", "batchtopk", "matryoshka")  # k-sparse: sparse decode, AuxK, unit-norm decoder
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+@dataclass
+class SAEConfig:
+    architecture: str = "topk"  # one of topk, batchtopk, relu, gated, jumprelu, matryoshka
+    d_in: int = 768  # width of the hooked activation
+    d_sae: int = 16384  # number of latents (dictionary size)
+    k: int = 32  # topk: active latents per token; batchtopk/matryoshka: mean active per token
+    k_aux: int | None = None  # AuxK: dead latents that reconstruct the residual; None = d_in // 2
+    aux_coefficient: float = 1 / 32  # AuxK loss weight (Gao et al. 2024)
+    l1_coefficient: float = 5.0  # relu, gated: λ of the decoder-norm weighted L1 penalty
+    l1_warmup_steps: int = 1000  # relu, gated, jumprelu: the penalty's λ ramps linearly from 0
+    l0_coefficient: float = 1.0  # jumprelu: λ of the L0 (or tanh) penalty
+    sparsity_penalty: str = "l0"  # jumprelu: "l0" (step, Gemma Scope) or "tanh" (Anthropic 2025)
+    tanh_scale: float = 4.0  # jumprelu tanh penalty: c in tanh(c · f · ||W_dec,i||)
+    preact_coefficient: float = 0.0  # jumprelu: Anthropic's pre-act loss reviving dead latents; 0 = off
+    threshold_init: float = 0.01  # jumprelu: initial per-latent threshold θ
+    bandwidth: float = 0.05  # jumprelu: width ε of the straight-through rectangle kernel
+    threshold_ema: float = 0.99  # batchtopk/matryoshka: EMA decay of the inference threshold
+    matryoshka_prefixes: list[int] | None = None  # nested dictionary sizes ending at d_sae; None = d_sae/16, /8, /4, /2, 1
+    normalize_decoder: bool | None = None  # unit-norm decoder rows; None = per architecture
+    decoder_init_norm: float | None = None  # decoder row norm at init; None = 1 (unit-norm) or 0.1
+    apply_b_dec_to_input: bool = True  # subtract b_dec before encoding (SAELens's key of that name)
+    dtype: str = "float32"  # parameter dtype: float32, bfloat16, float16, float64
+
+    def __post_init__(self):
+        if self.architecture not in ARCHITECTURES:
+            _bad(f"unknown SAE architecture {self.architecture!r}; use one of {', '.join(ARCHITECTURES)}")
+        for name in ("d_in", "d_sae"):
+            _positive_int(name, getattr(self, name))
+        if self.architecture in TOPK_STYLE:
+            _positive_int("k", self.k)
+            if self.k >= self.d_sae:
+                _bad(f"k={self.k} must be smaller than d_sae={self.d_sae}; lower k or widen the SAE")
+        if self.k_aux is not None:
+            _positive_int("k_aux", self.k_aux)
+        for name in ("aux_coefficient", "l1_coefficient", "l0_coefficient", "preact_coefficient", "threshold_init"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                _bad(f"{name}={getattr(self, name)} must be a finite number >= 0")
+        if not isinstance(self.l1_warmup_steps, int) or self.l1_warmup_steps < 0:
+            _bad(f"l1_warmup_steps={self.l1_warmup_steps} must be an integer >= 0")
+        for name in ("bandwidth", "tanh_scale"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                _bad(f"{name}={getattr(self, name)} must be a finite number > 0")
+        if not 0.0 <= self.threshold_ema < 1.0:
+            _bad(f"threshold_ema={self.threshold_ema} must be in [0, 1)")
+        if self.sparsity_penalty not in ("l0", "tanh"):
+            _bad(f"sparsity_penalty={self.sparsity_penalty!r} must be 'l0' or 'tanh'")
+        if self.decoder_init_norm is not None and not self.decoder_init_norm > 0:
+            _bad(f"decoder_init_norm={self.decoder_init_norm} must be > 0 (or null for the default)")
+        if self.dtype not in DTYPES:
+            _bad(f"dtype={self.dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+        if self.architecture == "matryoshka":
+            self._check_prefixes()
+
+    def _check_prefixes(self):
+        prefixes = self.prefixes
+        if any(not isinstance(p, int) or p <= 0 for p in prefixes) or prefixes != sorted(set(prefixes)):
+            _bad(f"matryoshka_prefixes={prefixes} must be strictly increasing positive integers")
+        if prefixes[-1] != self.d_sae:
+            _bad(f"matryoshka_prefixes must end at d_sae={self.d_sae}, got {prefixes}; append {self.d_sae}")
+
+    @property
+    def prefixes(self) -> list[int]:
+        if self.matryoshka_prefixes is not None:
+            return list(self.matryoshka_prefixes)
+        sizes = [self.d_sae // 2**i for i in (4, 3, 2, 1)] + [self.d_sae]
+        return sorted({s for s in sizes if s > 0})
+
+    @property
+    def unit_norm_decoder(self) -> bool:
+        if self.normalize_decoder is not None:
+            return self.normalize_decoder
+        # Anthropic's recipes (relu, tanh-JumpReLU) weight the penalty by ||W_dec,i|| instead; the gated
+        # paper keeps unit norms (a free decoder scale lets its gate and auxiliary loss drift apart)
+        if self.architecture == "jumprelu":
+            return self.sparsity_penalty == "l0"
+        return self.architecture != "relu"
+
+    @property
+    def init_norm(self) -> float:
+        if self.decoder_init_norm is not None:
+            return self.decoder_init_norm
+        return 1.0 if self.unit_norm_decoder else 0.1
+
+    @property
+    def k_aux_resolved(self) -> int:
+        return self.k_aux if self.k_aux is not None else max(1, self.d_in // 2)
+
+
+def _bad(message: str):
+    raise SAELightningError(message)
+
+
+def _positive_int(name: str, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        _bad(f"{name}={value!r} must be a positive integer")
+
+
+class SAE(nn.Module):
+    """Base class: parameters W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in]."""
+
+    has_b_enc = True  # the gated SAE has b_gate / b_mag instead
+
+    def __init__(self, config: SAEConfig):
+        super().__init__()
+        self.config = config
+        dtype = DTYPES[config.dtype]
+        W_dec = torch.randn(config.d_sae, config.d_in, dtype=torch.float32)
+        W_dec = W_dec / W_dec.norm(dim=1, keepdim=True) * config.init_norm
+        self.W_dec = nn.Parameter(W_dec.to(dtype))
+        self.W_enc = nn.Parameter(W_dec.T.clone().to(dtype))  # W_enc = W_decᵀ at init
+        if self.has_b_enc:
+            self.b_enc = nn.Parameter(torch.zeros(config.d_sae, dtype=dtype))
+        self.b_dec = nn.Parameter(torch.zeros(config.d_in, dtype=dtype))
+        # the trainer's fitted input scale s (so E||s·x||² = d_in); a buffer, so checkpoints keep it
+        self.register_buffer("input_scale", torch.ones((), dtype=torch.float32))
+        self.metadata: dict = {}
+        self.training_step = 0
+
+    # ---- encode / decode -------------------------------------------------------------------
+    def _check_input(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.config.d_in:
+            _bad(f"SAE input has width {x.shape[-1]} but the SAE has d_in={self.config.d_in}; use the hook it was trained on")
+        return x.to(self.W_enc.dtype)
+
+    def centered(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._check_input(x)
+        return x - self.b_dec if self.config.apply_b_dec_to_input else x
+
+    def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
+        return self.centered(x) @ self.W_enc + self.b_enc
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode_sparse(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(values, indices) [N, m] of the nonzero latents, padded with zeros to the row maximum."""
+        latents = self.encode(x)
+        flat = latents.reshape(-1, latents.shape[-1])
+        values, indices = dense_to_sparse(flat)
+        return values.reshape(*latents.shape[:-1], -1), indices.reshape(*latents.shape[:-1], -1)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents.to(self.W_dec.dtype) @ self.W_dec + self.b_dec
+
+    def forward(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None):
+        raise NotImplementedError
+
+    # ---- losses shared by all architectures -------------------------------------------------
+    def reconstruction_stats(self, x: torch.Tensor, x_hat: torch.Tensor) -> dict[str, torch.Tensor]:
+        err = (x_hat - x).float().pow(2)
+        total_variance = (x - x.mean(0)).float().pow(2).sum().clamp_min(1e-12)
+        return {
+            "sse": err.sum(-1).mean(),  # E||x - x̂||², the term in the L1/L0 recipes
+            "mse_loss": err.mean(),  # SAELens/SAEBench mse: E||x - x̂||² / d_in
+            "fvu": err.sum() / total_variance,  # normalised MSE, the TopK recipes' loss
+        }
+
+    def penalty_scale(self) -> float:
+        """Linear warm-up factor of the sparsity penalty (Anthropic April 2024)."""
+        warmup = self.config.l1_warmup_steps
+        return 1.0 if warmup == 0 else min(1.0, self.training_step / warmup)
+
+    def decoder_norms(self) -> torch.Tensor:
+        return self.W_dec.norm(dim=1)
+
+    # ---- training hooks (called by the LightningModule) ------------------------------------
+    def set_training_step(self, step: int) -> None:
+        self.training_step = int(step)
+
+    @torch.no_grad()
+    def before_optimizer_step(self) -> None:
+        """Remove the decoder-gradient component parallel to each row (keeps unit norm to 1st order)."""
+        grad = self.W_dec.grad
+        if not self.config.unit_norm_decoder or grad is None:
+            return
+        W = self.W_dec
+        parallel = (grad * W).sum(dim=1, keepdim=True) / W.pow(2).sum(dim=1, keepdim=True).clamp_min(1e-12)
+        grad.sub_(parallel * W)
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        if self.config.unit_norm_decoder:
+            self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+    @torch.no_grad()
+    def init_from_batch(self, x: torch.Tensor) -> None:
+        """b_dec = mean of a first batch (in the space the SAE is trained in)."""
+        self.b_dec.copy_(self._check_input(x).reshape(-1, self.config.d_in).mean(0))
+
+    @torch.no_grad()
+    def reinit_latents(self, indices: torch.Tensor, encoder_dirs: torch.Tensor, decoder_dirs: torch.Tensor) -> None:
+        """Point latents `indices` at new directions (dead-latent resampling): W_dec rows, W_enc columns, bias 0."""
+        self.W_dec[indices] = decoder_dirs.to(self.W_dec.dtype)
+        self.W_enc[:, indices] = encoder_dirs.T.to(self.W_enc.dtype)
+        self._reset_latent_biases(indices)
+
+    def _reset_latent_biases(self, indices: torch.Tensor) -> None:
+        self.b_enc[indices] = 0.0
+
+    # ---- input scale -------------------------------------------------------------------------
+    @torch.no_grad()
+    def fold_input_scale(self) -> "SAE":
+        """A copy that works on raw activations: it computes the same latents on x as self on s·x."""
+        folded = copy.deepcopy(self)
+        s = float(self.input_scale)
+        folded.W_enc.mul_(s)
+        folded.W_dec.div_(s)  # x̂_raw = x̂_scaled / s
+        folded.b_dec.div_(s)
+        folded.input_scale.fill_(1.0)
+        return folded
+
+    # ---- SAELens format (export.py writes and reads these) -----------------------------------
+    def saelens_architecture(self) -> str:
+        raise NotImplementedError
+
+    def saelens_cfg(self) -> dict:
+        """Architecture-specific cfg.json keys."""
+        return {}
+
+    def saelens_tensors(self) -> dict[str, torch.Tensor]:
+        return {"W_enc": self.W_enc, "b_enc": self.b_enc, "W_dec": self.W_dec, "b_dec": self.b_dec}
+
+    def saelens_shapes(self) -> dict[str, tuple[int, ...]]:
+        d_in, d_sae = self.config.d_in, self.config.d_sae
+        return {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
+
+    @torch.no_grad()
+    def load_saelens_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        for name, tensor in tensors.items():
+            getattr(self, name).copy_(tensor)
+
+    def config_dict(self) -> dict:
+        return asdict(self.config)

@@ -1,0 +1,27 @@
+"""ReLU ("standard") SAE, Anthropic's April 2024 recipe.
+
+loss = E||x - x̂||² + λ·warm-up · E Σ_i f_i ||W_dec,i||. Weighting the L1 by the decoder norm makes the
+penalty invariant to trading encoder scale against decoder scale, so the decoder is left free
+(rows start at norm 0.1, W_enc = W_decᵀ) instead of being projected to unit norm.
+"""
+
+import torch
+
+from saelightning.saes.base import SAE
+
+
+class ReLUSAE(SAE):
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pre_acts(x).relu()
+
+    def forward(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None):
+        latents = self.encode(x)
+        x_hat = self.decode(latents)
+        losses = self.reconstruction_stats(x, x_hat)
+        losses["l1_loss"] = (latents * self.decoder_norms()).sum(-1).mean()
+        lam = self.config.l1_coefficient * self.penalty_scale()
+        losses["loss"] = losses["sse"] + lam * losses["l1_loss"]
+        return x_hat, latents, losses
+
+    def saelens_architecture(self) -> str:
+        return "standard"
