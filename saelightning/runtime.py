@@ -18,8 +18,8 @@ from __future__ import annotations
 import argparse
 import sys
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -54,32 +54,65 @@ def parse_steer(spec: str, mode: str, default_hook: str | None = None) -> Steer:
     return Steer(hook, latent, mode, value)
 
 
-@dataclass
 class Trace:
     """Active latents recorded while tracking: per hook, one (values, indices) pair per forward.
 
     values/indices are [B, T, top_n], largest first; slots past a token's active latents hold
     value 0 and index -1. In generation, the prefill is one record and every step one more (T=1).
+    Where nothing is steered, a forward only keeps its activation and the SAE encodes all of them
+    at once when `records` is first read: one large matmul instead of one per generated token.
     """
 
-    top_n: int | None  # latents kept per token; None = all active ones (padded to the batch max)
-    records: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
+    def __init__(self, top_n: int | None = 8):
+        self.top_n = top_n  # latents kept per token; None = all active ones (padded to the batch max)
+        self._records: dict[str, list] = {}  # hook -> [(values, indices) or _Pending, ...]
 
-    def record(self, hook: str, f: torch.Tensor, n: int | None = None) -> None:
-        n = n or self.top_n or max(int((f != 0).sum(-1).max()), 1)
+    def record(self, hook: str, f: torch.Tensor) -> None:
+        """Record dense latents f [B, T, d_sae] now."""
+        self._records.setdefault(hook, []).append(self._top(f))
+
+    def defer(self, hook: str, x: torch.Tensor, encode) -> None:
+        """Record the activation x [B, T, d]; encode(x_flat [N, d]) -> latents [N, d_sae] runs later."""
+        self._records.setdefault(hook, []).append(_Pending(x, encode))
+
+    def _top(self, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n = self.top_n or max(int((f != 0).sum(-1).max()), 1)
         values, indices = f.topk(min(n, f.shape[-1]), dim=-1)
-        indices = indices.masked_fill(values == 0, -1)
-        self.records.setdefault(hook, []).append((values, indices))
+        return values, indices.masked_fill(values == 0, -1)
+
+    @property
+    def records(self) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
+        for recs in self._records.values():
+            slots = [i for i, r in enumerate(recs) if isinstance(r, _Pending)]
+            if not slots:
+                continue
+            xs = [recs[i].x for i in slots]
+            flat = torch.cat([x.reshape(-1, x.shape[-1]) for x in xs])
+            # chunks bound the dense [N, d_sae] latents of a long generation
+            f = torch.cat([recs[slots[0]].encode(chunk) for chunk in flat.split(_ENCODE_CHUNK)])
+            for i, x, part in zip(slots, xs, f.split([x.shape[0] * x.shape[1] for x in xs])):
+                recs[i] = self._top(part.view(x.shape[0], x.shape[1], -1))
+        return self._records
 
     def latents(self, hook: str) -> tuple[torch.Tensor, torch.Tensor]:
         """All records of a hook joined along T (the forwards must share the batch size)."""
-        if hook not in self.records:
-            raise SAELightningError(f"nothing was tracked at {hook!r}; tracked: {sorted(self.records)}")
-        recs = self.records[hook]
+        records = self.records
+        if hook not in records:
+            raise SAELightningError(f"nothing was tracked at {hook!r}; tracked: {sorted(records)}")
+        recs = records[hook]
         width = max(v.shape[-1] for v, _ in recs)
         pad = [(torch.nn.functional.pad(v, (0, width - v.shape[-1])),
                 torch.nn.functional.pad(i, (0, width - i.shape[-1]), value=-1)) for v, i in recs]
         return torch.cat([v for v, _ in pad], dim=1), torch.cat([i for _, i in pad], dim=1)
+
+
+_ENCODE_CHUNK = 4096  # rows per deferred encode
+
+
+@dataclass
+class _Pending:
+    x: torch.Tensor  # the activation as the hook saw it (the model never edits activations in place)
+    encode: Callable  # flat activations -> dense latents
 
 
 @dataclass
@@ -184,13 +217,17 @@ class InterpretableModel:
         W = sae.W_dec[latents] if latents else None  # [m, d_in]: only the steered rows
         scale = self._scales[hook]
 
+        def encode(flat: torch.Tensor) -> torch.Tensor:
+            flat = flat.to(sae.W_enc.dtype)
+            return sae.encode(flat if scale == 1.0 else flat * scale)
+
         def fn(x: torch.Tensor):
             B, T, d = x.shape
             flat = x.reshape(B * T, d)
-            if needs_f:
-                f = sae.encode(flat.to(sae.W_enc.dtype) if scale == 1.0 else flat.to(sae.W_enc.dtype) * scale)
-            else:
-                f = None
+            if trace is not None and not steers:  # tracking only: encode later, all at once
+                trace.defer(hook, x, encode)
+                return None
+            f = encode(flat) if needs_f else None
             out = None
             if steers:
                 old = f[:, latents] if f is not None else flat.new_zeros(B * T, len(latents), dtype=W.dtype)
@@ -275,7 +312,7 @@ class InterpretableModel:
         finally:
             if own:
                 self._trace = None
-        for hook, recs in trace.records.items():
+        for hook, recs in trace.records.items():  # reading records encodes this step's activations
             values, indices = recs[-1]
             values, indices = values[:, -1, :top_features].tolist(), indices[:, -1, :top_features].tolist()
             for r, vs, ix in zip(rows, values, indices):

@@ -67,6 +67,21 @@ def test_tracking_all_active_latents_matches_sparse_encode(im):
     torch.testing.assert_close(dense, f)
 
 
+def test_tracking_a_steered_hook_records_the_steered_latents(im):
+    tokens = prompts()
+    x = im.model.run_with_cache(tokens, [MID])[MID]
+    f = im.saes[MID].encode(x)
+    with im.steering([Steer(MID, 9, "clamp", 50.0)]), im.track(top_n=2) as trace:
+        im(tokens)
+    values, indices = trace.latents(MID)
+    # latent 9 clamped to 50 tops every non-BOS token; the runner-up is the SAE's own largest other latent
+    assert (indices[:, 1:, 0] == 9).all() and (values[:, 1:, 0] == 50.0).all()
+    others = f[:, 1:].clone()
+    others[..., 9] = 0
+    torch.testing.assert_close(values[:, 1:, 1], others.max(-1).values)
+    torch.testing.assert_close(values[:, 0], f[:, 0].topk(2).values)  # BOS: not steered
+
+
 def test_noop_steers_are_bit_identical(im):
     tokens = prompts()
     clean = im.model(tokens)
