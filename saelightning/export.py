@@ -12,6 +12,7 @@ Exported SAEs work on raw activations: save_sae folds the training input scale i
 """
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -71,17 +72,25 @@ def _cfg_json(sae: SAE, input_scale: float, metadata: dict | None) -> str:
         "architecture": sae.saelens_architecture(),
     }
     try:
-        return json.dumps(cfg, indent=2, allow_nan=False, default=_jsonable)
+        return json.dumps(_jsonable(cfg), indent=2, allow_nan=False)
     except (TypeError, ValueError) as err:
         raise SAELightningError(f"SAE metadata cannot be written as JSON ({err}); pass plain numbers, strings, lists and dicts") from None
 
 
 def _jsonable(value):
+    """Plain JSON values: paths as strings, 1-element tensors as numbers, NaN/inf (e.g. a metric not yet
+    measured) as null, since strict JSON readers reject NaN."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
     if isinstance(value, Path):
         return str(value)
     if isinstance(value, torch.Tensor) and value.numel() == 1:
-        return value.item()
-    raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def _check_sparsity(sparsity: torch.Tensor, d_sae: int) -> torch.Tensor:

@@ -144,6 +144,10 @@ def test_metadata_must_be_json(tmp_path):
     with pytest.raises(SAELightningError, match="JSON"):
         save_sae(trained_like("topk"), tmp_path / "sae", metadata={"bad": object()})
     assert not (tmp_path / "sae").exists()
+    metrics = {"explained_variance": torch.tensor(0.75), "kl": float("nan"), "path": tmp_path, "steps": (1, 2)}
+    save_sae(trained_like("topk"), tmp_path / "sae", metadata={"final_metrics": metrics})
+    saved = json.loads((tmp_path / "sae" / "cfg.json").read_text())["metadata"]["final_metrics"]
+    assert saved == {"explained_variance": 0.75, "kl": None, "path": str(tmp_path), "steps": [1, 2]}
 
 
 def test_loads_a_saelens_written_directory(tmp_path):
