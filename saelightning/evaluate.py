@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from saelightning.errors import SAELightningError
 from saelightning.hooks import hook_width, parse_hook
 
+
 def as_sae_groups(saes) -> dict[str, list]:
     """{hook: sae or [sae, ...]} -> {hook: [sae, ...]}: several SAEs may share a hook point."""
     if not isinstance(saes, Mapping):

@@ -16,7 +16,6 @@ BOS positions are never steered: their activation is an outlier the SAE was not 
 from __future__ import annotations
 
 import argparse
-import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator, Mapping, Sequence
