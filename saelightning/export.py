@@ -141,12 +141,11 @@ def load_sae(path, device=None) -> SAE:
     path = Path(path)
     if not path.is_dir():
         raise SAELightningError(f"no SAE directory at {path}; pass a directory with {CFG_FILE} and {WEIGHTS_FILE} (as save_sae writes)")
-    cfg = _read_cfg(path / CFG_FILE)
+    cfg = _upgrade_pre6(_read_cfg(path / CFG_FILE))
     sae = build_sae(_config_from_cfg(cfg, path / CFG_FILE))
     tensors = _read_tensors(path / WEIGHTS_FILE)
     sae.load_saelens_tensors(_check_tensors(tensors, sae, path / WEIGHTS_FILE))
-    metadata = cfg.get("metadata")
-    sae.metadata = dict(metadata) if isinstance(metadata, dict) else {}
+    sae.metadata = dict(cfg["metadata"]) if isinstance(cfg.get("metadata"), dict) else {}
     sae.eval()
     return sae.to(device) if device is not None else sae
 
@@ -174,9 +173,30 @@ def _read_cfg(file: Path) -> dict:
     return cfg
 
 
+# top-level keys of SAELens < 6 configs that 6.x keeps under "metadata"
+_PRE6_METADATA = ("model_name", "hook_name", "hook_point", "hook_layer", "hook_head_index", "context_size",
+                  "dataset_path", "prepend_bos", "model_from_pretrained_kwargs", "neuronpedia_id")
+
+
+def _upgrade_pre6(cfg: dict) -> dict:
+    """SAELens < 6 wrote TopK as architecture "standard" with activation_fn "topk", and the metadata flat."""
+    if isinstance(cfg.get("metadata"), dict):
+        return cfg
+    cfg = dict(cfg)
+    cfg.setdefault("architecture", "standard")  # configs older than the gated/jumprelu SAEs had none
+    cfg["metadata"] = {("hook_name" if key == "hook_point" else key): cfg[key] for key in _PRE6_METADATA if key in cfg}
+    activation = cfg.get("activation_fn", cfg.get("activation_fn_str"))
+    if activation == "topk" and cfg.get("architecture", "standard") == "standard":
+        cfg["architecture"] = "topk"
+        cfg.setdefault("k", (cfg.get("activation_fn_kwargs") or {}).get("k"))
+    elif activation not in (None, "relu"):
+        raise SAELightningError(f"activation_fn {activation!r} of this SAELens config is not supported; saelightning reads relu and topk")
+    return cfg
+
+
 def _config_from_cfg(cfg: dict, file: Path) -> SAEConfig:
     missing = [key for key in ("d_in", "d_sae", "architecture") if key not in cfg]
-    if cfg.get("architecture") == "topk" and "k" not in cfg:
+    if cfg.get("architecture") == "topk" and cfg.get("k") is None:
         missing.append("k")
     if missing:
         raise SAELightningError(f"{file} lacks the key(s) {', '.join(missing)}; re-export the SAE")

@@ -173,6 +173,25 @@ def test_loads_a_saelens_written_directory(tmp_path):
     assert torch.allclose(sae.decode(expected), expected @ t["W_dec"] + t["b_dec"], atol=1e-6)
 
 
+def test_loads_a_pre6_saelens_topk_directory(tmp_path):
+    # SAELens 5.x: TopK as architecture "standard" + activation_fn "topk", metadata keys at the top level
+    sae = trained_like("topk")
+    save_sae(sae, tmp_path / "sae")
+    cfg = {"architecture": "standard", "d_in": D_IN, "d_sae": D_SAE, "dtype": "torch.float32", "device": "cpu",
+           "activation_fn_str": "topk", "activation_fn_kwargs": {"k": 4}, "apply_b_dec_to_input": True,
+           "normalize_activations": False, "hook_point": "blocks.3.hook_resid_pre", "context_size": 128}
+    (tmp_path / "sae" / "cfg.json").write_text(json.dumps(cfg))
+    loaded = load_sae(tmp_path / "sae")
+    assert type(loaded).__name__ == "TopKSAE" and loaded.config.k == 4
+    assert loaded.metadata == {"hook_name": "blocks.3.hook_resid_pre", "context_size": 128}
+    x = torch.randn(8, D_IN)
+    assert torch.equal(loaded.encode(x), sae.encode(x))
+    cfg["activation_fn_str"] = "tanh-relu"
+    (tmp_path / "sae" / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(SAELightningError, match="activation_fn 'tanh-relu'"):
+        load_sae(tmp_path / "sae")
+
+
 def test_apply_b_dec_to_input_false_is_honoured(tmp_path):
     sae = build_sae(SAEConfig(architecture="relu", d_in=D_IN, d_sae=D_SAE, apply_b_dec_to_input=False))
     with torch.no_grad():
