@@ -18,7 +18,7 @@ HOOK = "blocks.1.hook_resid_post"
 def _config(tmp_path, model_dir, shards_dir, run="run", saes=None, **trainer):
     config = {
         "seed_everything": 0,
-        "trainer": {"accelerator": "cpu", "max_steps": 12, "val_check_interval": 6, "log_every_n_steps": 3,
+        "trainer": {"accelerator": "cpu", "max_steps": 10, "val_check_interval": 5, "log_every_n_steps": 3,
                     "default_root_dir": str(tmp_path / run), "enable_progress_bar": False,
                     "enable_model_summary": False, **trainer},
         "model": {"saes": saes or [{"hook_name": HOOK, "d_sae": 128, "k": 8}], "warmup_steps": 3,
@@ -48,7 +48,7 @@ def test_fit_end_to_end_writes_checkpoint_logs_and_export(tmp_path, nanochat_cur
     assert (run / "last.ckpt").is_file()
     assert list(run.glob("lightning_logs/version_0/events.out.tfevents.*"))
     ckpt = torch.load(run / "last.ckpt", weights_only=True)
-    assert ckpt["global_step"] == 12
+    assert ckpt["global_step"] == 10
     assert len(ckpt["ActivationDataModule"]["positions"]) == 1
     # the export: SAELens layout, metadata naming the model and hook, weights on raw activations
     from saelightning.export import load_sae
@@ -56,7 +56,7 @@ def test_fit_end_to_end_writes_checkpoint_logs_and_export(tmp_path, nanochat_cur
     (export,) = (run / "saes").iterdir()
     cfg_json = json.loads((export / "cfg.json").read_text())
     meta = cfg_json["metadata"]
-    assert meta["hook_name"] == HOOK and meta["context_size"] == 32 and meta["training_tokens"] == 12 * 64
+    assert meta["hook_name"] == HOOK and meta["context_size"] == 32 and meta["training_tokens"] == 10 * 64
     assert meta["model"]["era"] == "current" and meta["model"]["step"] == 10
     assert "val/explained_variance" in meta["final_metrics"]
     sae = load_sae(export)
@@ -125,6 +125,15 @@ def test_typo_in_config_exits_2_and_print_config_works(tmp_path, nanochat_curren
     cfg.write_text(yaml.safe_dump(bad))
     assert main(["fit", "--config", str(cfg)]) == 2
     assert "bach_size" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["demo", "sweep", "nanochat_d20_jumprelu"])
+def test_shipped_configs_parse(name, capsys):
+    config = Path(__file__).resolve().parent.parent / "configs" / f"{name}.yaml"
+    assert main(["fit", "--config", str(config), "--print_config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["saes"] and printed["trainer"]["default_root_dir"].startswith("checkpoints/")
+    assert "dirpath" not in printed["checkpoint"]  # linked from trainer.default_root_dir
 
 
 @pytest.mark.slow
