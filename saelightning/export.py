@@ -246,3 +246,20 @@ def _check_tensors(tensors: dict, sae: SAE, file: Path) -> dict[str, torch.Tenso
         if not tensor.is_floating_point() or not bool(torch.isfinite(tensor).all()):
             raise SAELightningError(f"{file}: tensor {name} must be finite floating point (got {tensor.dtype}); re-export the SAE")
     return {name: tensors[name].to(dtype) for name in expected}
+
+
+# --- `saelightning export --ckpt PATH --out DIR` (training side) ---
+
+def cli_main(argv: list[str]) -> int:
+    """Export the SAEs of a Lightning checkpoint written by `saelightning fit` to OUT/<name>/."""
+    import argparse
+
+    from saelightning.callbacks import export_checkpoint
+
+    parser = argparse.ArgumentParser(prog="saelightning export", description=cli_main.__doc__)
+    parser.add_argument("--ckpt", required=True, help="a .ckpt from `saelightning fit`, or its run dir (uses last.ckpt)")
+    parser.add_argument("--out", required=True, help="output dir; each SAE goes to OUT/<name>/ (SAELens layout)")
+    args = parser.parse_args(argv)
+    for path in export_checkpoint(args.ckpt, args.out):
+        print(f"exported {path}")
+    return 0
