@@ -218,9 +218,9 @@ class SAEModule(pl.LightningModule):
             x_hat, latents, losses = sae(x, dead_mask=self.dead_mask(name))
             total = total + losses["loss"]
             self._track(name, latents)
-            self._update(self.train_metrics[name], x, x_hat, latents)
             self._window(name, latents)
-            if log_now:
+            if log_now:  # like SAELens: train metrics of the logged step's batch (the rest would cost every step)
+                self._update(self.train_metrics[name], x.detach(), x_hat.detach(), latents.detach())
                 self._log_train(name, losses)
         self.tokens_seen += self.world_batch(batch["acts"][self.hook_names[0]].shape[0])
         if log_now:
@@ -250,13 +250,12 @@ class SAEModule(pl.LightningModule):
     def _log_train(self, name: str, losses: dict) -> None:
         p, metrics = self.prefix(name), self.train_metrics[name]
         values = {f"{p}losses/{'overall_loss' if k == 'loss' else k}": v.detach() for k, v in losses.items()}
-        rec = metrics["rec"].compute()  # pooled over the log window and over ranks
+        rec = metrics["rec"].compute()  # pooled over ranks
         values[f"{p}metrics/explained_variance"] = rec["explained_variance"]
         values[f"{p}metrics/mse"] = rec["mse"]
         values[f"{p}metrics/l0"] = metrics["l0"].compute()
         values[f"{p}metrics/l1"] = metrics["l1"].compute()
         values[f"{p}sparsity/dead_fraction"] = self.dead_mask(name).float().mean()
-        values[f"{p}sparsity/window_dead_fraction"] = (metrics["density"].compute() == 0).double().mean()
         group = next(g for g in self.optimizers().optimizer.param_groups if g["name"] == name)
         values[f"{p}details/current_learning_rate"] = torch.tensor(group["lr"])
         for m in metrics.values():

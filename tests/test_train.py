@@ -69,6 +69,13 @@ def test_fit_end_to_end_writes_checkpoint_logs_and_export(tmp_path, nanochat_cur
     scaled.load_state_dict(trained)
     torch.testing.assert_close(sae.decode(sae.encode(x)), scaled.decode(scaled.encode(x * scale)) / scale,
                                rtol=1e-4, atol=1e-5)
+    # `saelightning export` from the checkpoint writes the same weights as the callback did
+    assert main(["export", "--ckpt", str(run), "--out", str(tmp_path / "again")]) == 0
+    again = load_sae(tmp_path / "again" / export.name)
+    for name, p in sae.named_parameters():
+        assert torch.equal(p, again.get_parameter(name)), name
+    assert json.loads((tmp_path / "again" / export.name / "cfg.json").read_text())["metadata"]["final_metrics"]
+    assert main(["export", "--ckpt", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 2
     # validate from the last checkpoint
     assert main(["validate", "--config", str(cfg), "--ckpt_path", "last"]) == 0
 
