@@ -263,6 +263,7 @@ def test_viz_command_end_to_end(exported_sae, nanochat_current_dir, tiny_shards_
     index = (out / "index.html").read_text()
     rows = json.loads(re.search(r'id="data">(.*?)</script>', index, re.S).group(1))["rows"]
     assert [r["index"] for r in rows] == pages
+    assert "d_sae: 20 | context_size: 32" in index
     assert sum(r["density"] for r in rows) > 0 and all(r["density"] <= 1 for r in rows)
-    assert main(argv[:-2] + ["--features", "0-99"]) == 2  # the SAE has 20 latents: one-line error
+    assert main(argv[:-2] + ["--features", "0-40"]) == 2  # the SAE has 20 latents (d_in 64): one-line error
     assert (out / "features" / "12.html").exists()  # and the earlier output is untouched

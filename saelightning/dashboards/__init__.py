@@ -79,7 +79,7 @@ def compute_records(args) -> tuple[dict, list[dict], object]:
     if not hook:
         raise SAELightningError(f"{args.sae}: cfg.json metadata has no hook_name; re-export the SAE with it")
     layer, _ = parse_hook(hook, nc.model.n_layer)
-    d_in, d_sae = sae.W_dec.shape
+    d_sae, d_in = sae.W_dec.shape  # W_dec is [d_sae, d_in]
     context = args.context_size or min(int(sae.metadata.get("context_size") or 128), 128, nc.model.config.sequence_len)
     if not 2 <= context <= nc.model.config.sequence_len:
         raise SAELightningError(f"--context-size must be in [2, {nc.model.config.sequence_len}], got {context}")
