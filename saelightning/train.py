@@ -9,6 +9,7 @@ to trainer.default_root_dir (checkpoints/<run>/): Lightning checkpoints incl. la
 from __future__ import annotations
 
 import sys
+import warnings
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
@@ -68,6 +69,8 @@ def _report(trainer) -> None:
 
 def cli_main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # the run dir also holds lightning_logs/ and saes/, and a resumed run finds its own checkpoints there
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
     try:
         cli = SAELightningCLI(
             SAEModule, ActivationDataModule, args=argv, subclass_mode_model=False, subclass_mode_data=False,

@@ -165,3 +165,28 @@ def test_two_process_ddp_fit_on_cpu_resumes_bitwise(tmp_path, nanochat_current_d
     a, b = _weights(tmp_path / "whole" / "last.ckpt"), _weights(tmp_path / "parts" / "last.ckpt")
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_resume_is_bitwise_equal(tmp_path, nanochat_current_dir, tiny_shards_dir):
+    import signal
+    import time
+
+    whole = _config(tmp_path, nanochat_current_dir, tiny_shards_dir, run="whole")
+    assert main(["fit", "--config", str(whole)]) == 0
+    parts = _config(tmp_path, nanochat_current_dir, tiny_shards_dir, run="parts")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    proc = subprocess.Popen([sys.executable, "-m", "saelightning", "fit", "--config", str(parts),
+                             "--checkpoint.every_n_train_steps", "2"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not list((tmp_path / "parts").glob("*step=4*.ckpt")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # no chance to save anything more
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert torch.load(tmp_path / "parts" / "last.ckpt", weights_only=True)["global_step"] < 10
+    assert main(["fit", "--config", str(parts), "--ckpt_path", "last"]) == 0
+    a, b = _weights(tmp_path / "whole" / "last.ckpt"), _weights(tmp_path / "parts" / "last.ckpt")
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
