@@ -196,13 +196,15 @@ class ActivationDataModule(pl.LightningDataModule):
         scale_batches: model batches used to estimate the normalisation constant (E||x||² = d_in).
         normalize: scale activations by that constant (stored in each SAE's input_scale).
         seed: data order seed (shard row groups and the buffer permutations).
+        cache_dir: a `saelightning cache` output: train activations are read from it instead of running
+            the model (validation still runs the model on the val shard; the scale comes from its manifest).
     """
 
     def __init__(self, model: str = "demo", data_dir: str = "demo", step: int | None = None, era: str | None = None,
                  source: str = "base", model_tag: str | None = None,
                  context_size: int | None = None, batch_size: int = 4096, model_batch_rows: int = 8,
                  buffer_tokens: int = 262144, num_workers: int = 1, val_batches: int = 4, scale_batches: int = 4,
-                 normalize: bool = True, seed: int = 0):
+                 normalize: bool = True, seed: int = 0, cache_dir: str | None = None):
         super().__init__()
         from saelightning.nanochat.checkpoint import load_nanochat
 
@@ -219,6 +221,10 @@ class ActivationDataModule(pl.LightningDataModule):
         self.batch_size, self.model_batch_rows, self.buffer_tokens = batch_size, model_batch_rows, buffer_tokens
         self.num_workers, self.val_batches, self.scale_batches = num_workers, val_batches, scale_batches
         self.normalize, self.seed = normalize, seed
+        self.cache_dir, self.cache_manifest = cache_dir, None
+        if cache_dir:
+            from saelightning.cache import read_manifest
+            self.cache_manifest = read_manifest(cache_dir)
         self.hooks: list[str] = []  # set by setup() from the LightningModule's SAEs
         self.device = torch.device("cpu")
         self.scales: dict[str, float] | None = None
@@ -255,6 +261,9 @@ class ActivationDataModule(pl.LightningDataModule):
             raise SAELightningError("ActivationDataModule has no hook points; set dm.hooks or pair it with SAEModule")
         for name in self.hooks:
             parse_hook(name, self.n_layer)
+        if self.cache_manifest is not None:
+            from saelightning.cache import check_cache
+            check_cache(self.cache_manifest, {h: self.hook_width(h) for h in self.hooks}, self.model_info)
         if self.trainer is not None:
             self.device = self.trainer.strategy.root_device
         self.model.to(self.device)
@@ -292,6 +301,10 @@ class ActivationDataModule(pl.LightningDataModule):
         if not self.normalize:
             self.scales = {h: 1.0 for h in self.hooks}
             return
+        if self.cache_manifest is not None:  # E||x||² over the whole cache
+            from saelightning.cache import cache_scales
+            self.scales = cache_scales(self.cache_manifest, self.hooks)
+            return
         train, _ = self._shards()
         sums = torch.zeros(2, len(self.hooks), dtype=torch.float64, device=self.device)
         batches = iter(self._token_batches(train))
@@ -305,15 +318,29 @@ class ActivationDataModule(pl.LightningDataModule):
         mean_sq = sums[0] / sums[1]
         self.scales = {h: math.sqrt(self.hook_width(h) / mean_sq[i].item()) for i, h in enumerate(self.hooks)}
 
+    def _from_cache(self, block: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {h: block[h].to(self.device, non_blocking=True).float() * self.scales[h] for h in self.hooks}
+
+    def _cache_reader(self, start: dict | None) -> TokenReader:
+        from saelightning.cache import CacheBlocks
+
+        rank, world = self._rank_world()
+        make = lambda s: CacheBlocks(self.cache_manifest, self.hooks, self.batch_size, rank, world, self.seed, s)  # noqa: E731
+        return TokenReader(make, self.num_workers, start)
+
     def train_dataloader(self) -> ActivationStream:
         self._ensure_scales()
-        train, _ = self._shards()
         rank, _ = self._rank_world()
         start = copy.deepcopy(self._start)
         self._next_index = 0 if start is None else start["index"]
+        if self.cache_manifest is not None:  # the same shuffle buffer, fed from disk instead of the model
+            make_reader, capture = self._cache_reader, self._from_cache
+        else:
+            train, _ = self._shards()
+            make_reader = lambda st: TokenReader(lambda s: self._token_batches(train, s), self.num_workers, st)  # noqa: E731
+            capture = self.capture
         self._stream = ActivationStream(
-            make_reader=lambda st: TokenReader(lambda s: self._token_batches(train, s), self.num_workers, st),
-            capture=self.capture, scales=self.scales, buffer_tokens=self.buffer_tokens, batch_size=self.batch_size,
+            make_reader=make_reader, capture=capture, scales=self.scales, buffer_tokens=self.buffer_tokens, batch_size=self.batch_size,
             seed=self.seed, rank=rank, start=start,
         )
         return self._stream
@@ -347,7 +374,15 @@ class ActivationDataModule(pl.LightningDataModule):
         else:
             positions = [mine]
         return {"version": STATE_VERSION, "scales": self.scales, "positions": positions, "seed": self.seed,
-                "batch_size": self.batch_size, "buffer_tokens": self.buffer_tokens}
+                "batch_size": self.batch_size, "buffer_tokens": self.buffer_tokens, "source": self._source()}
+
+    def _source(self) -> str:
+        """What the positions index: the text shards ("live") or a cache (its shard checksums)."""
+        if self.cache_manifest is None:
+            return "live"
+        import hashlib
+        checksums = ",".join(s["sha256"] for s in self.cache_manifest["shards"])
+        return "cache:" + hashlib.sha256(checksums.encode()).hexdigest()[:16]
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("version") != STATE_VERSION:
@@ -361,6 +396,9 @@ class ActivationDataModule(pl.LightningDataModule):
         for key in ("seed", "batch_size", "buffer_tokens"):
             if state[key] != getattr(self, key):
                 raise SAELightningError(f"the checkpoint was trained with data.{key}={state[key]}, now {getattr(self, key)}; resume with the same value")
+        if state.get("source", "live") != self._source():
+            raise SAELightningError("the checkpoint's data position is in another source (live stream vs a cache, or another "
+                                    "cache); resume with the data.cache_dir it was trained with")
         self.scales = state["scales"]
         self._start = state["positions"][rank]
 

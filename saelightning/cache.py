@@ -1,0 +1,491 @@
+"""Activation cache: run the frozen model once, store its activations on disk, train many SAEs from them.
+
+`saelightning cache --model PATH --hooks H [H ...] --tokens N --out DIR` writes DIR/shard_XXXXX.safetensors
+and DIR/manifest.json. Each shard holds, per BOS-free token: `acts.<hook>` [n, d_in] (bf16 or fp32),
+`token_ids` int32, `positions` int32 (row-relative: the token's index in the context_size row the
+model saw; the missing positions of a row are its BOS tokens), `rows` int64 (global row number in
+stream order: tokens with equal rows shared one context) and `docs` int64 (document number in
+stream order: BOS tokens seen before it, minus one).
+
+Two passes with bounded memory (one chunk + one shard):
+1. stream: token batches (the same packing as the live data module) go through the model; the
+   BOS-free activations are cut into chunks of --shard-tokens, each permuted with a seed of its own
+   and written to DIR/.chunks/.
+2. shuffle: output shard j takes the j-th of S equal slices of every (permuted) chunk and permutes
+   them, so each output shard is a random sample of the whole stream and every document is spread
+   over all shards. --no-shuffle skips both permutations: the shards are then the stream in order
+   (a recording of the live stream, which the data module replays exactly).
+
+Resumable: DIR/.progress.json is rewritten after every chunk and shard (each written atomically);
+re-running the same command continues from it, and a finished cache (manifest.json present) is left
+as it is. The data module reads a cache through CacheBlocks (bottom of this file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.utils.data import IterableDataset
+
+from saelightning.errors import SAELightningError
+from saelightning.hooks import hook_width, parse_hook
+
+MANIFEST = "manifest.json"
+PROGRESS = ".progress.json"
+CHUNKS = ".chunks"
+FORMAT = 1
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+COLUMNS = {"token_ids": torch.int32, "positions": torch.int32, "rows": torch.int64, "docs": torch.int64}
+COLUMN_BYTES = 4 + 4 + 8 + 8
+
+
+@dataclass
+class CacheConfig:
+    """What a cache holds; every field but device goes into its fingerprint (a resume must match it)."""
+
+    model: str  # nanochat checkpoint dir / base dir, or "demo"
+    hooks: list[str]  # hook points to store
+    tokens: int  # BOS-free tokens to store
+    out: str  # output directory
+    data: str = "demo"  # folder of nanochat parquet shards (train = all but the last), or "demo"
+    dtype: str = "fp32"  # bf16 | fp32 storage
+    shard_tokens: int = 262_144  # tokens per shard (and per chunk of pass 1)
+    context_size: int | None = None  # tokens per row (default: the model's sequence_len)
+    batch_rows: int = 8  # rows per model forward
+    seed: int = 0  # document order and the shuffle
+    shuffle: bool = True  # False: shards are the stream in order (a replayable recording)
+    step: int | None = None  # checkpoint step (default: the latest)
+    era: str | None = None  # override the detected era
+    device: str = "cpu"  # where the model runs (not part of the fingerprint)
+
+
+# --- small helpers ---
+
+def _seed(*parts: int) -> int:
+    value = 0
+    for p in parts:
+        value = (value * 1_000_003 + p) % (2**63)
+    return value
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors file written atomically (tests interrupt a run by patching this)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fingerprint(cfg: CacheConfig) -> dict:
+    keep = asdict(cfg)
+    for key in ("device", "out", "model", "step", "era"):
+        keep.pop(key)  # the model is identified by the loaded checkpoint's meta (path, step, era)
+    return keep
+
+
+def _slice(cols: dict[str, torch.Tensor], a: int, b: int | None = None) -> dict[str, torch.Tensor]:
+    return {k: v[a:b] for k, v in cols.items()}
+
+
+def _cat(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+# --- pass 1: the model over the token stream ---
+
+def capture_columns(model, tokens: torch.Tensor, hooks: list[str], bos: int, dtype: torch.dtype,
+                    first_row: int, docs_before: int) -> tuple[dict[str, torch.Tensor], int]:
+    """The cache columns of one token batch (BOS dropped) and the document count after it."""
+    device = next(model.parameters()).device
+    # the same autocast rule as the live data module, so a cache holds what training would see
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        cache = model.run_with_cache(tokens.to(device), hooks)
+    rows_n, ctx = tokens.shape
+    flat = tokens.reshape(-1)
+    is_bos = flat == bos
+    keep = ~is_bos
+    docs = torch.cumsum(is_bos.long(), 0) + docs_before - 1
+    cols = {f"acts.{h}": cache[h].reshape(rows_n * ctx, -1)[keep.to(device)].to(dtype).cpu() for h in hooks}
+    cols["token_ids"] = flat[keep].to(torch.int32)
+    cols["positions"] = torch.arange(ctx, dtype=torch.int32).repeat(rows_n)[keep]
+    cols["rows"] = (torch.arange(rows_n, dtype=torch.int64) + first_row).repeat_interleave(ctx)[keep]
+    cols["docs"] = docs[keep]
+    return cols, docs_before + int(is_bos.sum())
+
+
+class _Builder:
+    """Runs the two passes for one CacheConfig in one output directory, keeping .progress.json current."""
+
+    def __init__(self, cfg: CacheConfig, nanochat, train_paths: list[Path]):
+        self.cfg, self.nanochat, self.train_paths = cfg, nanochat, train_paths
+        self.out = Path(cfg.out).expanduser().absolute()
+        self.model = nanochat.model
+        self.n_chunks = math.ceil(cfg.tokens / cfg.shard_tokens)
+        self.fingerprint = _fingerprint(cfg)
+
+    def _chunk_size(self, c: int) -> int:
+        return min(self.cfg.shard_tokens, self.cfg.tokens - c * self.cfg.shard_tokens)
+
+    def _save_progress(self, progress: dict) -> None:
+        _write_json(self.out / PROGRESS, progress)
+
+    def stream(self, progress: dict) -> None:
+        """Pass 1: chunks written in stream order; progress names the batch the leftover tokens start in."""
+        from tqdm.auto import tqdm
+
+        from saelightning.data import TokenBatches
+
+        cfg, hooks, dtype = self.cfg, self.cfg.hooks, DTYPES[self.cfg.dtype]
+        chunks_dir = self.out / CHUNKS
+        chunks_dir.mkdir(exist_ok=True)
+        pos = progress["stream"]  # {"reader", "skip", "batch", "docs"}: the batch the next chunk starts in
+        start = None if pos["reader"] is None else {"workers": {0: pos["reader"]}}
+        batches = TokenBatches(self.train_paths, self.nanochat.tokenizer, cfg.context_size, cfg.batch_rows,
+                               seed=cfg.seed, start=start)
+        done = sum(c["tokens"] for c in progress["chunks"])
+        bar = tqdm(total=cfg.tokens, initial=done, unit="tok", desc="cache: model pass", dynamic_ncols=True)
+        reader_state, batch, docs, skip = pos["reader"], pos["batch"], pos["docs"], pos["skip"]
+        pending: list[dict] = []
+        n_pending = 0
+        for item in batches:
+            cols, docs_after = capture_columns(self.model, item["tokens"], hooks, self.nanochat.tokenizer.bos_id,
+                                               dtype, batch * cfg.batch_rows, docs)
+            n_batch, offset = cols["token_ids"].shape[0], skip
+            cols = _slice(cols, skip)
+            pending.append(cols)
+            n_pending += n_batch - skip
+            while len(progress["chunks"]) < self.n_chunks and n_pending >= self._chunk_size(len(progress["chunks"])):
+                c = len(progress["chunks"])
+                size = self._chunk_size(c)
+                merged = _cat(pending)
+                chunk, rest = _slice(merged, 0, size), _slice(merged, size)
+                pending, n_pending = [rest], n_pending - size
+                offset = n_batch - n_pending  # the leftover is always a tail of the current batch
+                self._write_chunk(c, chunk, progress)
+                progress["stream"] = {"reader": reader_state, "skip": offset, "batch": batch, "docs": docs}
+                self._save_progress(progress)
+                bar.update(size)
+            if len(progress["chunks"]) == self.n_chunks:
+                break
+            reader_state, batch, docs, skip = item["state"], batch + 1, docs_after, 0
+        bar.close()
+
+    def _write_chunk(self, c: int, chunk: dict[str, torch.Tensor], progress: dict) -> None:
+        sumsq = {h: float(chunk[f"acts.{h}"].double().pow(2).sum()) for h in self.cfg.hooks}
+        if self.cfg.shuffle:  # permuted now, so pass 2 can take contiguous slices of it
+            perm = torch.randperm(len(chunk["token_ids"]), generator=torch.Generator().manual_seed(_seed(self.cfg.seed, 1, c)))
+            chunk = {k: v[perm] for k, v in chunk.items()}
+        _save_tensors(chunk, self.out / CHUNKS / f"chunk_{c:05d}.safetensors")
+        progress["chunks"].append({"tokens": len(chunk["token_ids"]), "sumsq": sumsq})
+
+    def shuffle(self, progress: dict) -> None:
+        """Pass 2: output shard j = slice j of every chunk, permuted (or the chunk itself without shuffle)."""
+        from tqdm.auto import tqdm
+
+        counts = [c["tokens"] for c in progress["chunks"]]
+        n_out = len(counts)
+        bar = tqdm(total=n_out, initial=len(progress["shards"]), unit="shard", desc="cache: shuffle pass", dynamic_ncols=True)
+        for j in range(len(progress["shards"]), n_out):
+            path = self.out / f"shard_{j:05d}.safetensors"
+            if self.cfg.shuffle:
+                shard = self._gather(j, counts)
+                perm = torch.randperm(len(shard["token_ids"]), generator=torch.Generator().manual_seed(_seed(self.cfg.seed, 2, j)))
+                _save_tensors({k: v[perm] for k, v in shard.items()}, path)
+            elif (self.out / CHUNKS / f"chunk_{j:05d}.safetensors").exists():  # else moved before an interruption
+                os.replace(self.out / CHUNKS / f"chunk_{j:05d}.safetensors", path)
+            with safe_open(str(path), framework="pt") as f:
+                n = f.get_slice("token_ids").get_shape()[0]
+            progress["shards"].append({"file": path.name, "tokens": n, "bytes": path.stat().st_size, "sha256": _sha256(path)})
+            self._save_progress(progress)
+            bar.update(1)
+        bar.close()
+
+    def _gather(self, j: int, counts: list[int]) -> dict[str, torch.Tensor]:
+        parts = []
+        n_out = len(counts)
+        for c, n in enumerate(counts):
+            a, b = j * n // n_out, (j + 1) * n // n_out
+            with safe_open(str(self.out / CHUNKS / f"chunk_{c:05d}.safetensors"), framework="pt") as f:
+                parts.append({k: f.get_slice(k)[a:b] for k in f.keys()})
+        return _cat(parts)
+
+    def manifest(self, progress: dict) -> dict:
+        cfg, meta = self.cfg, self.nanochat.meta
+        n_layer, d_model = self.model.n_layer, self.model.d_model
+        total = sum(c["tokens"] for c in progress["chunks"])
+        msn = {h: sum(c["sumsq"][h] for c in progress["chunks"]) / total for h in cfg.hooks}
+        return {
+            "format": FORMAT, "kind": "saelightning-activation-cache",
+            "model": {"path": meta["path"], "step": meta["step"], "era": meta["era"], "config": meta["model_config"]},
+            "hooks": list(cfg.hooks), "d_in": {h: hook_width(h, n_layer, d_model) for h in cfg.hooks},
+            "dtype": cfg.dtype, "tokens": total, "context_size": cfg.context_size, "batch_rows": cfg.batch_rows,
+            "seed": cfg.seed, "shuffled": cfg.shuffle, "positions": "row-relative", "bos_dropped": True,
+            "data": str(cfg.data), "train_shards": [p.name for p in self.train_paths],
+            "mean_squared_norm": msn,  # E||x||² over the whole cache, per hook (the trainer's scale comes from it)
+            "shards": progress["shards"], "fingerprint": self.fingerprint,
+        }
+
+
+# --- driver ---
+
+def estimate_bytes(cfg: CacheConfig, widths: dict[str, int]) -> int:
+    """Peak disk use: the chunks and the shards coexist during the shuffle pass."""
+    per_token = sum(widths.values()) * DTYPES[cfg.dtype].itemsize + COLUMN_BYTES
+    return cfg.tokens * per_token * (2 if cfg.shuffle else 1)
+
+
+def _check_disk(out: Path, needed: int) -> None:
+    present = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) if out.exists() else 0
+    probe = out if out.exists() else next(p for p in out.parents if p.exists())
+    free = shutil.disk_usage(probe).free
+    if needed - present > free:
+        raise SAELightningError(
+            f"the cache needs about {needed / 1e9:.2f} GB in {out} and {free / 1e9:.2f} GB are free; "
+            "free space, lower --tokens, use --dtype bf16, or pick another --out")
+
+
+def _load(cfg: CacheConfig):
+    from saelightning.nanochat.checkpoint import load_nanochat
+    from saelightning.nanochat.shards import list_shards
+
+    model = cfg.model
+    if model == "demo":
+        from saelightning.demo import DEMO_MODEL_DIR
+        model = str(DEMO_MODEL_DIR)
+    nanochat = load_nanochat(model, step=cfg.step, era=cfg.era, device=cfg.device)
+    if nanochat.tokenizer is None:
+        raise SAELightningError(f"no tokenizer/ found above {nanochat.meta['path']}; put nanochat's tokenizer dir beside the checkpoints")
+    if cfg.data == "demo":
+        from saelightning.demo import ensure_demo_shards
+        train, _ = list_shards(ensure_demo_shards())
+    else:
+        train, _ = list_shards(cfg.data)
+    return nanochat, train
+
+
+def _check_config(cfg: CacheConfig, n_layer: int) -> None:
+    if cfg.tokens < 1 or cfg.shard_tokens < 1 or cfg.batch_rows < 1:
+        raise SAELightningError("--tokens, --shard-tokens and --batch-rows must be >= 1")
+    if cfg.dtype not in DTYPES:
+        raise SAELightningError(f"--dtype {cfg.dtype!r}: choose bf16 or fp32")
+    if not cfg.hooks or len(set(cfg.hooks)) != len(cfg.hooks):
+        raise SAELightningError("--hooks needs one or more distinct hook names")
+    for h in cfg.hooks:
+        parse_hook(h, n_layer)
+
+
+def _open_progress(out: Path, fingerprint: dict, model: dict) -> dict | None:
+    """The finished manifest or the progress of this same cache in `out`; refuses anything else there."""
+    for name in (MANIFEST, PROGRESS):
+        path = out / name
+        if path.is_file():
+            record = json.loads(path.read_text())
+            theirs = (record.get("fingerprint"), {k: record["model"][k] for k in ("path", "step", "era")})
+            if theirs != (fingerprint, model):
+                raise SAELightningError(
+                    f"{out} holds {'a cache' if name == MANIFEST else 'an unfinished cache'} made with other settings "
+                    "or another model; use the same command to finish it, or another --out")
+            return record
+    if out.exists() and any(out.iterdir()):
+        raise SAELightningError(f"--out {out} exists and is not a saelightning cache; pass a new or empty directory")
+    return None
+
+
+def build_cache(cfg: CacheConfig) -> dict:
+    """Build (or finish, or leave as it is) the cache described by cfg; returns its manifest."""
+    nanochat, train = _load(cfg)
+    model = nanochat.model
+    _check_config(cfg, model.n_layer)
+    cfg.context_size = cfg.context_size or model.config.sequence_len
+    builder = _Builder(cfg, nanochat, train)
+    out, meta = builder.out, nanochat.meta
+    record = _open_progress(out, builder.fingerprint, {"path": meta["path"], "step": meta["step"], "era": meta["era"]})
+    if record is not None and record.get("kind") == "saelightning-activation-cache":
+        shutil.rmtree(out / CHUNKS, ignore_errors=True)
+        print(f"cache: {out} is complete ({record['tokens']} tokens); nothing to do", file=sys.stderr)
+        return record
+    widths = {h: hook_width(h, model.n_layer, model.d_model) for h in cfg.hooks}
+    _check_disk(out, estimate_bytes(cfg, widths))
+    out.mkdir(parents=True, exist_ok=True)
+    progress = record or {"fingerprint": builder.fingerprint, "model": {k: meta[k] for k in ("path", "step", "era")},
+                          "chunks": [], "shards": [],
+                          "stream": {"reader": None, "skip": 0, "batch": 0, "docs": 0}}
+    if len(progress["chunks"]) < builder.n_chunks:
+        builder.stream(progress)
+    builder.shuffle(progress)
+    manifest = builder.manifest(progress)
+    _write_json(out / MANIFEST, manifest)
+    (out / PROGRESS).unlink(missing_ok=True)
+    shutil.rmtree(out / CHUNKS, ignore_errors=True)
+    return manifest
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="saelightning cache", description=(
+        "Run the frozen nanochat model once over the train shards and store the activations (BOS dropped) "
+        "as globally shuffled safetensors shards with a manifest. Re-running the same command resumes."))
+    p.add_argument("--model", required=True, help="nanochat checkpoint dir or base dir, or 'demo'")
+    p.add_argument("--hooks", required=True, nargs="+", help="hook points, e.g. blocks.3.hook_resid_post")
+    p.add_argument("--tokens", required=True, type=int, help="BOS-free tokens to store")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--data", default="demo", help="folder of nanochat parquet shards (default: demo)")
+    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="storage dtype (default fp32)")
+    p.add_argument("--shard-tokens", type=int, default=262_144, help="tokens per shard (default 262144)")
+    p.add_argument("--context-size", type=int, default=None, help="tokens per row (default: the model's sequence_len)")
+    p.add_argument("--batch-rows", type=int, default=8, help="rows per model forward (default 8)")
+    p.add_argument("--seed", type=int, default=0, help="document order and shuffle seed (default 0)")
+    p.add_argument("--no-shuffle", action="store_true", help="keep stream order (a recording the trainer replays exactly)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    p.add_argument("--era", default=None, choices=["original", "current"], help="override the detected era")
+    p.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda, cuda:1 (default cpu)")
+    return p
+
+
+def cli_main(argv: Sequence[str]) -> int:
+    try:
+        args = _parser().parse_args(list(argv))
+    except SystemExit as e:  # --help exits 0, a bad option 2 (argparse printed why)
+        return e.code if isinstance(e.code, int) else 2
+    cfg = CacheConfig(model=args.model, hooks=args.hooks, tokens=args.tokens, out=args.out, data=args.data,
+                      dtype=args.dtype, shard_tokens=args.shard_tokens, context_size=args.context_size,
+                      batch_rows=args.batch_rows, seed=args.seed, shuffle=not args.no_shuffle, step=args.step,
+                      era=args.era, device=args.device)
+    manifest = build_cache(cfg)
+    size = sum(s["bytes"] for s in manifest["shards"])
+    print(f"cache: {manifest['tokens']} tokens x {len(manifest['hooks'])} hook(s) in {len(manifest['shards'])} shard(s), "
+          f"{size / 1e6:.1f} MB, {cfg.out}/manifest.json", file=sys.stderr)
+    return 0
+
+
+# --- reading a cache (the data module's train source) ---
+
+def read_manifest(cache_dir) -> dict:
+    root = Path(cache_dir).expanduser()
+    path = root / MANIFEST
+    if not path.is_file():
+        hint = "it is unfinished: re-run its `saelightning cache` command" if (root / PROGRESS).is_file() else \
+            "build one with `saelightning cache`"
+        raise SAELightningError(f"{root} has no {MANIFEST}; {hint}")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != FORMAT:
+        raise SAELightningError(f"{path} has cache format {manifest.get('format')}, this saelightning reads {FORMAT}; rebuild the cache")
+    manifest["dir"] = str(root.absolute())
+    return manifest
+
+
+def check_cache(manifest: dict, widths: dict[str, int], model_info: dict) -> None:
+    """Refuse a cache that lacks a hook, has another width, or comes from another model checkpoint."""
+    for hook, d_in in widths.items():
+        if hook not in manifest["hooks"]:
+            raise SAELightningError(f"the cache {manifest['dir']} has no {hook} (it holds {manifest['hooks']}); "
+                                    "cache that hook or train an SAE on a cached one")
+        if manifest["d_in"][hook] != d_in:
+            raise SAELightningError(f"the cache's {hook} has d_in={manifest['d_in'][hook]}, the SAE's is {d_in}; "
+                                    "the cache comes from another model: point data.model at the cached one")
+    theirs = manifest["model"]
+    if (theirs["step"], theirs["era"], theirs["config"]) != (model_info["step"], model_info["era"], model_info["config"]):
+        raise SAELightningError(f"the cache was made from {theirs['path']} (step {theirs['step']}, era {theirs['era']}), "
+                                f"data.model is {model_info['path']} (step {model_info['step']}); point data.model/data.step at the cached checkpoint")
+
+
+def cache_scales(manifest: dict, hooks: list[str]) -> dict[str, float]:
+    """The normalisation constant per hook (E||s·x||² = d_in) from the manifest's statistics."""
+    return {h: math.sqrt(manifest["d_in"][h] / manifest["mean_squared_norm"][h]) for h in hooks}
+
+
+class CacheBlocks(IterableDataset):
+    """Blocks of cached activations {hook: [n, d]} for one reader, with its position after each block.
+
+    Reader slot = rank * num_workers + worker of world = world_size * num_workers: it reads shards
+    slot, slot + world, ... of each epoch's shard order (file order in epoch 0, shuffled with seed +
+    epoch after). A shuffled cache is read in blocks of `block_tokens`; an unshuffled one block per
+    model batch (its rows // batch_rows), so its blocks are exactly the live stream's captures.
+    Yields {"tokens": block, "worker": id, "state": {"position": ...}} (TokenReader's item layout).
+    """
+
+    def __init__(self, manifest: dict, hooks: list[str], block_tokens: int, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, start: dict | None = None):
+        self.manifest, self.hooks, self.block_tokens = manifest, list(hooks), block_tokens
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.root = Path(manifest["dir"])
+        self.counts = [s["tokens"] for s in manifest["shards"]]
+        self.replay = not manifest["shuffled"]
+        self.start = {int(k): dict(v["position"]) for k, v in ((start or {}).get("workers") or {}).items()}
+
+    def _mine(self, epoch: int, slot: int, world: int) -> list[int]:
+        order = list(range(len(self.counts)))
+        if epoch > 0:
+            random.Random(self.seed + epoch).shuffle(order)
+        mine = order[slot::world]
+        if not mine:
+            raise SAELightningError(f"cache reader {slot} of {world} gets none of the {len(order)} shards; "
+                                    "use fewer devices x data.num_workers or rebuild the cache with a smaller --shard-tokens")
+        return mine
+
+    def _batch_ids(self, shard: int, cached: dict) -> torch.Tensor:
+        if shard not in cached:
+            cached.clear()  # one shard's row ids at a time (8 bytes a token)
+            with safe_open(str(self.root / self.manifest["shards"][shard]["file"]), framework="pt") as f:
+                cached[shard] = f.get_tensor("rows") // self.manifest["batch_rows"]
+        return cached[shard]
+
+    def _read(self, shard: int, a: int, b: int) -> dict[str, torch.Tensor]:
+        with safe_open(str(self.root / self.manifest["shards"][shard]["file"]), framework="pt") as f:
+            return {h: f.get_slice(f"acts.{h}")[a:b] for h in self.hooks}
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, n_workers = (0, 1) if info is None else (info.id, info.num_workers)
+        slot, world = self.rank * n_workers + worker, self.world_size * n_workers
+        pos = dict(self.start.get(worker) or {"epoch": 0, "cursor": 0, "row": 0})
+        ids: dict = {}
+        while True:
+            parts, batch_id = [], None
+            while True:  # a block; in replay mode it may continue into the next shard (a batch cut by a shard end)
+                mine = self._mine(pos["epoch"], slot, world)
+                shard, n, a = mine[pos["cursor"]], self.counts[mine[pos["cursor"]]], pos["row"]
+                if self.replay:
+                    bids = self._batch_ids(shard, ids)
+                    if batch_id is not None and bids[a].item() != batch_id:
+                        break
+                    batch_id = bids[a].item()
+                    other = (bids[a:] != batch_id).nonzero()
+                    b = a + int(other[0]) if len(other) else n
+                else:
+                    b = min(a + self.block_tokens, n)
+                parts.append(self._read(shard, a, b))
+                pos["row"] = b
+                if b == n:
+                    pos["cursor"], pos["row"] = pos["cursor"] + 1, 0
+                    if pos["cursor"] == len(mine):
+                        pos["epoch"], pos["cursor"] = pos["epoch"] + 1, 0
+                if not self.replay or b < n:
+                    break
+            block = parts[0] if len(parts) == 1 else _cat(parts)
+            yield {"tokens": block, "worker": worker, "state": {"position": dict(pos)}}
