@@ -199,6 +199,7 @@ def _atomic_write(path: Path, write) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
+        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; a tokenizer is shared like any model file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
