@@ -70,14 +70,12 @@ class Trace:
         """Record dense latents f [B, T, d_sae] now."""
         self._records.setdefault(hook, []).append(self._top(f))
 
-    def defer(self, hook: str, x: torch.Tensor, encode) -> None:
-        """Record the activation x [B, T, d]; encode(x_flat [N, d]) -> latents [N, d_sae] runs later."""
-        self._records.setdefault(hook, []).append(_Pending(x, encode))
+    def defer(self, hook: str, x: torch.Tensor, encode_top) -> None:
+        """Record the activation x [B, T, d]; encode_top(x_flat [N, d], top_n) runs when read."""
+        self._records.setdefault(hook, []).append(_Pending(x, encode_top))
 
     def _top(self, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        n = self.top_n or max(int((f != 0).sum(-1).max()), 1)
-        values, indices = f.topk(min(n, f.shape[-1]), dim=-1)
-        return values, indices.masked_fill(values == 0, -1)
+        return top_latents(f, self.top_n)
 
     @property
     def records(self) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
@@ -86,11 +84,13 @@ class Trace:
             if not slots:
                 continue
             xs = [recs[i].x for i in slots]
-            flat = torch.cat([x.reshape(-1, x.shape[-1]) for x in xs])
+            flat = torch.cat([x.reshape(-1, x.shape[-1]) for x in xs]) if len(xs) > 1 else xs[0].flatten(0, 1)
             # chunks bound the dense [N, d_sae] latents of a long generation
-            f = torch.cat([recs[slots[0]].encode(chunk) for chunk in flat.split(_ENCODE_CHUNK)])
-            for i, x, part in zip(slots, xs, f.split([x.shape[0] * x.shape[1] for x in xs])):
-                recs[i] = self._top(part.view(x.shape[0], x.shape[1], -1))
+            parts = [recs[slots[0]].encode_top(chunk, self.top_n) for chunk in flat.split(_ENCODE_CHUNK)]
+            values, indices = _cat_padded(parts)
+            sizes = [x.shape[0] * x.shape[1] for x in xs]
+            for i, x, v, j in zip(slots, xs, values.split(sizes), indices.split(sizes)):
+                recs[i] = (v.view(x.shape[0], x.shape[1], -1), j.view(x.shape[0], x.shape[1], -1))
         return self._records
 
     def latents(self, hook: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,11 +98,7 @@ class Trace:
         records = self.records
         if hook not in records:
             raise SAELightningError(f"nothing was tracked at {hook!r}; tracked: {sorted(records)}")
-        recs = records[hook]
-        width = max(v.shape[-1] for v, _ in recs)
-        pad = [(torch.nn.functional.pad(v, (0, width - v.shape[-1])),
-                torch.nn.functional.pad(i, (0, width - i.shape[-1]), value=-1)) for v, i in recs]
-        return torch.cat([v for v, _ in pad], dim=1), torch.cat([i for _, i in pad], dim=1)
+        return _cat_padded(records[hook], dim=1)
 
 
 _ENCODE_CHUNK = 4096  # rows per deferred encode
@@ -111,7 +107,24 @@ _ENCODE_CHUNK = 4096  # rows per deferred encode
 @dataclass
 class _Pending:
     x: torch.Tensor  # the activation as the hook saw it (the model never edits activations in place)
-    encode: Callable  # flat activations -> dense latents
+    encode_top: Callable  # (flat activations, top_n) -> (values, indices) [N, n]
+
+
+def top_latents(f: torch.Tensor, top_n: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top_n largest latents of f [..., d_sae] (None: all active ones); inactive slots get index -1."""
+    n = top_n or max(int((f != 0).sum(-1).max()), 1) if f.numel() else 1
+    values, indices = f.topk(min(n, f.shape[-1]), dim=-1)
+    return values, indices.masked_fill(values == 0, -1)
+
+
+def _cat_padded(pairs, dim: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Concatenate (values, indices) pairs whose last dims differ, padding with 0 / -1."""
+    width = max(v.shape[-1] for v, _ in pairs)
+    if all(v.shape[-1] == width for v, _ in pairs):
+        return torch.cat([v for v, _ in pairs], dim), torch.cat([i for _, i in pairs], dim)
+    pad = torch.nn.functional.pad
+    return (torch.cat([pad(v, (0, width - v.shape[-1])) for v, _ in pairs], dim),
+            torch.cat([pad(i, (0, width - i.shape[-1]), value=-1) for _, i in pairs], dim))
 
 
 @dataclass
@@ -220,11 +233,21 @@ class InterpretableModel:
             flat = flat.to(sae.W_enc.dtype)
             return sae.encode(flat if scale == 1.0 else flat * scale)
 
+        def encode_top(flat: torch.Tensor, top_n: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+            k = getattr(sae.config, "k", None) if sae.config.architecture == "topk" else None
+            if k is None or (top_n or k) > k:
+                return top_latents(encode(flat), top_n)
+            # TopK: the k active latents come sparse, so skip the dense [N, d_sae] scatter and its top-n
+            flat = flat.to(sae.W_enc.dtype)
+            values, indices = sae.encode_sparse(flat if scale == 1.0 else flat * scale)
+            values, order = values.topk(top_n or k, dim=-1)
+            return values, indices.gather(-1, order).masked_fill(values == 0, -1)
+
         def fn(x: torch.Tensor):
             B, T, d = x.shape
             flat = x.reshape(B * T, d)
             if trace is not None and not steers:  # tracking only: encode later, all at once
-                trace.defer(hook, x, encode)
+                trace.defer(hook, x, encode_top)
                 return None
             f = encode(flat) if needs_f else None
             out = None

@@ -16,7 +16,8 @@ BOS = 500
 
 def make_sae(d_in, d_sae, hook, seed=0, architecture="topk", k=6):
     torch.manual_seed(seed)
-    sae = build_sae(SAEConfig(architecture=architecture, d_in=d_in, d_sae=d_sae, k=k))
+    extra = {"k": k} if architecture == "topk" else {}
+    sae = build_sae(SAEConfig(architecture=architecture, d_in=d_in, d_sae=d_sae, **extra))
     with torch.no_grad():
         sae.b_enc.normal_(0.0, 0.1)
     sae.metadata = {"hook_name": hook}
@@ -36,7 +37,10 @@ def prompts(b=2, t=7, seed=3):
     return tokens
 
 
-def test_tracking_leaves_logits_unchanged_and_records_encode(im):
+@pytest.mark.parametrize("architecture", ["topk", "relu"])  # sparse and dense deferred-encode paths
+def test_tracking_leaves_logits_unchanged_and_records_encode(architecture):
+    saes = [make_sae(32, 64, MID, 1, architecture), make_sae(128, 96, MLP, 2, architecture)]
+    im = InterpretableModel(tiny_model(), saes, bos_id=BOS)
     tokens = prompts()
     clean = im.model(tokens)
     captured = im.model.run_with_cache(tokens, [MID, MLP])
