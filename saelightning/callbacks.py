@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_only
 
+from saelightning.errors import SAELightningError
 from saelightning.metrics import log10_density
 
 
@@ -140,13 +141,15 @@ def export_module(pl_module, out_root: Path, step: int, metrics: dict | None = N
             "spec": {k: v for k, v in vars(spec).items()}, "final_metrics": mine,
         }
         sparsity = log10_density(density) if torch.isfinite(density).all() else None
-        paths.append(save_sae(sae, out_root / name, metadata=metadata, sparsity=sparsity))
+        try:
+            paths.append(save_sae(sae, out_root / name, metadata=metadata, sparsity=sparsity))
+        except SAELightningError as e:  # e.g. NaN weights: nothing of this SAE was written
+            raise SAELightningError(f"SAE {name!r} at step {step} not exported: {e}") from None
     return paths
 
 
 def export_checkpoint(ckpt_path, out_root) -> list[Path]:
     """Export every SAE of a Lightning checkpoint written by `saelightning fit` (a .ckpt or its run dir)."""
-    from saelightning.errors import SAELightningError
     from saelightning.module import SAEModule
 
     path = Path(ckpt_path)
@@ -159,7 +162,8 @@ def export_checkpoint(ckpt_path, out_root) -> list[Path]:
         hparams = {k: v for k, v in checkpoint["hyper_parameters"].items() if not k.startswith("_")}
         state = checkpoint["state_dict"]
     except Exception as e:
-        raise SAELightningError(f"{path} is not a readable saelightning checkpoint ({type(e).__name__}: {e}); pass a .ckpt written by `saelightning fit`") from None
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise SAELightningError(f"{path} is not a readable saelightning checkpoint ({type(e).__name__}: {reason}); pass a .ckpt written by `saelightning fit`") from None
     module = SAEModule(**hparams)
     module.load_state_dict(state)
     return export_module(module, Path(out_root), checkpoint.get("global_step", 0), checkpoint.get("saelightning_metrics", {}))

@@ -8,7 +8,9 @@ raises SAELightningError anywhere below: it is printed as one line and the exit 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+from pathlib import Path
 
 from saelightning.errors import SAELightningError
 
@@ -32,6 +34,21 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def _one_line(message: str) -> str:
+    return " ".join(line.strip() for line in message.splitlines() if line.strip())
+
+
+def _check_out(rest: list[str]) -> None:
+    """An --out that cannot be created fails before any work (no minutes of compute lost to a typo'd path)."""
+    outs = [rest[i + 1] for i, a in enumerate(rest[:-1]) if a == "--out"] + [a[6:] for a in rest if a.startswith("--out=")]
+    for out in outs:
+        parent = Path(out).expanduser().absolute().parent
+        while not parent.exists():
+            parent = parent.parent
+        if not parent.is_dir() or not os.access(parent, os.W_OK):
+            raise SAELightningError(f"cannot write --out {out}: {parent} is not a writable directory; pass another --out")
+
+
 def main(args: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if args is None else args)
     if not argv or argv[0] in ("-h", "--help"):
@@ -43,12 +60,18 @@ def main(args: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     try:
+        _check_out(rest)
         module = importlib.import_module(COMMANDS[command][0])
         if command in ("fit", "validate"):
             return module.cli_main(argv) or 0
         return module.cli_main(rest) or 0
     except SAELightningError as e:
-        print(f"saelightning: error: {e}", file=sys.stderr)
+        print(f"saelightning: error: {_one_line(str(e))}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.filename is None:  # not about a path the user gave: a real bug, keep its traceback
+            raise
+        print(f"saelightning: error: {e.strerror}: {e.filename}; check that the path exists and is writable", file=sys.stderr)
         return 2
     except ModuleNotFoundError as e:
         if e.name == COMMANDS[command][0]:

@@ -217,6 +217,8 @@ class ActivationDataModule(pl.LightningDataModule):
         if self.nanochat.tokenizer is None:
             raise SAELightningError(f"no tokenizer/ found above {self.nanochat.meta['path']}; put nanochat's tokenizer dir beside the checkpoints")
         self.model, self.tokenizer = self.nanochat.model, self.nanochat.tokenizer
+        if data_dir != "demo":  # a bad data dir fails here, before a trainer is built, not at setup
+            list_shards(data_dir)
         self.data_dir, self.context_size = data_dir, context_size or self.model.config.sequence_len
         self.batch_size, self.model_batch_rows, self.buffer_tokens = batch_size, model_batch_rows, buffer_tokens
         self.num_workers, self.val_batches, self.scale_batches = num_workers, val_batches, scale_batches

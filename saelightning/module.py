@@ -97,12 +97,14 @@ class SAEModule(pl.LightningModule):
         eps: Adam eps (small, as for TopK SAEs).
         grad_clip: clip each SAE's gradient norm to this (None: no clipping).
         dead_window_tokens: a latent not fired in this many tokens counts as dead (AuxK, resampling, logs).
+        max_nonfinite_steps: a step whose activations, loss or gradients are not finite is skipped (no update,
+            counted in details/nonfinite_skipped); this many in a row stop the run with an error.
     """
 
     def __init__(self, saes: list[SAESpec] | None = None, n_layer: int = 0, d_model: int = 0,
                  model_info: dict | None = None, warmup_steps: int = 1000, decay_steps: int = 0,
                  lr_end_factor: float = 0.0, betas: tuple[float, float] = (0.9, 0.999), eps: float = 6.25e-10,
-                 grad_clip: float | None = 1.0, dead_window_tokens: int = 10_000_000):
+                 grad_clip: float | None = 1.0, dead_window_tokens: int = 10_000_000, max_nonfinite_steps: int = 10):
         super().__init__()
         specs = [_as_spec(s) for s in (saes or [SAESpec()])]
         if n_layer < 1 or d_model < 1:
@@ -111,7 +113,7 @@ class SAEModule(pl.LightningModule):
             "saes": [dataclasses.asdict(s) for s in specs], "n_layer": n_layer, "d_model": d_model,
             "model_info": model_info or {}, "warmup_steps": warmup_steps, "decay_steps": decay_steps,
             "lr_end_factor": lr_end_factor, "betas": list(betas), "eps": eps, "grad_clip": grad_clip,
-            "dead_window_tokens": dead_window_tokens,
+            "dead_window_tokens": dead_window_tokens, "max_nonfinite_steps": max_nonfinite_steps,
         })
         self.model_info = model_info or {}
         self.saes = nn.ModuleDict()
@@ -127,6 +129,8 @@ class SAEModule(pl.LightningModule):
             self.register_buffer(f"initialized__{name}", torch.zeros((), dtype=torch.bool))
             self.register_buffer(f"density__{name}", torch.full((sae.config.d_sae,), float("nan")))
         self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long))  # SAE training tokens, all ranks
+        self.register_buffer("nonfinite_skipped", torch.zeros((), dtype=torch.long))  # steps skipped so far
+        self._nonfinite_run = 0  # consecutive skipped steps (a good step resets it)
         self.train_metrics = nn.ModuleDict({n: self._metric_set(s) for n, s in self.saes.items()})
         self.val_metrics = nn.ModuleDict({n: self._metric_set(s) for n, s in self.saes.items()})
         self.windows = nn.ModuleDict({n: FeatureDensity(s.config.d_sae) for n, s in self.saes.items()})
@@ -179,9 +183,14 @@ class SAEModule(pl.LightningModule):
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         # per SAE, so that one SAE of a sweep never scales another's step
-        if self.hparams.grad_clip:
-            for sae in self.saes.values():
-                nn.utils.clip_grad_norm_(sae.parameters(), self.hparams.grad_clip)
+        dropped = False
+        for sae in self.saes.values():
+            norm = nn.utils.clip_grad_norm_(sae.parameters(), self.hparams.grad_clip or math.inf)
+            if not torch.isfinite(norm):  # grads are already synced, so every rank drops the same update
+                for p in sae.parameters():
+                    p.grad = None
+                dropped = True
+        self.nonfinite_skipped += int(dropped)
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
@@ -207,16 +216,21 @@ class SAEModule(pl.LightningModule):
         since += self.world_batch(latents.shape[0])
         since[fired] = 0
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        total = 0.0
-        log_now = self._should_log()
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
+        if self._skip_nonfinite(batch["acts"].values(), "activations"):
+            return None  # before _prepare: an SAE is never initialised from a bad batch
+        total, outputs = 0.0, {}
         for name, sae in self.saes.items():
             spec = self.specs[name]
             x = batch["acts"][spec.hook_name]
             self._prepare(name, sae, x, batch["scales"][spec.hook_name])
             sae.set_training_step(self.global_step)
-            x_hat, latents, losses = sae(x, dead_mask=self.dead_mask(name))
-            total = total + losses["loss"]
+            outputs[name] = (x, *sae(x, dead_mask=self.dead_mask(name)))
+            total = total + outputs[name][-1]["loss"]
+        if self._skip_nonfinite([total], "loss"):
+            return None  # Lightning skips backward; Adam skips parameters without gradients
+        log_now = self._should_log()
+        for name, (x, x_hat, latents, losses) in outputs.items():
             self._track(name, latents)
             self._window(name, latents)
             if log_now:  # like SAELens: train metrics of the logged step's batch (the rest would cost every step)
@@ -225,7 +239,23 @@ class SAEModule(pl.LightningModule):
         self.tokens_seen += self.world_batch(batch["acts"][self.hook_names[0]].shape[0])
         if log_now:
             self._log_throughput(batch["acts"][self.hook_names[0]].shape[0])
+        self._nonfinite_run = 0
         return total
+
+    def _skip_nonfinite(self, tensors, what: str) -> bool:
+        """True (on every rank) when any rank's tensors hold a NaN/inf: the step is counted and skipped."""
+        bad = any(not bool(torch.isfinite(t).all()) for t in tensors)
+        if not self.trainer.strategy.reduce_boolean_decision(bad, all=False):
+            return False
+        self.nonfinite_skipped += 1
+        self._nonfinite_run += 1
+        self.log("details/nonfinite_skipped", self.nonfinite_skipped.float(), on_step=True, on_epoch=False)
+        if self._nonfinite_run >= self.hparams.max_nonfinite_steps:
+            raise SAELightningError(
+                f"{self._nonfinite_run} steps in a row had non-finite {what} (last at step {self.global_step}); the run "
+                "stopped and its last checkpoint is the last good state: check the model/data for NaN/inf or lower the lr"
+            )
+        return True
 
     @staticmethod
     def _update(metrics: nn.ModuleDict, x, x_hat, latents) -> None:
@@ -269,6 +299,7 @@ class SAEModule(pl.LightningModule):
             self.log("details/tokens_per_second", rate, on_step=True, on_epoch=False)
         self._clock = (now, step)
         self.log("details/n_training_tokens", self.tokens_seen.float(), on_step=True, on_epoch=False)
+        self.log("details/nonfinite_skipped", self.nonfinite_skipped.float(), on_step=True, on_epoch=False)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # the latest logged scalars, so `saelightning export --ckpt` can put them in cfg.json metadata

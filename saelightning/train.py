@@ -8,14 +8,20 @@ to trainer.default_root_dir (checkpoints/<run>/): Lightning checkpoints incl. la
 
 from __future__ import annotations
 
+import logging
 import sys
+import tempfile
 import warnings
+from pathlib import Path
 
 from lightning.pytorch.callbacks import ModelCheckpoint
+from jsonargparse import ArgumentError
 from lightning.pytorch.cli import LightningCLI
 
 from saelightning.callbacks import DensityHistograms, ExportSAEs, FinalCheckpoint, ResampleDeadLatents, export_dir
 from saelightning.data import ActivationDataModule
+from saelightning.errors import SAELightningError
+from saelightning.faults import Preemption
 from saelightning.module import SAEModule
 
 TRAINER_DEFAULTS = {
@@ -50,6 +56,22 @@ class SAELightningCLI(LightningCLI):
         parser.add_lightning_class_args(ResampleDeadLatents, "resample")
         parser.add_lightning_class_args(ExportSAEs, "export")
         parser.add_lightning_class_args(DensityHistograms, "histograms")
+        parser.add_lightning_class_args(Preemption, "preemption")
+
+    def instantiate_classes(self) -> None:
+        if self.subcommand == "fit":
+            check_writable(self.config["fit"]["trainer"]["default_root_dir"])
+        super().instantiate_classes()
+
+
+def check_writable(folder) -> None:
+    """The run dir can be created and written (checked before the trainer is built, so the error is one line)."""
+    path = Path(folder).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as e:
+        raise SAELightningError(f"cannot write to the run dir {path} ({e.strerror}); set trainer.default_root_dir to a writable folder") from None
 
 
 def _report(trainer) -> None:
@@ -71,12 +93,20 @@ def cli_main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # the run dir also holds lightning_logs/ and saes/, and a resumed run finds its own checkpoints there
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+    # argv comes from the console script itself, not a second source of arguments
+    warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended")
+    logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)  # the seed is in config.yaml
     try:
         cli = SAELightningCLI(
             SAEModule, ActivationDataModule, args=argv, subclass_mode_model=False, subclass_mode_data=False,
             trainer_defaults={**TRAINER_DEFAULTS, "callbacks": [FinalCheckpoint()]}, seed_everything_default=0, save_config_kwargs={"overwrite": True},
+            parser_kwargs={"exit_on_error": False},  # a bad key or value raises ArgumentError (below), not 150 lines of usage
         )
-    except SystemExit as e:  # jsonargparse: --help/--print_config exit 0, a bad key or value exits 2
+    except ArgumentError as e:
+        message = " ".join(line.strip() for line in str(e).splitlines())
+        command = argv[0] if argv and argv[0] in ("fit", "validate") else "fit"
+        raise SAELightningError(f"{message}; `saelightning {command} --help` lists the options") from None
+    except SystemExit as e:  # --help/--print_config exit 0
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     if argv and argv[0] == "fit":
         _report(cli.trainer)

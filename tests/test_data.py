@@ -102,7 +102,9 @@ def test_resume_with_other_settings_is_refused(nanochat_current_dir, tiny_shards
 def test_bad_settings_are_one_line_errors(nanochat_current_dir, tiny_shards_dir, tmp_path):
     with pytest.raises(SAELightningError, match="buffer_tokens"):
         ActivationDataModule(model=str(nanochat_current_dir), data_dir=str(tiny_shards_dir), batch_size=64, buffer_tokens=32)
-    dm = ActivationDataModule(model=str(nanochat_current_dir), data_dir=str(tmp_path))
+    with pytest.raises(SAELightningError, match="parquet shard"):  # at construction, before a trainer exists
+        ActivationDataModule(model=str(nanochat_current_dir), data_dir=str(tmp_path))
+    dm = ActivationDataModule(model=str(nanochat_current_dir), data_dir=str(tiny_shards_dir))
     dm.hooks = ["blocks.5.hook_resid_post"]
     with pytest.raises(SAELightningError, match="out of range"):
         dm.setup("fit")

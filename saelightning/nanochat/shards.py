@@ -33,6 +33,7 @@ def list_shards(data_dir: str | os.PathLike) -> tuple[list[Path], Path]:
         raise SAELightningError(
             f"{root} holds {len(shards)} parquet shard(s); nanochat needs at least 2 (train shards + the last one for val)"
         )
+    _row_group_counts(shards[:1])  # a wrong format shows in the first shard: fail now, not in a DataLoader worker
     return shards[:-1], shards[-1]
 
 
