@@ -190,7 +190,8 @@ class _Builder:
                 self._write_chunk(c, chunk, progress)
                 progress["stream"] = {"reader": reader_state, "skip": offset, "batch": batch, "docs": docs}
                 self._save_progress(progress)
-                bar.update(size)
+            written = sum(c["tokens"] for c in progress["chunks"])
+            bar.update(min(written + n_pending, cfg.tokens) - bar.n)  # every batch, not only at chunk ends
             if len(progress["chunks"]) == self.n_chunks:
                 break
             reader_state, batch, docs, skip = item["state"], batch + 1, docs_after, 0

@@ -212,6 +212,23 @@ def test_cache_stream_resumes_bitwise_and_uses_the_manifest_scale(shuffled, nano
         live.load_state_dict(state)
 
 
+def test_ranks_read_disjoint_shards(shuffled):
+    out, manifest = shuffled
+    hook = f"acts.{HOOKS[0]}"
+    shards = [load_file(str(out / s["file"]))[hook] for s in manifest["shards"]]
+    for rank in (0, 1):
+        blocks = iter(cache_mod.CacheBlocks(read_manifest(out), [HOOKS[0]], 100, rank=rank, world_size=2, seed=0))
+        epoch0 = []
+        while True:
+            item = next(blocks)
+            assert item["tokens"][HOOKS[0]].shape[0] <= 100
+            epoch0.append(item["tokens"][HOOKS[0]])
+            if item["state"]["position"]["epoch"] == 1:
+                break
+        # epoch 0 in file order: rank r reads shards r, r + 2; epoch 1 starts another shard order
+        assert torch.equal(torch.cat(epoch0), torch.cat(shards[rank::2]))
+
+
 def test_fit_from_an_unshuffled_cache_equals_the_live_fit(tmp_path, nanochat_current_dir, tiny_shards_dir):
     out = tmp_path / "recording"
     assert main(["cache", "--model", str(nanochat_current_dir), "--data", str(tiny_shards_dir), "--hooks", HOOKS[0],
