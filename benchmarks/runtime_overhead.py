@@ -131,6 +131,11 @@ def main(argv=None) -> None:
         cost = {k: f"{100 * (1 - r[k] / r['untracked']):.1f}%" for k in ("tracked", "streamed")}
         print(f"overhead vs untracked ({what}): tracked {cost['tracked']}, streamed {cost['streamed']}; "
               f"untracked vs model.generate: {100 * (1 - r['untracked'] / r['model.generate']):.1f}%")
+    # paired: the same round's runs share the machine's momentary load, so their ratio is steadier
+    paired = {k: statistics.median(1 - u[0] / t[0] for t, u in zip(times[k], times["untracked"]))
+              for k in ("tracked", "streamed")}
+    print(f"overhead vs untracked (median of per-round wall ratios): tracked {100 * paired['tracked']:.1f}%, "
+          f"streamed {100 * paired['streamed']:.1f}%")
 
 
 if __name__ == "__main__":

@@ -275,7 +275,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help='nanochat checkpoint or base dir, or "demo"')
     p.add_argument("--tokens", type=int, default=100_000, help="tokens of the val shard (default 100000)")
     p.add_argument("--out", required=True, help="where to write the JSON report")
-    p.add_argument("--data", default=None, help='parquet shard dir or "demo" (default: next to the model)')
+    p.add_argument("--data", default=None, help='parquet shard dir (last shard = val) or "demo" (default: the '
+                   'demo shards for --model demo, else $NANOCHAT_BASE_DIR/base_data[_climbmix])')
     p.add_argument("--batch-size", type=int, default=8, help="rows per forward (default 8)")
     p.add_argument("--context-size", type=int, default=None, help="tokens per row (default: SAE metadata)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
