@@ -377,17 +377,20 @@ def run_eval(args: EvalArgs) -> dict:
     if not 2 <= context <= nc.model.config.sequence_len:
         raise SAELightningError(f"--context-size must be in [2, {nc.model.config.sequence_len}], got {context}")
     data_dir = resolve_data_dir(args.data, args.model)
-    batches = val_token_rows(data_dir, nc.tokenizer, args.tokens, context, args.batch_size)
-    with tqdm(total=math.ceil(args.tokens / context) * context, unit="tok", desc="eval",
-              disable=None, file=sys.stderr) as bar:
-        results = evaluate_saes(nc.model, groups, batches, nc.tokenizer.bos_id, progress=bar)
+    rows = list(val_token_rows(data_dir, nc.tokenizer, args.tokens, context, args.batch_size))
+    evaluated = sum(r.numel() for r in rows)
+    with tqdm(total=evaluated, unit="tok", desc="eval", disable=None, file=sys.stderr) as bar:
+        results = evaluate_saes(nc.model, groups, rows, nc.tokenizer.bos_id, progress=bar)
+    if evaluated < args.tokens:
+        print(f"saelightning eval: the val shard ran out after {evaluated} of {args.tokens} tokens; "
+              "the report covers those", file=sys.stderr)
     entries = []
     for path, (hook, i) in zip(args.sae, where):
         metrics, density = results[hook][i]
         entries.append({"path": str(path), "hook_name": hook, "metrics": metrics,
                         "feature_density": density.tolist()})
     report = {"model": model_path, "data": str(data_dir), "context_size": context,
-              "tokens_requested": args.tokens, "saes": entries}
+              "tokens_requested": args.tokens, "tokens_evaluated": evaluated, "saes": entries}
     write_json_atomic(args.out, report)
     return report
 

@@ -198,7 +198,8 @@ def test_eval_cli_end_to_end(tmp_path, nanochat_current_dir, tiny_shards_dir, ca
     printed = capsys.readouterr().out
     assert "ce_loss_score" in printed and "report written to" in printed
     report = json.loads(out.read_text())
-    assert report["context_size"] == 32 and [e["path"] for e in report["saes"]] == [str(a), str(b)]
+    assert report["context_size"] == 32 and report["tokens_evaluated"] == 7 * 32
+    assert [e["path"] for e in report["saes"]] == [str(a), str(b)]
     assert [e["hook_name"] for e in report["saes"]] == ["blocks.1.hook_resid_post", "blocks.0.mlp.hook_post"]
     assert [len(e["feature_density"]) for e in report["saes"]] == [256, 1024]
 
