@@ -15,7 +15,8 @@ model pass, the one-off cost), then times, on the same activations and the same 
   SAELens            sae_lens.SAETrainer (TopKTrainingSAE, normalize none, rescale_acts_by_decoder_norm
                      off) fed the same scaled activations from memory, in its own venv (a subprocess:
                      the project never depends on sae-lens)
-Each figure is tokens/s over --steps steps after --warmup steps (median of --repeats for the loops).
+Each figure is tokens/s over --steps steps after --warmup steps (median of --repeats; CUDA synchronised
+at both ends with --device cuda).
 """
 
 from __future__ import annotations
@@ -32,7 +33,12 @@ from pathlib import Path
 import torch
 
 
-def load_batches(cache_dir: Path, hook: str, n: int, batch: int, scale: float) -> list[torch.Tensor]:
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def load_batches(cache_dir: Path, hook: str, n: int, batch: int, scale: float, device: str = "cpu") -> list[torch.Tensor]:
     """The first n batches of the cache (shard order), scaled as the trainer scales them, fp32."""
     from safetensors.torch import load_file
 
@@ -46,7 +52,7 @@ def load_batches(cache_dir: Path, hook: str, n: int, batch: int, scale: float) -
     acts = torch.cat(rows)
     if len(acts) < n * batch:
         raise SystemExit(f"the cache holds {len(acts)} tokens, the runs need {n * batch}; raise --tokens")
-    return list(acts[: n * batch].split(batch))
+    return list(acts[: n * batch].to(device).split(batch))
 
 
 def build(a) -> tuple[Path, dict, float]:
@@ -56,7 +62,7 @@ def build(a) -> tuple[Path, dict, float]:
     t0 = time.perf_counter()
     fresh = not (out / "manifest.json").exists()
     manifest = build_cache(CacheConfig(model=a.model, hooks=[a.hook], tokens=a.tokens, out=str(out), data=a.data,
-                                       shard_tokens=a.shard_tokens, batch_rows=a.batch_rows, seed=0))
+                                       shard_tokens=a.shard_tokens, batch_rows=a.batch_rows, seed=0, device=a.device))
     rate = a.tokens / (time.perf_counter() - t0) if fresh else float("nan")
     return out, manifest, rate
 
@@ -65,12 +71,13 @@ def sae_loop(a, batches: list[torch.Tensor], d_in: int) -> float:
     """Our SAE's training step alone (the module's order: forward, backward, clip, Adam, renormalise)."""
     from saelightning.module import SAESpec, build_from_spec, default_lr
 
-    sae = build_from_spec(SAESpec(hook_name=a.hook, d_sae=a.d_sae, k=a.k), d_in)
+    sae = build_from_spec(SAESpec(hook_name=a.hook, d_sae=a.d_sae, k=a.k), d_in).to(a.device)
     sae.init_from_batch(batches[0])
     opt = torch.optim.Adam(sae.parameters(), lr=default_lr(a.d_sae), eps=6.25e-10)
-    dead = torch.zeros(a.d_sae, dtype=torch.bool)
+    dead = torch.zeros(a.d_sae, dtype=torch.bool, device=a.device)
     for i, x in enumerate(batches):
         if i == a.warmup:
+            _sync(a.device)
             t0 = time.perf_counter()
         _, _, losses = sae(x, dead_mask=dead)
         opt.zero_grad(set_to_none=True)
@@ -79,6 +86,7 @@ def sae_loop(a, batches: list[torch.Tensor], d_in: int) -> float:
         torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
         opt.step()
         sae.after_optimizer_step()
+    _sync(a.device)
     return a.steps * a.batch / (time.perf_counter() - t0)
 
 
@@ -94,11 +102,14 @@ def read_only(a, cache_dir: Path) -> float:
     dm = _datamodule(a, cache_dir)
     dm.hooks = [a.hook]
     dm.setup("fit")
+    dm.device = torch.device(a.device)  # setup() takes the trainer's device; there is none here
     stream = iter(dm.train_dataloader())
     for i in range(a.warmup + a.steps):
         if i == a.warmup:
+            _sync(a.device)
             t0 = time.perf_counter()
         next(stream)
+    _sync(a.device)
     return a.steps * a.batch / (time.perf_counter() - t0)
 
 
@@ -122,16 +133,19 @@ def fit_from_cache(a, cache_dir: Path, memory: _Memory | None = None) -> float:
     class Clock(pl.Callback):
         def on_train_batch_start(self, trainer, module, batch, batch_idx):
             if batch_idx == a.warmup:
+                _sync(a.device)
                 self.t0 = time.perf_counter()
 
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            _sync(a.device)
             self.t1 = time.perf_counter()
 
     dm = _datamodule(a, cache_dir)
     module = SAEModule(saes=[{"hook_name": a.hook, "d_sae": a.d_sae, "k": a.k}], n_layer=dm.n_layer,
                        d_model=dm.d_model, model_info=dm.model_info, warmup_steps=10)
     clock = Clock()
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=a.warmup + a.steps, limit_val_batches=0,
+    accelerator = "gpu" if a.device.startswith("cuda") else "cpu"
+    trainer = pl.Trainer(accelerator=accelerator, devices=1, max_steps=a.warmup + a.steps, limit_val_batches=0,
                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, log_every_n_steps=25, callbacks=[clock])
     if memory is None:
@@ -148,22 +162,24 @@ def saelens_phase(a) -> None:
     from sae_lens.training.sae_trainer import SAETrainer
 
     torch.set_num_threads(a.threads)
-    batches = load_batches(Path(a.cache_dir), a.hook, a.warmup + a.steps, a.batch, a.scale)
+    batches = load_batches(Path(a.cache_dir), a.hook, a.warmup + a.steps, a.batch, a.scale, a.device)
     cfg = TopKTrainingSAEConfig(d_in=batches[0].shape[1], d_sae=a.d_sae, k=a.k, normalize_activations="none",
-                                rescale_acts_by_decoder_norm=False, aux_loss_coefficient=1 / 32, device="cpu")
+                                rescale_acts_by_decoder_norm=False, aux_loss_coefficient=1 / 32, device=a.device)
     sae = TopKTrainingSAE(cfg)
     marks = {}
 
     def provider():
         for i, x in enumerate(batches):
             if i == a.warmup:
+                _sync(a.device)
                 marks["t0"] = time.perf_counter()
             yield x
 
     lr = 2e-4 / (a.d_sae / 2**14) ** 0.5
     trainer_cfg = SAETrainerConfig(total_training_samples=len(batches) * a.batch, train_batch_size_samples=a.batch,
-                                   lr=lr, lr_end=lr, lr_warm_up_steps=10, device="cpu")
+                                   lr=lr, lr_end=lr, lr_warm_up_steps=10, device=a.device)
     SAETrainer(trainer_cfg, sae, provider()).fit()
+    _sync(a.device)
     print(json.dumps({"saelens_tokens_per_s": a.steps * a.batch / (time.perf_counter() - marks["t0"])}))
 
 
@@ -185,6 +201,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (the cache build, the SAE runs and SAELens)")
     p.add_argument("--saelens-python", default=None, help="python of a venv with sae-lens (skipped if not given)")
     p.add_argument("--phase", default="main", choices=["main", "saelens"])
     p.add_argument("--scale", type=float, default=1.0, help=argparse.SUPPRESS)
@@ -197,8 +214,8 @@ def main() -> None:
 
     scale = cache_scales(manifest, [a.hook])[a.hook]
     d_in = manifest["d_in"][a.hook]
-    batches = load_batches(cache_dir, a.hook, a.warmup + a.steps, a.batch, scale)
-    print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, threads {a.threads}, "
+    batches = load_batches(cache_dir, a.hook, a.warmup + a.steps, a.batch, scale, a.device)
+    print(f"# {platform.processor() or platform.machine()}, {a.device}, torch {torch.__version__}, threads {a.threads}, "
           f"d_in {d_in}, d_sae {a.d_sae}, k {a.k}, batch {a.batch}, {a.steps} timed steps")
     if build_rate == build_rate:
         print(f"cache build (model pass + shuffle): {build_rate:,.0f} tokens/s")
@@ -211,7 +228,7 @@ def main() -> None:
         if a.saelens_python:
             cmd = [a.saelens_python, __file__, "--phase", "saelens", "--cache-dir", str(cache_dir), "--hook", a.hook,
                    "--d-sae", str(a.d_sae), "--k", str(a.k), "--batch", str(a.batch), "--steps", str(a.steps),
-                   "--warmup", str(a.warmup), "--threads", str(a.threads), "--scale", repr(scale)]
+                   "--warmup", str(a.warmup), "--threads", str(a.threads), "--scale", repr(scale), "--device", a.device]
             done = subprocess.run(cmd, capture_output=True, text=True, check=True)
             rows["SAELens, memory"].append(json.loads(done.stdout.strip().splitlines()[-1])["saelens_tokens_per_s"])
     print("| run | tokens/s (median) | all runs |")
