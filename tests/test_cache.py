@@ -238,7 +238,7 @@ def test_fit_from_an_unshuffled_cache_equals_the_live_fit(tmp_path, nanochat_cur
     def fit(run, **data):
         config = {
             "seed_everything": 0,
-            "trainer": {"accelerator": "cpu", "max_steps": 12, "val_check_interval": 6, "log_every_n_steps": 4,
+            "trainer": {"accelerator": "cpu", "max_steps": 8, "val_check_interval": 4, "log_every_n_steps": 3,
                         "default_root_dir": str(tmp_path / run), "enable_progress_bar": False,
                         "enable_model_summary": False},
             "model": {"saes": [{"hook_name": HOOKS[0], "d_sae": 128, "k": 8}], "warmup_steps": 3, "dead_window_tokens": 128},
@@ -256,7 +256,7 @@ def test_fit_from_an_unshuffled_cache_equals_the_live_fit(tmp_path, nanochat_cur
         return torch.load(tmp_path / run / "last.ckpt", weights_only=True)
 
     live, cached = fit("live"), fit("cached", cache_dir=str(out))
-    assert live["global_step"] == cached["global_step"] == 12
+    assert live["global_step"] == cached["global_step"] == 8
     assert cached["ActivationDataModule"]["source"].startswith("cache:") and live["ActivationDataModule"]["source"] == "live"
     weights = [k for k in live["state_dict"] if k.startswith("saes.")]
     assert len(weights) >= 4
