@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -135,7 +136,7 @@ class ActivationStream:
                 rows = perm[j * self.batch_size:(j + 1) * self.batch_size]
                 yield {"acts": {h: a[rows] for h, a in buffer.items()}, "scales": self.scales, "index": index}
                 index += 1
-            chunk, offset = chunk + 1, 0
+            chunk, offset, buffer = chunk + 1, 0, None  # freed before the next fill: peak = parts + their concatenation
 
     def _fill(self, tokens: Iterator[torch.Tensor]) -> dict[str, torch.Tensor]:
         parts: dict[str, list[torch.Tensor]] = defaultdict(list)
@@ -198,13 +199,16 @@ class ActivationDataModule(pl.LightningDataModule):
         seed: data order seed (shard row groups and the buffer permutations).
         cache_dir: a `saelightning cache` output: train activations are read from it instead of running
             the model (validation still runs the model on the val shard; the scale comes from its manifest).
+        max_buffer_bytes: refuse a config whose shuffle buffer at its peak (a refill's parts + their concatenation,
+            fp32, every hook) exceeds this (default: half the training device's memory, GPU or host RAM).
     """
 
     def __init__(self, model: str = "demo", data_dir: str = "demo", step: int | None = None, era: str | None = None,
                  source: str = "base", model_tag: str | None = None,
                  context_size: int | None = None, batch_size: int = 4096, model_batch_rows: int = 8,
                  buffer_tokens: int = 262144, num_workers: int = 1, val_batches: int = 4, scale_batches: int = 4,
-                 normalize: bool = True, seed: int = 0, cache_dir: str | None = None):
+                 normalize: bool = True, seed: int = 0, cache_dir: str | None = None,
+                 max_buffer_bytes: int | None = None):
         super().__init__()
         from saelightning.nanochat.checkpoint import load_nanochat
 
@@ -222,7 +226,7 @@ class ActivationDataModule(pl.LightningDataModule):
         self.data_dir, self.context_size = data_dir, context_size or self.model.config.sequence_len
         self.batch_size, self.model_batch_rows, self.buffer_tokens = batch_size, model_batch_rows, buffer_tokens
         self.num_workers, self.val_batches, self.scale_batches = num_workers, val_batches, scale_batches
-        self.normalize, self.seed = normalize, seed
+        self.normalize, self.seed, self.max_buffer_bytes = normalize, seed, max_buffer_bytes
         self.cache_dir, self.cache_manifest = cache_dir, None
         if cache_dir:
             from saelightning.cache import read_manifest
@@ -253,6 +257,25 @@ class ActivationDataModule(pl.LightningDataModule):
     def hook_width(self, name: str) -> int:
         return hook_width(name, self.n_layer, self.d_model)
 
+    def buffer_peak_bytes(self, hooks: list[str]) -> int:
+        """Peak bytes of the shuffle buffer: a refill's parts and their concatenation, fp32 (a fill overshoots by < one forward)."""
+        width = sum(self.hook_width(h) for h in dict.fromkeys(hooks))
+        return 2 * (self.buffer_tokens + self.model_batch_rows * self.context_size) * width * 4
+
+    def check_memory(self, hooks: list[str], device: torch.device | None = None) -> None:
+        """Refuse a buffer larger than max_buffer_bytes (default: half the device's memory), as a one-line error."""
+        device = device or self.device
+        limit = self.max_buffer_bytes
+        if limit is None:
+            total = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
+                     else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+            limit = total // 2
+        need = self.buffer_peak_bytes(hooks)
+        if need > limit:
+            raise SAELightningError(
+                f"the shuffle buffer needs up to {need / 2**30:.2f} GiB ({self.buffer_tokens} tokens x {len(hooks)} hook(s), "
+                f"twice while refilling) and the limit is {limit / 2**30:.2f} GiB; lower data.buffer_tokens or raise data.max_buffer_bytes")
+
     # --- Lightning hooks ---
 
     def setup(self, stage: str) -> None:
@@ -268,6 +291,7 @@ class ActivationDataModule(pl.LightningDataModule):
             check_cache(self.cache_manifest, {h: self.hook_width(h) for h in self.hooks}, self.model_info)
         if self.trainer is not None:
             self.device = self.trainer.strategy.root_device
+        self.check_memory(self.hooks)
         self.model.to(self.device)
 
     def _shards(self) -> tuple[list[Path], Path]:

@@ -14,8 +14,9 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from lightning.pytorch.callbacks import ModelCheckpoint
+import torch
 from jsonargparse import ArgumentError
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from saelightning.callbacks import DensityHistograms, ExportSAEs, FinalCheckpoint, ResampleDeadLatents, export_dir
@@ -62,6 +63,15 @@ class SAELightningCLI(LightningCLI):
         if self.subcommand == "fit":
             check_writable(self.config["fit"]["trainer"]["default_root_dir"])
         super().instantiate_classes()
+
+    def instantiate_trainer(self, **kwargs):
+        # the data module checks its buffer against memory at setup; this runs the same check before the trainer
+        # is built, so a too-large buffer is one line, not one after Lightning's start-up messages
+        config = self.config[self.subcommand]["trainer"] if self.subcommand else self.config["trainer"]
+        accelerator = config.get("accelerator")
+        cuda = torch.cuda.is_available() and accelerator in ("gpu", "cuda", "auto", None)
+        self.datamodule.check_memory(self.model.hook_names, torch.device("cuda", 0) if cuda else torch.device("cpu"))
+        return super().instantiate_trainer(**kwargs)
 
 
 def check_writable(folder) -> None:

@@ -18,6 +18,7 @@ import torch
 import yaml
 
 from saelightning.cli import main
+from saelightning.errors import SAELightningError
 from saelightning.export import save_sae
 from saelightning.saes import SAEConfig, build_sae
 from tests.test_train import HOOK, _config
@@ -228,6 +229,24 @@ def test_corrupt_sae_weights(damage, tmp_path, nanochat_current_dir, tiny_shards
                   "--out", str(tmp_path / "np"), "--device", "cpu"]):
         assert "sae_weights.safetensors" in _fails(capsys, argv), argv[0]
     assert not (tmp_path / "eval.json").exists() and not (tmp_path / "viz").exists() and not (tmp_path / "np").exists()
+
+
+def test_buffer_over_the_memory_bound(tmp_path, nanochat_current_dir, tiny_shards_dir, capsys):
+    # 256 buffer tokens + one forward of 4 x 32, width 64, fp32, twice: 196608 bytes at the peak
+    line = _fails(capsys, _fit(tmp_path, nanochat_current_dir, tiny_shards_dir,
+                               edit=lambda c: c["data"].update(max_buffer_bytes=150_000)))
+    assert "shuffle buffer" in line and "data.buffer_tokens" in line and "data.max_buffer_bytes" in line
+    _nothing_written(tmp_path / "run")
+    from saelightning.data import ActivationDataModule
+
+    dm = ActivationDataModule(model=str(nanochat_current_dir), data_dir=str(tiny_shards_dir), context_size=32,
+                              batch_size=64, model_batch_rows=4, buffer_tokens=256, max_buffer_bytes=196_608)
+    assert dm.buffer_peak_bytes([HOOK]) == 196_608
+    dm.check_memory([HOOK])  # exactly at the bound: allowed
+    dm.max_buffer_bytes = None  # default: half of this machine's memory
+    dm.buffer_tokens = 2**50
+    with pytest.raises(SAELightningError, match="limit"):
+        dm.check_memory([HOOK])
 
 
 # --- outputs ---
