@@ -2,7 +2,8 @@
 
 Every state is a sum (or a max) accumulated in float64, so a metric pooled over ranks under DDP
 equals the metric computed by one process on the union of their tokens. All take `x` (the SAE's
-input), `x_hat` (its reconstruction) and/or `latents` ([N, d_sae], dense), one row per token.
+input), `x_hat` (its reconstruction) and/or `latents` ([N, d_sae] dense, or the SparseLatents of a
+k-sparse SAE: the same sums from its N·k values, without a dense pass), one row per token.
 """
 
 from __future__ import annotations
@@ -10,7 +11,20 @@ from __future__ import annotations
 import torch
 from torchmetrics import Metric
 
+from saelightning.saes.sparse import SparseLatents
+
 F64 = torch.float64
+
+
+def firing_counts(latents) -> torch.Tensor:
+    """Tokens in which each latent is non-zero ([d_sae], float64), from dense or sparse latents."""
+    if isinstance(latents, SparseLatents):
+        return latents.firing_counts()
+    return (latents != 0).sum(0).to(F64)  # int64 sum: far faster on CPU than a float64 reduction
+
+
+def _values(latents) -> torch.Tensor:
+    return latents.values if isinstance(latents, SparseLatents) else latents
 
 
 def _scalar() -> torch.Tensor:
@@ -28,7 +42,7 @@ class L0(Metric):
         self.add_state("count", _scalar(), dist_reduce_fx="sum")
 
     def update(self, latents: torch.Tensor) -> None:
-        self.total += (latents != 0).sum(dtype=F64)
+        self.total += (_values(latents) != 0).sum().to(F64)
         self.count += latents.shape[0]
 
     def compute(self) -> torch.Tensor:
@@ -46,7 +60,7 @@ class L1(Metric):
         self.add_state("count", _scalar(), dist_reduce_fx="sum")
 
     def update(self, latents: torch.Tensor) -> None:
-        self.total += latents.detach().to(F64).abs().sum()
+        self.total += _values(latents).detach().to(F64).abs().sum()
         self.count += latents.shape[0]
 
     def compute(self) -> torch.Tensor:
@@ -122,8 +136,12 @@ class FeatureDensity(Metric):
         self.add_state("tokens", _scalar(), dist_reduce_fx="sum")
 
     def update(self, latents: torch.Tensor) -> None:
-        self.fired += (latents != 0).sum(0, dtype=F64)
-        self.tokens += latents.shape[0]
+        self.update_counts(firing_counts(latents), latents.shape[0])
+
+    def update_counts(self, counts: torch.Tensor, tokens: int) -> None:
+        """Add per-latent firing counts of `tokens` tokens (when the caller has them already)."""
+        self.fired += counts
+        self.tokens += tokens
 
     def compute(self) -> torch.Tensor:
         return self.fired / self.tokens.clamp_min(1)

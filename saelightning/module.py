@@ -21,7 +21,7 @@ from torch import nn
 
 from saelightning.errors import SAELightningError
 from saelightning.hooks import hook_width, parse_hook
-from saelightning.metrics import L0, L1, FeatureDensity, ReconstructionMetrics
+from saelightning.metrics import L0, L1, FeatureDensity, ReconstructionMetrics, firing_counts
 
 _NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
 
@@ -209,12 +209,11 @@ class SAEModule(pl.LightningModule):
                     dist.broadcast(t.data, 0)
             initialized.fill_(True)
 
-    def _track(self, name: str, latents: torch.Tensor) -> None:
-        fired = (latents != 0).any(0).float()
-        fired = self.trainer.strategy.reduce(fired, reduce_op="sum") > 0  # the same tracker on every rank
+    def _track(self, name: str, counts: torch.Tensor, batch_tokens: int) -> None:
+        fired = self.trainer.strategy.reduce((counts > 0).float(), reduce_op="sum") > 0  # the same tracker on every rank
         since = self.since_fired(name)
-        since += self.world_batch(latents.shape[0])
-        since[fired] = 0
+        since += self.world_batch(batch_tokens)
+        since.masked_fill_(fired, 0)  # not since[fired] = 0: boolean indexing syncs with the host
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         if self._skip_nonfinite(batch["acts"].values(), "activations"):
@@ -225,14 +224,17 @@ class SAEModule(pl.LightningModule):
             x = batch["acts"][spec.hook_name]
             self._prepare(name, sae, x, batch["scales"][spec.hook_name])
             sae.set_training_step(self.global_step)
-            outputs[name] = (x, *sae(x, dead_mask=self.dead_mask(name)))
+            # k-sparse SAEs hand back (values, indices): nothing in a training step needs dense latents
+            sparse = {"sparse": True} if sae.sparse_forward else {}
+            outputs[name] = (x, *sae(x, dead_mask=self.dead_mask(name), **sparse))
             total = total + outputs[name][-1]["loss"]
         if self._skip_nonfinite([total], "loss"):
             return None  # Lightning skips backward; Adam skips parameters without gradients
         log_now = self._should_log()
         for name, (x, x_hat, latents, losses) in outputs.items():
-            self._track(name, latents)
-            self._window(name, latents)
+            counts = firing_counts(latents)  # one pass serves the dead tracker and the density window
+            self._track(name, counts, latents.shape[0])
+            self._window(name, counts, latents.shape[0])
             if log_now:  # like SAELens: train metrics of the logged step's batch (the rest would cost every step)
                 self._update(self.train_metrics[name], x.detach(), x_hat.detach(), latents.detach())
                 self._log_train(name, losses)
@@ -264,11 +266,11 @@ class SAEModule(pl.LightningModule):
         metrics["l1"].update(latents)
         metrics["density"].update(latents)
 
-    def _window(self, name: str, latents: torch.Tensor) -> None:
+    def _window(self, name: str, counts: torch.Tensor, batch_tokens: int) -> None:
         """Feature density over windows of dead_window_tokens (a fixed step count, so ranks agree)."""
         window = self.windows[name]
-        window.update(latents)
-        steps = max(1, math.ceil(self.hparams.dead_window_tokens / self.world_batch(latents.shape[0])))
+        window.update_counts(counts, batch_tokens)
+        steps = max(1, math.ceil(self.hparams.dead_window_tokens / self.world_batch(batch_tokens)))
         if (self.global_step + 1) % steps == 0:
             self.density(name).copy_(window.compute().float())
             window.reset()

@@ -125,6 +125,7 @@ class SAE(nn.Module):
     """Base class: parameters W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in]."""
 
     has_b_enc = True  # the gated SAE has b_gate / b_mag instead
+    sparse_forward = False  # True where forward(x, dead_mask, sparse=True) returns SparseLatents (trainer fast path)
 
     def __init__(self, config: SAEConfig):
         super().__init__()

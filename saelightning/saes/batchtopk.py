@@ -13,6 +13,7 @@ from saelightning.saes.topk import TopKSAE
 
 
 class BatchTopKSAE(TopKSAE):
+    sparse_forward = False  # ragged latents: forward returns them dense
     def __init__(self, config):
         super().__init__(config)
         self.register_buffer("threshold", torch.zeros((), dtype=torch.float32))

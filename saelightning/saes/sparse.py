@@ -6,6 +6,8 @@ k active decoder rows, and its backward scatters into those rows only (and gives
 weights, i.e. the latent values, their gradient <grad_out[n], W_dec[indices[n, j]]>).
 """
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -61,3 +63,65 @@ def dense_to_ragged(latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
     counts = torch.bincount(rows, minlength=latents.shape[0])
     offsets = torch.cumsum(counts, 0) - counts
     return latents[rows, columns], columns, offsets
+
+
+class _GatherEncode(torch.autograd.Function):
+    """values[n, j] = x_c[n] · W_enc[:, indices[n, j]] + b_enc[indices[n, j]], read from precomputed pre-activations.
+
+    Autograd through a dense `x_c @ W_enc` then topk spends two dense [N, d_in] x [d_in, d_sae] products
+    and several dense [N, d_sae] gradient buffers on a gradient that is non-zero in only m entries per row.
+    This backward touches those entries only: the W_enc gradient is an embedding_bag weight gradient
+    (row indices[n, j] of W_encᵀ gets g[n, j] · x_c[n]), the x_c gradient a sparse decode against W_encᵀ.
+    """
+
+    @staticmethod
+    def forward(ctx, pre, x_c, W_enc, b_enc, indices):
+        ctx.save_for_backward(x_c, W_enc, indices)
+        return pre.gather(1, indices)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x_c, W_enc, indices = ctx.saved_tensors
+        grad_x = grad_W = grad_b = None
+        if ctx.needs_input_grad[1]:
+            grad_x = F.embedding_bag(indices, W_enc.t().contiguous(), per_sample_weights=grad.to(W_enc.dtype), mode="sum")
+        if ctx.needs_input_grad[2]:
+            with torch.enable_grad():  # the weight gradient of embedding_bag is exactly this scatter of outer products
+                table = torch.zeros(W_enc.shape[1], W_enc.shape[0], dtype=W_enc.dtype, device=W_enc.device, requires_grad=True)
+                bags = F.embedding_bag(indices, table, per_sample_weights=grad.to(W_enc.dtype), mode="sum")
+                (grad_W,) = torch.autograd.grad(bags, table, grad_outputs=x_c.to(W_enc.dtype))
+            grad_W = grad_W.t()
+        if ctx.needs_input_grad[3]:
+            grad_b = torch.zeros(W_enc.shape[1], dtype=grad.dtype, device=grad.device).index_add_(0, indices.flatten(), grad.flatten())
+        return None, grad_x, grad_W, grad_b, None
+
+
+def gather_encode(pre: torch.Tensor, x_c: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Pre-activations at `indices` [N, m] with gradients to x_c, W_enc, b_enc as if pre = x_c @ W_enc + b_enc.
+
+    `pre` must be that product, computed without autograd (torch.no_grad): the forward only gathers it.
+    """
+    return _GatherEncode.apply(pre.detach(), x_c, W_enc, b_enc, indices)
+
+
+class SparseLatents(NamedTuple):
+    """Latents of a k-sparse SAE as (values, indices) [N, m] (zeros allowed), without the dense [N, d_sae] tensor."""
+
+    values: torch.Tensor
+    indices: torch.Tensor
+    d_sae: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.values.shape[0], self.d_sae)
+
+    def detach(self) -> "SparseLatents":
+        return SparseLatents(self.values.detach(), self.indices, self.d_sae)
+
+    def dense(self) -> torch.Tensor:
+        return to_dense(self.values, self.indices, self.d_sae)
+
+    def firing_counts(self) -> torch.Tensor:
+        """Tokens in which each latent is non-zero ([d_sae], float64); no host sync."""
+        fired = (self.values != 0).flatten().to(torch.float64)
+        return torch.bincount(self.indices.flatten(), weights=fired, minlength=self.d_sae)

@@ -3,7 +3,7 @@
 import torch
 
 from saelightning.saes.base import SAE
-from saelightning.saes.sparse import sparse_decode, to_dense, topk_sparse
+from saelightning.saes.sparse import SparseLatents, gather_encode, sparse_decode, topk_sparse
 
 
 class TopKSAE(SAE):
@@ -20,14 +20,50 @@ class TopKSAE(SAE):
         flat = sparse_decode(values.reshape(-1, values.shape[-1]), indices.reshape(-1, indices.shape[-1]), self.W_dec)
         return flat.reshape(*lead, -1) + self.b_dec
 
-    def forward(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None):
-        pre = self.pre_acts(x)
-        values, indices = topk_sparse(pre, self.config.k)
+    sparse_forward = True  # forward(..., sparse=True) returns SparseLatents (the trainer never needs dense ones)
+
+    def forward(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None, sparse: bool = False):
+        x = self._check_input(x)
+        x_c = x - self.b_dec if self.config.apply_b_dec_to_input else x
+        k = self.config.k
+        with torch.no_grad():  # the dense product is only read at the selected entries: gather_encode gives the gradient
+            pre = torch.addmm(self.b_enc, x_c, self.W_enc)
+            indices = pre.topk(k, dim=-1, sorted=False).indices
+            aux_indices, aux_weight = self._aux_indices(pre, dead_mask)
+        chosen = indices if aux_indices is None else torch.cat([indices, aux_indices], 1)
+        gathered = gather_encode(pre, x_c, self.W_enc, self.b_enc, chosen).relu()  # one sparse backward for both
+        values = gathered[:, :k]
         x_hat = sparse_decode(values, indices, self.W_dec) + self.b_dec
         losses = self.reconstruction_stats(x, x_hat)
-        losses["auxk_loss"] = self.auxk_loss(x, x_hat, pre, dead_mask)
+        if aux_indices is None:
+            losses["auxk_loss"] = x_hat.new_zeros(()).float()
+        else:
+            aux = self._auxk_from(x, x_hat, gathered[:, k:] * aux_weight, aux_indices)
+            losses["auxk_loss"] = aux * aux_weight.amax() if torch.is_tensor(aux_weight) else aux  # 0 when none is dead
         losses["loss"] = losses["fvu"] + self.config.aux_coefficient * losses["auxk_loss"]
-        return x_hat, to_dense(values, indices, self.config.d_sae), losses
+        latents = SparseLatents(values, indices, self.config.d_sae)
+        return x_hat, (latents if sparse else latents.dense()), losses
+
+    def _aux_indices(self, pre: torch.Tensor, dead_mask: torch.Tensor | None, sync_free: bool | None = None):
+        """Top k_aux dead latents per row (None when none is dead) and a 0/1 weight on their values."""
+        if dead_mask is None:
+            return None, None
+        dead_mask = dead_mask.to(pre.device)
+        if pre.is_cuda if sync_free is None else sync_free:  # no host sync: a fixed k_aux over masked pre-activations, live picks weighted 0
+            k_aux = min(self.config.k_aux_resolved, pre.shape[1])
+            picked = pre.masked_fill(~dead_mask, float("-inf")).topk(k_aux, dim=-1, sorted=False).indices
+            return picked, dead_mask[picked].to(pre.dtype)
+        dead = dead_mask.nonzero().squeeze(1)  # on CPU the sync is free and the dead columns are usually few
+        if dead.numel() == 0:
+            return None, None
+        k_aux = min(self.config.k_aux_resolved, dead.numel())
+        picked = pre.index_select(1, dead).topk(k_aux, dim=-1, sorted=False).indices
+        return dead[picked], 1.0
+
+    def _auxk_from(self, x, x_hat, values, indices):
+        e = (x - x_hat).detach()
+        e_hat = sparse_decode(values, indices, self.W_dec)
+        return (e_hat - e).float().pow(2).sum() / (e - e.mean(0)).float().pow(2).sum().clamp_min(1e-12)
 
     def auxk_loss(self, x, x_hat, pre, dead_mask):
         """Reconstruct the residual e = x - x̂ from the top k_aux dead latents: ||e - ê||² / ||e - mean e||².
