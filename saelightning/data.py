@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import signal
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -66,6 +67,13 @@ class TokenBatches(IterableDataset):
                    "worker": worker, "state": state}
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """In DataLoader workers: a signal sent to the whole process group (SLURM, Ctrl-C, a container stop) is the
+    main process's to act on (save, then shut the workers down); a worker killed by it would crash the step."""
+    for name in ("SIGTERM", "SIGUSR1", "SIGINT"):
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
 class TokenReader:
     """Token batches from a DataLoader over TokenBatches, in a fixed worker order, with an exact position.
 
@@ -90,7 +98,8 @@ class TokenReader:
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         loader = DataLoader(self.make_dataset(self._start), batch_size=None, num_workers=self.num_workers,
-                            prefetch_factor=2 if self.num_workers else None)
+                            prefetch_factor=2 if self.num_workers else None,
+                            worker_init_fn=_ignore_stop_signals if self.num_workers else None)
         it, held, turns = iter(loader), defaultdict(deque), max(self.num_workers, 1)
         while True:
             w = self.next_worker

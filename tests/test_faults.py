@@ -81,9 +81,9 @@ def test_sigkill_at_a_random_step_then_resume_is_bitwise_equal(tmp_path, nanocha
 
 def test_sigterm_saves_last_and_exits_cleanly_then_resumes_bitwise(tmp_path, nanochat_current_dir, tiny_shards_dir, whole_run):
     cfg = _cfg(tmp_path, nanochat_current_dir, tiny_shards_dir, "parts")
-    proc = _spawn(cfg, "--trainer.max_steps", "1000")  # it would run far past STEPS if the signal were ignored
+    proc = _spawn(cfg, "--trainer.max_steps", "1000", start_new_session=True)  # would run far past STEPS
     _wait_for(proc, tmp_path / "parts", 2)
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)  # the whole group, DataLoader worker included, as SLURM or Ctrl-C do
     out, err = proc.communicate(timeout=240)
     assert proc.returncode == 0, err[-3000:]
     stopped = _step(tmp_path / "parts" / "last.ckpt")
@@ -209,3 +209,25 @@ def test_torchrun_two_processes_matches_lightning_ddp(tmp_path, nanochat_current
         assert done.returncode == 0, done.stderr[-3000:]
         runs[run] = tmp_path / run / "last.ckpt"
     _assert_same_weights(runs["lightning"], runs["torchrun"])
+
+
+def test_slurm_script_resumes_from_last_ckpt(tmp_path):
+    """configs/slurm/fit.sbatch run by bash with a recording `srun`: devices/nodes from SLURM, --ckpt_path last on requeue."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "srun.args"}\n')
+    (bin_dir / "srun").chmod(0o755)
+    run_dir = tmp_path / "run"
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({"trainer": {"default_root_dir": str(run_dir)}}))
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_NUM_NODES="2", SLURM_NTASKS_PER_NODE="4")
+    script = ROOT / "configs" / "slurm" / "fit.sbatch"
+    for _ in range(2):
+        done = subprocess.run(["bash", str(script), str(cfg)], cwd=ROOT, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        run_dir.mkdir(exist_ok=True)
+        (run_dir / "last.ckpt").write_bytes(b"")  # what the first job leaves when it is preempted
+    first, second = (tmp_path / "srun.args").read_text().splitlines()
+    assert first.split() == ["saelightning", "fit", "--config", str(cfg), "--trainer.num_nodes", "2",
+                             "--trainer.devices", "4", "--trainer.strategy", "ddp"]
+    assert second.split() == first.split() + ["--ckpt_path", "last"]
