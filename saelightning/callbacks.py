@@ -11,6 +11,7 @@ import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_only
 
 from saelightning.errors import SAELightningError
+from saelightning.dashboards.stats import density_summary
 from saelightning.metrics import log10_density
 
 
@@ -218,8 +219,15 @@ class FinalCheckpoint(pl.Callback):
 
 # --- TensorBoard ---
 
+def _experiments(trainer, method: str) -> list:
+    """The loggers' writers that have `method` (TensorBoard's SummaryWriter)."""
+    found = (getattr(logger, "experiment", None) for logger in trainer.loggers)
+    return [e for e in found if e is not None and hasattr(e, method)]
+
+
 class DensityHistograms(pl.Callback):
-    """log10 feature-density histograms to TensorBoard, once per completed density window.
+    """log10 feature-density histograms to TensorBoard, once per completed density window, and a text
+    summary of the most and least frequent latents at the end of training.
 
     Args:
         enabled: log them (False: skip).
@@ -230,14 +238,24 @@ class DensityHistograms(pl.Callback):
         self._logged = -1
 
     @rank_zero_only
+    def on_train_end(self, trainer, pl_module) -> None:
+        # a short text summary (most / least frequent latents) of the last density window per SAE
+        if not self.enabled:
+            return
+        for experiment in _experiments(trainer, "add_text"):
+            for name in pl_module.saes:
+                density = pl_module.density(name)
+                if torch.isnan(density).any():
+                    continue  # no window completed: nothing to summarise
+                experiment.add_text(f"{pl_module.prefix(name)}sparsity/summary", density_summary(density),
+                                    trainer.global_step)
+
+    @rank_zero_only
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if not self.enabled or pl_module.density_step == self._logged:
             return
         self._logged = pl_module.density_step
-        for logger in trainer.loggers:
-            experiment = getattr(logger, "experiment", None)
-            if experiment is None or not hasattr(experiment, "add_histogram"):
-                continue
+        for experiment in _experiments(trainer, "add_histogram"):
             for name in pl_module.saes:
                 values = log10_density(pl_module.density(name)).cpu()
                 experiment.add_histogram(f"{pl_module.prefix(name)}sparsity/log10_feature_density", values, trainer.global_step)

@@ -20,9 +20,13 @@ import torch.distributed as dist
 from torch import nn
 
 from saelightning.errors import SAELightningError
+from saelightning.evaluate import add_sums, finalize_scores, spliced_scores
 from saelightning.hooks import hook_width, parse_hook
 from saelightning.metrics import L0, L1, FeatureDensity, ReconstructionMetrics, firing_counts
 
+# what validation logs from the spliced model (SAELens / SAEBench names)
+SPLICED_METRICS = ("ce_loss_score", "ce_loss_without_sae", "ce_loss_with_sae", "ce_loss_with_ablation",
+                   "kl_div_score", "kl_div_with_sae", "kl_div_with_ablation")
 _NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
 
 
@@ -99,12 +103,16 @@ class SAEModule(pl.LightningModule):
         dead_window_tokens: a latent not fired in this many tokens counts as dead (AuxK, resampling, logs).
         max_nonfinite_steps: a step whose activations, loss or gradients are not finite is skipped (no update,
             counted in details/nonfinite_skipped); this many in a row stop the run with an error.
+        spliced_eval: at each validation, also splice every SAE into the frozen model on the val tokens and
+            log ce_loss_score, kl_div_score and the CE/KL they come from (1 + #hooks + #SAEs model forwards
+            per val batch).
     """
 
     def __init__(self, saes: list[SAESpec] | None = None, n_layer: int = 0, d_model: int = 0,
                  model_info: dict | None = None, warmup_steps: int = 1000, decay_steps: int = 0,
                  lr_end_factor: float = 0.0, betas: tuple[float, float] = (0.9, 0.999), eps: float = 6.25e-10,
-                 grad_clip: float | None = 1.0, dead_window_tokens: int = 10_000_000, max_nonfinite_steps: int = 10):
+                 grad_clip: float | None = 1.0, dead_window_tokens: int = 10_000_000, max_nonfinite_steps: int = 10,
+                 spliced_eval: bool = True):
         super().__init__()
         specs = [_as_spec(s) for s in (saes or [SAESpec()])]
         if n_layer < 1 or d_model < 1:
@@ -114,6 +122,7 @@ class SAEModule(pl.LightningModule):
             "model_info": model_info or {}, "warmup_steps": warmup_steps, "decay_steps": decay_steps,
             "lr_end_factor": lr_end_factor, "betas": list(betas), "eps": eps, "grad_clip": grad_clip,
             "dead_window_tokens": dead_window_tokens, "max_nonfinite_steps": max_nonfinite_steps,
+            "spliced_eval": spliced_eval,
         })
         self.model_info = model_info or {}
         self.saes = nn.ModuleDict()
@@ -136,6 +145,7 @@ class SAEModule(pl.LightningModule):
         self.windows = nn.ModuleDict({n: FeatureDensity(s.config.d_sae) for n, s in self.saes.items()})
         self.density_step = -1  # global step of the last completed density window (callbacks watch it)
         self._clock: tuple[float, int] | None = None
+        self._spliced: dict | None = None  # spliced CE/KL sums over the current validation
 
     @staticmethod
     def _metric_set(sae) -> nn.ModuleDict:
@@ -308,7 +318,7 @@ class SAEModule(pl.LightningModule):
         metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if v.numel() == 1}
         checkpoint["saelightning_metrics"] = {k: v for k, v in metrics.items() if math.isfinite(v)}
 
-    # --- validation (spliced CE/KL would use batch["tokens"] and the data module's model) ---
+    # --- validation: reconstruction metrics on val activations, CE/KL with each SAE spliced in ---
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         for name, sae in self.saes.items():
@@ -320,6 +330,18 @@ class SAEModule(pl.LightningModule):
             # Metric objects: Lightning computes them (synced over ranks) at the end of the val epoch
             self.log(f"{p}val/l0", metrics["l0"], on_step=False, on_epoch=True, batch_size=x.shape[0])
             self.log(f"{p}val/l1", metrics["l1"], on_step=False, on_epoch=True, batch_size=x.shape[0])
+        if self.hparams.get("spliced_eval", True) and "tokens" in batch:
+            self._spliced = add_sums(self._spliced, self._spliced_sums(batch["tokens"]))
+
+    def _spliced_sums(self, tokens: torch.Tensor) -> dict:
+        """Spliced CE/KL sums of every SAE on one val batch (the training SAEs, scaled as they train)."""
+        data = self.trainer.datamodule
+        saes = {}
+        for name, sae in self.saes.items():
+            saes.setdefault(self.specs[name].hook_name, []).append(sae)
+        sums = spliced_scores(data.model, saes, tokens.to(self.device), data.tokenizer.bos_id)
+        names = {hook: [n for n in self.saes if self.specs[n].hook_name == hook] for hook in saes}
+        return {name: s for hook, group in sums.items() for name, s in zip(names[hook], group)}
 
     def on_validation_epoch_end(self) -> None:
         for name in self.saes:
@@ -328,4 +350,16 @@ class SAEModule(pl.LightningModule):
             values[f"{p}val/dead_fraction"] = (metrics["density"].compute() == 0).float().mean()
             metrics["rec"].reset()
             metrics["density"].reset()
+            values.update(self._spliced_metrics(name, p))
             self.log_dict(values, sync_dist=False)
+        self._spliced = None
+
+    def _spliced_metrics(self, name: str, p: str) -> dict:
+        if self._spliced is None:
+            return {}
+        sums = self._spliced[name]
+        if dist.is_available() and dist.is_initialized():
+            for v in sums.values():  # sums pool over ranks by adding
+                dist.all_reduce(v)
+        scores = finalize_scores(sums)
+        return {f"{p}val/{k}": torch.tensor(scores[k], dtype=torch.float32) for k in SPLICED_METRICS}

@@ -1,6 +1,7 @@
 """`saelightning fit|validate` end to end on a tiny real nanochat model (CPU, in-process through cli.main)."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -59,6 +60,19 @@ def test_fit_end_to_end_writes_checkpoint_logs_and_export(tmp_path, nanochat_cur
     assert meta["hook_name"] == HOOK and meta["context_size"] == 32 and meta["training_tokens"] == 10 * 64
     assert meta["model"]["era"] == "current" and meta["model"]["step"] == 10
     assert "val/explained_variance" in meta["final_metrics"]
+    # validation splices each SAE into the model: CE/KL scores reach TensorBoard and the export
+    final = meta["final_metrics"]
+    for key in ("ce_loss_score", "kl_div_score", "ce_loss_with_sae", "ce_loss_without_sae", "ce_loss_with_ablation"):
+        assert math.isfinite(final[f"val/{key}"]), key
+    assert final["val/kl_div_with_sae"] >= 0 and final["val/kl_div_with_ablation"] > 0
+    assert final["val/kl_div_score"] == pytest.approx(
+        1 - final["val/kl_div_with_sae"] / final["val/kl_div_with_ablation"], rel=1e-4)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "lightning_logs" / "version_0"), size_guidance={"tensors": 0}).Reload()
+    assert {"val/ce_loss_score", "val/kl_div_score"} <= set(events.Tags()["scalars"])
+    summary = events.Tensors("sparsity/summary/text_summary")[-1].tensor_proto.string_val[0].decode()
+    assert "latents alive" in summary and "Most frequent" in summary
     sae = load_sae(export)
     scale = ckpt["ActivationDataModule"]["scales"][HOOK]
     x = torch.randn(16, 64)
