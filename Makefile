@@ -19,8 +19,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/saelightning fit --config configs/demo.yaml
 
+# The suite (slow tests deselected), then the one slow test CI must also run: kill -9 of a two-process
+# DDP fit and a bitwise-equal resume (about a minute).
 test: $(STAMP) browser
 	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m slow tests/test_faults.py::test_ddp_sigkill_whole_job_then_resume_is_bitwise_equal
 
 # Debian's chromium for the dashboards' browser test (tests/test_browser.py skips without it).
 browser:
