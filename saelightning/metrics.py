@@ -31,40 +31,39 @@ def _scalar() -> torch.Tensor:
     return torch.zeros((), dtype=F64)
 
 
-class L0(Metric):
+class _MeanPerToken(Metric):
+    """The mean over tokens of a per-token statistic of the latents (a sum state and a token count)."""
+
+    full_state_update = False
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.add_state("total", _scalar(), dist_reduce_fx="sum")
+        self.add_state("count", _scalar(), dist_reduce_fx="sum")
+
+    def per_token_sum(self, values: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def update(self, latents: torch.Tensor) -> None:
+        self.total += self.per_token_sum(_values(latents).detach()).to(F64)
+        self.count += latents.shape[0]
+
+    def compute(self) -> torch.Tensor:
+        return self.total / self.count
+
+
+class L0(_MeanPerToken):
     """Mean number of non-zero latents per token."""
 
-    full_state_update = False
-
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.add_state("total", _scalar(), dist_reduce_fx="sum")
-        self.add_state("count", _scalar(), dist_reduce_fx="sum")
-
-    def update(self, latents: torch.Tensor) -> None:
-        self.total += (_values(latents) != 0).sum().to(F64)
-        self.count += latents.shape[0]
-
-    def compute(self) -> torch.Tensor:
-        return self.total / self.count
+    def per_token_sum(self, values: torch.Tensor) -> torch.Tensor:
+        return (values != 0).sum()
 
 
-class L1(Metric):
+class L1(_MeanPerToken):
     """Mean sum of |latents| per token."""
 
-    full_state_update = False
-
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.add_state("total", _scalar(), dist_reduce_fx="sum")
-        self.add_state("count", _scalar(), dist_reduce_fx="sum")
-
-    def update(self, latents: torch.Tensor) -> None:
-        self.total += _values(latents).detach().to(F64).abs().sum()
-        self.count += latents.shape[0]
-
-    def compute(self) -> torch.Tensor:
-        return self.total / self.count
+    def per_token_sum(self, values: torch.Tensor) -> torch.Tensor:
+        return values.to(F64).abs().sum()
 
 
 class ReconstructionMetrics(Metric):
