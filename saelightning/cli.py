@@ -73,11 +73,6 @@ def main(args: list[str] | None = None) -> int:
             raise
         print(f"saelightning: error: {e.strerror}: {e.filename}; check that the path exists and is writable", file=sys.stderr)
         return 2
-    except ModuleNotFoundError as e:
-        if e.name == COMMANDS[command][0]:
-            print(f"saelightning: error: `{command}` is not built yet", file=sys.stderr)
-            return 2
-        raise
 
 
 if __name__ == "__main__":
