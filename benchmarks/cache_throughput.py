@@ -79,7 +79,7 @@ def sae_loop(a, batches: list[torch.Tensor], d_in: int) -> float:
         if i == a.warmup:
             _sync(a.device)
             t0 = time.perf_counter()
-        _, _, losses = sae(x, dead_mask=dead)
+        _, _, losses = sae(x, dead_mask=dead, **({"sparse": True} if sae.sparse_forward else {}))  # as SAEModule calls it
         opt.zero_grad(set_to_none=True)
         losses["loss"].backward()
         sae.before_optimizer_step()

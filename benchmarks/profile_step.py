@@ -1,6 +1,6 @@
 """torch.profiler tables of one TopK SAE training step: the bare SAE step and the fit step (Trainer + SAEModule).
 
-    python benchmarks/profile_step.py [--d-in 128] [--d-sae 1024] [--k 16] [--batch 4096] [--steps 6] [--threads 1]
+    python benchmarks/profile_step.py [--d-in 128] [--d-sae 1024] [--k 16] [--batch 4096] [--steps 6] [--threads 1] [--dead 0.25]
 
 Random activations (the costs depend on shapes, not values); prints the top ops by self CPU time.
 """
@@ -14,7 +14,7 @@ from torch.profiler import ProfilerActivity, profile
 
 
 def sae_step(sae, opt, x, dead):
-    _, _, losses = sae(x, dead_mask=dead)
+    _, _, losses = sae(x, dead_mask=dead, **({"sparse": True} if getattr(sae, "sparse_forward", False) else {}))
     opt.zero_grad(set_to_none=True)
     losses["loss"].backward()
     sae.before_optimizer_step()
@@ -30,12 +30,25 @@ def profile_sae(a, batches):
     sae.init_from_batch(batches[0])
     opt = torch.optim.Adam(sae.parameters(), lr=1e-3, eps=6.25e-10)
     dead = torch.zeros(a.d_sae, dtype=torch.bool)
-    dead[: a.d_sae // 4] = True  # AuxK on, as after the first dead window
+    dead[: int(a.dead * a.d_sae)] = True  # AuxK runs when some latents are dead
     sae_step(sae, opt, batches[0], dead)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for x in batches:
             sae_step(sae, opt, x, dead)
     return prof
+
+
+class _Batches:
+    """An iterable of batch dicts (a plain list would read as several dataloaders)."""
+
+    def __init__(self, items):
+        self.items = items
+
+    def __iter__(self):
+        return iter(self.items)
+
+    def __len__(self):
+        return len(self.items)
 
 
 def profile_fit(a, batches):
@@ -44,7 +57,7 @@ def profile_fit(a, batches):
     from saelightning.module import SAEModule
 
     hook = "blocks.0.hook_resid_post"
-    data = [{"acts": {hook: x}, "scales": {hook: 1.0}, "index": i} for i, x in enumerate(batches * 2)]
+    data = _Batches([{"acts": {hook: x}, "scales": {hook: 1.0}, "index": i} for i, x in enumerate(batches * 2)])
     module = SAEModule(saes=[{"hook_name": hook, "d_sae": a.d_sae, "k": a.k}], n_layer=1, d_model=a.d_in,
                        warmup_steps=1)
 
@@ -72,6 +85,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rows", type=int, default=18)
+    p.add_argument("--dead", type=float, default=0.0, help="fraction of latents marked dead in the sae profile (AuxK)")
     p.add_argument("--what", default="both", choices=["sae", "fit", "both"])
     a = p.parse_args()
     torch.set_num_threads(a.threads)
