@@ -99,7 +99,8 @@ class SAEModule(pl.LightningModule):
         lr_end_factor: lr factor at the end of the decay.
         betas: Adam betas.
         eps: Adam eps (small, as for TopK SAEs).
-        grad_clip: clip each SAE's gradient norm to this (None: no clipping).
+        grad_clip: clip each SAE's gradient norm to this, in the units of SAELens's loss E||x - x̂||² (an SAE
+            whose loss is normalised, like TopK's fvu, is clipped at grad_clip / d_in); None: no clipping.
         dead_window_tokens: a latent not fired in this many tokens counts as dead (AuxK, resampling, logs).
         max_nonfinite_steps: a step whose activations, loss or gradients are not finite is skipped (no update,
             counted in details/nonfinite_skipped); this many in a row stop the run with an error.
@@ -195,7 +196,8 @@ class SAEModule(pl.LightningModule):
         # per SAE, so that one SAE of a sweep never scales another's step
         dropped = False
         for sae in self.saes.values():
-            norm = nn.utils.clip_grad_norm_(sae.parameters(), self.hparams.grad_clip or math.inf)
+            clip = self.hparams.grad_clip * sae.grad_clip_scale() if self.hparams.grad_clip else math.inf
+            norm = nn.utils.clip_grad_norm_(sae.parameters(), clip)
             if not torch.isfinite(norm):  # grads are already synced, so every rank drops the same update
                 for p in sae.parameters():
                     p.grad = None

@@ -37,6 +37,21 @@ def test_param_groups_names_and_bad_specs():
         SAEModule(saes=[{"hook_name": HOOK, "name": "a"}, {"hook_name": HOOK, "name": "a"}], n_layer=2, d_model=16)
 
 
+def test_gradient_clip_is_in_saelens_units_for_every_architecture():
+    module = SAEModule(saes=[{"hook_name": HOOK, "d_sae": 64, "k": 4, "name": "topk"},
+                             {"hook_name": HOOK, "architecture": "relu", "d_sae": 64, "name": "relu"}],
+                       n_layer=2, d_model=16, grad_clip=0.5)
+    for sae in module.saes.values():
+        for p in sae.parameters():
+            p.grad = torch.full_like(p, 10.0)
+    module.nonfinite_skipped = torch.zeros((), dtype=torch.long)
+    module.configure_gradient_clipping(None)
+    norm = {name: torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in sae.parameters()]))
+            for name, sae in module.saes.items()}
+    assert norm["topk"] == pytest.approx(0.5 / 16, rel=1e-4)  # fvu loss: the clip in E||x - x̂||² units / d_in
+    assert norm["relu"] == pytest.approx(0.5, rel=1e-4)  # summed squared error: the clip as given
+
+
 def _relu_module():
     torch.manual_seed(0)
     return SAEModule(saes=[{"hook_name": HOOK, "architecture": "relu", "d_sae": 32, "name": "s"}],

@@ -182,6 +182,14 @@ class SAE(nn.Module):
             "fvu": err.sum() / total_variance,  # normalised MSE, the TopK recipes' loss
         }
 
+    def grad_clip_scale(self) -> float:
+        """How big this SAE's loss is against E||x - x̂||² (SAELens's scale, in which a gradient clip is given).
+
+        The trainer clips at grad_clip * grad_clip_scale(), so one clip value means the same for every
+        architecture: 1 here, where the loss is the summed squared error plus a penalty.
+        """
+        return 1.0
+
     def penalty_scale(self) -> float:
         """Linear warm-up factor of the sparsity penalty (Anthropic April 2024)."""
         warmup = self.config.l1_warmup_steps

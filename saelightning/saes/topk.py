@@ -7,6 +7,11 @@ from saelightning.saes.sparse import SparseLatents, gather_encode, sparse_decode
 
 
 class TopKSAE(SAE):
+    def grad_clip_scale(self) -> float:
+        # the loss is the normalised MSE (fvu), about E||x - x̂||² / d_in at E||x||² = d_in: without this a
+        # clip of 1 never bites, where in SAELens's units it bites on most steps (and helps: BENCHMARKS.md)
+        return 1.0 / self.config.d_in
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         values, indices = self.encode_sparse(x)
         return torch.zeros(*values.shape[:-1], self.config.d_sae, dtype=values.dtype, device=values.device).scatter(-1, indices, values)
