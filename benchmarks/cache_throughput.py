@@ -32,6 +32,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sae_step import train_step  # noqa: E402
+
 
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
@@ -79,13 +82,7 @@ def sae_loop(a, batches: list[torch.Tensor], d_in: int) -> float:
         if i == a.warmup:
             _sync(a.device)
             t0 = time.perf_counter()
-        _, _, losses = sae(x, dead_mask=dead, **({"sparse": True} if sae.sparse_forward else {}))  # as SAEModule calls it
-        opt.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        sae.before_optimizer_step()
-        torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
-        opt.step()
-        sae.after_optimizer_step()
+        train_step(sae, opt, x, dead)  # as SAEModule runs it
     _sync(a.device)
     return a.steps * a.batch / (time.perf_counter() - t0)
 

@@ -8,19 +8,14 @@ Random activations (the costs depend on shapes, not values); prints the top ops 
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-
-def sae_step(sae, opt, x, dead):
-    _, _, losses = sae(x, dead_mask=dead, **({"sparse": True} if getattr(sae, "sparse_forward", False) else {}))
-    opt.zero_grad(set_to_none=True)
-    losses["loss"].backward()
-    sae.before_optimizer_step()
-    torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
-    opt.step()
-    sae.after_optimizer_step()
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sae_step import train_step as sae_step  # noqa: E402
 
 
 def profile_sae(a, batches):

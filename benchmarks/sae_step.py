@@ -30,6 +30,20 @@ from saelightning.saes.base import TOPK_STYLE
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "4090": 165.0}  # dense
 
 
+def train_step(sae, opt, x, dead, cast=None, grad_clip: float = 1.0) -> None:
+    """One SAE training step in SAEModule's order: forward (sparse where the SAE has it), backward,
+    decoder-gradient projection, the clip in SAELens's units, Adam, decoder renormalisation."""
+    sparse = {"sparse": True} if getattr(sae, "sparse_forward", False) else {}
+    with cast or nullcontext():
+        losses = sae(x, dead_mask=dead, **sparse)[2]
+    opt.zero_grad(set_to_none=True)
+    losses["loss"].backward()
+    sae.before_optimizer_step()
+    torch.nn.utils.clip_grad_norm_(sae.parameters(), grad_clip * sae.grad_clip_scale())
+    opt.step()
+    sae.after_optimizer_step()
+
+
 def peak_tflops(device: str, given: float | None) -> float | None:
     if given:
         return given
@@ -60,17 +74,9 @@ def time_steps(a, arch: str, d_in: int, d_sae: int, k: int) -> tuple[float, int,
     dead = torch.zeros(d_sae, dtype=torch.bool, device=a.device)
     dead[: int(a.dead * d_sae)] = True
     cast = torch.autocast(device_type=a.device.split(":")[0], dtype=torch.bfloat16) if a.autocast == "bf16" else nullcontext()
-    sparse = {"sparse": True} if getattr(sae, "sparse_forward", False) else {}
 
     def step():
-        with cast:
-            losses = sae(x, dead_mask=dead, **sparse)[2]
-        opt.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        sae.before_optimizer_step()
-        torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
-        opt.step()
-        sae.after_optimizer_step()
+        train_step(sae, opt, x, dead, cast)
 
     step()
     _sync(a.device)
