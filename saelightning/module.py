@@ -138,12 +138,15 @@ class SAEModule(pl.LightningModule):
             self.register_buffer(f"since_fired__{name}", torch.zeros(sae.config.d_sae, dtype=torch.long))
             self.register_buffer(f"initialized__{name}", torch.zeros((), dtype=torch.bool))
             self.register_buffer(f"density__{name}", torch.full((sae.config.d_sae,), float("nan")))
+            # firing counts of the density window in progress, pooled over ranks: a buffer, so a resumed
+            # run's window (and the density it exports) is the uninterrupted run's
+            self.register_buffer(f"window__{name}", torch.zeros(sae.config.d_sae, dtype=torch.float64))
+            self.register_buffer(f"window_tokens__{name}", torch.zeros((), dtype=torch.float64))
         self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long))  # SAE training tokens, all ranks
         self.register_buffer("nonfinite_skipped", torch.zeros((), dtype=torch.long))  # steps skipped so far
         self._nonfinite_run = 0  # consecutive skipped steps (a good step resets it)
         self.train_metrics = nn.ModuleDict({n: self._metric_set(s) for n, s in self.saes.items()})
         self.val_metrics = nn.ModuleDict({n: self._metric_set(s) for n, s in self.saes.items()})
-        self.windows = nn.ModuleDict({n: FeatureDensity(s.config.d_sae) for n, s in self.saes.items()})
         self.density_step = -1  # global step of the last completed density window (callbacks watch it)
         self._clock: tuple[float, int] | None = None
         self._spliced: dict | None = None  # spliced CE/KL sums over the current validation
@@ -222,10 +225,12 @@ class SAEModule(pl.LightningModule):
             initialized.fill_(True)
 
     def _track(self, name: str, counts: torch.Tensor, batch_tokens: int) -> None:
-        fired = self.trainer.strategy.reduce((counts > 0).float(), reduce_op="sum") > 0  # the same tracker on every rank
+        """Dead tracker and density window from this step's firing counts, summed over ranks (one all-reduce)."""
+        counts = self.trainer.strategy.reduce(counts, reduce_op="sum")  # the same tracker on every rank
         since = self.since_fired(name)
         since += self.world_batch(batch_tokens)
-        since.masked_fill_(fired, 0)  # not since[fired] = 0: boolean indexing syncs with the host
+        since.masked_fill_(counts > 0, 0)  # not since[fired] = 0: boolean indexing syncs with the host
+        self._window(name, counts, batch_tokens)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         if self._skip_nonfinite(batch["acts"].values(), "activations"):
@@ -246,7 +251,6 @@ class SAEModule(pl.LightningModule):
         for name, (x, x_hat, latents, losses) in outputs.items():
             counts = firing_counts(latents)  # one pass serves the dead tracker and the density window
             self._track(name, counts, latents.shape[0])
-            self._window(name, counts, latents.shape[0])
             if log_now:  # like SAELens: train metrics of the logged step's batch (the rest would cost every step)
                 self._update(self.train_metrics[name], x.detach(), x_hat.detach(), latents.detach())
                 self._log_train(name, losses)
@@ -280,12 +284,14 @@ class SAEModule(pl.LightningModule):
 
     def _window(self, name: str, counts: torch.Tensor, batch_tokens: int) -> None:
         """Feature density over windows of dead_window_tokens (a fixed step count, so ranks agree)."""
-        window = self.windows[name]
-        window.update_counts(counts, batch_tokens)
+        window, tokens = getattr(self, f"window__{name}"), getattr(self, f"window_tokens__{name}")
+        window += counts
+        tokens += self.world_batch(batch_tokens)  # skipped (non-finite) steps add neither
         steps = max(1, math.ceil(self.hparams.dead_window_tokens / self.world_batch(batch_tokens)))
         if (self.global_step + 1) % steps == 0:
-            self.density(name).copy_(window.compute().float())
-            window.reset()
+            self.density(name).copy_(window / tokens)
+            window.zero_()
+            tokens.zero_()
             self.density_step = self.global_step
 
     def _should_log(self) -> bool:
