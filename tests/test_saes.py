@@ -7,7 +7,7 @@ import torch
 from saelightning.errors import SAELightningError
 from saelightning.saes import ARCHITECTURES, SAEConfig, build_sae
 from saelightning.saes.jumprelu import JumpReLUSTE, StepSTE
-from saelightning.saes.sparse import dense_decode, dense_to_ragged, sparse_decode, sparse_decode_ragged
+from saelightning.saes.sparse import dense_decode, sparse_decode, sparse_decode_ragged
 
 D_IN, D_SAE, K = 16, 64, 4
 
@@ -271,7 +271,8 @@ def test_ragged_sparse_decode_equals_dense_product():
     latents = torch.rand(20, 50, generator=gen, dtype=torch.float64) * (torch.rand(20, 50, generator=gen) < 0.1)
     latents[3] = 0.0  # a token with no active latent
     W = torch.randn(50, 12, generator=gen, dtype=torch.float64)
-    values, columns, offsets = dense_to_ragged(latents)
+    rows, columns = latents.nonzero(as_tuple=True)
+    values, offsets = latents[rows, columns], torch.searchsorted(rows, torch.arange(20))
     assert torch.allclose(sparse_decode_ragged(values, columns, offsets, W), latents @ W, atol=1e-12)
 
 

@@ -3,17 +3,22 @@
 The per-token count varies (k on average). An EMA of the smallest kept activation is the threshold
 used outside training, where the SAE is a JumpReLU with that threshold for every latent (and is
 exported as one).
+
+The training forward is sparse like TopK's: the encoder product runs once without autograd, the
+k·N winners are gathered with a sparse backward (gather_encode_ragged) and decoded from their rows
+of W_dec (embedding_bag with per-token offsets); no dense [N, d_sae] latents are built.
 """
 
 import torch
 
 from saelightning.saes.base import SAE
-from saelightning.saes.sparse import dense_to_ragged, sparse_decode_ragged
+from saelightning.saes.sparse import (
+    SparseLatents, batch_topk_ragged, gather_encode, gather_encode_ragged, sparse_decode_ragged,
+)
 from saelightning.saes.topk import TopKSAE
 
 
 class BatchTopKSAE(TopKSAE):
-    sparse_forward = False  # ragged latents: forward returns them dense
     def __init__(self, config):
         super().__init__(config)
         self.register_buffer("threshold", torch.zeros((), dtype=torch.float32))
@@ -35,40 +40,51 @@ class BatchTopKSAE(TopKSAE):
 
     def _batch_topk(self, pre: torch.Tensor) -> torch.Tensor:
         """Dense latents [N, d_sae] keeping the k·N largest ReLU(pre) of the whole batch."""
-        acts = pre.relu()
-        flat = acts.flatten()
-        n_keep = min(self.config.k * pre.shape[0], flat.numel())
-        values, idx = flat.topk(n_keep, sorted=False)
-        return torch.zeros_like(flat).scatter(0, idx, values).reshape(acts.shape)
+        rows, columns, _ = batch_topk_ragged(pre, self.config.k)
+        return torch.zeros_like(pre).index_put((rows, columns), pre[rows, columns].relu())
 
     @torch.no_grad()
-    def _update_threshold(self, latents: torch.Tensor) -> None:
-        positive = latents[latents > 0]
-        if positive.numel() == 0:
-            return
-        batch_min = positive.min().float()
-        if int(self.threshold_updates) == 0:
-            self.threshold.copy_(batch_min)
-        else:
-            decay = self.config.threshold_ema
-            self.threshold.mul_(decay).add_((1 - decay) * batch_min)
-        self.threshold_updates += 1
+    def _update_threshold(self, values: torch.Tensor) -> None:
+        """EMA of the smallest positive kept activation (the first batch sets it); no host sync."""
+        batch_min = torch.where(values > 0, values, torch.inf).min().float()
+        seen = torch.isfinite(batch_min)  # a batch with nothing positive leaves the threshold alone
+        decay = self.config.threshold_ema
+        ema = torch.where(self.threshold_updates == 0, batch_min, self.threshold * decay + (1 - decay) * batch_min)
+        self.threshold.copy_(torch.where(seen, ema, self.threshold))
+        self.threshold_updates += seen.long()
 
-    def sparse_latents(self, x: torch.Tensor):
-        """(pre-activations, dense latents, ragged (values, columns, offsets)) for a training or eval batch."""
-        pre = self.pre_acts(x)
-        latents = self._batch_topk(pre) if self.training else self._threshold_acts(pre)
+    def sparse_latents(self, x: torch.Tensor) -> tuple[torch.Tensor, SparseLatents, torch.Tensor, torch.Tensor]:
+        """(x - b_dec, pre-activations, ragged latents, offsets): the batch top k·N while training, else the threshold's."""
+        x = self._check_input(x)
+        x_c = x - self.b_dec if self.config.apply_b_dec_to_input else x
+        with torch.no_grad():  # the dense product is only read at the selected entries: gather_encode gives the gradient
+            pre = torch.addmm(self.b_enc, x_c, self.W_enc)
+            if self.training:
+                rows, columns, offsets = batch_topk_ragged(pre, self.config.k)
+            else:  # evaluation: the JumpReLU latents (a host sync for their count is fine here)
+                rows, columns = (self._threshold_acts(pre) != 0).nonzero(as_tuple=True)
+                offsets = torch.searchsorted(rows, torch.arange(pre.shape[0], device=pre.device, dtype=rows.dtype))
+        values = gather_encode_ragged(pre, x_c, self.W_enc, self.b_enc, rows, columns, offsets).relu()
         if self.training:
-            self._update_threshold(latents.detach())
-        return pre, latents, dense_to_ragged(latents)
+            self._update_threshold(values.detach())
+        return pre, SparseLatents(values, columns, self.config.d_sae, rows, pre.shape[0]), offsets
 
-    def forward(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None):
-        pre, latents, (values, columns, offsets) = self.sparse_latents(x)
-        x_hat = sparse_decode_ragged(values, columns, offsets, self.W_dec) + self.b_dec
+    def _aux(self, x, x_hat, pre, dead_mask) -> torch.Tensor:
+        """AuxK from the top k_aux dead latents per token (TopK's sparse path); 0 when none is dead."""
+        aux_indices, aux_weight = self._aux_indices(pre, dead_mask)
+        if aux_indices is None:
+            return x_hat.new_zeros(()).float()
+        values = gather_encode(pre, self.centered(x), self.W_enc, self.b_enc, aux_indices).relu() * aux_weight
+        aux = self._auxk_from(x, x_hat, values, aux_indices)
+        return aux * aux_weight.amax() if torch.is_tensor(aux_weight) else aux
+
+    def forward(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None, sparse: bool = False):
+        pre, latents, offsets = self.sparse_latents(x)
+        x_hat = sparse_decode_ragged(latents.values, latents.indices, offsets, self.W_dec) + self.b_dec
         losses = self.reconstruction_stats(x, x_hat)
-        losses["auxk_loss"] = self.auxk_loss(x, x_hat, pre, dead_mask)
+        losses["auxk_loss"] = self._aux(x, x_hat, pre, dead_mask)
         losses["loss"] = losses["fvu"] + self.config.aux_coefficient * losses["auxk_loss"]
-        return x_hat, latents, losses
+        return x_hat, (latents if sparse else latents.dense()), losses
 
     # exported as JumpReLU: every latent's threshold is the learned batch threshold
     def saelens_architecture(self) -> str:

@@ -6,22 +6,36 @@ dictionary splitting or absorbing features.
 """
 
 import torch
+import torch.nn.functional as F
 
 from saelightning.saes.batchtopk import BatchTopKSAE
-from saelightning.saes.sparse import sparse_decode_ragged
 
 
 class MatryoshkaSAE(BatchTopKSAE):
-    def forward(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None):
-        pre, latents, (values, columns, offsets) = self.sparse_latents(x)
-        prefix_losses = []
-        for size in self.config.prefixes:
-            # a prefix decodes with only its latents: the others' values are masked to zero
-            prefix_values = values * (columns < size).to(values.dtype)
-            x_hat = sparse_decode_ragged(prefix_values, columns, offsets, self.W_dec) + self.b_dec
-            prefix_losses.append(self.reconstruction_stats(x, x_hat)["fvu"])
-        losses = self.reconstruction_stats(x, x_hat)  # the last prefix is the whole dictionary
-        losses["prefix_loss"] = torch.stack(prefix_losses).sum()
-        losses["auxk_loss"] = self.auxk_loss(x, x_hat, pre, dead_mask)
+    def forward(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None, sparse: bool = False):
+        pre, latents, _ = self.sparse_latents(x)
+        x_hats = self.prefix_reconstructions(latents)
+        err = (x_hats - x.to(x_hats.dtype).unsqueeze(1)).float().pow(2).sum((0, 2))
+        total_variance = (x - x.mean(0)).float().pow(2).sum().clamp_min(1e-12)
+        x_hat = x_hats[:, -1]  # the last prefix is the whole dictionary
+        losses = self.reconstruction_stats(x, x_hat)
+        losses["prefix_loss"] = (err / total_variance).sum()
+        losses["auxk_loss"] = self._aux(x, x_hat, pre, dead_mask)
         losses["loss"] = losses["prefix_loss"] + self.config.aux_coefficient * losses["auxk_loss"]
-        return x_hat, latents, losses
+        return x_hat, (latents if sparse else latents.dense()), losses
+
+    def prefix_reconstructions(self, latents) -> torch.Tensor:
+        """x̂ of every prefix, [N, n_prefixes, d_in], from one sparse decode.
+
+        Each latent belongs to one band [prefix_{j-1}, prefix_j); one embedding_bag with a bag per
+        (token, band) decodes every entry once, and a cumulative sum over bands gives the prefixes.
+        The entries are sorted by token and, within a token, by latent (batch_topk_ragged and
+        nonzero both give that order), so (token, band) keys are already sorted.
+        """
+        prefixes = torch.tensor(self.config.prefixes, device=latents.indices.device)
+        n, n_bands = latents.shape[0], len(prefixes)
+        key = latents.rows * n_bands + torch.searchsorted(prefixes, latents.indices, right=True)
+        offsets = torch.searchsorted(key, torch.arange(n * n_bands, device=key.device, dtype=key.dtype))
+        bands = F.embedding_bag(latents.indices, self.W_dec, offsets, per_sample_weights=latents.values.to(self.W_dec.dtype),
+                                mode="sum")
+        return bands.view(n, n_bands, -1).cumsum(1) + self.b_dec

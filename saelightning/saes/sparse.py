@@ -6,6 +6,7 @@ k active decoder rows, and its backward scatters into those rows only (and gives
 weights, i.e. the latent values, their gradient <grad_out[n], W_dec[indices[n, j]]>).
 """
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -57,43 +58,39 @@ def sparse_decode_ragged(values: torch.Tensor, columns: torch.Tensor, offsets: t
     return F.embedding_bag(columns, W_dec, offsets, per_sample_weights=values.to(W_dec.dtype), mode="sum")
 
 
-def dense_to_ragged(latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Nonzero latents of [N, d_sae] as flat (values, columns, offsets) in row-major order, for sparse_decode_ragged."""
-    rows, columns = latents.nonzero(as_tuple=True)
-    counts = torch.bincount(rows, minlength=latents.shape[0])
-    offsets = torch.cumsum(counts, 0) - counts
-    return latents[rows, columns], columns, offsets
-
-
 class _GatherEncode(torch.autograd.Function):
-    """values[n, j] = x_c[n] · W_enc[:, indices[n, j]] + b_enc[indices[n, j]], read from precomputed pre-activations.
+    """values = x_c · W_enc[:, columns] + b_enc[columns] at chosen entries, read from precomputed pre-activations.
 
     Autograd through a dense `x_c @ W_enc` then topk spends two dense [N, d_in] x [d_in, d_sae] products
     and several dense [N, d_sae] gradient buffers on a gradient that is non-zero in only m entries per row.
     This backward touches those entries only: the W_enc gradient is an embedding_bag weight gradient
-    (row indices[n, j] of W_encᵀ gets g[n, j] · x_c[n]), the x_c gradient a sparse decode against W_encᵀ.
+    (row columns[j] of W_encᵀ gets g[j] · x_c[row of j]), the x_c gradient a sparse decode against W_encᵀ.
+
+    Padded layout (TopK): columns [N, m], one row per token (offsets None). Ragged layout (BatchTopK):
+    flat rows/columns [M] sorted by row, row n's entries at [offsets[n], offsets[n+1]).
     """
 
     @staticmethod
-    def forward(ctx, pre, x_c, W_enc, b_enc, indices):
-        ctx.save_for_backward(x_c, W_enc, indices)
-        return pre.gather(1, indices)
+    def forward(ctx, pre, x_c, W_enc, b_enc, columns, rows, offsets):
+        ctx.save_for_backward(x_c, W_enc, columns, offsets)
+        return pre.gather(1, columns) if rows is None else pre[rows, columns]
 
     @staticmethod
     def backward(ctx, grad):
-        x_c, W_enc, indices = ctx.saved_tensors
+        x_c, W_enc, columns, offsets = ctx.saved_tensors
+        weights = grad.to(W_enc.dtype)
         grad_x = grad_W = grad_b = None
         if ctx.needs_input_grad[1]:
-            grad_x = F.embedding_bag(indices, W_enc.t().contiguous(), per_sample_weights=grad.to(W_enc.dtype), mode="sum")
+            grad_x = F.embedding_bag(columns, W_enc.t().contiguous(), offsets, per_sample_weights=weights, mode="sum")
         if ctx.needs_input_grad[2]:
             with torch.enable_grad():  # the weight gradient of embedding_bag is exactly this scatter of outer products
                 table = torch.zeros(W_enc.shape[1], W_enc.shape[0], dtype=W_enc.dtype, device=W_enc.device, requires_grad=True)
-                bags = F.embedding_bag(indices, table, per_sample_weights=grad.to(W_enc.dtype), mode="sum")
+                bags = F.embedding_bag(columns, table, offsets, per_sample_weights=weights, mode="sum")
                 (grad_W,) = torch.autograd.grad(bags, table, grad_outputs=x_c.to(W_enc.dtype))
             grad_W = grad_W.t()
         if ctx.needs_input_grad[3]:
-            grad_b = torch.zeros(W_enc.shape[1], dtype=grad.dtype, device=grad.device).index_add_(0, indices.flatten(), grad.flatten())
-        return None, grad_x, grad_W, grad_b, None
+            grad_b = torch.zeros(W_enc.shape[1], dtype=grad.dtype, device=grad.device).index_add_(0, columns.flatten(), grad.flatten())
+        return None, grad_x, grad_W, grad_b, None, None, None
 
 
 def gather_encode(pre: torch.Tensor, x_c: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -101,25 +98,71 @@ def gather_encode(pre: torch.Tensor, x_c: torch.Tensor, W_enc: torch.Tensor, b_e
 
     `pre` must be that product, computed without autograd (torch.no_grad): the forward only gathers it.
     """
-    return _GatherEncode.apply(pre.detach(), x_c, W_enc, b_enc, indices)
+    return _GatherEncode.apply(pre.detach(), x_c, W_enc, b_enc, indices, None, None)
+
+
+def gather_encode_ragged(pre, x_c, W_enc, b_enc, rows: torch.Tensor, columns: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """gather_encode for a ragged selection: pre[rows, columns] ([M], rows sorted, `offsets` [N] where each row starts)."""
+    return _GatherEncode.apply(pre.detach(), x_c, W_enc, b_enc, columns, rows, offsets)
+
+
+def batch_topk_ragged(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The k·N largest entries of pre [N, d_sae] across the whole batch as row-sorted (rows, columns, offsets).
+
+    No dense latents; offsets come from a binary search of the sorted rows (no host sync on CUDA).
+    """
+    n, d_sae = pre.shape
+    flat = _top_flat_indices(pre, min(k * n, pre.numel()))
+    rows, columns = flat // d_sae, flat % d_sae
+    offsets = torch.searchsorted(rows, torch.arange(n, device=pre.device, dtype=rows.dtype))
+    return rows, columns, offsets
+
+
+def _top_flat_indices(pre: torch.Tensor, n_keep: int, stride: int = 16, margin: float = 1.25) -> torch.Tensor:
+    """Sorted flat indices of the n_keep largest entries of pre [N, d_sae].
+
+    On CPU a topk over all N·d_sae values is the slowest part of a BatchTopK step. A threshold taken
+    from every stride-th row (the value that would keep margin × the expected share there) narrows the
+    search to the entries above it; when at least n_keep are, the top n_keep are all among them, so
+    the result is exact; when fewer are (a sample that missed), the full topk runs. On CUDA the full
+    topk is fast and the check would need a host sync, so it always runs.
+    """
+    flat = pre.reshape(-1)
+    sample = pre[::stride].reshape(-1)
+    sample_keep = math.ceil(n_keep * sample.numel() / flat.numel() * margin)
+    if not pre.is_cuda and 0 < sample_keep < sample.numel():
+        cut = sample.topk(sample_keep, sorted=False).values.min()
+        candidates = (flat > cut).nonzero().squeeze(1)  # sorted
+        if candidates.numel() >= n_keep:
+            return candidates[flat[candidates].topk(n_keep, sorted=False).indices.sort().values]
+    return flat.topk(n_keep, sorted=False).indices.sort().values
 
 
 class SparseLatents(NamedTuple):
-    """Latents of a k-sparse SAE as (values, indices) [N, m] (zeros allowed), without the dense [N, d_sae] tensor."""
+    """Latents of a sparse SAE without the dense [N, d_sae] tensor (zero values allowed: they do not fire).
+
+    Padded (TopK): values/indices [N, m], one row per token. Ragged (BatchTopK, a count per token that
+    varies): flat values/indices [M] with the token of each entry in `rows` and the token count in `n_rows`.
+    """
 
     values: torch.Tensor
     indices: torch.Tensor
     d_sae: int
+    rows: torch.Tensor | None = None
+    n_rows: int = 0
 
     @property
     def shape(self) -> tuple[int, int]:
-        return (self.values.shape[0], self.d_sae)
+        return (self.values.shape[0] if self.rows is None else self.n_rows, self.d_sae)
 
     def detach(self) -> "SparseLatents":
-        return SparseLatents(self.values.detach(), self.indices, self.d_sae)
+        return self._replace(values=self.values.detach())
 
     def dense(self) -> torch.Tensor:
-        return to_dense(self.values, self.indices, self.d_sae)
+        if self.rows is None:
+            return to_dense(self.values, self.indices, self.d_sae)
+        out = self.values.new_zeros(self.shape)
+        return out.index_put((self.rows, self.indices), self.values, accumulate=True)
 
     def firing_counts(self) -> torch.Tensor:
         """Tokens in which each latent is non-zero ([d_sae], float64); no host sync."""
