@@ -172,3 +172,26 @@ def test_save_writes_nanochat_format(tmp_path):
         "sequence_len": 128, "vocab_size": 300, "n_layer": 2, "n_head": 4, "n_kv_head": 2, "n_embd": 64}}
     sd = torch.load(path, weights_only=True)
     assert sd.keys() == model.state_dict().keys() and sd["transformer.wte.weight"].dtype == torch.bfloat16
+
+
+def test_original_era_checkpoint_with_a_padded_vocabulary_crops_the_logits(tmp_path):
+    """Dec 2025 original-era checkpoints store wte/lm_head padded to a multiple of 64 (vocab 300 -> 320)."""
+    from dataclasses import asdict
+
+    from saelightning.nanochat.model import GPT, GPTConfig
+    from tests.fixtures_nanochat import FIXTURE_CONFIG, randomize_
+
+    config = GPTConfig(**{**FIXTURE_CONFIG, "sequence_len": 64, "vocab_size": 300}, era="original")
+    padded = randomize_(GPT(config, pad_vocab_size_to=64), seed=5).eval()
+    sd = padded.state_dict()
+    assert sd["transformer.wte.weight"].shape[0] == sd["lm_head.weight"].shape[0] == 320
+    save_nanochat_checkpoint(tmp_path, 7, sd, asdict(config))
+    loaded = load_nanochat(tmp_path).model
+    # the same model without the padding rows: the padded rows must neither show up nor change anything
+    plain = GPT(config).eval()
+    plain.load_state_dict({k: v[:300] if k in ("transformer.wte.weight", "lm_head.weight") else v for k, v in sd.items()})
+    idx = torch.randint(0, 300, (2, 24))
+    with torch.no_grad():
+        logits = loaded(idx)
+        assert logits.shape == (2, 24, 300)
+        assert torch.equal(logits, plain(idx))
