@@ -227,13 +227,15 @@ def test_auxk_loss_formula_and_dead_latent_gradient():
 
 
 def test_batchtopk_threshold_is_ema_of_smallest_kept_activation():
+    """The first batch sets it; then an EMA whose decay warms up to threshold_ema."""
     sae = make("batchtopk", threshold_ema=0.5).train()
     x1, x2 = torch.randn(32, D_IN) + 1, torch.randn(32, D_IN) + 1
     _, lat1, _ = sae(x1)
     first = lat1[lat1 > 0].min()
     assert torch.allclose(sae.threshold, first)
     _, lat2, _ = sae(x2)
-    assert torch.allclose(sae.threshold, 0.5 * first + 0.5 * lat2[lat2 > 0].min())
+    decay = 2 / 11  # the second update: min(threshold_ema, (1 + 1) / (10 + 1))
+    assert torch.allclose(sae.threshold, decay * first + (1 - decay) * lat2[lat2 > 0].min())
     sae.eval()
     pre = sae.pre_acts(x1)
     assert torch.equal(sae.encode(x1), pre.relu() * (pre > sae.threshold))
@@ -345,3 +347,31 @@ def test_recovers_planted_sparse_dictionary(arch):
     with torch.no_grad():
         _, latents, losses = sae(planted_batch(gen, atoms, 1024))
     assert losses["fvu"] < 0.2 and (latents > 0).sum(-1).float().mean() < 10
+
+
+@pytest.mark.parametrize("arch", ["batchtopk", "matryoshka"])
+def test_batchtopk_threshold_gives_about_k_latents_at_inference_after_a_short_run(arch):
+    """The exported JumpReLU must keep about k latents per token, also after a run of a few hundred
+    steps: the batch minimum falls steeply early in training, and an EMA that still remembers those
+    first batches keeps a threshold far above the trained SAE's (inference L0 well under k)."""
+    torch.manual_seed(0)
+    d_in, k = 32, 8
+    directions = torch.randn(256, d_in)
+
+    def batch(n=512):  # sparse combinations of 256 directions, scaled as the trainer scales (E||x||² = d_in)
+        codes = torch.rand(n, 256) * (torch.rand(n, 256) < 0.03)
+        return codes @ directions * 0.62
+
+    sae = build_sae(SAEConfig(architecture=arch, d_in=d_in, d_sae=128, k=k)).train()
+    with torch.no_grad():
+        sae.b_dec.copy_(batch().mean(0))
+    opt = torch.optim.Adam(sae.parameters(), lr=3e-3)
+    for _ in range(250):
+        loss = sae(batch())[2]["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sae.after_optimizer_step()
+    with torch.no_grad():
+        l0 = (sae.eval().encode(batch(4096)) != 0).sum(-1).float().mean()
+    assert abs(float(l0) - k) < 0.05 * k, float(l0)  # a fixed 0.99 EMA gave 7.1 here

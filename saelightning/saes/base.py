@@ -40,7 +40,7 @@ class SAEConfig:
     preact_coefficient: float = 0.0  # jumprelu: Anthropic's pre-act loss reviving dead latents; 0 = off
     threshold_init: float = 0.01  # jumprelu: initial per-latent threshold θ
     bandwidth: float = 0.05  # jumprelu: width ε of the straight-through rectangle kernel
-    threshold_ema: float = 0.99  # batchtopk/matryoshka: EMA decay of the inference threshold
+    threshold_ema: float = 0.99  # batchtopk/matryoshka: EMA decay of the inference threshold (after a (1+n)/(10+n) warm-up)
     matryoshka_prefixes: list[int] | None = None  # nested dictionary sizes ending at d_sae; None = d_sae/16, /8, /4, /2, 1
     normalize_decoder: bool | None = None  # unit-norm decoder rows; None = per architecture
     decoder_init_norm: float | None = None  # decoder row norm at init; None = 1 (unit-norm) or 0.1

@@ -45,10 +45,17 @@ class BatchTopKSAE(TopKSAE):
 
     @torch.no_grad()
     def _update_threshold(self, values: torch.Tensor) -> None:
-        """EMA of the smallest positive kept activation (the first batch sets it); no host sync."""
+        """EMA of the smallest positive kept activation; no host sync.
+
+        The first batch sets it; the n-th update decays by min(threshold_ema, (1 + n) / (10 + n)) (the
+        num_updates warm-up of TensorFlow's ExponentialMovingAverage). The batch minimum falls steeply
+        while the SAE is young, and a fixed 0.99 would still carry those first batches hundreds of
+        steps later: a short run's exported JumpReLU then keeps far fewer than k latents per token.
+        """
         batch_min = torch.where(values > 0, values, torch.inf).min().float()
         seen = torch.isfinite(batch_min)  # a batch with nothing positive leaves the threshold alone
-        decay = self.config.threshold_ema
+        n = self.threshold_updates.float()
+        decay = torch.clamp((1 + n) / (10 + n), max=self.config.threshold_ema)
         ema = torch.where(self.threshold_updates == 0, batch_min, self.threshold * decay + (1 - decay) * batch_min)
         self.threshold.copy_(torch.where(seen, ema, self.threshold))
         self.threshold_updates += seen.long()
