@@ -12,6 +12,11 @@ from saelightning.saes.batchtopk import BatchTopKSAE
 
 
 class MatryoshkaSAE(BatchTopKSAE):
+    def __init__(self, config):
+        super().__init__(config)
+        # on the SAE's device from the start: a per-step torch.tensor(list, device="cuda") is a host copy
+        self.register_buffer("prefix_ends", torch.tensor(config.prefixes), persistent=False)
+
     def forward(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None, sparse: bool = False):
         pre, latents, _ = self.sparse_latents(x)
         x_hats = self.prefix_reconstructions(latents)
@@ -32,9 +37,8 @@ class MatryoshkaSAE(BatchTopKSAE):
         The entries are sorted by token and, within a token, by latent (batch_topk_ragged and
         nonzero both give that order), so (token, band) keys are already sorted.
         """
-        prefixes = torch.tensor(self.config.prefixes, device=latents.indices.device)
-        n, n_bands = latents.shape[0], len(prefixes)
-        key = latents.rows * n_bands + torch.searchsorted(prefixes, latents.indices, right=True)
+        n, n_bands = latents.shape[0], len(self.prefix_ends)
+        key = latents.rows * n_bands + torch.searchsorted(self.prefix_ends, latents.indices, right=True)
         offsets = torch.searchsorted(key, torch.arange(n * n_bands, device=key.device, dtype=key.dtype))
         bands = F.embedding_bag(latents.indices, self.W_dec, offsets, per_sample_weights=latents.values.to(self.W_dec.dtype),
                                 mode="sum")

@@ -167,4 +167,5 @@ class SparseLatents(NamedTuple):
     def firing_counts(self) -> torch.Tensor:
         """Tokens in which each latent is non-zero ([d_sae], float64); no host sync."""
         fired = (self.values != 0).flatten().to(torch.float64)
-        return torch.bincount(self.indices.flatten(), weights=fired, minlength=self.d_sae)
+        # index_add, not bincount: bincount on CUDA reads the largest index back to the host
+        return fired.new_zeros(self.d_sae).index_add_(0, self.indices.flatten(), fired)
