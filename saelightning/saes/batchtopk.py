@@ -60,8 +60,8 @@ class BatchTopKSAE(TopKSAE):
         self.threshold.copy_(torch.where(seen, ema, self.threshold))
         self.threshold_updates += seen.long()
 
-    def sparse_latents(self, x: torch.Tensor) -> tuple[torch.Tensor, SparseLatents, torch.Tensor, torch.Tensor]:
-        """(x - b_dec, pre-activations, ragged latents, offsets): the batch top k·N while training, else the threshold's."""
+    def sparse_latents(self, x: torch.Tensor) -> tuple[torch.Tensor, SparseLatents, torch.Tensor]:
+        """(pre-activations, ragged latents, per-token offsets): the batch top k·N while training, else the threshold's."""
         x = self._check_input(x)
         x_c = x - self.b_dec if self.config.apply_b_dec_to_input else x
         with torch.no_grad():  # the dense product is only read at the selected entries: gather_encode gives the gradient

@@ -66,21 +66,11 @@ class TopKSAE(SAE):
         return dead[picked], 1.0
 
     def _auxk_from(self, x, x_hat, values, indices):
-        e = (x - x_hat).detach()
-        e_hat = sparse_decode(values, indices, self.W_dec)
-        return (e_hat - e).float().pow(2).sum() / (e - e.mean(0)).float().pow(2).sum().clamp_min(1e-12)
-
-    def auxk_loss(self, x, x_hat, pre, dead_mask):
-        """Reconstruct the residual e = x - x̂ from the top k_aux dead latents: ||e - ê||² / ||e - mean e||².
+        """AuxK: reconstruct the residual e = x - x̂ from the top k_aux dead latents, ||e - ê||² / ||e - mean e||².
 
         The gradient reaches only the dead latents' encoder and decoder (e is detached), which pulls
         them towards directions the live latents miss.
         """
-        if dead_mask is None or not bool(dead_mask.any()):
-            return pre.new_zeros(()).float()
-        k_aux = min(self.config.k_aux_resolved, int(dead_mask.sum()))
-        masked = pre.masked_fill(~dead_mask.to(pre.device), float("-inf"))
-        values, indices = topk_sparse(masked, k_aux)
         e = (x - x_hat).detach()
         e_hat = sparse_decode(values, indices, self.W_dec)
         return (e_hat - e).float().pow(2).sum() / (e - e.mean(0)).float().pow(2).sum().clamp_min(1e-12)
