@@ -292,6 +292,18 @@ def resolve_model_path(model: str) -> str:
     return model
 
 
+def load_cli_model(model: str, device: str | None):
+    """(device, nanochat) for a command's --model/--device: 'demo' resolved, fp32 weights, a tokenizer required."""
+    from saelightning.nanochat.checkpoint import load_nanochat
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model_path = resolve_model_path(model)
+    nc = load_nanochat(model_path, device=device, dtype=torch.float32)
+    if nc.tokenizer is None:
+        raise SAELightningError(f"no tokenizer found for {model_path}; put tokenizer/ in the nanochat base dir")
+    return device, nc
+
+
 def resolve_data_dir(data: str | None, model: str) -> Path:
     """The shard directory: --data, the demo shards, or nanochat's base_data next to the model."""
     if data == "demo" or (data is None and model == "demo"):
@@ -362,15 +374,9 @@ def run_eval(args: EvalArgs) -> dict:
     """The whole `saelightning eval` run: load, evaluate, write the report; returns it."""
     from tqdm import tqdm
 
-    from saelightning.nanochat.checkpoint import load_nanochat
-
     if args.tokens < 2 or args.batch_size < 1:
         raise SAELightningError("--tokens must be >= 2 and --batch-size >= 1")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model_path = resolve_model_path(args.model)
-    nc = load_nanochat(model_path, device=device, dtype=torch.float32)
-    if nc.tokenizer is None:
-        raise SAELightningError(f"no tokenizer found for {model_path}; put tokenizer/ in the nanochat base dir")
+    device, nc = load_cli_model(args.model, args.device)
     groups, where = load_sae_groups(args.sae, device)
     check_saes(nc.model, groups)
     context = args.context_size or _default_context(groups, nc.model)
@@ -389,7 +395,7 @@ def run_eval(args: EvalArgs) -> dict:
         metrics, density = results[hook][i]
         entries.append({"path": str(path), "hook_name": hook, "metrics": metrics,
                         "feature_density": density.tolist()})
-    report = {"model": model_path, "data": str(data_dir), "context_size": context,
+    report = {"model": resolve_model_path(args.model), "data": str(data_dir), "context_size": context,
               "tokens_requested": args.tokens, "tokens_evaluated": evaluated, "saes": entries}
     write_json_atomic(args.out, report)
     return report

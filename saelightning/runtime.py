@@ -376,17 +376,13 @@ def _format_features(features: dict, row: int) -> str:
 
 
 def cli_main(argv: Sequence[str]) -> int:
-    from saelightning.evaluate import resolve_model_path
+    from saelightning.evaluate import load_cli_model
     from saelightning.export import load_sae
-    from saelightning.nanochat.checkpoint import load_nanochat
 
     a = _parser().parse_args(list(argv))
     if a.max_tokens < 1 or a.top_features < 0:
         raise SAELightningError("--max-tokens must be >= 1 and --top-features >= 0")
-    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    nc = load_nanochat(resolve_model_path(a.model), device=device, dtype=torch.float32)
-    if nc.tokenizer is None:
-        raise SAELightningError(f"no tokenizer found for {a.model}; put tokenizer/ in the nanochat base dir")
+    device, nc = load_cli_model(a.model, a.device)
     im = InterpretableModel(nc, [load_sae(d, device=device) for d in a.sae])
     only = next(iter(im.saes)) if len(im.saes) == 1 else None
     steers = [parse_steer(s, mode, only) for mode, specs in

@@ -13,8 +13,6 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-import torch
-
 from saelightning.dashboards.stats import StatsConfig, density_summary  # noqa: F401  (public API)
 from saelightning.errors import SAELightningError
 
@@ -63,17 +61,12 @@ def compute_records(args) -> tuple[dict, list[dict], object]:
     """Load model, tokenizer and SAE, stream the val shard; returns (meta, records, sae)."""
     from saelightning.dashboards.records import feature_records
     from saelightning.dashboards.stats import collect_stats, logit_effect, token_batches
-    from saelightning.evaluate import resolve_data_dir, resolve_model_path
+    from saelightning.evaluate import load_cli_model, resolve_data_dir, resolve_model_path
     from saelightning.export import load_sae
     from saelightning.hooks import parse_hook
-    from saelightning.nanochat.checkpoint import load_nanochat
     from saelightning.nanochat.shards import TextStream, list_shards
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model_path = resolve_model_path(args.model)
-    nc = load_nanochat(model_path, device=device, dtype=torch.float32)
-    if nc.tokenizer is None:
-        raise SAELightningError(f"no tokenizer found for {model_path}; put tokenizer/ in the nanochat base dir")
+    device, nc = load_cli_model(args.model, args.device)
     sae = load_sae(args.sae, device=device).eval()
     hook = (getattr(sae, "metadata", None) or {}).get("hook_name")
     if not hook:
@@ -95,7 +88,7 @@ def compute_records(args) -> tuple[dict, list[dict], object]:
     stats = collect_stats(nc.model, sae, hook, batches, nc.tokenizer.bos_id, features, cfg, device)
     effects = logit_effect(nc.model, sae, hook, stats.features, cfg)
     records = feature_records(stats, effects, nc.tokenizer.token_str)
-    meta = {"title": f"{Path(args.sae).name}: {hook}", "sae": str(args.sae), "model": str(model_path),
+    meta = {"title": f"{Path(args.sae).name}: {hook}", "sae": str(args.sae), "model": resolve_model_path(args.model),
             "hook_name": hook, "layer": layer, "n_layer": nc.model.n_layer, "n_tokens": stats.n_tokens,
             "n_rows": stats.n_rows, "d_sae": d_sae, "d_in": d_in, "context_size": context, "val_shard": str(val)}
     return meta, records, sae
