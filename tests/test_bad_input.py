@@ -197,16 +197,22 @@ def test_bad_sae_spec(sae, expected, tmp_path, nanochat_current_dir, tiny_shards
     _nothing_written(tmp_path / "run")
 
 
+def _sae_commands(sae, model, shards, tmp_path, neuronpedia: bool) -> list[list[str]]:
+    """eval, viz, generate (and neuronpedia) on one SAE directory, writing under tmp_path."""
+    data = ["--model", str(model), "--data", str(shards), "--tokens", "256", "--device", "cpu"]
+    commands = [["eval", "--sae", str(sae), *data, "--out", str(tmp_path / "eval.json")],
+                ["viz", "--sae", str(sae), *data, "--out", str(tmp_path / "viz")],
+                ["generate", "--model", str(model), "--sae", str(sae), "--prompt", "def f", "--max-tokens", "2",
+                 "--device", "cpu"]]
+    if neuronpedia:
+        commands.append(["neuronpedia", "--sae", str(sae), *data, "--out", str(tmp_path / "np")])
+    return commands
+
+
 def test_sae_width_not_matching_hook(tmp_path, nanochat_current_dir, tiny_shards_dir, capsys):
     sae = build_sae(SAEConfig(architecture="topk", d_in=32, d_sae=64, k=4))
     narrow = save_sae(sae, tmp_path / "narrow", metadata={"hook_name": HOOK, "context_size": 32})
-    model = str(nanochat_current_dir)
-    for argv in (["eval", "--sae", str(narrow), "--model", model, "--data", str(tiny_shards_dir), "--tokens", "256",
-                  "--out", str(tmp_path / "eval.json"), "--device", "cpu"],
-                 ["viz", "--sae", str(narrow), "--model", model, "--data", str(tiny_shards_dir), "--tokens", "256",
-                  "--out", str(tmp_path / "viz"), "--device", "cpu"],
-                 ["generate", "--model", model, "--sae", str(narrow), "--prompt", "def f", "--max-tokens", "2",
-                  "--device", "cpu"]):
+    for argv in _sae_commands(narrow, nanochat_current_dir, tiny_shards_dir, tmp_path, neuronpedia=False):
         line = _fails(capsys, argv)
         assert "32" in line and "64" in line, (argv[0], line)
     assert not (tmp_path / "eval.json").exists() and not (tmp_path / "viz").exists()
@@ -218,15 +224,7 @@ def test_corrupt_sae_weights(damage, tmp_path, nanochat_current_dir, tiny_shards
     weights = bad / "sae_weights.safetensors"
     data = weights.read_bytes()
     weights.write_bytes(b"\x00garbage" * 50 if damage == "garbage" else data[: len(data) // 2])
-    model = str(nanochat_current_dir)
-    for argv in (["eval", "--sae", str(bad), "--model", model, "--data", str(tiny_shards_dir), "--tokens", "256",
-                  "--out", str(tmp_path / "eval.json"), "--device", "cpu"],
-                 ["viz", "--sae", str(bad), "--model", model, "--data", str(tiny_shards_dir), "--tokens", "256",
-                  "--out", str(tmp_path / "viz"), "--device", "cpu"],
-                 ["generate", "--model", model, "--sae", str(bad), "--prompt", "def f", "--max-tokens", "2",
-                  "--device", "cpu"],
-                 ["neuronpedia", "--sae", str(bad), "--model", model, "--data", str(tiny_shards_dir), "--tokens", "256",
-                  "--out", str(tmp_path / "np"), "--device", "cpu"]):
+    for argv in _sae_commands(bad, nanochat_current_dir, tiny_shards_dir, tmp_path, neuronpedia=True):
         assert "sae_weights.safetensors" in _fails(capsys, argv), argv[0]
     assert not (tmp_path / "eval.json").exists() and not (tmp_path / "viz").exists() and not (tmp_path / "np").exists()
 
