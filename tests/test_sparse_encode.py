@@ -11,24 +11,29 @@ from saelightning.saes.sparse import SparseLatents, gather_encode, sparse_decode
 from saelightning.saes.topk import TopKSAE
 
 
+def _auxk_reference(sae, pre, x, x_hat, dead_mask):
+    """aux_coefficient x AuxK by dense autograd: the top k_aux dead pre-activations reconstruct the residual."""
+    k_aux = min(sae.config.k_aux_resolved, int(dead_mask.sum()))
+    aux_values, aux_indices = pre.masked_fill(~dead_mask, float("-inf")).topk(k_aux, dim=-1)
+    e = (x - x_hat).detach()
+    e_hat = sparse_decode(aux_values.relu(), aux_indices, sae.W_dec)
+    return sae.config.aux_coefficient * (e_hat - e).pow(2).sum() / (e - e.mean(0)).pow(2).sum()
+
+
 def _reference_loss(sae, x, dead_mask):
     """The TopK loss by plain dense autograd (the definition the sparse path must reproduce)."""
     pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
     values, indices = pre.topk(sae.config.k, dim=-1)
     x_hat = sparse_decode(values.relu(), indices, sae.W_dec) + sae.b_dec
     fvu = (x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
-    k_aux = min(sae.config.k_aux_resolved, int(dead_mask.sum()))
-    aux_values, aux_indices = pre.masked_fill(~dead_mask, float("-inf")).topk(k_aux, dim=-1)
-    e = (x - x_hat).detach()
-    e_hat = sparse_decode(aux_values.relu(), aux_indices, sae.W_dec)
-    return fvu + sae.config.aux_coefficient * (e_hat - e).pow(2).sum() / (e - e.mean(0)).pow(2).sum()
+    return fvu + _auxk_reference(sae, pre, x, x_hat, dead_mask)
 
 
-@pytest.mark.parametrize("sync_free", [False, True])
-@pytest.mark.parametrize("n_dead", [3, 40])  # fewer dead latents than k_aux, and more
-def test_topk_forward_loss_and_gradients_equal_dense_autograd(monkeypatch, sync_free, n_dead):
-    torch.manual_seed(0)
-    sae = build_sae(SAEConfig(architecture="topk", d_in=16, d_sae=64, k=4, k_aux=8, dtype="float64"))
+def _sae_with_dead_latents(monkeypatch, seed, n_dead, sync_free, **config):
+    """A float64 SAE (d_in 16, d_sae 64, k 4, k_aux 8) with random biases, 32 inputs, n_dead latents marked dead,
+    and AuxK forced onto its CUDA (sync_free) or CPU path."""
+    torch.manual_seed(seed)
+    sae = build_sae(SAEConfig(d_in=16, d_sae=64, k=4, k_aux=8, dtype="float64", **config)).train()
     with torch.no_grad():
         sae.b_enc.normal_(0, 0.1)
         sae.b_dec.normal_(0, 0.1)
@@ -36,13 +41,23 @@ def test_topk_forward_loss_and_gradients_equal_dense_autograd(monkeypatch, sync_
     dead = torch.zeros(64, dtype=torch.bool)
     dead[torch.randperm(64)[:n_dead]] = True
     monkeypatch.setattr(TopKSAE, "_aux_indices", functools.partialmethod(TopKSAE._aux_indices, sync_free=sync_free))
-    loss = sae(x, dead_mask=dead)[2]["loss"]
+    return sae, x, dead
+
+
+def _assert_same_loss_and_gradients(sae, loss, expected):
     grads = torch.autograd.grad(loss, list(sae.parameters()))
-    expected = _reference_loss(sae, x, dead)
     expected_grads = torch.autograd.grad(expected, list(sae.parameters()))
     assert torch.allclose(loss.double(), expected, rtol=1e-6)  # the SAE reports losses in float32
     for g, e in zip(grads, expected_grads):
         assert torch.allclose(g, e, rtol=1e-5, atol=1e-9)  # float32 loss arithmetic in both
+
+
+@pytest.mark.parametrize("sync_free", [False, True])
+@pytest.mark.parametrize("n_dead", [3, 40])  # fewer dead latents than k_aux, and more
+def test_topk_forward_loss_and_gradients_equal_dense_autograd(monkeypatch, sync_free, n_dead):
+    sae, x, dead = _sae_with_dead_latents(monkeypatch, 0, n_dead, sync_free, architecture="topk")
+    loss = sae(x, dead_mask=dead)[2]["loss"]
+    _assert_same_loss_and_gradients(sae, loss, _reference_loss(sae, x, dead))
 
 
 @pytest.mark.parametrize("sync_free", [False, True])
@@ -100,26 +115,14 @@ def _batch_topk_reference(sae, x, dead_mask):
     sizes = sae.config.prefixes if sae.config.architecture == "matryoshka" else [sae.config.d_sae]
     main = sum((latents[:, :m] @ sae.W_dec[:m] + sae.b_dec - x).pow(2).sum() / total for m in sizes)
     x_hat = latents @ sae.W_dec + sae.b_dec
-    k_aux = min(sae.config.k_aux_resolved, int(dead_mask.sum()))
-    aux_values, aux_indices = pre.masked_fill(~dead_mask, float("-inf")).topk(k_aux, dim=-1)
-    e = (x - x_hat).detach()
-    e_hat = sparse_decode(aux_values.relu(), aux_indices, sae.W_dec)
-    return main + sae.config.aux_coefficient * (e_hat - e).pow(2).sum() / (e - e.mean(0)).pow(2).sum(), latents
+    return main + _auxk_reference(sae, pre, x, x_hat, dead_mask), latents
 
 
 @pytest.mark.parametrize("sync_free", [False, True])
 @pytest.mark.parametrize("arch", ["batchtopk", "matryoshka"])
 def test_batchtopk_forward_loss_gradients_and_threshold_equal_dense_autograd(monkeypatch, arch, sync_free):
-    torch.manual_seed(4)
-    sae = build_sae(SAEConfig(architecture=arch, d_in=16, d_sae=64, k=4, k_aux=8, dtype="float64",
-                              matryoshka_prefixes=[16, 64] if arch == "matryoshka" else None)).train()
-    with torch.no_grad():
-        sae.b_enc.normal_(0, 0.1)
-        sae.b_dec.normal_(0, 0.1)
-    x = torch.randn(32, 16, dtype=torch.float64)
-    dead = torch.zeros(64, dtype=torch.bool)
-    dead[torch.randperm(64)[:5]] = True
-    monkeypatch.setattr(TopKSAE, "_aux_indices", functools.partialmethod(TopKSAE._aux_indices, sync_free=sync_free))
+    sae, x, dead = _sae_with_dead_latents(monkeypatch, 4, 5, sync_free, architecture=arch,
+                                          matryoshka_prefixes=[16, 64] if arch == "matryoshka" else None)
     _, latents, losses = sae(x, dead_mask=dead, sparse=True)
     expected, dense = _batch_topk_reference(sae, x, dead)
     assert isinstance(latents, SparseLatents) and latents.shape == (32, 64) and latents.rows is not None
@@ -127,11 +130,7 @@ def test_batchtopk_forward_loss_gradients_and_threshold_equal_dense_autograd(mon
     assert torch.allclose(latents.dense(), dense, rtol=1e-12)  # (addmm and matmul + add round differently)
     assert int((dense != 0).sum()) == 4 * 32
     assert torch.isclose(sae.threshold.double(), dense[dense > 0].min())  # the first batch sets the threshold
-    grads = torch.autograd.grad(losses["loss"], list(sae.parameters()))
-    expected_grads = torch.autograd.grad(expected, list(sae.parameters()))
-    assert torch.allclose(losses["loss"].double(), expected, rtol=1e-6)
-    for g, e in zip(grads, expected_grads):
-        assert torch.allclose(g, e, rtol=1e-5, atol=1e-9)
+    _assert_same_loss_and_gradients(sae, losses["loss"], expected)
 
 
 def test_batchtopk_eval_forward_uses_the_threshold_and_matches_encode():
