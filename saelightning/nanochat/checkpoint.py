@@ -12,7 +12,6 @@ import dataclasses
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
@@ -20,7 +19,7 @@ import torch
 
 from saelightning.errors import SAELightningError
 from saelightning.nanochat.model import ERAS, SMEAR_CHANNELS, VE_GATE_CHANNELS, GPT, GPTConfig, has_value_embed
-from saelightning.nanochat.tokenizer import Tokenizer, load_tokenizer
+from saelightning.nanochat.tokenizer import Tokenizer, atomic_write, load_tokenizer
 
 SOURCES = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints",
            "rl": "chatrl_checkpoints"}
@@ -262,17 +261,6 @@ def _load_matching_tokenizer(ckpt_dir: Path, config: GPTConfig) -> Tokenizer | N
 
 
 # -- writing
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_nanochat_checkpoint(ckpt_dir, step: int, state_dict: dict, model_config: dict,
                              extra_meta: dict | None = None) -> Path:
     """Write model_{step:06d}.pt and meta_{step:06d}.json as nanochat does; returns the model file.
@@ -287,8 +275,8 @@ def save_nanochat_checkpoint(ckpt_dir, step: int, state_dict: dict, model_config
         config.pop("window_pattern", None)
     meta = {"step": step, "model_config": config, **(extra_meta or {})}
     # meta first: a model_*.pt (which marks the latest step) never exists without its meta
-    _atomic_write(ckpt_dir / f"meta_{step:06d}.json",
+    atomic_write(ckpt_dir / f"meta_{step:06d}.json",
                   lambda f: f.write(json.dumps(meta, indent=2).encode("utf-8")))
     model_path = ckpt_dir / f"model_{step:06d}.pt"
-    _atomic_write(model_path, lambda f: torch.save(dict(state_dict), f))
+    atomic_write(model_path, lambda f: torch.save(dict(state_dict), f))
     return model_path

@@ -194,12 +194,20 @@ def load_tokenizer(tokenizer_dir: str | os.PathLike) -> Tokenizer:
 # Writing and training
 
 
-def _atomic_write(path: Path, write) -> None:
+SHARED = 0o644  # a tokenizer is shared like any model file
+
+
+def atomic_write(path: Path, write, mode: int | None = None) -> None:
+    """write(f) into a temporary file beside `path`, then rename it over `path` (never half a file there).
+
+    mode: the file's permissions (mkstemp makes it owner-only); None keeps that.
+    """
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; a tokenizer is shared like any model file
+        if mode is not None:
+            os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -211,9 +219,9 @@ def save_tokenizer(tokenizer: Tokenizer | tiktoken.Encoding, tokenizer_dir: str 
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
     out = Path(tokenizer_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / TOKENIZER_FILE, lambda f: pickle.dump(tok.encoding, f))
+    atomic_write(out / TOKENIZER_FILE, lambda f: pickle.dump(tok.encoding, f), mode=SHARED)
     token_bytes = tok.token_bytes()
-    _atomic_write(out / TOKEN_BYTES_FILE, lambda f: torch.save(token_bytes, f))
+    atomic_write(out / TOKEN_BYTES_FILE, lambda f: torch.save(token_bytes, f), mode=SHARED)
     return out
 
 
