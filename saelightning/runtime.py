@@ -301,27 +301,20 @@ class InterpretableModel:
         SAE, the top latents at the position just fed in. Steers active now apply throughout.
         temperature 0 is greedy; sampling is seeded.
         """
-        from saelightning.nanochat.model import KVCache, sample_next
+        from saelightning.nanochat.model import decode_batched
 
         prompts = self.encode_prompts(prompts)
-        device = self.model.lm_head.weight.device
-        rng = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
-        groups: dict[int, list[int]] = {}  # prompts of one length share a batch and a cache
-        for j, p in enumerate(prompts):
-            groups.setdefault(len(p), []).append(j)
-        caches = {n: KVCache(self.model.n_layer) for n in groups}
-        inputs = {n: torch.tensor([prompts[j] for j in js], device=device) for n, js in groups.items()}
-        for step in range(max_tokens):
-            ids, feats = [0] * len(prompts), {h: [[] for _ in prompts] for h in self.saes} if top_features else {}
-            for n, js in groups.items():
-                with torch.inference_mode():
-                    last = self._step(inputs[n], caches[n], top_features, feats, js)
-                    nxt = sample_next(last, temperature, top_k, rng)
-                inputs[n] = nxt[:, None]
-                for j, t in zip(js, nxt.tolist()):
-                    ids[j] = t
+
+        def fresh() -> dict:  # this step's top features, filled by _step group by group
+            return {h: [[] for _ in prompts] for h in self.saes} if top_features else {}
+
+        feats = fresh()
+        steps = decode_batched(prompts, self.model.n_layer, self.model.lm_head.weight.device, max_tokens,
+                               temperature, top_k, seed, lambda idx, cache, rows: self._step(idx, cache, top_features, feats, rows))
+        for step, ids in enumerate(steps):
             strs = [self.tokenizer.token_str(t) for t in ids] if self.tokenizer is not None else None
             yield GenerationStep(step, ids, strs, feats)
+            feats = fresh()
 
     def _step(self, idx, cache, top_features: int, feats: dict, rows: list[int]) -> torch.Tensor:
         """One forward of a prompt group; fills feats at the last position; returns its last logits."""

@@ -415,22 +415,9 @@ class GPT(nn.Module):
         prompts = [tokens] if tokens and isinstance(tokens[0], int) else list(tokens)
         if not prompts or any(len(p) == 0 for p in prompts):
             raise SAELightningError("generate needs non-empty prompts (lists of token ids)")
-        device = self.lm_head.weight.device
-        rng = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
-        groups: dict[int, list[int]] = {}
-        for j, p in enumerate(prompts):
-            groups.setdefault(len(p), []).append(j)
-        caches = {L: KVCache(self.config.n_layer) for L in groups}
-        inputs = {L: torch.tensor([prompts[j] for j in js], dtype=torch.long, device=device) for L, js in groups.items()}
-        for _ in range(max_tokens):
-            step = [0] * len(prompts)
-            for L, js in groups.items():
-                logits = self.forward(inputs[L], hooks=hooks, kv_cache=caches[L])[:, -1, :]
-                nxt = sample_next(logits, temperature, top_k, rng)
-                inputs[L] = nxt[:, None]
-                for j, t in zip(js, nxt.tolist()):
-                    step[j] = t
-            yield step
+        yield from decode_batched(
+            prompts, self.config.n_layer, self.lm_head.weight.device, max_tokens, temperature, top_k, seed,
+            lambda idx, cache, rows: self.forward(idx, hooks=hooks, kv_cache=cache)[:, -1, :])
 
 
 def _capture(cache: dict, name: str, inner):
@@ -439,6 +426,31 @@ def _capture(cache: dict, name: str, inner):
         cache[name] = x if out is None else out
         return out
     return hook
+
+
+@torch.inference_mode()
+def decode_batched(prompts: list[list[int]], n_layer: int, device, max_tokens: int, temperature: float,
+                   top_k: int | None, seed: int, step_logits):
+    """Yield, per step, the next token id of every prompt, decoding with a KV cache.
+
+    Prompts of one length share a batch and a cache: a prefill, then one token per step.
+    step_logits(idx [B, T], cache, rows) returns the last position's logits [B, V] of the prompts
+    `rows`. temperature 0 is greedy; sampling is seeded.
+    """
+    rng = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
+    groups: dict[int, list[int]] = {}
+    for j, p in enumerate(prompts):
+        groups.setdefault(len(p), []).append(j)
+    caches = {L: KVCache(n_layer) for L in groups}
+    inputs = {L: torch.tensor([prompts[j] for j in js], dtype=torch.long, device=device) for L, js in groups.items()}
+    for _ in range(max_tokens):
+        step = [0] * len(prompts)
+        for L, js in groups.items():
+            nxt = sample_next(step_logits(inputs[L], caches[L], js), temperature, top_k, rng)
+            inputs[L] = nxt[:, None]
+            for j, t in zip(js, nxt.tolist()):
+                step[j] = t
+        yield step
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, rng) -> torch.Tensor:
