@@ -49,7 +49,7 @@ class JumpReLUSTE(torch.autograd.Function):
     def backward(ctx, grad):
         z, threshold = ctx.saved_tensors
         grad_z = grad * (z > threshold).to(grad.dtype)
-        grad_threshold = -(threshold / ctx.bandwidth) * ((z - threshold).abs() < ctx.bandwidth / 2).to(z.dtype) * grad
+        grad_threshold = -threshold * _kernel(z, threshold, ctx.bandwidth) * grad
         return grad_z, _sum_to(grad_threshold, threshold), None
 
 
