@@ -72,11 +72,11 @@ def build(a) -> tuple[Path, dict, float]:
 
 def sae_loop(a, batches: list[torch.Tensor], d_in: int) -> float:
     """Our SAE's training step alone (the module's order: forward, backward, clip, Adam, renormalise)."""
-    from saelightning.module import SAESpec, build_from_spec, default_lr
+    from saelightning.module import SAESpec, SkipAdam, build_from_spec, default_lr
 
     sae = build_from_spec(SAESpec(hook_name=a.hook, d_sae=a.d_sae, k=a.k), d_in).to(a.device)
     sae.init_from_batch(batches[0])
-    opt = torch.optim.Adam(sae.parameters(), lr=default_lr(a.d_sae), eps=6.25e-10)
+    opt = SkipAdam(sae.parameters(), lr=default_lr(a.d_sae), eps=6.25e-10)
     dead = torch.zeros(a.d_sae, dtype=torch.bool, device=a.device)
     for i, x in enumerate(batches):
         if i == a.warmup:

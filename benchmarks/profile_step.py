@@ -19,11 +19,12 @@ from sae_step import train_step as sae_step  # noqa: E402
 
 
 def profile_sae(a, batches):
+    from saelightning.module import SkipAdam
     from saelightning.saes import SAEConfig, build_sae
 
     sae = build_sae(SAEConfig(architecture="topk", d_in=a.d_in, d_sae=a.d_sae, k=a.k))
     sae.init_from_batch(batches[0])
-    opt = torch.optim.Adam(sae.parameters(), lr=1e-3, eps=6.25e-10)
+    opt = SkipAdam(sae.parameters(), lr=1e-3, eps=6.25e-10)
     dead = torch.zeros(a.d_sae, dtype=torch.bool)
     dead[: int(a.dead * a.d_sae)] = True  # AuxK runs when some latents are dead
     sae_step(sae, opt, batches[0], dead)

@@ -11,6 +11,7 @@ import dataclasses
 import math
 import re
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,6 +62,73 @@ class WarmupDecay:
         if self.decay > 0 and self.total > 0 and step >= self.total - self.decay:
             return self.end + (1 - self.end) * max(self.total - step, 0) / self.decay
         return 1.0
+
+
+class SkipAdam(torch.optim.Adam):
+    """Fused Adam that can skip the update of any param group (one SAE) from a flag on the device: no host sync.
+
+    Before a step, `skip[group name]` may hold a 0-dim float tensor (1.0: skip). It reaches the fused kernel as
+    that group's `found_inf`, the mechanism GradScaler uses for inf gradients: a skipped group's parameters,
+    moments and step count stay exactly as they were. A `found_inf` set from outside (a GradScaler's) is added
+    to every group's flag. The flags are cleared after each step.
+    """
+
+    def __init__(self, params, **kwargs):
+        super().__init__(params, fused=True, **kwargs)
+        self.skip: dict[str, torch.Tensor] = {}
+
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:  # the closure (Lightning's: forward, backward, clipping) sets the flags
+            with torch.enable_grad():
+                loss = closure()
+        groups, outer = self.param_groups, self.__dict__.pop("found_inf", None)
+        try:
+            for group in groups:  # one group at a time, so that each gets its own flag
+                flag = self.skip.get(group.get("name"))
+                if outer is not None:
+                    flag = outer if flag is None else (flag + outer.to(flag)).clamp(max=1)
+                self.param_groups = [group]
+                self.found_inf = flag
+                super().step()
+        finally:
+            self.param_groups = groups
+            self.__dict__.pop("found_inf", None)
+            if outer is not None:
+                self.found_inf = outer
+            self.skip.clear()
+        return loss
+
+
+class Readback:
+    """A small device tensor read on the host without stalling the GPU.
+
+    On CUDA each call copies the value into a ring of pinned buffers behind an event and returns the value
+    of `lag` calls earlier (so every DDP rank reads the same step's value at the same step); elsewhere it
+    returns the value at once. Returns (values as a list, tag) or None while the first `lag` calls are in flight.
+    """
+
+    def __init__(self, lag: int = 2):
+        self.lag, self.calls = lag, 0
+        self.pending: deque = deque()
+        self.ring: list[torch.Tensor] = []
+
+    def __call__(self, value: torch.Tensor, tag=None):
+        if value.device.type != "cuda":
+            return value.tolist(), tag
+        if not self.ring:
+            self.ring = [torch.empty(value.shape, dtype=value.dtype, pin_memory=True) for _ in range(self.lag + 1)]
+        host = self.ring[self.calls % len(self.ring)]  # the `lag` pending copies hold the other buffers
+        self.calls += 1
+        host.copy_(value, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self.pending.append((host, event, tag))
+        if len(self.pending) <= self.lag:
+            return None
+        host, event, tag = self.pending.popleft()
+        event.synchronize()  # recorded `lag` steps ago: long complete, so this does not wait
+        return host.tolist(), tag
 
 
 def _as_spec(spec) -> SAESpec:
@@ -144,7 +212,12 @@ class SAEModule(pl.LightningModule):
             self.register_buffer(f"window_tokens__{name}", torch.zeros((), dtype=torch.float64))
         self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long))  # SAE training tokens, all ranks
         self.register_buffer("nonfinite_skipped", torch.zeros((), dtype=torch.long))  # steps skipped so far
-        self._nonfinite_run = 0  # consecutive skipped steps (a good step resets it)
+        # [skipped steps in a row now, the longest such run, what the last one had: 1 activations, 2 loss]
+        self.register_buffer("_nonfinite_runs", torch.zeros(3, dtype=torch.long), persistent=False)
+        self._runs_readback = Readback()
+        self._step_bad: torch.Tensor | None = None  # this step's skip flag (0/1 on the device, agreed by all ranks)
+        self._skipped: dict[str, torch.Tensor] = {}  # per SAE: this step's update is skipped (0/1 on the device)
+        self._initialized: set[str] = set()  # SAEs known initialised (read from the buffer once, not every step)
         self.train_metrics = nn.ModuleDict({n: self._metric_set(s) for n, s in self.saes.items()})
         self.val_metrics = nn.ModuleDict({n: self._metric_set(s) for n, s in self.saes.items()})
         self.density_step = -1  # global step of the last completed density window (callbacks watch it)
@@ -185,7 +258,7 @@ class SAEModule(pl.LightningModule):
         for name, sae in self.saes.items():
             lr = self.specs[name].lr or default_lr(sae.config.d_sae)
             groups.append({"params": list(sae.parameters()), "lr": lr, "name": name})
-        optimizer = torch.optim.Adam(groups, betas=tuple(self.hparams.betas), eps=self.hparams.eps)
+        optimizer = SkipAdam(groups, betas=tuple(self.hparams.betas), eps=self.hparams.eps)
         total = self.trainer.max_steps if self._trainer is not None and self.trainer.max_steps > 0 else 0
         schedule = WarmupDecay(self.hparams.warmup_steps, self.hparams.decay_steps, total, self.hparams.lr_end_factor)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
@@ -196,84 +269,106 @@ class SAEModule(pl.LightningModule):
             sae.before_optimizer_step()
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        # per SAE, so that one SAE of a sweep never scales another's step
-        dropped = False
-        for sae in self.saes.values():
+        """Clip each SAE's gradient on its own (one SAE of a sweep never scales another's step), and flag for
+        SkipAdam the SAEs whose update is skipped: all of them on a skipped step, and any whose gradient
+        norm is not finite (gradients are synced by now, so every rank flags the same). No host sync."""
+        step_bad = self._step_bad if self._step_bad is not None else self.nonfinite_skipped.new_zeros((), dtype=torch.float32)
+        dropped = torch.zeros_like(step_bad)
+        for name, sae in self.saes.items():
             clip = self.hparams.grad_clip * sae.grad_clip_scale() if self.hparams.grad_clip else math.inf
             norm = nn.utils.clip_grad_norm_(sae.parameters(), clip)
-            if not torch.isfinite(norm):  # grads are already synced, so every rank drops the same update
-                for p in sae.parameters():
-                    p.grad = None
-                dropped = True
-        self.nonfinite_skipped += int(dropped)
+            bad_grads = (~torch.isfinite(norm)).to(step_bad.dtype)
+            dropped = torch.maximum(dropped, bad_grads)
+            self._skipped[name] = torch.maximum(step_bad, bad_grads)
+            if isinstance(optimizer, SkipAdam):
+                optimizer.skip[name] = self._skipped[name]
+        self.nonfinite_skipped += (dropped * (1 - step_bad)).long()  # a skipped step is counted once
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
-        for sae in self.saes.values():
-            sae.after_optimizer_step()
+        for name, sae in self.saes.items():
+            sae.after_optimizer_step(self._skipped.pop(name, None))
 
     # --- training ---
 
     def _prepare(self, name: str, sae, x: torch.Tensor, scale: float) -> None:
         sae.input_scale.fill_(scale)
+        if name in self._initialized:
+            return
         initialized = getattr(self, f"initialized__{name}")
-        if not initialized:
+        if not initialized:  # a host sync, once per SAE and run
+            if self.trainer.strategy.reduce_boolean_decision(not bool(torch.isfinite(x).all()), all=False):
+                return  # never initialised from a bad batch: this step is skipped, the next good one initialises
             sae.init_from_batch(x)
             if dist.is_available() and dist.is_initialized():  # every rank starts from rank 0's init
                 for t in list(sae.parameters()) + list(sae.buffers()):
                     dist.broadcast(t.data, 0)
             initialized.fill_(True)
+        self._initialized.add(name)
 
-    def _track(self, name: str, counts: torch.Tensor, batch_tokens: int) -> None:
-        """Dead tracker and density window from this step's firing counts, summed over ranks (one all-reduce)."""
-        counts = self.trainer.strategy.reduce(counts, reduce_op="sum")  # the same tracker on every rank
+    def _track(self, name: str, counts: torch.Tensor, batch_tokens: int, good: torch.Tensor) -> None:
+        """Dead tracker and density window from this step's firing counts, summed over ranks (one all-reduce);
+        a skipped step (good = 0) adds neither counts nor tokens."""
+        counts = self.trainer.strategy.reduce(counts * good, reduce_op="sum")  # the same tracker on every rank
+        tokens = good * self.world_batch(batch_tokens)
         since = self.since_fired(name)
-        since += self.world_batch(batch_tokens)
+        since += tokens.long()
         since.masked_fill_(counts > 0, 0)  # not since[fired] = 0: boolean indexing syncs with the host
-        self._window(name, counts, batch_tokens)
+        self._window(name, counts, tokens, batch_tokens)
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
-        if self._skip_nonfinite(batch["acts"].values(), "activations"):
-            return None  # before _prepare: an SAE is never initialised from a bad batch
-        total, outputs = 0.0, {}
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        """The SAEs' summed loss. A step whose activations or loss hold a NaN/inf (on any rank) is skipped
+        without a host sync: backward still runs, but SkipAdam leaves every SAE as it was, the SAEs'
+        step buffers are put back, and the trackers and token count take nothing from it."""
+        acts = batch["acts"]
+        acts_bad = torch.stack([~torch.isfinite(a).all() for a in acts.values()]).any()
+        total, outputs, saved = 0.0, {}, {}
         for name, sae in self.saes.items():
             spec = self.specs[name]
-            x = batch["acts"][spec.hook_name]
+            x = acts[spec.hook_name]
             self._prepare(name, sae, x, batch["scales"][spec.hook_name])
             sae.set_training_step(self.global_step)
+            saved[name] = [getattr(sae, b).clone() for b in sae.step_buffers]
             # k-sparse SAEs hand back (values, indices): nothing in a training step needs dense latents
             sparse = {"sparse": True} if sae.sparse_forward else {}
             outputs[name] = (x, *sae(x, dead_mask=self.dead_mask(name), **sparse))
             total = total + outputs[name][-1]["loss"]
-        if self._skip_nonfinite([total], "loss"):
-            return None  # Lightning skips backward; Adam skips parameters without gradients
+        bad = (acts_bad | ~torch.isfinite(total)).float()
+        bad = self.trainer.strategy.reduce(bad, reduce_op="sum").clamp(max=1)  # every rank skips if any must
+        self._step_bad, good = bad, 1 - bad
+        for name, sae in self.saes.items():
+            for b, before in zip(sae.step_buffers, saved[name]):
+                getattr(sae, b).copy_(torch.where(bad > 0, before, getattr(sae, b)))
         log_now = self._should_log()
+        log_metrics = log_now and not bool(bad)  # a logging step syncs anyway; a skipped one logs no train metrics
         for name, (x, x_hat, latents, losses) in outputs.items():
             counts = firing_counts(latents)  # one pass serves the dead tracker and the density window
-            self._track(name, counts, latents.shape[0])
-            if log_now:  # like SAELens: train metrics of the logged step's batch (the rest would cost every step)
+            self._track(name, counts, latents.shape[0], good)
+            if log_metrics:  # like SAELens: train metrics of the logged step's batch (the rest would cost every step)
                 self._update(self.train_metrics[name], x.detach(), x_hat.detach(), latents.detach())
                 self._log_train(name, losses)
-        self.tokens_seen += self.world_batch(batch["acts"][self.hook_names[0]].shape[0])
+        self.tokens_seen += (good * self.world_batch(acts[self.hook_names[0]].shape[0])).long()
+        self._count_nonfinite(bad, acts_bad)
         if log_now:
-            self._log_throughput(batch["acts"][self.hook_names[0]].shape[0])
-        self._nonfinite_run = 0
+            self._log_throughput(acts[self.hook_names[0]].shape[0])
         return total
 
-    def _skip_nonfinite(self, tensors, what: str) -> bool:
-        """True (on every rank) when any rank's tensors hold a NaN/inf: the step is counted and skipped."""
-        bad = any(not bool(torch.isfinite(t).all()) for t in tensors)
-        if not self.trainer.strategy.reduce_boolean_decision(bad, all=False):
-            return False
-        self.nonfinite_skipped += 1
-        self._nonfinite_run += 1
-        self.log("details/nonfinite_skipped", self.nonfinite_skipped.float(), on_step=True, on_epoch=False)
-        if self._nonfinite_run >= self.hparams.max_nonfinite_steps:
-            raise SAELightningError(
-                f"{self._nonfinite_run} steps in a row had non-finite {what} (last at step {self.global_step}); the run "
-                "stopped and its last checkpoint is the last good state: check the model/data for NaN/inf or lower the lr"
-            )
-        return True
+    def _count_nonfinite(self, bad: torch.Tensor, acts_bad: torch.Tensor) -> None:
+        """Count a skipped step; stop the run once max_nonfinite_steps in a row were skipped. The run length is
+        read back on the host without a sync (on CUDA two steps late, at the same step on every rank)."""
+        self.nonfinite_skipped += bad.long()
+        runs = self._nonfinite_runs
+        run = (runs[0] + 1) * bad.long()
+        what = torch.where(bad > 0, 2 - acts_bad.long(), runs[2])
+        runs.copy_(torch.stack([run, torch.maximum(runs[1], run), what]))
+        seen = self._runs_readback(runs, self.global_step)
+        if seen is None or seen[0][1] < self.hparams.max_nonfinite_steps:
+            return
+        (_, longest, what), step = seen
+        raise SAELightningError(
+            f"{longest} steps in a row had non-finite {'activations' if what == 1 else 'loss'} (last at step {step}); the "
+            "run stopped and its last checkpoint is the last good state: check the model/data for NaN/inf or lower the lr"
+        )
 
     @staticmethod
     def _update(metrics: nn.ModuleDict, x, x_hat, latents) -> None:
@@ -282,11 +377,11 @@ class SAEModule(pl.LightningModule):
         metrics["l1"].update(latents)
         metrics["density"].update(latents)
 
-    def _window(self, name: str, counts: torch.Tensor, batch_tokens: int) -> None:
+    def _window(self, name: str, counts: torch.Tensor, step_tokens: torch.Tensor, batch_tokens: int) -> None:
         """Feature density over windows of dead_window_tokens (a fixed step count, so ranks agree)."""
         window, tokens = getattr(self, f"window__{name}"), getattr(self, f"window_tokens__{name}")
         window += counts
-        tokens += self.world_batch(batch_tokens)  # skipped (non-finite) steps add neither
+        tokens += step_tokens  # skipped (non-finite) steps add neither
         steps = max(1, math.ceil(self.hparams.dead_window_tokens / self.world_batch(batch_tokens)))
         if (self.global_step + 1) % steps == 0:
             self.density(name).copy_(window / tokens)

@@ -1,5 +1,6 @@
 """CUDA paths (skipped without a GPU): every architecture's step equals the CPU one, the k-sparse
-training step makes no host sync, and a bf16 fit runs end to end and exports."""
+training step and the whole Lightning training step make no host sync, and a bf16 fit runs end to end
+and exports."""
 
 import pytest
 import torch
@@ -76,6 +77,41 @@ def test_k_sparse_training_step_makes_no_host_sync(arch):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert int(counts.sum()) == int((latents.values != 0).sum())
+
+
+def test_the_whole_lightning_training_step_makes_no_host_sync():
+    """SAEModule's optimizer step wraps the whole training step (forward, the non-finite guard, the
+    trackers, backward, clipping, SkipAdam, renormalisation); from the third step on it runs under CUDA's
+    sync debug mode. Step 4's batch holds a NaN: the skip path is checked too."""
+    import lightning.pytorch as pl
+
+    from saelightning.module import SAEModule
+
+    class NoSyncModule(SAEModule):
+        def optimizer_step(self, *args, **kwargs):
+            if self.global_step < 2:  # the first steps initialise the SAEs and Adam's state (syncs allowed)
+                return super().optimizer_step(*args, **kwargs)
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                super().optimizer_step(*args, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+
+    g = torch.Generator().manual_seed(0)
+    batches = [{"acts": {HOOK: (torch.randn(512, 16, generator=g) * 3 + 1).cuda()}, "scales": {HOOK: 1.0}, "index": i}
+               for i in range(8)]
+    batches[4]["acts"][HOOK][7, 3] = float("nan")
+    specs = [{"hook_name": HOOK, "d_sae": 256, "k": 8, "name": "topk"},
+             {"hook_name": HOOK, "architecture": "batchtopk", "d_sae": 256, "k": 8, "name": "btk"},
+             {"hook_name": HOOK, "architecture": "matryoshka", "d_sae": 256, "k": 8, "name": "mat",
+              "options": {"matryoshka_prefixes": [64, 256]}}]
+    module = NoSyncModule(saes=specs, n_layer=2, d_model=16, warmup_steps=2, dead_window_tokens=1024)
+    trainer = pl.Trainer(accelerator="gpu", devices=1, max_steps=len(batches), logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1000)
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+    assert module.nonfinite_skipped.item() == 1
+    assert module.tokens_seen.item() == 7 * 512
+    assert all(torch.isfinite(p).all() for p in module.parameters())
 
 
 def test_bf16_fit_on_cuda_trains_and_exports(tmp_path, nanochat_current_dir, tiny_shards_dir):

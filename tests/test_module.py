@@ -6,7 +6,7 @@ import torch
 
 from saelightning.callbacks import ResampleDeadLatents
 from saelightning.errors import SAELightningError
-from saelightning.module import SAEModule, WarmupDecay, default_lr
+from saelightning.module import SAEModule, SkipAdam, WarmupDecay, default_lr
 
 HOOK = "blocks.0.hook_resid_post"
 
@@ -134,3 +134,78 @@ def test_sweep_trains_each_sae_as_if_alone():
     # decoder rows of the TopK SAE stay unit-norm; b_dec was initialised from the first batch then trained
     torch.testing.assert_close(sweep.saes["a"].W_dec.norm(dim=1), torch.ones(48))
     assert sweep.initialized__a.item() and sweep.initialized__b.item()
+
+
+def _optimizer_state(module) -> list[torch.Tensor]:
+    optimizer = module.trainer.optimizers[0]
+    return [t for group in optimizer.param_groups for p in group["params"] for t in optimizer.state[p].values()]
+
+
+@pytest.mark.parametrize("value", [float("nan"), 1e30])  # NaN activations; finite ones whose loss overflows
+def test_a_skipped_step_changes_nothing_but_its_count(value):
+    """Two good steps then a bad one end exactly where the two good steps alone do: every SAE's weights and
+    buffers (BatchTopK's threshold EMA, which the forward updates, included), Adam's moments and step
+    counts, the dead tracker, the density window and the token count. No host sync decided any of it."""
+    specs = [{"hook_name": HOOK, "d_sae": 48, "k": 4, "name": "a"},
+             {"hook_name": HOOK, "architecture": "batchtopk", "d_sae": 48, "k": 4, "name": "c"},
+             {"hook_name": "blocks.1.hook_resid_post", "architecture": "relu", "d_sae": 32, "name": "b"}]
+    batches = _batches(3)
+    batches[2]["acts"][HOOK][5, 3] = value
+    skipped, clean = _fit(specs, batches), _fit(specs, batches[:2])
+    assert skipped.nonfinite_skipped.item() == 1 and clean.nonfinite_skipped.item() == 0
+    assert skipped.trainer.global_step == 3
+    state, reference = skipped.state_dict(), clean.state_dict()
+    for key in reference:
+        if key != "nonfinite_skipped":
+            assert torch.equal(state[key], reference[key]), key
+    assert skipped.saes["c"].threshold_updates.item() == 2
+    for got, want in zip(_optimizer_state(skipped), _optimizer_state(clean), strict=True):
+        assert torch.equal(got, want)
+
+
+def test_an_sae_with_non_finite_gradients_is_skipped_alone():
+    module = SAEModule(saes=[{"hook_name": HOOK, "d_sae": 64, "k": 4, "name": "a"},
+                             {"hook_name": HOOK, "architecture": "relu", "d_sae": 64, "name": "b"}],
+                       n_layer=2, d_model=16)
+    optimizer = module.configure_optimizers()["optimizer"]
+    assert isinstance(optimizer, SkipAdam) and all(g["fused"] for g in optimizer.param_groups)
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    for name, sae in module.saes.items():
+        for p in sae.parameters():
+            p.grad = torch.full_like(p, 0.01)
+    module.saes["b"].W_enc.grad[0, 0] = float("inf")
+    module.configure_gradient_clipping(optimizer)
+    optimizer.step()
+    assert module.nonfinite_skipped.item() == 1
+    for n, p in module.named_parameters():
+        assert torch.equal(p, before[n]) == n.startswith("saes.b."), n
+    assert all(optimizer.state[p]["step"].item() == 1 for p in module.saes["a"].parameters())
+    assert all(not optimizer.state[p] or optimizer.state[p]["step"].item() == 0 for p in module.saes["b"].parameters())
+    assert not optimizer.skip  # the flags last one step
+
+
+def test_skip_adam_equals_adam_and_honours_an_outside_found_inf():
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(8, 4)), torch.nn.Parameter(torch.randn(4))]
+    copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    ours = SkipAdam([{"params": params[:1], "name": "x"}, {"params": params[1:], "name": "y"}], lr=0.1)
+    plain = torch.optim.Adam([{"params": copies[:1]}, {"params": copies[1:]}], lr=0.1, fused=True)
+    for step in range(3):
+        for p, c in zip(params, copies):
+            p.grad = torch.randn_like(p)
+            c.grad = p.grad.clone()
+        ours.skip["y"] = torch.tensor(float(step == 1))  # y skips step 1
+        ours.step()
+        if step != 1:
+            plain.step()
+        else:  # the plain optimizer updates x alone
+            plain.param_groups[1]["params"], held = [], plain.param_groups[1]["params"]
+            plain.step()
+            plain.param_groups[1]["params"] = held
+        for p, c in zip(params, copies):
+            assert torch.equal(p, c)
+    ours.found_inf = torch.tensor(1.0)  # as a GradScaler sets it: every group skips
+    frozen = [p.detach().clone() for p in params]
+    ours.step()
+    assert all(torch.equal(p, f) for p, f in zip(params, frozen))
+    assert torch.equal(ours.found_inf, torch.tensor(1.0))  # left for its owner to remove

@@ -126,6 +126,8 @@ class SAE(nn.Module):
 
     has_b_enc = True  # the gated SAE has b_gate / b_mag instead
     sparse_forward = False  # True where forward(x, dead_mask, sparse=True) returns SparseLatents (trainer fast path)
+    # buffers that a training forward updates (BatchTopK's threshold EMA): a step the trainer skips puts them back
+    step_buffers: tuple[str, ...] = ()
 
     def __init__(self, config: SAEConfig):
         super().__init__()
@@ -213,9 +215,14 @@ class SAE(nn.Module):
         grad.sub_(parallel * W)
 
     @torch.no_grad()
-    def after_optimizer_step(self) -> None:
+    def after_optimizer_step(self, skipped: torch.Tensor | None = None) -> None:
+        """Put the decoder rows back to unit norm; `skipped` (a 0-dim 0/1 tensor) leaves a skipped step's SAE
+        bit for bit as it was, without a host sync (renormalising a unit row again moves its last bits)."""
         if self.config.unit_norm_decoder:
-            self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+            norm = self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            if skipped is not None:
+                norm = torch.where(skipped > 0, torch.ones_like(norm), norm)
+            self.W_dec.div_(norm)
 
     @torch.no_grad()
     def init_from_batch(self, x: torch.Tensor) -> None:

@@ -19,6 +19,8 @@ from saelightning.saes.topk import TopKSAE
 
 
 class BatchTopKSAE(TopKSAE):
+    step_buffers = ("threshold", "threshold_updates")
+
     def __init__(self, config):
         super().__init__(config)
         self.register_buffer("threshold", torch.zeros((), dtype=torch.float32))

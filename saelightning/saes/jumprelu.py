@@ -83,8 +83,8 @@ class JumpReLUSAE(SAE):
         return x_hat, latents, losses
 
     @torch.no_grad()
-    def after_optimizer_step(self) -> None:
-        super().after_optimizer_step()
+    def after_optimizer_step(self, skipped: torch.Tensor | None = None) -> None:
+        super().after_optimizer_step(skipped)
         self.threshold.clamp_(min=0.0)  # a negative θ would let ReLU alone decide
 
     def _reset_latent_biases(self, indices: torch.Tensor) -> None:
