@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -32,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sae_step import train_step  # noqa: E402
 
@@ -226,7 +228,9 @@ def main() -> None:
             cmd = [a.saelens_python, __file__, "--phase", "saelens", "--cache-dir", str(cache_dir), "--hook", a.hook,
                    "--d-sae", str(a.d_sae), "--k", str(a.k), "--batch", str(a.batch), "--steps", str(a.steps),
                    "--warmup", str(a.warmup), "--threads", str(a.threads), "--scale", repr(scale), "--device", a.device]
-            done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            # the SAELens venv has torch but not this package: it imports saelightning.saes from this tree
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+            done = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
             rows["SAELens, memory"].append(json.loads(done.stdout.strip().splitlines()[-1])["saelens_tokens_per_s"])
     print("| run | tokens/s (median) | all runs |")
     print("|---|---:|---|")
