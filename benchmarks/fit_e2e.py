@@ -1,13 +1,15 @@
 """End-to-end `saelightning fit` throughput on a nanochat d20-shaped model: tokens/s and model-FLOPs utilisation.
 
     python benchmarks/fit_e2e.py --device cuda [--depth 20] [--hook blocks.10.hook_resid_post] [--expansion 32]
-        [--k 64] [--batch 4096] [--steps 30] [--warmup 10] [--peak-tflops 989]
+        [--k 64] [--batch 4096] [--buffer 65536] [--steps 64] [--warmup 16] [--compile] [--peak-tflops 989]
 
 A random nanochat of depth D's shape (width 64·D, head_dim 128, original era, sequence_len 2048; the bundled
 demo tokenizer, so the vocabulary is small: the lm_head is never run) is written as a nanochat checkpoint,
 then Trainer + SAEModule + ActivationDataModule (live model stream over the demo shards, bf16 autocast on
 CUDA via the data module, precision bf16-mixed) train one TopK SAE at --hook. Timed: --steps steps after
---warmup steps, CUDA synchronised at both ends.
+--warmup steps, CUDA synchronised at both ends. Both must be whole shuffle-buffer cycles (multiples of
+--buffer / --batch steps): the model runs once per cycle, to refill the buffer, so a window inside one
+cycle would time the SAE alone. --compile sets data.compile_model (the model forward under torch.compile).
 FLOPs per token: the model forward up to the hook layer, 24·d² per block (attention and MLP matmuls) plus
 2·d·T/2·2 for causal attention scores and values (full context T), plus the SAE step counted as in
 benchmarks/sae_step.py. MFU = those FLOPs x tokens/s / the GPU's dense bf16 peak.
@@ -68,22 +70,26 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=4096)
     p.add_argument("--context", type=int, default=2048, help="data.context_size (tokens per model row)")
     p.add_argument("--model-batch-rows", type=int, default=8)
-    p.add_argument("--buffer", type=int, default=262_144)
+    p.add_argument("--buffer", type=int, default=65_536, help="data.buffer_tokens (one model refill per cycle)")
+    p.add_argument("--compile", action="store_true", help="data.compile_model: the model forward under torch.compile")
     p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--steps", type=int, default=64)
+    p.add_argument("--warmup", type=int, default=16)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak (default: by the GPU's name)")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     cuda = a.device.startswith("cuda")
+    cycle = a.buffer // a.batch
+    if a.buffer % a.batch or a.steps % cycle or a.warmup % cycle:
+        p.error(f"--steps and --warmup must be multiples of --buffer / --batch = {a.buffer / a.batch:g} (whole buffer cycles)")
     with tempfile.TemporaryDirectory() as tmp:
         root, config = write_random_model(a.depth, Path(tmp))
         layer, _ = parse_hook(a.hook, a.depth)
         dm = ActivationDataModule(model=str(root), data_dir="demo", batch_size=a.batch, context_size=a.context,
                                   model_batch_rows=a.model_batch_rows, buffer_tokens=a.buffer, num_workers=a.workers,
-                                  val_batches=1, scale_batches=1)
+                                  val_batches=1, scale_batches=1, compile_model=a.compile)
         d_in, d_sae = dm.d_model, dm.d_model * a.expansion
         module = SAEModule(saes=[{"hook_name": a.hook, "d_sae": d_sae, "k": a.k}], n_layer=dm.n_layer,
                            d_model=dm.d_model, model_info=dm.model_info, warmup_steps=10)
@@ -112,7 +118,7 @@ def main() -> int:
     peak = peak_tflops(a.device, a.peak_tflops)
     name = torch.cuda.get_device_name() if cuda else "cpu"
     print(f"# {name}, torch {torch.__version__}, random d{a.depth} (width {d_in}), {a.hook}, TopK d_sae {d_sae} k {a.k}, "
-          f"batch {a.batch}, context {a.context}, {a.steps} timed steps")
+          f"batch {a.batch}, context {a.context}, {a.steps} timed steps, model compiled: {a.compile}")
     print(f"tokens/s {rate:,.0f}; FLOPs/token model {model_f / 1e9:.3f} G + SAE {sae_f / 1e9:.3f} G; "
           f"achieved {(model_f + sae_f) * rate / 1e12:.2f} TFLOP/s"
           + (f"; MFU {(model_f + sae_f) * rate / (peak * 1e12):.1%} of {peak:.0f} TFLOP/s bf16" if peak else ""))

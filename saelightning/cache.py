@@ -70,6 +70,7 @@ class CacheConfig:
     step: int | None = None  # checkpoint step (default: the latest)
     era: str | None = None  # override the detected era
     device: str = "cpu"  # where the model runs (not part of the fingerprint)
+    compile_model: bool = False  # run the model's truncated forward under torch.compile (not part of the fingerprint)
 
 
 # --- small helpers ---
@@ -104,7 +105,7 @@ def _sha256(path: Path) -> str:
 
 def _fingerprint(cfg: CacheConfig) -> dict:
     keep = asdict(cfg)
-    for key in ("device", "out", "model", "step", "era"):
+    for key in ("device", "compile_model", "out", "model", "step", "era"):
         keep.pop(key)  # the model is identified by the loaded checkpoint's meta (path, step, era)
     return keep
 
@@ -119,13 +120,12 @@ def _cat(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
 
 # --- pass 1: the model over the token stream ---
 
-def capture_columns(model, tokens: torch.Tensor, hooks: list[str], bos: int, dtype: torch.dtype,
-                    first_row: int, docs_before: int) -> tuple[dict[str, torch.Tensor], int]:
+def capture_columns(run_with_cache, device: torch.device, tokens: torch.Tensor, hooks: list[str], bos: int,
+                    dtype: torch.dtype, first_row: int, docs_before: int) -> tuple[dict[str, torch.Tensor], int]:
     """The cache columns of one token batch (BOS dropped) and the document count after it."""
-    device = next(model.parameters()).device
     # the same autocast rule as the live data module, so a cache holds what training would see
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        cache = model.run_with_cache(tokens.to(device), hooks)
+        cache = run_with_cache(tokens.to(device), hooks)
     rows_n, ctx = tokens.shape
     flat = tokens.reshape(-1)
     is_bos = flat == bos
@@ -162,6 +162,7 @@ class _Builder:
         from saelightning.data import TokenBatches
 
         cfg, hooks, dtype = self.cfg, self.cfg.hooks, DTYPES[self.cfg.dtype]
+        run, device = self.model.capturer(cfg.compile_model), next(self.model.parameters()).device
         chunks_dir = self.out / CHUNKS
         chunks_dir.mkdir(exist_ok=True)
         pos = progress["stream"]  # {"reader", "skip", "batch", "docs"}: the batch the next chunk starts in
@@ -174,7 +175,7 @@ class _Builder:
         pending: list[dict] = []
         n_pending = 0
         for item in batches:
-            cols, docs_after = capture_columns(self.model, item["tokens"], hooks, self.nanochat.tokenizer.bos_id,
+            cols, docs_after = capture_columns(run, device, item["tokens"], hooks, self.nanochat.tokenizer.bos_id,
                                                dtype, batch * cfg.batch_rows, docs)
             n_batch, offset = cols["token_ids"].shape[0], skip
             cols = _slice(cols, skip)
@@ -365,6 +366,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     p.add_argument("--era", default=None, choices=["original", "current"], help="override the detected era")
     p.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda, cuda:1 (default cpu)")
+    p.add_argument("--compile", action="store_true", help="run the model's forward under torch.compile (compiles first)")
     return p
 
 
@@ -376,7 +378,7 @@ def cli_main(argv: Sequence[str]) -> int:
     cfg = CacheConfig(model=args.model, hooks=args.hooks, tokens=args.tokens, out=args.out, data=args.data,
                       dtype=args.dtype, shard_tokens=args.shard_tokens, context_size=args.context_size,
                       batch_rows=args.batch_rows, seed=args.seed, shuffle=not args.no_shuffle, step=args.step,
-                      era=args.era, device=args.device)
+                      era=args.era, device=args.device, compile_model=args.compile)
     manifest = build_cache(cfg)
     size = sum(s["bytes"] for s in manifest["shards"])
     print(f"cache: {manifest['tokens']} tokens x {len(manifest['hooks'])} hook(s) in {len(manifest['shards'])} shard(s), "

@@ -210,6 +210,8 @@ class ActivationDataModule(pl.LightningDataModule):
             the model (validation still runs the model on the val shard; the scale comes from its manifest).
         max_buffer_bytes: refuse a config whose shuffle buffer at its peak (a refill's parts + their concatenation,
             fp32, every hook) exceeds this (default: half the training device's memory, GPU or host RAM).
+        compile_model: run the model's truncated forward under torch.compile (the first model batch compiles,
+            tens of seconds; then the activations come faster, see BENCHMARKS.md).
     """
 
     def __init__(self, model: str = "demo", data_dir: str = "demo", step: int | None = None, era: str | None = None,
@@ -217,7 +219,7 @@ class ActivationDataModule(pl.LightningDataModule):
                  context_size: int | None = None, batch_size: int = 4096, model_batch_rows: int = 8,
                  buffer_tokens: int = 262144, num_workers: int = 1, val_batches: int = 4, scale_batches: int = 4,
                  normalize: bool = True, seed: int = 0, cache_dir: str | None = None,
-                 max_buffer_bytes: int | None = None):
+                 max_buffer_bytes: int | None = None, compile_model: bool = False):
         super().__init__()
         from saelightning.nanochat.checkpoint import load_nanochat
 
@@ -230,6 +232,8 @@ class ActivationDataModule(pl.LightningDataModule):
         if self.nanochat.tokenizer is None:
             raise SAELightningError(f"no tokenizer/ found above {self.nanochat.meta['path']}; put nanochat's tokenizer dir beside the checkpoints")
         self.model, self.tokenizer = self.nanochat.model, self.nanochat.tokenizer
+        self.compile_model = compile_model
+        self._run_with_cache = self.model.capturer(compile_model)
         if data_dir != "demo":  # a bad data dir fails here, before a trainer is built, not at setup
             list_shards(data_dir)
         self.data_dir, self.context_size = data_dir, context_size or self.model.config.sequence_len
@@ -320,7 +324,7 @@ class ActivationDataModule(pl.LightningDataModule):
         tokens = tokens.to(self.device, non_blocking=True)
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
         with autocast:
-            cache = self.model.run_with_cache(tokens, self.hooks)
+            cache = self._run_with_cache(tokens, self.hooks)
         keep = tokens.reshape(-1) != self.tokenizer.bos_id
         scales = self.scales or {}
         return {h: cache[h].reshape(-1, cache[h].shape[-1])[keep].float() * scales.get(h, 1.0) for h in self.hooks}

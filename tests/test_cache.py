@@ -63,6 +63,23 @@ def test_round_trip_equals_the_live_model(shuffled, nanochat_current_dir):
     assert cols["docs"].min().item() == 0 and cols["rows"].min().item() == 0
 
 
+def test_a_compiled_model_pass_writes_the_same_cache(tmp_path, shuffled, nanochat_current_dir, tiny_shards_dir):
+    """`saelightning cache --compile`: the same shards (activations up to float rounding, every other column
+    exactly) and a manifest with the same fingerprint, so either can finish the other's interrupted run."""
+    out, manifest = shuffled
+    assert main(["cache", "--model", str(nanochat_current_dir), "--hooks", *HOOKS, "--tokens", "1500",
+                 "--out", str(tmp_path / "c"), "--data", str(tiny_shards_dir), "--shard-tokens", "400",
+                 "--context-size", str(CTX), "--batch-rows", str(ROWS), "--seed", "3", "--compile"]) == 0
+    compiled = read_manifest(tmp_path / "c")
+    assert compiled["fingerprint"] == manifest["fingerprint"]
+    want, got = _read_all(out), _read_all(tmp_path / "c")
+    for key in want:
+        if key.startswith("acts."):
+            torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-5)
+        else:
+            assert torch.equal(got[key], want[key]), key
+
+
 def test_shuffle_spreads_each_document_over_all_shards(shuffled):
     out, manifest = shuffled
     shard_docs = [load_file(str(out / s["file"]))["docs"] for s in manifest["shards"]]

@@ -108,3 +108,18 @@ def test_bad_settings_are_one_line_errors(nanochat_current_dir, tiny_shards_dir,
     dm.hooks = ["blocks.5.hook_resid_post"]
     with pytest.raises(SAELightningError, match="out of range"):
         dm.setup("fit")
+
+
+def test_the_compiled_model_forward_gives_the_same_activations(nanochat_current_dir, tiny_shards_dir):
+    """data.compile_model runs the truncated forward under torch.compile (Inductor); the activations, scale
+    included, are the eager ones up to float rounding."""
+    eager, compiled = _dm(nanochat_current_dir, tiny_shards_dir), _dm(nanochat_current_dir, tiny_shards_dir,
+                                                                      compile_model=True)
+    assert compiled._run_with_cache is not compiled.model.run_with_cache  # the compiled wrapper, not the method
+    for dm in (eager, compiled):
+        dm._ensure_scales()  # itself a pass of model batches through capture
+    assert compiled.scales == pytest.approx(eager.scales, rel=1e-4)
+    for batch in _take(TokenBatches(list_shards(tiny_shards_dir)[0], eager.tokenizer, 32, 4), 2):
+        want, got = eager.capture(batch["tokens"]), compiled.capture(batch["tokens"])
+        for hook in HOOKS:
+            torch.testing.assert_close(got[hook], want[hook], rtol=1e-4, atol=1e-5)

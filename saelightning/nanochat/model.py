@@ -403,6 +403,11 @@ class GPT(nn.Module):
         self.forward(idx, hooks=all_hooks, stop_at_layer=deepest)
         return {name: cache[name] for name in names}
 
+    def capturer(self, compiled: bool = False):
+        """run_with_cache itself, or run_with_cache under torch.compile: Inductor fuses the truncated forward's
+        norms, rotary embeddings and MLP activations (the first call compiles: tens of seconds)."""
+        return torch.compile(self.run_with_cache) if compiled else self.run_with_cache
+
     # -- generation
     @torch.inference_mode()
     def generate(self, tokens, max_tokens: int, temperature: float = 1.0, top_k: int | None = None,
