@@ -306,10 +306,17 @@ class SAEModule(pl.LightningModule):
             initialized.fill_(True)
         self._initialized.add(name)
 
+    def _sum_over_ranks(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks, in place, with one all-reduce. Not Lightning's strategy.reduce: it puts a barrier
+        first, and an NCCL barrier makes the host wait for the GPU. Every rank calls this in the same order."""
+        if self._trainer is not None and self.trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
     def _track(self, name: str, counts: torch.Tensor, batch_tokens: int, good: torch.Tensor) -> None:
         """Dead tracker and density window from this step's firing counts, summed over ranks (one all-reduce);
         a skipped step (good = 0) adds neither counts nor tokens."""
-        counts = self.trainer.strategy.reduce(counts * good, reduce_op="sum")  # the same tracker on every rank
+        counts = self._sum_over_ranks(counts * good)  # the same tracker on every rank
         tokens = good * self.world_batch(batch_tokens)
         since = self.since_fired(name)
         since += tokens.long()
@@ -334,7 +341,7 @@ class SAEModule(pl.LightningModule):
             outputs[name] = (x, *sae(x, dead_mask=self.dead_mask(name), **sparse))
             total = total + outputs[name][-1]["loss"]
         bad = (acts_bad | ~torch.isfinite(total)).float()
-        bad = self.trainer.strategy.reduce(bad, reduce_op="sum").clamp(max=1)  # every rank skips if any must
+        bad = self._sum_over_ranks(bad).clamp(max=1)  # every rank skips if any must
         self._step_bad, good = bad, 1 - bad
         for name, sae in self.saes.items():
             for b, before in zip(sae.step_buffers, saved[name]):
