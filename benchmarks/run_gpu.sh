@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Every GPU figure that BENCHMARKS.md lists under "Pending a GPU session", in one run, each script's output
+# in its own file under OUT (default gpu-results/). About 15 minutes on one H100.
+#
+#     bash benchmarks/run_gpu.sh [OUT]        # SAELENS_PYTHON=/path/to/venv/bin/python adds SAELens's row
+set -u
+out=${1:-gpu-results}
+mkdir -p "$out"
+py=${PYTHON:-python}
+run() {  # run NAME COMMAND...: the output to OUT/NAME.txt and to the terminal; a failure does not stop the rest
+    local name=$1
+    shift
+    echo "== $name: $*" | tee "$out/$name.txt"
+    "$@" 2>&1 | tee -a "$out/$name.txt"
+}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+run gpu_tests "$py" -m pytest -q -m gpu tests/test_gpu.py
+run profile_step "$py" benchmarks/profile_step.py --device cuda --d-in 1280 --d-sae 40960 --k 64 --steps 10 --what both
+run optimizer_step "$py" benchmarks/optimizer_step.py --device cuda --steps 20
+run sae_step "$py" benchmarks/sae_step.py --device cuda --autocast bf16 --max-d-sae 0 --budget 2 --max-steps 50
+run model_forward "$py" benchmarks/model_forward.py --device cuda --models demo d20 --context 2048
+run fit_e2e "$py" benchmarks/fit_e2e.py --device cuda
+run fit_e2e_compiled "$py" benchmarks/fit_e2e.py --device cuda --compile
+run sparse_decode "$py" benchmarks/sparse_decode.py --device cuda
+run runtime_overhead "$py" benchmarks/runtime_overhead.py --depth 20 --device cuda --expansion 16
+run cache_throughput "$py" benchmarks/cache_throughput.py --device cuda --workers 1 \
+    ${SAELENS_PYTHON:+--saelens-python "$SAELENS_PYTHON"}
+cat "$out"/gpu.txt "$out"/gpu_tests.txt "$out"/profile_step.txt "$out"/optimizer_step.txt "$out"/sae_step.txt \
+    "$out"/model_forward.txt "$out"/fit_e2e.txt "$out"/fit_e2e_compiled.txt "$out"/sparse_decode.txt \
+    "$out"/runtime_overhead.txt "$out"/cache_throughput.txt > "$out/all.txt"
