@@ -38,6 +38,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sae_step import train_step  # noqa: E402
 
 
+def saelens_env() -> dict:
+    """The environment of a SAELens-venv subprocess: that venv has torch but not this package, so it
+    imports saelightning.saes (torch only) from this tree."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+
+
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -228,9 +234,7 @@ def main() -> None:
             cmd = [a.saelens_python, __file__, "--phase", "saelens", "--cache-dir", str(cache_dir), "--hook", a.hook,
                    "--d-sae", str(a.d_sae), "--k", str(a.k), "--batch", str(a.batch), "--steps", str(a.steps),
                    "--warmup", str(a.warmup), "--threads", str(a.threads), "--scale", repr(scale), "--device", a.device]
-            # the SAELens venv has torch but not this package: it imports saelightning.saes from this tree
-            env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-            done = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
+            done = subprocess.run(cmd, capture_output=True, text=True, check=True, env=saelens_env())
             rows["SAELens, memory"].append(json.loads(done.stdout.strip().splitlines()[-1])["saelens_tokens_per_s"])
     print("| run | tokens/s (median) | all runs |")
     print("|---|---:|---|")

@@ -169,7 +169,7 @@ def main() -> int:
         cmd = [a.saelens_python, __file__, "--phase", "saelens", "--cache-dir", str(cache_dir), "--hook", a.hook,
                "--d-sae", str(a.d_sae), "--k", str(a.k), "--batch", str(a.batch), "--train-steps", str(a.train_steps),
                "--warmup", str(a.warmup), "--epochs", str(a.epochs), "--threads", str(a.threads), "--scale", repr(scale), "--out", out]
-        done = subprocess.run(cmd, capture_output=True, text=True)
+        done = subprocess.run(cmd, capture_output=True, text=True, env=ct.saelens_env())
         if done.returncode:
             raise SystemExit(done.stderr[-3000:])
         theirs_rate = json.loads(done.stdout.strip().splitlines()[-1])["tokens_per_s"]

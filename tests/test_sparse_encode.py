@@ -68,16 +68,22 @@ def test_auxk_loss_is_zero_without_dead_latents(monkeypatch, sync_free):
     assert float(losses["auxk_loss"]) == 0.0
 
 
-def test_gather_encode_gradient_to_the_input():
+@pytest.mark.parametrize("shifted", [True, False])
+def test_gather_encode_gradients_to_the_encoder_and_b_dec(shifted):
+    """W_enc, b_enc and b_dec (through x_c = x - b_dec) get dense autograd's gradients; b_dec's is
+    -W_enc @ (per-column sums of g), not a per-token gradient of x_c."""
     torch.manual_seed(1)
-    x = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(6, 5, dtype=torch.float64)
     W, b = torch.randn(5, 12, dtype=torch.float64, requires_grad=True), torch.randn(12, dtype=torch.float64, requires_grad=True)
+    b_dec = torch.randn(5, dtype=torch.float64, requires_grad=True)
     indices = torch.randint(0, 12, (6, 3))
+    x_c = x - b_dec if shifted else x
     with torch.no_grad():
-        pre = x @ W + b
-    got = torch.autograd.grad(gather_encode(pre, x, W, b, indices).pow(2).sum(), [x, W, b])
-    want = torch.autograd.grad((x @ W + b).gather(1, indices).pow(2).sum(), [x, W, b])
-    for g, e in zip(got, want):
+        pre = x_c @ W + b
+    params = [W, b, b_dec] if shifted else [W, b]
+    got = torch.autograd.grad(gather_encode(pre, x_c, W, b, indices, b_dec if shifted else None).pow(2).sum(), params)
+    want = torch.autograd.grad((x_c @ W + b).gather(1, indices).pow(2).sum(), params)
+    for g, e in zip(got, want, strict=True):
         assert torch.allclose(g, e, rtol=1e-10)
 
 

@@ -155,6 +155,11 @@ class SAE(nn.Module):
         x = self._check_input(x)
         return x - self.b_dec if self.config.apply_b_dec_to_input else x
 
+    @property
+    def encoder_shift(self) -> torch.Tensor | None:
+        """b_dec where the encoder subtracts it from x (the sparse encoder's backward gives it its gradient)."""
+        return self.b_dec if self.config.apply_b_dec_to_input else None
+
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
         return self.centered(x) @ self.W_enc + self.b_enc
 

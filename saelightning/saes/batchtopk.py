@@ -73,7 +73,7 @@ class BatchTopKSAE(TopKSAE):
             else:  # evaluation: the JumpReLU latents (a host sync for their count is fine here)
                 rows, columns = (self._threshold_acts(pre) != 0).nonzero(as_tuple=True)
                 offsets = torch.searchsorted(rows, torch.arange(pre.shape[0], device=pre.device, dtype=rows.dtype))
-        values = gather_encode_ragged(pre, x_c, self.W_enc, self.b_enc, rows, columns, offsets).relu()
+        values = gather_encode_ragged(pre, x_c, self.W_enc, self.b_enc, rows, columns, offsets, self.encoder_shift).relu()
         if self.training:
             self._update_threshold(values.detach())
         return pre, SparseLatents(values, columns, self.config.d_sae, rows, pre.shape[0]), offsets
@@ -83,7 +83,7 @@ class BatchTopKSAE(TopKSAE):
         aux_indices, aux_weight = self._aux_indices(pre, dead_mask)
         if aux_indices is None:
             return x_hat.new_zeros(()).float()
-        values = gather_encode(pre, self.centered(x), self.W_enc, self.b_enc, aux_indices).relu() * aux_weight
+        values = gather_encode(pre, self.centered(x), self.W_enc, self.b_enc, aux_indices, self.encoder_shift).relu() * aux_weight
         aux = self._auxk_from(x, x_hat, values, aux_indices)
         return aux * aux_weight.amax() if torch.is_tensor(aux_weight) else aux
 

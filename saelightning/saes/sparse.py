@@ -59,19 +59,22 @@ def sparse_decode_ragged(values: torch.Tensor, columns: torch.Tensor, offsets: t
 
 
 class _GatherEncode(torch.autograd.Function):
-    """values = x_c · W_enc[:, columns] + b_enc[columns] at chosen entries, read from precomputed pre-activations.
+    """values = (x − b_dec) · W_enc[:, columns] + b_enc[columns] at chosen entries, read from precomputed
+    pre-activations (x_c = x − b_dec, or x when the SAE does not subtract b_dec: b_dec is None then).
 
     Autograd through a dense `x_c @ W_enc` then topk spends two dense [N, d_in] x [d_in, d_sae] products
     and several dense [N, d_sae] gradient buffers on a gradient that is non-zero in only m entries per row.
     This backward touches those entries only: the W_enc gradient is an embedding_bag weight gradient
-    (row columns[j] of W_encᵀ gets g[j] · x_c[row of j]), the x_c gradient a sparse decode against W_encᵀ.
+    (row columns[j] of W_encᵀ gets g[j] · x_c[row of j]); b_enc's is s, the per-column sum of g; and
+    b_dec's is −W_enc · s (each chosen entry's pre-activation moves by −W_enc[:, column] with b_dec), one
+    product with W_enc in place of a per-token gradient of x_c. x_c itself (data) gets none.
 
     Padded layout (TopK): columns [N, m], one row per token (offsets None). Ragged layout (BatchTopK):
     flat rows/columns [M] sorted by row, row n's entries at [offsets[n], offsets[n+1]).
     """
 
     @staticmethod
-    def forward(ctx, pre, x_c, W_enc, b_enc, columns, rows, offsets):
+    def forward(ctx, pre, x_c, W_enc, b_enc, b_dec, columns, rows, offsets):
         ctx.save_for_backward(x_c, W_enc, columns, offsets)
         return pre.gather(1, columns) if rows is None else pre[rows, columns]
 
@@ -79,31 +82,34 @@ class _GatherEncode(torch.autograd.Function):
     def backward(ctx, grad):
         x_c, W_enc, columns, offsets = ctx.saved_tensors
         weights = grad.to(W_enc.dtype)
-        grad_x = grad_W = grad_b = None
-        if ctx.needs_input_grad[1]:
-            grad_x = F.embedding_bag(columns, W_enc.t().contiguous(), offsets, per_sample_weights=weights, mode="sum")
+        grad_W = grad_b = grad_shift = None
         if ctx.needs_input_grad[2]:
             with torch.enable_grad():  # the weight gradient of embedding_bag is exactly this scatter of outer products
                 table = torch.zeros(W_enc.shape[1], W_enc.shape[0], dtype=W_enc.dtype, device=W_enc.device, requires_grad=True)
                 bags = F.embedding_bag(columns, table, offsets, per_sample_weights=weights, mode="sum")
                 (grad_W,) = torch.autograd.grad(bags, table, grad_outputs=x_c.to(W_enc.dtype))
             grad_W = grad_W.t()
-        if ctx.needs_input_grad[3]:
-            grad_b = torch.zeros(W_enc.shape[1], dtype=grad.dtype, device=grad.device).index_add_(0, columns.flatten(), grad.flatten())
-        return None, grad_x, grad_W, grad_b, None, None, None
+        if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
+            sums = torch.zeros(W_enc.shape[1], dtype=W_enc.dtype, device=grad.device).index_add_(0, columns.flatten(), weights.flatten())
+            grad_b = sums if ctx.needs_input_grad[3] else None
+            grad_shift = -(W_enc @ sums) if ctx.needs_input_grad[4] else None
+        return None, None, grad_W, grad_b, grad_shift, None, None, None
 
 
-def gather_encode(pre: torch.Tensor, x_c: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """Pre-activations at `indices` [N, m] with gradients to x_c, W_enc, b_enc as if pre = x_c @ W_enc + b_enc.
+def gather_encode(pre: torch.Tensor, x_c: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, indices: torch.Tensor,
+                  b_dec: torch.Tensor | None = None) -> torch.Tensor:
+    """Pre-activations at `indices` [N, m] with gradients to W_enc, b_enc and b_dec as if pre = x_c @ W_enc + b_enc
+    with x_c = x − b_dec (pass b_dec=None when x_c is x itself; x_c gets no gradient either way).
 
     `pre` must be that product, computed without autograd (torch.no_grad): the forward only gathers it.
     """
-    return _GatherEncode.apply(pre.detach(), x_c, W_enc, b_enc, indices, None, None)
+    return _GatherEncode.apply(pre.detach(), x_c.detach(), W_enc, b_enc, b_dec, indices, None, None)
 
 
-def gather_encode_ragged(pre, x_c, W_enc, b_enc, rows: torch.Tensor, columns: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+def gather_encode_ragged(pre, x_c, W_enc, b_enc, rows: torch.Tensor, columns: torch.Tensor, offsets: torch.Tensor,
+                         b_dec: torch.Tensor | None = None) -> torch.Tensor:
     """gather_encode for a ragged selection: pre[rows, columns] ([M], rows sorted, `offsets` [N] where each row starts)."""
-    return _GatherEncode.apply(pre.detach(), x_c, W_enc, b_enc, columns, rows, offsets)
+    return _GatherEncode.apply(pre.detach(), x_c.detach(), W_enc, b_enc, b_dec, columns, rows, offsets)
 
 
 def batch_topk_ragged(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

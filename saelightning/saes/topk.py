@@ -36,7 +36,7 @@ class TopKSAE(SAE):
             indices = pre.topk(k, dim=-1, sorted=False).indices
             aux_indices, aux_weight = self._aux_indices(pre, dead_mask)
         chosen = indices if aux_indices is None else torch.cat([indices, aux_indices], 1)
-        gathered = gather_encode(pre, x_c, self.W_enc, self.b_enc, chosen).relu()  # one sparse backward for both
+        gathered = gather_encode(pre, x_c, self.W_enc, self.b_enc, chosen, self.encoder_shift).relu()  # one sparse backward for both
         values = gathered[:, :k]
         x_hat = sparse_decode(values, indices, self.W_dec) + self.b_dec
         losses = self.reconstruction_stats(x, x_hat)
