@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU figure that BENCHMARKS.md lists under "Pending a GPU session", in one run, each script's output
-# in its own file under OUT (default gpu-results/). About 15 minutes on one H100.
+# in its own file under OUT (default gpu-results/). Not yet run on a GPU (estimated 15-20 minutes on one H100).
 #
 #     bash benchmarks/run_gpu.sh [OUT]        # SAELENS_PYTHON=/path/to/venv/bin/python adds SAELens's row
 set -u
