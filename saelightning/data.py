@@ -232,7 +232,6 @@ class ActivationDataModule(pl.LightningDataModule):
         if self.nanochat.tokenizer is None:
             raise SAELightningError(f"no tokenizer/ found above {self.nanochat.meta['path']}; put nanochat's tokenizer dir beside the checkpoints")
         self.model, self.tokenizer = self.nanochat.model, self.nanochat.tokenizer
-        self.compile_model = compile_model
         self._run_with_cache = self.model.capturer(compile_model)
         if data_dir != "demo":  # a bad data dir fails here, before a trainer is built, not at setup
             list_shards(data_dir)
