@@ -313,15 +313,15 @@ class SAEModule(pl.LightningModule):
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
-    def _track(self, name: str, counts: torch.Tensor, batch_tokens: int, good: torch.Tensor) -> None:
+    def _track(self, name: str, counts: torch.Tensor, good: torch.Tensor, step_tokens: torch.Tensor,
+               batch_tokens: int) -> None:
         """Dead tracker and density window from this step's firing counts, summed over ranks (one all-reduce);
-        a skipped step (good = 0) adds neither counts nor tokens."""
+        a skipped step (good = 0, step_tokens = 0) adds neither counts nor tokens."""
         counts = self._sum_over_ranks(counts * good)  # the same tracker on every rank
-        tokens = good * self.world_batch(batch_tokens)
         since = self.since_fired(name)
-        since += tokens.long()
+        since += step_tokens.long()
         since.masked_fill_(counts > 0, 0)  # not since[fired] = 0: boolean indexing syncs with the host
-        self._window(name, counts, tokens, batch_tokens)
+        self._window(name, counts, step_tokens, batch_tokens)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         """The SAEs' summed loss. A step whose activations or loss hold a NaN/inf (on any rank) is skipped
@@ -345,6 +345,8 @@ class SAEModule(pl.LightningModule):
         bad = (acts_bad | ~torch.isfinite(total)).float()
         bad = self._sum_over_ranks(bad).clamp(max=1)  # every rank skips if any must
         self._step_bad, good = bad, 1 - bad
+        n_tokens = acts[self.hook_names[0]].shape[0]
+        step_tokens = good * self.world_batch(n_tokens)  # SAE training tokens of this step over all ranks (0 if skipped)
         for name, sae in self.saes.items():
             for b, before in zip(sae.step_buffers, saved[name]):
                 getattr(sae, b).copy_(torch.where(bad > 0, before, getattr(sae, b)))
@@ -352,14 +354,14 @@ class SAEModule(pl.LightningModule):
         log_metrics = log_now and not bool(bad)  # a logging step syncs anyway; a skipped one logs no train metrics
         for name, (x, x_hat, latents, losses) in outputs.items():
             counts = firing_counts(latents)  # one pass serves the dead tracker and the density window
-            self._track(name, counts, latents.shape[0], good)
+            self._track(name, counts, good, step_tokens, n_tokens)
             if log_metrics:  # like SAELens: train metrics of the logged step's batch (the rest would cost every step)
                 self._update(self.train_metrics[name], x.detach(), x_hat.detach(), latents.detach())
                 self._log_train(name, losses)
-        self.tokens_seen += (good * self.world_batch(acts[self.hook_names[0]].shape[0])).long()
+        self.tokens_seen += step_tokens.long()
         self._count_nonfinite(bad, acts_bad)
         if log_now:
-            self._log_throughput(acts[self.hook_names[0]].shape[0])
+            self._log_throughput(n_tokens)
         return total
 
     def _count_nonfinite(self, bad: torch.Tensor, acts_bad: torch.Tensor) -> None:
