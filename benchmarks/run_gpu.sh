@@ -7,13 +7,14 @@ set -u
 out=${1:-gpu-results}
 mkdir -p "$out"
 py=${PYTHON:-python}
-run() {  # run NAME COMMAND...: the output to OUT/NAME.txt and to the terminal; a failure does not stop the rest
+: > "$out/all.txt"
+run() {  # run NAME COMMAND...: the output to OUT/NAME.txt, OUT/all.txt and the terminal; a failure does not stop the rest
     local name=$1
     shift
-    echo "== $name: $*" | tee "$out/$name.txt"
-    "$@" 2>&1 | tee -a "$out/$name.txt"
+    : > "$out/$name.txt"
+    { echo "== $name: $*"; "$@" 2>&1; } | tee -a "$out/$name.txt" "$out/all.txt"
 }
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+run gpu nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 run gpu_tests "$py" -m pytest -q -m gpu tests/test_gpu.py
 run profile_step "$py" benchmarks/profile_step.py --device cuda --d-in 1280 --d-sae 40960 --k 64 --steps 10 --what both
 run optimizer_step "$py" benchmarks/optimizer_step.py --device cuda --steps 20
@@ -25,6 +26,3 @@ run sparse_decode "$py" benchmarks/sparse_decode.py --device cuda
 run runtime_overhead "$py" benchmarks/runtime_overhead.py --depth 20 --device cuda --expansion 16
 run cache_throughput "$py" benchmarks/cache_throughput.py --device cuda --workers 1 \
     ${SAELENS_PYTHON:+--saelens-python "$SAELENS_PYTHON"}
-cat "$out"/gpu.txt "$out"/gpu_tests.txt "$out"/profile_step.txt "$out"/optimizer_step.txt "$out"/sae_step.txt \
-    "$out"/model_forward.txt "$out"/fit_e2e.txt "$out"/fit_e2e_compiled.txt "$out"/sparse_decode.txt \
-    "$out"/runtime_overhead.txt "$out"/cache_throughput.txt > "$out/all.txt"
