@@ -80,7 +80,8 @@ def build(a) -> tuple[Path, dict, float]:
 
 def sae_loop(a, batches: list[torch.Tensor], d_in: int) -> float:
     """Our SAE's training step alone (the module's order: forward, backward, clip, Adam, renormalise)."""
-    from saelightning.module import SAESpec, SkipAdam, build_from_spec, default_lr
+    from saelightning.module import SAESpec, build_from_spec
+    from saelightning.optim import SkipAdam, default_lr
 
     sae = build_from_spec(SAESpec(hook_name=a.hook, d_sae=a.d_sae, k=a.k), d_in).to(a.device)
     sae.init_from_batch(batches[0])

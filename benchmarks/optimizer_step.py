@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from saelightning.module import SkipAdam
+from saelightning.optim import SkipAdam
 
 
 def _params(d_in: int, d_sae: int, device: str) -> list[torch.nn.Parameter]:

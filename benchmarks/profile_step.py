@@ -21,7 +21,7 @@ from sae_step import train_step as sae_step  # noqa: E402
 
 
 def profile_sae(a, batches):
-    from saelightning.module import SkipAdam
+    from saelightning.optim import SkipAdam
     from saelightning.saes import SAEConfig, build_sae
 
     sae = build_sae(SAEConfig(architecture="topk", d_in=a.d_in, d_sae=a.d_sae, k=a.k)).to(a.device)

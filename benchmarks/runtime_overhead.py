@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from saelightning.evaluate import resolve_model_path
+from saelightning.resolve import model_path as resolve_model_path
 from saelightning.nanochat.checkpoint import load_nanochat
 from saelightning.runtime import InterpretableModel
 

@@ -70,7 +70,7 @@ def time_steps(a, arch: str, d_in: int, d_sae: int, k: int) -> tuple[float, int,
     sae = build_sae(cfg).to(a.device)
     x = torch.randn(a.batch, d_in, device=a.device)
     sae.init_from_batch(x)
-    from saelightning.module import SkipAdam  # here: the SAELens venv imports this file without lightning
+    from saelightning.optim import SkipAdam  # here: the SAELens venv imports this file without lightning
 
     opt = SkipAdam(sae.parameters(), lr=1e-4, eps=6.25e-10)  # SAEModule's optimizer (fused Adam)
     dead = torch.zeros(d_sae, dtype=torch.bool, device=a.device)

@@ -50,7 +50,7 @@ def ours(a, batches) -> tuple[float, dict]:
     from saelightning.module import SAEModule
 
     hook = a.hook
-    spec = {"hook_name": hook, "d_sae": a.d_sae, "k": a.k, "name": "sae", "options": json.loads(a.options)}
+    spec = {"hook_name": hook, "d_sae": a.d_sae, "k": a.k, "name": "sae", **json.loads(a.options)}
     module = SAEModule(saes=[spec], n_layer=4, d_model=128, warmup_steps=10, **json.loads(a.module_options))
     marks = {}
 
@@ -145,7 +145,7 @@ def main() -> int:
     p.add_argument("--sweep", type=int, default=4, help="SAEs in the sweep comparison (0: skip it)")
     p.add_argument("--sweep-steps", type=int, default=6)
     p.add_argument("--saelens-python", default="/tmp/saelens-venv/bin/python")
-    p.add_argument("--options", default="{}", help="JSON: our SAEConfig options (SAESpec.options)")
+    p.add_argument("--options", default="{}", help="JSON: further SAESpec fields (k_aux, aux_coefficient, ...)")
     p.add_argument("--module-options", default="{}", help="JSON: further SAEModule arguments (eps, grad_clip, ...)")
     p.add_argument("--phase", default="main", choices=["main", "saelens"])
     p.add_argument("--scale", type=float, default=1.0, help=argparse.SUPPRESS)

@@ -23,7 +23,6 @@ as it is. The data module reads a cache through CacheBlocks (bottom of this file
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -31,17 +30,23 @@ import os
 import random
 import shutil
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import ClassVar, Literal
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import IterableDataset
+from tqdm.auto import tqdm
 
+from saelightning import resolve
+from saelightning.atomic import atomic_path, write_json
+from saelightning.command import parse
 from saelightning.errors import SAELightningError
 from saelightning.hooks import hook_width, parse_hook
+from saelightning.tokens import TokenBatches
 
 MANIFEST = "manifest.json"
 PROGRESS = ".progress.json"
@@ -54,23 +59,46 @@ COLUMN_BYTES = 4 + 4 + 8 + 8
 
 @dataclass
 class CacheConfig:
-    """What a cache holds; every field but device goes into its fingerprint (a resume must match it)."""
+    """Run the frozen nanochat model once over the train shards and store its activations (BOS dropped) as
+    globally shuffled safetensors shards with a manifest. Re-running the same command resumes.
 
-    model: str  # nanochat checkpoint dir / base dir, or "demo"
-    hooks: list[str]  # hook points to store
-    tokens: int  # BOS-free tokens to store
-    out: str  # output directory
-    data: str = "demo"  # folder of nanochat parquet shards (train = all but the last), or "demo"
-    dtype: str = "fp32"  # bf16 | fp32 storage
-    shard_tokens: int = 262_144  # tokens per shard (and per chunk of pass 1)
-    context_size: int | None = None  # tokens per row (default: the model's sequence_len)
-    batch_rows: int = 8  # rows per model forward
-    seed: int = 0  # document order and the shuffle
-    shuffle: bool = True  # False: shards are the stream in order (a replayable recording)
-    step: int | None = None  # checkpoint step (default: the latest)
-    era: str | None = None  # override the detected era
-    device: str = "cpu"  # where the model runs (not part of the fingerprint)
-    compile_model: bool = False  # run the model's truncated forward under torch.compile (not part of the fingerprint)
+    Args:
+        model: nanochat checkpoint dir or base dir, or "demo".
+        hooks: hook points to store, e.g. blocks.3.hook_resid_post.
+        tokens: BOS-free tokens to store.
+        out: output directory.
+        data: folder of nanochat parquet shards (train = all but the last), or "demo".
+        dtype: storage dtype.
+        shard_tokens: tokens per shard (and per chunk of the model pass).
+        context_size: tokens per row (default: the model's sequence_len).
+        batch_rows: rows per model forward.
+        seed: document order and shuffle seed.
+        shuffle: shuffle across shards (false: the shards are the stream in order, a recording the trainer
+            replays exactly).
+        step: checkpoint step (default: the latest).
+        era: override the era detected from the checkpoint.
+        device: where the model runs: cpu, cuda, cuda:1 (not part of the cache's fingerprint).
+        compile_model: run the model's truncated forward under torch.compile (compiles first; not part of the
+            fingerprint).
+    """
+
+    ALIASES: ClassVar[dict[str, str]] = {"compile": "compile_model"}  # the flag's earlier name
+
+    model: str
+    hooks: list[str]
+    tokens: int
+    out: str
+    data: str = "demo"
+    dtype: Literal["bf16", "fp32"] = "fp32"
+    shard_tokens: int = 262_144
+    context_size: int | None = None
+    batch_rows: int = 8
+    seed: int = 0
+    shuffle: bool = True
+    step: int | None = None
+    era: Literal["original", "current"] | None = None
+    device: str = "cpu"
+    compile_model: bool = False
 
 
 # --- small helpers ---
@@ -82,17 +110,10 @@ def _seed(*parts: int) -> int:
     return value
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
-
-
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     """safetensors file written atomically (tests interrupt a run by patching this)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
 
 
 def _sha256(path: Path) -> str:
@@ -153,14 +174,10 @@ class _Builder:
         return min(self.cfg.shard_tokens, self.cfg.tokens - c * self.cfg.shard_tokens)
 
     def _save_progress(self, progress: dict) -> None:
-        _write_json(self.out / PROGRESS, progress)
+        write_json(self.out / PROGRESS, progress)
 
     def stream(self, progress: dict) -> None:
         """Pass 1: chunks written in stream order; progress names the batch the leftover tokens start in."""
-        from tqdm.auto import tqdm
-
-        from saelightning.data import TokenBatches
-
         cfg, hooks, dtype = self.cfg, self.cfg.hooks, DTYPES[self.cfg.dtype]
         run, device = self.model.capturer(cfg.compile_model), next(self.model.parameters()).device
         chunks_dir = self.out / CHUNKS
@@ -208,8 +225,6 @@ class _Builder:
 
     def shuffle(self, progress: dict) -> None:
         """Pass 2: output shard j = slice j of every chunk, permuted (or the chunk itself without shuffle)."""
-        from tqdm.auto import tqdm
-
         counts = [c["tokens"] for c in progress["chunks"]]
         n_out = len(counts)
         bar = tqdm(total=n_out, initial=len(progress["shards"]), unit="shard", desc="cache: shuffle pass", dynamic_ncols=True)
@@ -273,21 +288,8 @@ def _check_disk(out: Path, needed: int) -> None:
 
 
 def _load(cfg: CacheConfig):
-    from saelightning.nanochat.checkpoint import load_nanochat
-    from saelightning.nanochat.shards import list_shards
-
-    model = cfg.model
-    if model == "demo":
-        from saelightning.demo import DEMO_MODEL_DIR
-        model = str(DEMO_MODEL_DIR)
-    nanochat = load_nanochat(model, step=cfg.step, era=cfg.era, device=cfg.device)
-    if nanochat.tokenizer is None:
-        raise SAELightningError(f"no tokenizer/ found above {nanochat.meta['path']}; put nanochat's tokenizer dir beside the checkpoints")
-    if cfg.data == "demo":
-        from saelightning.demo import ensure_demo_shards
-        train, _ = list_shards(ensure_demo_shards())
-    else:
-        train, _ = list_shards(cfg.data)
+    nanochat = resolve.load_model(cfg.model, step=cfg.step, era=cfg.era, device=cfg.device)
+    train, _ = resolve.shards(cfg.data)
     return nanochat, train
 
 
@@ -338,47 +340,22 @@ def build_cache(cfg: CacheConfig) -> dict:
     progress = record or {"fingerprint": builder.fingerprint, "model": {k: meta[k] for k in ("path", "step", "era")},
                           "chunks": [], "shards": [],
                           "stream": {"reader": None, "skip": 0, "batch": 0, "docs": 0}}
+    if record is None:  # first thing in `out`: a run stopped before its first chunk is this cache, unfinished
+        builder._save_progress(progress)
     if len(progress["chunks"]) < builder.n_chunks:
         builder.stream(progress)
     builder.shuffle(progress)
     manifest = builder.manifest(progress)
-    _write_json(out / MANIFEST, manifest)
+    write_json(out / MANIFEST, manifest)
     (out / PROGRESS).unlink(missing_ok=True)
     shutil.rmtree(out / CHUNKS, ignore_errors=True)
     return manifest
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="saelightning cache", description=(
-        "Run the frozen nanochat model once over the train shards and store the activations (BOS dropped) "
-        "as globally shuffled safetensors shards with a manifest. Re-running the same command resumes."))
-    p.add_argument("--model", required=True, help="nanochat checkpoint dir or base dir, or 'demo'")
-    p.add_argument("--hooks", required=True, nargs="+", help="hook points, e.g. blocks.3.hook_resid_post")
-    p.add_argument("--tokens", required=True, type=int, help="BOS-free tokens to store")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--data", default="demo", help="folder of nanochat parquet shards (default: demo)")
-    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="storage dtype (default fp32)")
-    p.add_argument("--shard-tokens", type=int, default=262_144, help="tokens per shard (default 262144)")
-    p.add_argument("--context-size", type=int, default=None, help="tokens per row (default: the model's sequence_len)")
-    p.add_argument("--batch-rows", type=int, default=8, help="rows per model forward (default 8)")
-    p.add_argument("--seed", type=int, default=0, help="document order and shuffle seed (default 0)")
-    p.add_argument("--no-shuffle", action="store_true", help="keep stream order (a recording the trainer replays exactly)")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
-    p.add_argument("--era", default=None, choices=["original", "current"], help="override the detected era")
-    p.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda, cuda:1 (default cpu)")
-    p.add_argument("--compile", action="store_true", help="run the model's forward under torch.compile (compiles first)")
-    return p
-
-
 def cli_main(argv: Sequence[str]) -> int:
-    try:
-        args = _parser().parse_args(list(argv))
-    except SystemExit as e:  # --help exits 0, a bad option 2 (argparse printed why)
-        return e.code if isinstance(e.code, int) else 2
-    cfg = CacheConfig(model=args.model, hooks=args.hooks, tokens=args.tokens, out=args.out, data=args.data,
-                      dtype=args.dtype, shard_tokens=args.shard_tokens, context_size=args.context_size,
-                      batch_rows=args.batch_rows, seed=args.seed, shuffle=not args.no_shuffle, step=args.step,
-                      era=args.era, device=args.device, compile_model=args.compile)
+    cfg = parse(CacheConfig, argv, "saelightning cache")
+    if cfg is None:
+        return 0
     manifest = build_cache(cfg)
     size = sum(s["bytes"] for s in manifest["shards"])
     print(f"cache: {manifest['tokens']} tokens x {len(manifest['hooks'])} hook(s) in {len(manifest['shards'])} shard(s), "

@@ -10,8 +10,9 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_only
 
-from saelightning.errors import SAELightningError
 from saelightning.dashboards.stats import density_summary
+from saelightning.errors import SAELightningError
+from saelightning.export import save_sae
 from saelightning.metrics import log10_density
 
 
@@ -124,10 +125,13 @@ def export_dir(trainer) -> Path:
     return _run_dir(trainer) / "saes"
 
 
-def export_module(pl_module, out_root: Path, step: int, metrics: dict | None = None) -> list[Path]:
-    """save_sae every SAE of the module to out_root/<name>/ (SAELens layout, weights on raw activations)."""
-    from saelightning.export import save_sae
+def export_module(pl_module, out_root: Path, step: int, metrics: dict | None = None,
+                  metrics_step: int | None = None) -> list[Path]:
+    """save_sae every SAE of the module to out_root/<name>/ (SAELens layout, weights on raw activations).
 
+    metrics: the latest logged scalars; metrics_step: the global step of the validation that gave their
+    val/* figures (recorded as final_metrics_step: the weights are those of `step`).
+    """
     paths = []
     for name, sae in pl_module.saes.items():
         spec, info = pl_module.specs[name], pl_module.model_info
@@ -139,7 +143,7 @@ def export_module(pl_module, out_root: Path, step: int, metrics: dict | None = N
             "model": {k: info.get(k) for k in ("path", "step", "era", "config")}, "sae_name": name,
             "training_steps": step, "training_tokens": int(pl_module.tokens_seen),
             "trainer_config": {k: v for k, v in pl_module.hparams.items() if k not in ("saes", "model_info")},
-            "spec": {k: v for k, v in vars(spec).items()}, "final_metrics": mine,
+            "spec": {k: v for k, v in vars(spec).items()}, "final_metrics": mine, "final_metrics_step": metrics_step,
         }
         sparsity = log10_density(density) if torch.isfinite(density).all() else None
         try:
@@ -147,27 +151,6 @@ def export_module(pl_module, out_root: Path, step: int, metrics: dict | None = N
         except SAELightningError as e:  # e.g. NaN weights: nothing of this SAE was written
             raise SAELightningError(f"SAE {name!r} at step {step} not exported: {e}") from None
     return paths
-
-
-def export_checkpoint(ckpt_path, out_root) -> list[Path]:
-    """Export every SAE of a Lightning checkpoint written by `saelightning fit` (a .ckpt or its run dir)."""
-    from saelightning.module import SAEModule
-
-    path = Path(ckpt_path)
-    if path.is_dir():
-        path = path / "last.ckpt"
-    if not path.is_file():
-        raise SAELightningError(f"no checkpoint at {path}; pass a .ckpt file or a run dir holding last.ckpt")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        hparams = {k: v for k, v in checkpoint["hyper_parameters"].items() if not k.startswith("_")}
-        state = checkpoint["state_dict"]
-    except Exception as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise SAELightningError(f"{path} is not a readable saelightning checkpoint ({type(e).__name__}: {reason}); pass a .ckpt written by `saelightning fit`") from None
-    module = SAEModule(**hparams)
-    module.load_state_dict(state)
-    return export_module(module, Path(out_root), checkpoint.get("global_step", 0), checkpoint.get("saelightning_metrics", {}))
 
 
 def _scalar_metrics(trainer) -> dict:
@@ -194,7 +177,8 @@ class ExportSAEs(pl.Callback):
     @rank_zero_only
     def _export(self, trainer, pl_module) -> None:
         if self.enabled and trainer.global_step > 0:
-            self.last_export = export_module(pl_module, export_dir(trainer), trainer.global_step, _scalar_metrics(trainer))
+            self.last_export = export_module(pl_module, export_dir(trainer), trainer.global_step, _scalar_metrics(trainer),
+                                             pl_module.last_val_step)
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         self._export(trainer, pl_module)
@@ -204,17 +188,29 @@ class ExportSAEs(pl.Callback):
 
 
 class FinalCheckpoint(pl.Callback):
-    """Save last.ckpt when training stops between ModelCheckpoint's intervals (max_steps), so that
-    `--ckpt_path last` continues from the final state, not an earlier one."""
+    """Save last.ckpt when training ends, unless it already holds the final state and metrics: after
+    max_steps between ModelCheckpoint's intervals, and after a validation at the step of the last save
+    (ModelCheckpoint saves before that validation runs), so that `--ckpt_path last` continues from the
+    final state and `saelightning export --ckpt last.ckpt` carries the final validation's metrics."""
+
+    def __init__(self):
+        self._validated_after_save = False
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        callback = trainer.checkpoint_callback
+        self._validated_after_save = getattr(callback, "_last_global_step_saved", -1) == trainer.global_step
 
     def on_train_end(self, trainer, pl_module) -> None:
         callback = trainer.checkpoint_callback
         if callback is None or not getattr(callback, "save_last", False) or callback.dirpath is None:
             return
         path = Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
-        if getattr(callback, "_last_global_step_saved", -1) != trainer.global_step:
+        stale = getattr(callback, "_last_global_step_saved", -1) != trainer.global_step or self._validated_after_save
+        if stale and trainer.global_step > 0:
             trainer.save_checkpoint(path)  # on every rank: the data state gathers all ranks' positions
+            callback._last_global_step_saved = trainer.global_step
             callback.last_model_path = str(path)
+            self._validated_after_save = False
 
 
 # --- TensorBoard ---

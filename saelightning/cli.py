@@ -1,8 +1,12 @@
 """The `saelightning` console script.
 
-`fit` and `validate` go to LightningCLI (saelightning.train); the other subcommands are plain
-argparse programs, each a `cli_main(argv) -> int` in the module that implements it. Bad input
-raises SAELightningError anywhere below: it is printed as one line and the exit code is 2.
+`fit` and `validate` go to LightningCLI (saelightning.train); each other subcommand is one jsonargparse
+definition (saelightning.command), a `cli_main(argv) -> int` in the module that implements it. Bad
+input raises SAELightningError anywhere below: it is printed as one line and the exit code is 2. A
+Ctrl-C (or SIGTERM) that stops a command before it had anything to save is one line and exit 130 (143).
+
+The subcommand's module is imported only once it is chosen (importlib below), so `saelightning
+--help` and a typo'd command answer at once instead of after importing torch and Lightning.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-from saelightning.errors import SAELightningError
+from saelightning.errors import Interrupted, SAELightningError
 
 # subcommand -> (module with cli_main, one-line help)
 COMMANDS = {
@@ -23,7 +27,14 @@ COMMANDS = {
     "viz": ("saelightning.dashboards", "write static HTML feature dashboards"),
     "neuronpedia": ("saelightning.neuronpedia", "write Neuronpedia batch JSON files"),
     "generate": ("saelightning.runtime", "generate text with per-token features and steering"),
-    "export": ("saelightning.export", "export SAEs from a Lightning checkpoint"),
+    "export": ("saelightning.checkpointing", "export SAEs from a Lightning checkpoint"),
+}
+
+
+# what a Ctrl-C leaves behind, per command (every output is written atomically)
+_AFTER_INTERRUPT = {
+    "cache": "the chunks and shards written so far are kept: run the same command again to continue",
+    "fit": "last.ckpt is the last checkpoint written before it",
 }
 
 
@@ -68,6 +79,12 @@ def main(args: list[str] | None = None) -> int:
     except SAELightningError as e:
         print(f"saelightning: error: {_one_line(str(e))}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(f"saelightning: {e}", file=sys.stderr)
+        return 143 if e.signal_name == "SIGTERM" else 130
+    except KeyboardInterrupt:
+        print(f"saelightning: interrupted; {_AFTER_INTERRUPT.get(command, 'nothing was written')}", file=sys.stderr)
+        return 130
     except OSError as e:
         if e.filename is None:  # not about a path the user gave: a real bug, keep its traceback
             raise

@@ -14,64 +14,71 @@ buffer index) and skips the drawn batches. Every rank's state goes into the Ligh
 
 from __future__ import annotations
 
+import atexit
 import copy
+import ctypes
+import hashlib
 import math
 import os
 import signal
+import sys
+import weakref
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, IterableDataset
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.utils.data import DataLoader
 
+from saelightning import resolve
+from saelightning.cache import CacheBlocks, cache_scales, check_cache, read_manifest
 from saelightning.errors import SAELightningError
+from saelightning.faults import raise_if_stop_requested
 from saelightning.hooks import hook_width, parse_hook
-from saelightning.nanochat.shards import TextStream, list_shards
+from saelightning.tokens import TokenBatches, val_batches
 
 STATE_VERSION = 1
 
 
 # --- token batches (DataLoader workers) ---
 
-class TokenBatches(IterableDataset):
-    """Packed rows of `context_size` token ids (BOS before each document, as nanochat packs them).
-
-    Yields {"tokens": LongTensor[rows, context_size], "worker": id, "state": position after it}: the
-    state (TextStream position + the tokens carried over to the next batch) lets a reader resume here.
-    """
-
-    def __init__(self, paths, tokenizer, context_size: int, rows: int, rank: int = 0, world_size: int = 1,
-                 seed: int = 0, start: dict | None = None):
-        self.tokenizer, self.context_size, self.rows = tokenizer, context_size, rows
-        self.stream = TextStream(paths, rank=rank, world_size=world_size, seed=seed, loop=True)
-        self.carry: dict[int, list[int]] = {}
-        if start and start.get("workers"):
-            workers = start["workers"]
-            self.stream.load_state_dict(TextStream.merge_states(w["stream"] for w in workers.values()))
-            self.carry = {int(k): list(w["carry"]) for k, w in workers.items()}
-
-    def __iter__(self) -> Iterator[dict]:
-        info = torch.utils.data.get_worker_info()
-        worker = 0 if info is None else info.id
-        carry, need = list(self.carry.get(worker, [])), self.rows * self.context_size
-        docs = iter(self.stream)
-        while True:
-            while len(carry) < need:
-                carry.extend(self.tokenizer.encode(next(docs), prepend_bos=True))
-            tokens, carry = carry[:need], carry[need:]
-            state = {"stream": self.stream.state_dict(), "carry": list(carry)}
-            yield {"tokens": torch.tensor(tokens, dtype=torch.long).view(self.rows, self.context_size),
-                   "worker": worker, "state": state}
-
-
-def _ignore_stop_signals(worker_id: int) -> None:
+def _init_worker(worker_id: int) -> None:
     """In DataLoader workers: a signal sent to the whole process group (SLURM, Ctrl-C, a container stop) is the
-    main process's to act on (save, then shut the workers down); a worker killed by it would crash the step."""
+    main process's to act on (save, then shut the workers down); a worker killed by it would crash the step.
+    A worker that ignores SIGTERM must still die with the main process: on Linux, the kernel kills it then."""
     for name in ("SIGTERM", "SIGUSR1", "SIGINT"):
         signal.signal(getattr(signal, name), signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+
+
+# the DataLoader worker processes this process started; they ignore SIGTERM, so multiprocessing's own exit
+# handler (terminate, then join) would wait for them forever: they are killed first, at exit or on an error
+_WORKERS: "weakref.WeakSet" = weakref.WeakSet()
+
+
+def _kill_workers() -> None:
+    for process in list(_WORKERS):
+        if process.is_alive():
+            process.kill()
+            process.join(timeout=5)
+
+
+atexit.register(_kill_workers)  # registered after multiprocessing's handler, so it runs before it
+
+
+def _worker_error(err: Exception) -> SAELightningError | None:
+    """A SAELightningError raised in a worker arrives wrapped in the worker's traceback: its own message again."""
+    text = str(err)
+    marker = "SAELightningError: "
+    if isinstance(err, SAELightningError) and "Original Traceback" in text and marker in text:
+        return SAELightningError(text.rsplit(marker, 1)[1].strip())
+    return None
 
 
 class TokenReader:
@@ -99,17 +106,29 @@ class TokenReader:
     def __iter__(self) -> Iterator[torch.Tensor]:
         loader = DataLoader(self.make_dataset(self._start), batch_size=None, num_workers=self.num_workers,
                             prefetch_factor=2 if self.num_workers else None,
-                            worker_init_fn=_ignore_stop_signals if self.num_workers else None)
+                            worker_init_fn=_init_worker if self.num_workers else None)
         it, held, turns = iter(loader), defaultdict(deque), max(self.num_workers, 1)
-        while True:
-            w = self.next_worker
-            while not held[w]:
-                item = next(it)
-                held[item["worker"]].append(item)
-            item = held[w].popleft()
-            self.workers[w] = item["state"]
-            self.next_worker = (w + 1) % turns
-            yield item["tokens"]
+        _WORKERS.update(getattr(it, "_workers", []))
+        try:
+            while True:
+                w = self.next_worker
+                while not held[w]:
+                    try:
+                        item = next(it)
+                    except SAELightningError as err:
+                        raise (_worker_error(err) or err) from None
+                    held[item["worker"]].append(item)
+                item = held[w].popleft()
+                self.workers[w] = item["state"]
+                self.next_worker = (w + 1) % turns
+                yield item["tokens"]
+        finally:  # an error, a stop or the end of the stream: the workers go now, not at interpreter exit
+            shutdown = getattr(it, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+            for process in getattr(it, "_workers", []):
+                if process.is_alive():
+                    process.kill()
 
 
 # --- activations ---
@@ -122,11 +141,14 @@ class ActivationStream:
     """The train iterable: SAE batches {"acts": {hook: [batch_size, d]}, "index": n} from a shuffle buffer."""
 
     def __init__(self, make_reader: Callable[[dict | None], TokenReader], capture: Callable, scales: dict[str, float],
-                 buffer_tokens: int, batch_size: int, seed: int, rank: int, start: dict | None = None):
+                 buffer_tokens: int, batch_size: int, seed: int, rank: int, start: dict | None = None,
+                 may_stop: Callable[[], bool] = lambda: False):
         self.make_reader, self.capture, self.scales = make_reader, capture, scales
         self.buffer_tokens, self.batch_size, self.seed, self.rank = buffer_tokens, batch_size, seed, rank
         self.start = start or {"chunk": 0, "reader": None, "offset": 0, "index": 0}
+        self.may_stop = may_stop  # True while a stop signal may end a fill at once (nothing trained yet)
         self._chunks: deque = deque(maxlen=3)  # (chunk, reader state at its fill, first index, n batches)
+        self._filling: tuple[int, dict] | None = None  # (chunk, reader state) of the fill in progress
         self._reader: TokenReader | None = None
 
     def __iter__(self) -> Iterator[dict]:
@@ -135,7 +157,9 @@ class ActivationStream:
         tokens = iter(self._reader)
         while True:
             fill_state = self._reader.state()
+            self._filling = (chunk, fill_state)
             buffer = self._fill(tokens)
+            self._filling = None
             n = next(iter(buffer.values())).shape[0]
             perm = torch.randperm(n, generator=torch.Generator().manual_seed(_buffer_seed(self.seed, self.rank, chunk)))
             perm = perm.to(next(iter(buffer.values())).device)
@@ -151,6 +175,8 @@ class ActivationStream:
         parts: dict[str, list[torch.Tensor]] = defaultdict(list)
         count = 0
         while count < self.buffer_tokens:
+            if self.may_stop():
+                raise_if_stop_requested("the first fill of the shuffle buffer")
             acts = self.capture(next(tokens))
             for h, a in acts.items():
                 parts[h].append(a)
@@ -164,25 +190,26 @@ class ActivationStream:
                 return {"chunk": chunk, "reader": fill_state, "offset": next_index - first, "index": next_index}
         if self._chunks:
             chunk, _, first, n_batches = self._chunks[-1]
-            if next_index == first + n_batches:  # the next buffer is not filled yet: it starts here
-                return {"chunk": chunk + 1, "reader": self._reader.state(), "offset": 0, "index": next_index}
+            if next_index == first + n_batches:  # the next buffer is not filled (or not yet whole): it starts here
+                reader = self._filling[1] if self._filling is not None else self._reader.state()
+                return {"chunk": chunk + 1, "reader": reader, "offset": 0, "index": next_index}
         if next_index == self.start["index"]:
             return copy.deepcopy(self.start)
         raise SAELightningError(f"internal: SAE batch {next_index} is outside the buffers this stream kept")
 
 
-class ValActivations:
-    """The val iterable: the same fixed token batches each pass, as {"acts", "scales", "tokens"}."""
+class ValBatches:
+    """The val iterable: the same token batches {"tokens": [rows, context]} every validation (one loader, not a
+    list of loaders, which is what Lightning would take a plain list for)."""
 
-    def __init__(self, token_batches: list[torch.Tensor], capture: Callable, scales: dict[str, float]):
-        self.token_batches, self.capture, self.scales = token_batches, capture, scales
+    def __init__(self, batches: list[torch.Tensor]):
+        self.batches = batches
 
     def __len__(self) -> int:
-        return len(self.token_batches)
+        return len(self.batches)
 
     def __iter__(self) -> Iterator[dict]:
-        for tokens in self.token_batches:
-            yield {"acts": self.capture(tokens), "scales": self.scales, "tokens": tokens}
+        return iter({"tokens": t} for t in self.batches)
 
 
 # --- the data module ---
@@ -221,33 +248,34 @@ class ActivationDataModule(pl.LightningDataModule):
                  normalize: bool = True, seed: int = 0, cache_dir: str | None = None,
                  max_buffer_bytes: int | None = None, compile_model: bool = False):
         super().__init__()
-        from saelightning.nanochat.checkpoint import load_nanochat
-
-        if batch_size < 1 or buffer_tokens < batch_size:
+        for name, value in (("batch_size", batch_size), ("model_batch_rows", model_batch_rows),
+                            ("val_batches", val_batches), ("scale_batches", scale_batches)):
+            if value < 1:
+                raise SAELightningError(f"data.{name}={value} must be >= 1")
+        if num_workers < 0:
+            raise SAELightningError(f"data.num_workers={num_workers} must be >= 0")
+        if buffer_tokens < batch_size:
             raise SAELightningError(f"need 1 <= batch_size ({batch_size}) <= buffer_tokens ({buffer_tokens}); raise data.buffer_tokens")
-        if model == "demo":
-            from saelightning.demo import DEMO_MODEL_DIR
-            model = str(DEMO_MODEL_DIR)
-        self.nanochat = load_nanochat(model, step=step, era=era, source=source, model_tag=model_tag)
-        if self.nanochat.tokenizer is None:
-            raise SAELightningError(f"no tokenizer/ found above {self.nanochat.meta['path']}; put nanochat's tokenizer dir beside the checkpoints")
+        self.nanochat = resolve.load_model(model, step=step, era=era, source=source, model_tag=model_tag)
         self.model, self.tokenizer = self.nanochat.model, self.nanochat.tokenizer
         self._run_with_cache = self.model.capturer(compile_model)
-        if data_dir != "demo":  # a bad data dir fails here, before a trainer is built, not at setup
-            list_shards(data_dir)
-        self.data_dir, self.context_size = data_dir, context_size or self.model.config.sequence_len
+        self.data_dir = data_dir
+        self._train_shards, self._val_shard = resolve.shards(data_dir)  # a bad data dir fails here, not at setup
+        self.context_size = context_size or self.model.config.sequence_len
+        if not 1 <= self.context_size <= self.model.config.sequence_len:
+            raise SAELightningError(f"data.context_size={self.context_size} must be in [1, {self.model.config.sequence_len}] "
+                                    "(the model's sequence_len)")
         self.batch_size, self.model_batch_rows, self.buffer_tokens = batch_size, model_batch_rows, buffer_tokens
         self.num_workers, self.val_batches, self.scale_batches = num_workers, val_batches, scale_batches
         self.normalize, self.seed, self.max_buffer_bytes = normalize, seed, max_buffer_bytes
-        self.cache_dir, self.cache_manifest = cache_dir, None
-        if cache_dir:
-            from saelightning.cache import read_manifest
-            self.cache_manifest = read_manifest(cache_dir)
+        self.cache_dir = cache_dir
+        self.cache_manifest = read_manifest(cache_dir) if cache_dir else None
         self.hooks: list[str] = []  # set by setup() from the LightningModule's SAEs
         self.device = torch.device("cpu")
         self.scales: dict[str, float] | None = None
         self._start: dict | None = None  # this rank's loaded position
         self._next_index = 0  # SAE batches handed to training_step so far
+        self._first_index = 0  # the index this process started at (nothing trained here while equal)
         self._stream: ActivationStream | None = None
         self._val_tokens: list[torch.Tensor] | None = None
 
@@ -299,23 +327,21 @@ class ActivationDataModule(pl.LightningDataModule):
         for name in self.hooks:
             parse_hook(name, self.n_layer)
         if self.cache_manifest is not None:
-            from saelightning.cache import check_cache
             check_cache(self.cache_manifest, {h: self.hook_width(h) for h in self.hooks}, self.model_info)
         if self.trainer is not None:
             self.device = self.trainer.strategy.root_device
         self.check_memory(self.hooks)
         self.model.to(self.device)
 
-    def _shards(self) -> tuple[list[Path], Path]:
-        if self.data_dir == "demo":
-            from saelightning.demo import ensure_demo_shards
-            return list_shards(ensure_demo_shards())
-        return list_shards(self.data_dir)
-
     def _rank_world(self) -> tuple[int, int]:
         if self.trainer is not None:
             return self.trainer.global_rank, self.trainer.world_size
         return 0, 1
+
+    def _may_stop(self) -> bool:
+        """A stop signal may end work at once: nothing trained in this process yet, and one process (under DDP
+        the ranks agree on a stop at a step's end, where one rank alone leaving would hang the others)."""
+        return self._next_index == self._first_index and self._rank_world()[1] == 1
 
     @torch.no_grad()
     def capture(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -340,13 +366,13 @@ class ActivationDataModule(pl.LightningDataModule):
             self.scales = {h: 1.0 for h in self.hooks}
             return
         if self.cache_manifest is not None:  # E||x||² over the whole cache
-            from saelightning.cache import cache_scales
             self.scales = cache_scales(self.cache_manifest, self.hooks)
             return
-        train, _ = self._shards()
         sums = torch.zeros(2, len(self.hooks), dtype=torch.float64, device=self.device)
-        batches = iter(self._token_batches(train))
+        batches = iter(self._token_batches(self._train_shards))
         for _ in range(self.scale_batches):
+            if self._may_stop():
+                raise_if_stop_requested("the scale estimate")
             acts = self.capture(next(batches)["tokens"])
             for i, h in enumerate(self.hooks):
                 sums[0, i] += acts[h].double().pow(2).sum()
@@ -360,8 +386,6 @@ class ActivationDataModule(pl.LightningDataModule):
         return {h: block[h].to(self.device, non_blocking=True).float() * self.scales[h] for h in self.hooks}
 
     def _cache_reader(self, start: dict | None) -> TokenReader:
-        from saelightning.cache import CacheBlocks
-
         rank, world = self._rank_world()
         make = lambda s: CacheBlocks(self.cache_manifest, self.hooks, self.batch_size, rank, world, self.seed, s)  # noqa: E731
         return TokenReader(make, self.num_workers, start)
@@ -370,26 +394,36 @@ class ActivationDataModule(pl.LightningDataModule):
         self._ensure_scales()
         rank, _ = self._rank_world()
         start = copy.deepcopy(self._start)
-        self._next_index = 0 if start is None else start["index"]
+        self._next_index = self._first_index = 0 if start is None else start["index"]
         if self.cache_manifest is not None:  # the same shuffle buffer, fed from disk instead of the model
             make_reader, capture = self._cache_reader, self._from_cache
         else:
-            train, _ = self._shards()
+            train = self._train_shards
             make_reader = lambda st: TokenReader(lambda s: self._token_batches(train, s), self.num_workers, st)  # noqa: E731
             capture = self.capture
         self._stream = ActivationStream(
             make_reader=make_reader, capture=capture, scales=self.scales, buffer_tokens=self.buffer_tokens, batch_size=self.batch_size,
-            seed=self.seed, rank=rank, start=start,
+            seed=self.seed, rank=rank, start=start, may_stop=self._may_stop,
         )
         return self._stream
 
-    def val_dataloader(self) -> ValActivations:
+    def val_dataloader(self) -> ValBatches:
+        """This rank's val batches {"tokens": [rows, context]}: the first val_batches x model_batch_rows rows of the val
+        shard, the same rows `saelightning eval` reads (the model and the SAEs run in validation_step)."""
         self._ensure_scales()
         if self._val_tokens is None:
-            _, val = self._shards()
-            batches = iter(self._token_batches([val]))
-            self._val_tokens = [next(batches)["tokens"] for _ in range(self.val_batches)]
-        return ValActivations(self._val_tokens, self.capture, self.scales)
+            rank, world = self._rank_world()
+            rows = self.val_batches * self.model_batch_rows
+            self._val_tokens = list(val_batches(self._val_shard, self.tokenizer, self.context_size, rows,
+                                                self.model_batch_rows, rank, world))
+            got = sum(len(t) for t in self._val_tokens)
+            if rank == 0 and got * world < rows:
+                rank_zero_warn(f"saelightning: the val shard {self._val_shard} holds {got} rows of {self.context_size} "
+                               f"tokens, fewer than data.val_batches x data.model_batch_rows = {rows}; validating on those")
+            if not self._val_tokens and world == 1:
+                raise SAELightningError(f"the val shard {self._val_shard} gave no row of {self.context_size} tokens; "
+                                        "give a larger val shard or a smaller data.context_size")
+        return ValBatches(self._val_tokens)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         if isinstance(batch, dict) and "index" in batch:  # a train batch is about to be trained on
@@ -418,7 +452,6 @@ class ActivationDataModule(pl.LightningDataModule):
         """What the positions index: the text shards ("live") or a cache (its shard checksums)."""
         if self.cache_manifest is None:
             return "live"
-        import hashlib
         checksums = ",".join(s["sha256"] for s in self.cache_manifest["shards"])
         return "cache:" + hashlib.sha256(checksums.encode()).hexdigest()[:16]
 

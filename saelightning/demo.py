@@ -13,14 +13,13 @@ import json
 import math
 import os
 import random
-import shutil
 import sysconfig
-import tempfile
 import tokenize
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
+from saelightning.atomic import atomic_dir
 from saelightning.errors import SAELightningError
 from saelightning.nanochat.shards import write_shards
 
@@ -189,31 +188,10 @@ def ensure_demo_shards(cache_dir: str | os.PathLike | None = None, max_docs: int
         raise SAELightningError(f"the demo corpus has {len(docs)} document(s); give max_docs >= 2")
     # Shuffled so that the last shard (val) is a random sample, not the alphabetically last modules.
     random.Random(SHUFFLE_SEED).shuffle(docs)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-    try:
+    with atomic_dir(target) as tmp:  # a concurrent build of the same corpus is simply replaced
         n_shards = min(DEMO_SHARDS, len(docs))
         write_shards(docs, tmp, docs_per_shard=math.ceil(len(docs) / n_shards), row_group_size=DEMO_ROW_GROUP)
         manifest = {"format": FORMAT, "max_docs": max_docs, "docs": len(docs),
                     "chars": sum(map(len, docs)), "stdlib": sysconfig.get_paths()["stdlib"]}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        _install(tmp, target, max_docs)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
-
-
-def _install(tmp: Path, target: Path, max_docs: int | None) -> None:
-    """Rename the built dir into place; an outdated cache is swapped out, a concurrent build wins."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old.{os.getpid()}")
-        os.replace(target, old)
-    try:
-        os.replace(tmp, target)
-    except OSError:
-        if not _manifest_ok(target, max_docs):  # another process built something else meanwhile
-            raise
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)

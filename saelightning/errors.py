@@ -3,3 +3,12 @@
 
 class SAELightningError(Exception):
     """A problem with the user's input. The message says what is wrong and how to fix it, in one line."""
+
+
+class Interrupted(Exception):
+    """The user stopped a run (Ctrl-C, SIGTERM, SIGUSR1) before it had anything to save."""
+
+    def __init__(self, signal_name: str, where: str):
+        super().__init__(f"{signal_name} during {where}, before the first training step: nothing was trained, "
+                         "nothing to save")
+        self.signal_name = signal_name

@@ -13,14 +13,12 @@ Exported SAEs work on raw activations: save_sae folds the training input scale i
 
 import json
 import math
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from saelightning.atomic import atomic_dir
 from saelightning.errors import SAELightningError
 from saelightning.saes import SAE, SAEConfig, build_sae
 from saelightning.saes.base import DTYPES
@@ -103,34 +101,11 @@ def _check_sparsity(sparsity: torch.Tensor, d_sae: int) -> torch.Tensor:
 
 
 def _write_dir_atomically(out_dir: Path, cfg_text: str, tensors: dict, extra_files: dict) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise SAELightningError(f"{out_dir} exists and is not a directory; choose another export path")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         (tmp / CFG_FILE).write_text(cfg_text)
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         for name, file_tensors in extra_files.items():
             save_file(file_tensors, str(tmp / name), metadata={"format": "pt"})
-        _swap_in(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _swap_in(new: Path, target: Path) -> None:
-    """Rename `new` to `target`; an existing target is moved aside first and removed after."""
-    if not target.exists():
-        os.replace(new, target)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-    os.replace(target, old / "dir")
-    try:
-        os.replace(new, target)
-    except BaseException:
-        os.replace(old / "dir", target)  # put the previous export back
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def load_sae(path, device=None) -> SAE:
@@ -246,20 +221,3 @@ def _check_tensors(tensors: dict, sae: SAE, file: Path) -> dict[str, torch.Tenso
         if not tensor.is_floating_point() or not bool(torch.isfinite(tensor).all()):
             raise SAELightningError(f"{file}: tensor {name} must be finite floating point (got {tensor.dtype}); re-export the SAE")
     return {name: tensors[name].to(dtype) for name in expected}
-
-
-# --- `saelightning export --ckpt PATH --out DIR` (training side) ---
-
-def cli_main(argv: list[str]) -> int:
-    """Export the SAEs of a Lightning checkpoint written by `saelightning fit` to OUT/<name>/."""
-    import argparse
-
-    from saelightning.callbacks import export_checkpoint
-
-    parser = argparse.ArgumentParser(prog="saelightning export", description=cli_main.__doc__)
-    parser.add_argument("--ckpt", required=True, help="a .ckpt from `saelightning fit`, or its run dir (uses last.ckpt)")
-    parser.add_argument("--out", required=True, help="output dir; each SAE goes to OUT/<name>/ (SAELens layout)")
-    args = parser.parse_args(argv)
-    for path in export_checkpoint(args.ckpt, args.out):
-        print(f"exported {path}")
-    return 0

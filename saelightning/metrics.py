@@ -1,14 +1,20 @@
-"""torchmetrics Metric classes for SAE training and validation (names and definitions as SAELens / SAEBench).
+"""The metrics, each defined once as a torchmetrics Metric (names and definitions as SAELens / SAEBench).
 
-Every state is a sum (or a max) accumulated in float64, so a metric pooled over ranks under DDP
-equals the metric computed by one process on the union of their tokens. All take `x` (the SAE's
-input), `x_hat` (its reconstruction) and/or `latents` ([N, d_sae] dense, or the SparseLatents of a
-k-sparse SAE: the same sums from its N·k values, without a dense pass), one row per token.
+Training, validation and `saelightning eval` all compute their figures with these classes, so the same
+SAE on the same tokens gets the same numbers from every command. Every state is a sum accumulated in
+float64, so a metric pooled over ranks under DDP (or over batches) equals the metric computed by one
+process on the union of their tokens. Reconstruction metrics take `x` (the activation, in the model's
+raw units) and `x_hat` (its reconstruction); sparsity metrics take `latents` ([N, d_sae] dense, or the
+SparseLatents of a k-sparse SAE: the same sums from its N·k values, without a dense pass); SplicedLoss
+takes the next-token log-probabilities of the clean, spliced and zero-ablated model. `SAEMetrics`
+bundles them for one SAE.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 from torchmetrics import Metric
 
 from saelightning.saes.sparse import SparseLatents
@@ -93,7 +99,8 @@ class ReconstructionMetrics(Metric):
         self.sum_dot += dot.sum()
         # eps keeps an all-zero row (rare; e.g. a dead MLP unit) from turning a mean into NaN
         self.sum_cos += (dot / (norm_x * norm_hat).clamp_min(1e-12)).sum()
-        self.sum_ratio += (norm_hat / norm_x.clamp_min(1e-12)).sum()
+        # a zero activation has no defined ratio; it counts as 0 rather than poisoning the mean
+        self.sum_ratio += torch.where(norm_x > 0, norm_hat / norm_x.clamp_min(1e-300), 0.0).sum()
         self.sum_x += x.sum(0)
         self.count += x.shape[0]
 
@@ -106,6 +113,7 @@ class ReconstructionMetrics(Metric):
             "cossim": self.sum_cos / n,
             "l2_ratio": self.sum_ratio / n,
             "relative_reconstruction_bias": self.sum_sq_hat / self.sum_dot,
+            "n_tokens": n.clone(),
         }
 
 
@@ -151,6 +159,88 @@ class DeadFraction(FeatureDensity):
 
     def compute(self) -> torch.Tensor:
         return (self.fired == 0).to(F64).mean()
+
+
+def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    return num / den if den != 0 else torch.full_like(num, float("nan"))
+
+
+class SplicedLoss(Metric):
+    """The model's next-token loss with the SAE spliced in, against the clean and the zero-ablated model.
+
+    update() takes log-probabilities [M, V] at the M scored positions and their targets [M]. ce_* are mean
+    cross-entropies; kl_div_with_* the mean KL(clean || spliced or ablated); ce_loss_score =
+    (CE_ablation - CE_sae) / (CE_ablation - CE_clean) and kl_div_score = 1 - KL_sae / KL_ablation.
+    """
+
+    full_state_update = False
+    NAMES = ("ce_loss_without_sae", "ce_loss_with_sae", "ce_loss_with_ablation", "ce_loss_score",
+             "kl_div_with_sae", "kl_div_with_ablation", "kl_div_score")
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        for name in ("ce_clean", "ce_sae", "ce_ablation", "kl_sae", "kl_ablation", "predictions"):
+            self.add_state(name, _scalar(), dist_reduce_fx="sum")
+
+    @staticmethod
+    def _ce(lp: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return -lp.gather(-1, targets.unsqueeze(-1)).to(F64).sum()
+
+    @staticmethod
+    def _kl(lp: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
+        return F.kl_div(lp, clean, log_target=True, reduction="none").sum(-1).to(F64).sum()
+
+    def update(self, clean: torch.Tensor, spliced: torch.Tensor, ablated: torch.Tensor, targets: torch.Tensor) -> None:
+        self.ce_clean += self._ce(clean, targets)
+        self.ce_sae += self._ce(spliced, targets)
+        self.ce_ablation += self._ce(ablated, targets)
+        self.kl_sae += self._kl(spliced, clean)
+        self.kl_ablation += self._kl(ablated, clean)
+        self.predictions += targets.numel()
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        n = self.predictions
+        clean, sae, ablation = self.ce_clean / n, self.ce_sae / n, self.ce_ablation / n
+        kl_sae, kl_ablation = self.kl_sae / n, self.kl_ablation / n
+        return {"ce_loss_without_sae": clean, "ce_loss_with_sae": sae, "ce_loss_with_ablation": ablation,
+                "ce_loss_score": _ratio(ablation - sae, ablation - clean), "kl_div_with_sae": kl_sae,
+                "kl_div_with_ablation": kl_ablation, "kl_div_score": _ratio(kl_ablation - kl_sae, kl_ablation)}
+
+
+class SAEMetrics(nn.Module):
+    """Every metric of one SAE over a stream of tokens: reconstruction, sparsity, density and (spliced=True)
+    the spliced CE/KL. compute() returns them by their SAELens / SAEBench names (float64 scalars), plus
+    dead_fraction = 1 - frac_alive (latents that never fired on these tokens) and n_tokens."""
+
+    def __init__(self, d_in: int, d_sae: int, spliced: bool = True):
+        super().__init__()
+        self.rec, self.l0, self.l1 = ReconstructionMetrics(d_in), L0(), L1()
+        self.density = FeatureDensity(d_sae)
+        self.spliced = SplicedLoss() if spliced else None
+
+    def update(self, x: torch.Tensor, x_hat: torch.Tensor, latents) -> None:
+        """One batch of activations x [N, d_in], reconstructions x_hat and latents (dense or sparse)."""
+        self.rec.update(x, x_hat)
+        self.l0.update(latents)
+        self.l1.update(latents)
+        self.density.update(latents)
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        out = dict(self.rec.compute())
+        density = self.density.compute()
+        alive = (density > 0).to(F64).mean()
+        out.update(l0=self.l0.compute(), l1=self.l1.compute(), frac_alive=alive, dead_fraction=1 - alive)
+        if self.spliced is not None and self.spliced.update_count:
+            out.update(self.spliced.compute())
+        return out
+
+    def feature_density(self) -> torch.Tensor:
+        """Firing frequency of each latent over the tokens seen (float64 [d_sae])."""
+        return self.density.compute()
+
+    def reset(self) -> None:
+        for metric in self.children():
+            metric.reset()
 
 
 def log10_density(density: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:

@@ -9,16 +9,17 @@ dashboards. Nothing here touches the network.
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import shutil
 import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
-from saelightning.dashboards import add_common_args, compute_records
-from saelightning.dashboards.atomic import atomic_dir
+from saelightning.atomic import atomic_dir
+from saelightning.command import parse
+from saelightning.dashboards import VizArgs, compute_records
 from saelightning.errors import SAELightningError
 from saelightning.hooks import parse_hook
 
@@ -82,26 +83,33 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="saelightning neuronpedia", description=(
-        "Write Neuronpedia batch files (batch-{n}.json) and a copy of the SAE's weights; no network."))
-    add_common_args(p, default_tokens=100_000)
-    p.add_argument("--model-id", default=None, help="Neuronpedia model id (default: nanochat-d<n_layer>)")
-    p.add_argument("--sae-set", default=None, help="Neuronpedia source set name (default: from the hook, e.g. res-saelightning)")
-    p.add_argument("--features-per-batch", type=int, default=128, help="latents per batch file (default 128)")
-    return p
+@dataclass
+class NeuronpediaArgs(VizArgs):
+    """Write Neuronpedia batch files (batch-{n}.json) and a copy of the SAE's weights; no network.
+
+    Args:
+        model_id: Neuronpedia model id (default: nanochat-d<n_layer>).
+        sae_set: Neuronpedia source set name (default: from the hook, e.g. res-saelightning).
+        features_per_batch: latents per batch file.
+    """
+
+    model_id: str | None = None
+    sae_set: str | None = None
+    features_per_batch: int = 128
 
 
 def cli_main(argv: Sequence[str]) -> int:
-    args = _parser().parse_args(list(argv))
-    if args.tokens < 2 or args.features_per_batch < 1:
-        raise SAELightningError("--tokens must be >= 2 and --features-per-batch >= 1")
+    args = parse(NeuronpediaArgs, argv, "saelightning neuronpedia")
+    if args is None:
+        return 0
+    if args.features_per_batch < 1:
+        raise SAELightningError("--features_per_batch must be >= 1")
     meta, records, sae = compute_records(args)
     layer, kind = parse_hook(meta["hook_name"], meta["n_layer"])
     model_id = args.model_id or f"nanochat-d{meta['n_layer']}"
     sae_set = args.sae_set or f"{SET_PREFIX[kind]}-saelightning"
     if _slug(model_id) != model_id or _slug(sae_set) != sae_set:
-        raise SAELightningError(f"--model-id {model_id!r} / --sae-set {sae_set!r}: use lowercase letters, digits and '-'")
+        raise SAELightningError(f"--model_id {model_id!r} / --sae_set {sae_set!r}: use lowercase letters, digits and '-'")
     paths = write_batches(args.out, meta, records, args.sae, model_id, sae_set, args.features_per_batch)
     print(f"{len(paths)} batch file(s) for {len(records)} latents ({model_id} layer {layer} {sae_set}) "
           f"and the weights in {Path(args.out) / meta['hook_name']}", file=sys.stderr)

@@ -15,15 +15,19 @@ BOS positions are never steered: their activation is an outlier the SAE was not 
 
 from __future__ import annotations
 
-import argparse
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 
+from saelightning import resolve
+from saelightning.command import parse
 from saelightning.errors import SAELightningError
+from saelightning.export import load_sae
 from saelightning.hooks import hook_width, parse_hook
+from saelightning.nanochat.model import check_sampling, decode_batched
 
 STEER_MODES = ("add", "clamp", "scale")
 
@@ -38,6 +42,9 @@ class Steer:
     def __post_init__(self):
         if self.mode not in STEER_MODES:
             raise SAELightningError(f"unknown steer mode {self.mode!r}; use one of {STEER_MODES}")
+        if not math.isfinite(self.value):
+            raise SAELightningError(f"steer value {self.value} for latent {self.latent} on {self.hook} must be a finite "
+                                    "number (NaN/inf would poison every logit)")
 
 
 def parse_steer(spec: str, mode: str, default_hook: str | None = None) -> Steer:
@@ -301,8 +308,6 @@ class InterpretableModel:
         SAE, the top latents at the position just fed in. Steers active now apply throughout.
         temperature 0 is greedy; sampling is seeded.
         """
-        from saelightning.nanochat.model import decode_batched
-
         prompts = self.encode_prompts(prompts)
 
         def fresh() -> dict:  # this step's top features, filled by _step group by group
@@ -339,25 +344,45 @@ class InterpretableModel:
 # `saelightning generate`
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="saelightning generate", description=(
-        "Generate text with a nanochat model, printing each new token's top SAE features; steer latents."))
-    p.add_argument("--model", required=True, help='nanochat checkpoint or base dir, or "demo"')
-    p.add_argument("--sae", nargs="+", default=[], metavar="DIR", help="exported SAE directories")
-    p.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
-    p.add_argument("--steer", action="append", default=[], metavar="HOOK:LATENT:STRENGTH",
-                   help="add STRENGTH x the latent's decoder direction (repeatable)")
-    p.add_argument("--clamp", action="append", default=[], metavar="HOOK:LATENT:VALUE",
-                   help="set the latent to VALUE (repeatable)")
-    p.add_argument("--scale", action="append", default=[], metavar="HOOK:LATENT:FACTOR",
-                   help="multiply the latent by FACTOR (repeatable)")
-    p.add_argument("--top-features", type=int, default=5, help="features shown per token (default 5; 0: none)")
-    p.add_argument("--max-tokens", type=int, default=32, help="tokens to generate (default 32)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
-    p.add_argument("--seed", type=int, default=42, help="sampling seed (default 42)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    return p
+@dataclass
+class GenerateArgs:
+    """Generate text with a nanochat model, printing each new token's top SAE features; steer latents.
+
+    Args:
+        model: nanochat checkpoint or base dir, or "demo".
+        prompt: prompt text (several: a batch).
+        sae: exported SAE directories.
+        steer: HOOK:LATENT:STRENGTH: add STRENGTH x the latent's decoder direction (HOOK may be left out
+            with one SAE).
+        clamp: HOOK:LATENT:VALUE: set the latent to VALUE.
+        scale: HOOK:LATENT:FACTOR: multiply the latent by FACTOR.
+        top_features: features shown per token (0: none).
+        max_tokens: tokens to generate.
+        temperature: 0 = greedy.
+        top_k: sample among the k most likely tokens (default: all).
+        seed: sampling seed.
+        device: cpu or cuda (default: cuda when there is a GPU).
+    """
+
+    model: str
+    prompt: list[str]
+    sae: list[str] = field(default_factory=list)
+    steer: list[str] = field(default_factory=list)
+    clamp: list[str] = field(default_factory=list)
+    scale: list[str] = field(default_factory=list)
+    top_features: int = 5
+    max_tokens: int = 32
+    temperature: float = 0.0
+    top_k: int | None = None
+    seed: int = 42
+    device: str | None = None
+
+    def __post_init__(self):
+        if self.max_tokens < 1 or self.top_features < 0:
+            raise SAELightningError("--max_tokens must be >= 1 and --top_features >= 0")
+        check_sampling(self.temperature, self.top_k)
+        if not self.prompt:
+            raise SAELightningError("--prompt is required: give one or more prompts")
 
 
 def _format_features(features: dict, row: int) -> str:
@@ -369,13 +394,11 @@ def _format_features(features: dict, row: int) -> str:
 
 
 def cli_main(argv: Sequence[str]) -> int:
-    from saelightning.evaluate import load_cli_model
-    from saelightning.export import load_sae
-
-    a = _parser().parse_args(list(argv))
-    if a.max_tokens < 1 or a.top_features < 0:
-        raise SAELightningError("--max-tokens must be >= 1 and --top-features >= 0")
-    device, nc = load_cli_model(a.model, a.device)
+    a = parse(GenerateArgs, argv, "saelightning generate")
+    if a is None:
+        return 0
+    device = resolve.device(a.device)
+    nc = resolve.load_model(a.model, device=device, dtype=torch.float32)
     im = InterpretableModel(nc, [load_sae(d, device=device) for d in a.sae])
     only = next(iter(im.saes)) if len(im.saes) == 1 else None
     steers = [parse_steer(s, mode, only) for mode, specs in

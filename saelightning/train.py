@@ -4,26 +4,36 @@ The nanochat model's depth, width and identity are linked from the data module (
 checkpoint) into the SAE module when both are instantiated, so d_in is never typed. Every run writes
 to trainer.default_root_dir (checkpoints/<run>/): Lightning checkpoints incl. last.ckpt (so
 `--ckpt_path last` resumes), TensorBoard logs under lightning_logs/, and the SAE export under saes/.
+
+Before anything is created on disk the inputs are checked: the config files (YAML syntax), every value
+(one line naming the key), the run dir (writable; a fresh fit into a dir that holds another run is
+refused), the checkpoint to resume (an intact archive; else the intact step checkpoint beside it is
+named). config.yaml goes into the log dir only once training starts.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import re
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
+import yaml
 from jsonargparse import ArgumentError
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.plugins.io import CheckpointIO
 
 from saelightning.callbacks import DensityHistograms, ExportSAEs, FinalCheckpoint, ResampleDeadLatents, export_dir
+from saelightning.checkpointing import AtomicCheckpointIO, check_checkpoint, step_of
+from saelightning.command import one_line
 from saelightning.data import ActivationDataModule
 from saelightning.errors import SAELightningError
 from saelightning.faults import Preemption
-from saelightning.module import SAEModule
+from saelightning.module import SAEModule, SAESpec
 
 TRAINER_DEFAULTS = {
     "default_root_dir": "checkpoints/run",
@@ -33,6 +43,8 @@ TRAINER_DEFAULTS = {
     "log_every_n_steps": 10,
     "num_sanity_val_steps": 0,
 }
+_SAE_OVERRIDE = re.compile(r"^--model\.saes\.(\d+)\.(\w+)(?:=(.*))?$")
+_SPEC_FIELDS = {f for f in SAESpec.__dataclass_fields__}
 
 
 def _n_layer(data: ActivationDataModule) -> int:
@@ -47,6 +59,82 @@ def _model_info(data: ActivationDataModule) -> dict:
     return data.model_info
 
 
+class SaveConfigAtStart(SaveConfigCallback):
+    """LightningCLI's config.yaml, written when training (or validation) starts rather than at setup: after
+    the checkpoint is restored, so a resume that fails leaves no empty TensorBoard version behind."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        pass
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        super().setup(trainer, pl_module, "fit")
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if not trainer.training and trainer.state.fn == "validate":
+            super().setup(trainer, pl_module, "validate")
+
+
+def _split_sae_overrides(args: list[str]) -> tuple[list[str], list[tuple[int, str, str]]]:
+    """`--model.saes.N.FIELD VALUE` (jsonargparse cannot index into a list) taken out of argv."""
+    rest, overrides, i = [], [], 0
+    while i < len(args):
+        match = _SAE_OVERRIDE.match(args[i])
+        if match is None:
+            rest.append(args[i])
+            i += 1
+            continue
+        index, key, value = int(match.group(1)), match.group(2), match.group(3)
+        if value is None:
+            if i + 1 >= len(args):
+                raise SAELightningError(f"{args[i]} needs a value, e.g. {args[i]} 64")
+            value, i = args[i + 1], i + 1
+        overrides.append((index, key, value))
+        i += 1
+    return rest, overrides
+
+
+def _apply_sae_overrides(config, overrides: list[tuple[int, str, str]]) -> None:
+    saes = config["model"]["saes"] or []
+    for index, key, value in overrides:
+        if key not in _SPEC_FIELDS:
+            raise SAELightningError(f"--model.saes.{index}.{key}: an SAE has no field {key!r}; its fields are "
+                                    f"{', '.join(sorted(_SPEC_FIELDS))}")
+        if index >= len(saes):
+            raise SAELightningError(f"--model.saes.{index}.{key}: the config lists {len(saes)} SAE(s) (indices "
+                                    f"0..{len(saes) - 1}); add the SAE to model.saes first")
+        spec = saes[index]
+        parsed = yaml.safe_load(value)
+        if isinstance(spec, dict):
+            spec[key] = parsed
+        else:
+            setattr(spec, key, parsed)
+
+
+def _run_holds(folder: Path) -> str | None:
+    """What of another run a run dir holds (its checkpoints, its export), or None when it holds none."""
+    if not folder.is_dir():
+        return None
+    ckpts = sorted(folder.glob("*.ckpt"))
+    if ckpts:
+        last = folder / "last.ckpt"
+        steps = [step_of(p) for p in ckpts if step_of(p) >= 0]
+        what = "last.ckpt" if last in ckpts else ckpts[0].name
+        return what + (f" (step {max(steps)})" if steps else "")
+    if (folder / "saes").is_dir() and any((folder / "saes").iterdir()):
+        return "an exported SAE in saes/"
+    return None
+
+
+def check_writable(folder: Path) -> None:
+    """The run dir can be created and written; nothing is created yet (a failed start leaves no debris)."""
+    probe = folder
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise SAELightningError(f"cannot write to the run dir {folder} ({probe} is not a writable directory); "
+                                "set trainer.default_root_dir to a writable folder")
+
+
 class SAELightningCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         for target, fn in (("model.n_layer", _n_layer), ("model.d_model", _d_model), ("model.model_info", _model_info)):
@@ -58,11 +146,38 @@ class SAELightningCLI(LightningCLI):
         parser.add_lightning_class_args(ExportSAEs, "export")
         parser.add_lightning_class_args(DensityHistograms, "histograms")
         parser.add_lightning_class_args(Preemption, "preemption")
+        parser.add_argument("--run_name", type=str | None, default=None,
+                            help="train into checkpoints/<run_name>: the folder beside trainer.default_root_dir's, "
+                                 "with this name (a fresh run next to an earlier one)")
 
-    def instantiate_classes(self) -> None:
-        if self.subcommand == "fit":
-            check_writable(self.config["fit"]["trainer"]["default_root_dir"])
-        super().instantiate_classes()
+    def parse_arguments(self, parser, args) -> None:
+        args, overrides = _split_sae_overrides(list(args))
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        if subcommand is None:
+            return
+        config = self.config[subcommand]
+        _apply_sae_overrides(config, overrides)
+        run_dir = Path(config["trainer"]["default_root_dir"]).expanduser()
+        if config.get("run_name"):
+            if not re.fullmatch(r"[A-Za-z0-9_.\-]+", config["run_name"]):
+                raise SAELightningError(f"--run_name {config['run_name']!r}: use letters, digits, '.', '_' and '-'")
+            run_dir = run_dir.parent / config["run_name"]
+            config["trainer"]["default_root_dir"] = str(run_dir)
+            config["checkpoint"]["dirpath"] = str(run_dir)
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path is not None:
+            path = run_dir / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path).expanduser()
+            if ckpt_path != "last" or path.exists():  # "last" with none yet starts afresh (Lightning's rule)
+                check_checkpoint(path)
+        if subcommand == "fit":
+            check_writable(run_dir)
+            held = _run_holds(run_dir)
+            if ckpt_path is None and held is not None:
+                raise SAELightningError(
+                    f"the run dir {run_dir} already holds a run ({held}); resume it with --ckpt_path last, train "
+                    f"a new one with --run_name NAME (into {run_dir.parent}/NAME) or another trainer.default_root_dir, "
+                    f"or delete {run_dir}")
 
     def instantiate_trainer(self, **kwargs):
         # the data module checks its buffer against memory at setup; this runs the same check before the trainer
@@ -71,55 +186,116 @@ class SAELightningCLI(LightningCLI):
         accelerator = config.get("accelerator")
         cuda = torch.cuda.is_available() and accelerator in ("gpu", "cuda", "auto", None)
         self.datamodule.check_memory(self.model.hook_names, torch.device("cuda", 0) if cuda else torch.device("cpu"))
+        # checkpoints written atomically, unless the config names a CheckpointIO of its own
+        plugins = self._get(self.config_init, "trainer", default={}).get("plugins") or []
+        plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            kwargs["plugins"] = plugins + [AtomicCheckpointIO()]
         return super().instantiate_trainer(**kwargs)
 
 
-def check_writable(folder) -> None:
-    """The run dir can be created and written (checked before the trainer is built, so the error is one line)."""
-    path = Path(folder).expanduser()
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=path).close()
-    except OSError as e:
-        raise SAELightningError(f"cannot write to the run dir {path} ({e.strerror}); set trainer.default_root_dir to a writable folder") from None
+def check_config_files(argv: list[str]) -> None:
+    """Each --config FILE exists and is YAML; one line naming the file, line and problem (a tab, say) otherwise."""
+    files = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"] + \
+        [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    for name in files:
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise SAELightningError(f"the config file {name} does not exist; pass the path of a YAML config "
+                                    "(configs/demo.yaml, for one)")
+        try:
+            yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            text = path.read_text().splitlines()
+            tab = mark is not None and mark.line < len(text) and "\t" in text[mark.line]
+            problem = "a tab character (YAML indents with spaces only)" if tab else one_line(getattr(e, "problem", None) or e)
+            fix = "replace the tab with spaces" if tab else "fix the YAML there"
+            raise SAELightningError(f"{name}{where}: {problem}; {fix}") from None
 
 
-def _report(trainer) -> None:
+def _argument_error(e: ArgumentError, command: str) -> SAELightningError:
+    """jsonargparse's error (tens of lines for a value deep in a list of dataclasses) as one line: the key,
+    what was expected and what was given."""
+    text = str(e)
+    keys = re.findall(r'[Kk]ey "([^"]+)"', text)
+    expected = re.findall(r"Expected a (.+?)\. Got value: (.+?)(?:\n|$)", text)
+    if expected:
+        key = ".".join(k for k in keys if k) or "a value"
+        want, got = expected[-1]
+        want = re.sub(r"<class '(\w+)'>", r"\1", want)
+        return SAELightningError(f"{key}: expected {want}, got {got.strip()}; fix the value in the config or on the "
+                                 f"command line (`saelightning {command} --help` lists the options)")
+    message = one_line(text)
+    if len(message) > 300:
+        message = message[:300] + " ..."
+    return SAELightningError(f"{message}; `saelightning {command} --help` lists the options")
+
+
+def _report(trainer, start_step: int | None) -> None:
+    """The end-of-fit summary: where the logs, export and checkpoint are, and the last validation's figures.
+    start_step: the step training started at in this process (None: the loop never ran)."""
     if not trainer.is_global_zero:
         return
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     keys = [k for k in metrics if "/val/" in f"/{k}" or k.startswith("val/")] or sorted(metrics)
+    if start_step is None or start_step == trainer.global_step:
+        print(f"\nsaelightning: the run in {trainer.default_root_dir} had already trained {trainer.global_step} steps "
+              f"(trainer.max_steps {trainer.max_steps}); nothing was trained or exported: raise --trainer.max_steps "
+              "to continue it")
+        return
     print(f"\nsaelightning: trained {trainer.global_step} steps")
-    if trainer.logger is not None:
-        print(f"  TensorBoard logs: {trainer.logger.log_dir}  (tensorboard --logdir {trainer.default_root_dir})")
-    print(f"  exported SAEs:    {export_dir(trainer)}")
+    for logger in trainer.loggers:
+        where = getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None)
+        name = type(logger).__name__
+        hint = f"  (tensorboard --logdir {trainer.default_root_dir})" if name == "TensorBoardLogger" else ""
+        print(f"  {name} logs: {where}{hint}")
+    exported = export_dir(trainer)
+    if exported.is_dir():
+        print(f"  exported SAEs:    {exported}")
     if trainer.checkpoint_callback is not None and trainer.checkpoint_callback.last_model_path:
         print(f"  last checkpoint:  {trainer.checkpoint_callback.last_model_path}")
     for key in sorted(keys):
         print(f"  {key:<48} {metrics[key]:.4f}")
 
 
-def cli_main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def _quiet_lightning() -> None:
+    """Lightning's start-up lines that are not the user's concern."""
     # the run dir also holds lightning_logs/ and saes/, and a resumed run finds its own checkpoints there
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
     # argv comes from the console script itself, not a second source of arguments
     warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended")
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"lightning\..*")
+    warnings.filterwarnings("ignore", message=r".*`isinstance\(treespec, LeafSpec\)` is deprecated.*")
     logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)  # the seed is in config.yaml
+    os.environ.setdefault("LITLOGGER_DISABLE_TIPS", "1")
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+        lambda record: "litlogger" not in record.getMessage().lower() and "lightning.ai" not in record.getMessage())
+
+
+def cli_main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv[0] if argv and argv[0] in ("fit", "validate") else "fit"
+    _quiet_lightning()
+    check_config_files(argv)
     try:
         cli = SAELightningCLI(
             SAEModule, ActivationDataModule, args=argv, subclass_mode_model=False, subclass_mode_data=False,
-            trainer_defaults={**TRAINER_DEFAULTS, "callbacks": [FinalCheckpoint()]}, seed_everything_default=0, save_config_kwargs={"overwrite": True},
+            trainer_defaults={**TRAINER_DEFAULTS, "callbacks": [FinalCheckpoint()]},
+            seed_everything_default=0, save_config_callback=SaveConfigAtStart, save_config_kwargs={"overwrite": True},
             parser_kwargs={"exit_on_error": False},  # a bad key or value raises ArgumentError (below), not 150 lines of usage
         )
     except ArgumentError as e:
-        message = " ".join(line.strip() for line in str(e).splitlines())
-        command = argv[0] if argv and argv[0] in ("fit", "validate") else "fit"
-        raise SAELightningError(f"{message}; `saelightning {command} --help` lists the options") from None
+        raise _argument_error(e, command) from None
     except SystemExit as e:  # --help/--print_config exit 0
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
-    if argv and argv[0] == "fit":
-        _report(cli.trainer)
+    except ImportError as e:  # a logger or profiler named in the config whose package is not installed
+        name = getattr(e, "name", None) or (re.findall(r"'([\w\-]+)", str(e)) or ["the package"])[0]
+        raise SAELightningError(f"{one_line(e)[:200]}; install it with `pip install {name}` or choose another "
+                                "--trainer.logger") from None
+    if command == "fit" and argv and argv[0] == "fit":
+        _report(cli.trainer, cli.model.start_step)
     return 0
 
 

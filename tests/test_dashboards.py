@@ -9,16 +9,17 @@ import pytest
 import torch
 
 from saelightning.dashboards import parse_features
-from saelightning.dashboards.atomic import atomic_dir
+from saelightning.atomic import atomic_dir
 from saelightning.dashboards.html import embed_json, write_site
 from saelightning.dashboards.records import feature_records
 from saelightning.dashboards.stats import (GroupTopK, StatsConfig, collect_stats, density_summary,
-                                           latents_of, logit_effect, token_batches)
+                                           latents_of, logit_effect)
 from saelightning.errors import SAELightningError
 from saelightning.nanochat.model import GPT, GPTConfig
 from saelightning.nanochat.shards import TextStream, list_shards
 from saelightning.nanochat.tokenizer import load_tokenizer
 from saelightning.saes import SAEConfig, build_sae
+from saelightning.tokens import val_batches
 
 HOOK = "blocks.1.hook_resid_post"
 
@@ -54,13 +55,20 @@ def _texts(shards_dir):
     return TextStream([val], loop=False, shuffle=False)
 
 
-CFG = StatsConfig(n_tokens=700, context_size=32, batch_rows=3, top_k=6, n_intervals=4, per_interval=3,
+CONTEXT, ROWS, N_ROWS = 32, 3, 22  # 22 rows of 32 tokens of the val shard, 3 rows a batch
+
+
+def _batches(tokenizer, shards_dir, n_rows=N_ROWS, rows=ROWS):
+    return val_batches(list_shards(shards_dir)[1], tokenizer, CONTEXT, n_rows, rows)
+
+
+CFG = StatsConfig(top_k=6, n_intervals=4, per_interval=3,
                   n_bins=8, before=3, after=2, n_logits=5, logit_bins=10)
 
 
 @pytest.fixture(scope="module")
 def streamed(model, sae, tokenizer, tiny_shards_dir):
-    batches = lambda: token_batches(tokenizer, _texts(tiny_shards_dir), CFG)  # noqa: E731
+    batches = lambda: _batches(tokenizer, tiny_shards_dir)  # noqa: E731
     stats = collect_stats(model, sae, HOOK, batches, tokenizer.bos_id, None, CFG)
     # the direct computation: every activation of every token, kept at once
     rows = [(idx[b], latents_of(model, sae, HOOK, idx[b:b + 1], torch.arange(24), tokenizer.bos_id)[0])
@@ -68,14 +76,18 @@ def streamed(model, sae, tokenizer, tiny_shards_dir):
     return stats, rows
 
 
-def test_token_batches_count_and_shape(tokenizer, tiny_shards_dir):
-    cfg = StatsConfig(n_tokens=100, context_size=32, batch_rows=2)
-    batches = list(token_batches(tokenizer, _texts(tiny_shards_dir), cfg))
-    assert [tuple(b.shape) for b in batches] == [(2, 32), (1, 32), (1, 4)]
+def test_val_batches_count_and_shape(tokenizer, tiny_shards_dir):
+    batches = list(_batches(tokenizer, tiny_shards_dir, n_rows=4, rows=3))
+    assert [tuple(b.shape) for b in batches] == [(3, 32), (1, 32)]
     flat = torch.cat([b.flatten() for b in batches])
     docs = [t for d in list(_texts(tiny_shards_dir))[:20] for t in tokenizer.encode(d)]
-    assert flat.tolist() == docs[:100]  # documents packed in order, each starting with BOS
+    assert flat.tolist() == docs[:128]  # documents packed in order, each starting with BOS
     assert int((flat == tokenizer.bos_id).sum()) >= 1
+    # two ranks take alternate batches of the same rows
+    ranks = [list(val_batches(list_shards(tiny_shards_dir)[1], tokenizer, 32, 7, 2, r, 2)) for r in (0, 1)]
+    assert [len(b) for b in ranks[0]] == [2, 2] and [len(b) for b in ranks[1]] == [2, 1]
+    whole = torch.cat(list(_batches(tokenizer, tiny_shards_dir, n_rows=7, rows=2)))
+    assert torch.equal(torch.cat([ranks[0][0], ranks[1][0], ranks[0][1], ranks[1][1]]), whole)
 
 
 def test_density_max_and_mean_match_direct(streamed, tokenizer):

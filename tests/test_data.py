@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from saelightning.data import ActivationDataModule, TokenBatches
+from saelightning.data import ActivationDataModule
+from saelightning.tokens import TokenBatches
 from saelightning.errors import SAELightningError
 from saelightning.nanochat.shards import TextStream, list_shards
 
@@ -54,20 +55,25 @@ def test_ranks_read_disjoint_documents(nanochat_current_dir, tiny_shards_dir):
 
 def test_activations_drop_bos_and_are_normalised(nanochat_current_dir, tiny_shards_dir):
     dm = _dm(nanochat_current_dir, tiny_shards_dir)
-    val = _take(dm.val_dataloader(), 2)
-    for batch in val:
-        n_tokens = (batch["tokens"] != dm.tokenizer.bos_id).sum().item()
-        assert batch["acts"]["blocks.1.hook_resid_post"].shape == (n_tokens, 64)
-        assert batch["acts"]["blocks.0.mlp.hook_post"].shape == (n_tokens, 256)  # the 4*d MLP hidden
+    train, val_shard = list_shards(tiny_shards_dir)
+    val = [b["tokens"] for b in dm.val_dataloader()]
+    # validation reads the val shard's first val_batches x model_batch_rows rows, in order (as `eval` does)
+    docs = [t for d in TextStream([val_shard], loop=False, shuffle=False) for t in dm.tokenizer.encode(d)]
+    assert [tuple(t.shape) for t in val] == [(4, 32), (4, 32)]
+    assert torch.cat(val).flatten().tolist() == docs[:8 * 32]
+    for tokens in val:
+        acts = dm.capture(tokens)
+        n_tokens = (tokens != dm.tokenizer.bos_id).sum().item()
+        assert acts["blocks.1.hook_resid_post"].shape == (n_tokens, 64)
+        assert acts["blocks.0.mlp.hook_post"].shape == (n_tokens, 256)  # the 4*d MLP hidden
     # the constant makes E||x||² = d_in on the batches it was estimated from (the stream's first ones)
-    train, _ = list_shards(tiny_shards_dir)
     first = torch.cat([dm.capture(b["tokens"])["blocks.0.mlp.hook_post"] for b in _take(TokenBatches(train, dm.tokenizer, 32, 4), 2)])
     assert first.pow(2).sum(-1).mean().item() == pytest.approx(256, rel=1e-4)
     # a fresh model forward on BOS-free positions gives the same (unscaled) activations
-    tokens = val[0]["tokens"]
+    tokens = val[0]
     raw = dm.model.run_with_cache(tokens, ["blocks.1.hook_resid_post"])["blocks.1.hook_resid_post"]
     keep = tokens.reshape(-1) != dm.tokenizer.bos_id
-    torch.testing.assert_close(val[0]["acts"]["blocks.1.hook_resid_post"],
+    torch.testing.assert_close(dm.capture(tokens)["blocks.1.hook_resid_post"],
                                raw.reshape(-1, 64)[keep] * dm.scales["blocks.1.hook_resid_post"])
 
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from saelightning.cli import main
 from saelightning.errors import SAELightningError
-from saelightning.evaluate import add_sums, feature_density, finalize_scores, splice_hook, spliced_scores
+from saelightning.evaluate import evaluate_saes, splice_hook
 from saelightning.nanochat.model import GPT, GPTConfig
 from saelightning.saes import SAEConfig, build_sae
 
@@ -103,15 +103,20 @@ def direct_metrics(model, sae, tokens):
     }
 
 
+def scored(model, saes, *batches):
+    """{hook: [(metrics, density) per SAE]} over the given token batches."""
+    return evaluate_saes(model, saes, list(batches), BOS)
+
+
 def test_every_metric_matches_direct_computation():
     model, sae, tokens = tiny_model(), random_sae(), tokens_with_bos()
-    sums = spliced_scores(model, {HOOK: sae}, tokens, BOS)[HOOK][0]
-    got, want = finalize_scores(sums), direct_metrics(model, sae, tokens)
+    (got, density), = scored(model, {HOOK: sae}, tokens)[HOOK]
+    want = direct_metrics(model, sae, tokens)
     assert 0 < want["l0"] < 48 and 0 < want["frac_alive"] < 1  # the SAE is sparse and has dead latents
     assert got["n_tokens"] == want["n_tokens"] == 3 * 20 - 4
     for key, value in want.items():
         if key == "density":
-            torch.testing.assert_close(feature_density(sums), value)
+            torch.testing.assert_close(density, value)
         else:
             assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
 
@@ -119,12 +124,11 @@ def test_every_metric_matches_direct_computation():
 def test_batches_combine_by_adding_sums():
     model, tokens = tiny_model(), tokens_with_bos(b=4)
     saes = {HOOK: [random_sae(seed=1), random_sae(seed=3)], "blocks.0.hook_mlp_out": random_sae(seed=4)}
-    whole = spliced_scores(model, saes, tokens, BOS)
-    parts = add_sums(spliced_scores(model, saes, tokens[:1], BOS), spliced_scores(model, saes, tokens[1:], BOS))
+    whole = scored(model, saes, tokens)
+    parts = scored(model, saes, tokens[:1], tokens[1:])
     assert len(whole[HOOK]) == 2 and len(whole["blocks.0.hook_mlp_out"]) == 1
     for hook in whole:
-        for a, b in zip(whole[hook], parts[hook]):
-            fa, fb = finalize_scores(a), finalize_scores(b)
+        for (fa, _), (fb, _) in zip(whole[hook], parts[hook]):
             for key in fa:
                 assert fa[key] == pytest.approx(fb[key], rel=1e-6, abs=1e-9), key
 
@@ -141,8 +145,7 @@ def test_splice_with_error_term_leaves_logits_unchanged():
 @pytest.mark.parametrize("era", ["current", "original"])
 def test_identity_sae_scores_one_and_zero_sae_scores_zero(era):
     model, tokens = tiny_model(era), tokens_with_bos()
-    out = spliced_scores(model, {HOOK: [identity_sae(32), zero_sae(32)]}, tokens, BOS)[HOOK]
-    ident, zero = finalize_scores(out[0]), finalize_scores(out[1])
+    (ident, _), (zero, _) = scored(model, {HOOK: [identity_sae(32), zero_sae(32)]}, tokens)[HOOK]
     assert ident["ce_loss_score"] == pytest.approx(1.0, abs=1e-9)
     assert ident["kl_div_with_sae"] == pytest.approx(0.0, abs=1e-9) and ident["kl_div_score"] == pytest.approx(1.0)
     assert ident["explained_variance"] == pytest.approx(1.0) and ident["mse"] == 0.0
@@ -158,8 +161,7 @@ def test_training_sae_with_input_scale_scores_like_its_folded_export():
     sae = random_sae()
     sae.input_scale.fill_(0.37)
     folded = sae.fold_input_scale()
-    out = spliced_scores(model, {HOOK: [sae, folded]}, tokens, BOS)[HOOK]
-    live, exported = finalize_scores(out[0]), finalize_scores(out[1])
+    (live, _), (exported, _) = scored(model, {HOOK: [sae, folded]}, tokens)[HOOK]
     assert exported["l0"] > 0 and float(folded.input_scale) == 1.0
     for key in live:
         assert live[key] == pytest.approx(exported[key], rel=1e-4, abs=1e-6), key
@@ -168,13 +170,13 @@ def test_training_sae_with_input_scale_scores_like_its_folded_export():
 def test_bad_input_is_reported():
     model, tokens = tiny_model(), tokens_with_bos()
     with pytest.raises(SAELightningError, match=r"d_in=16 cannot read hook point .*width is 32"):
-        spliced_scores(model, {HOOK: random_sae(d_in=16)}, tokens, BOS)
+        scored(model, {HOOK: random_sae(d_in=16)}, tokens)
     with pytest.raises(SAELightningError, match="unknown hook point"):
-        spliced_scores(model, {"blocks.0.resid": random_sae()}, tokens, BOS)
+        scored(model, {"blocks.0.resid": random_sae()}, tokens)
     with pytest.raises(SAELightningError, match="width is 128"):
-        spliced_scores(model, {"blocks.0.mlp.hook_post": random_sae()}, tokens, BOS)
+        scored(model, {"blocks.0.mlp.hook_post": random_sae()}, tokens)
     with pytest.raises(SAELightningError, match="context >= 2"):
-        spliced_scores(model, {HOOK: random_sae()}, tokens[:, :1], BOS)
+        scored(model, {HOOK: random_sae()}, tokens[:, :1])
 
 
 def export_sae(directory, hook, d_in, seed=0, k=8):
@@ -186,8 +188,10 @@ def export_sae(directory, hook, d_in, seed=0, k=8):
 
 
 def test_eval_cli_end_to_end(tmp_path, nanochat_current_dir, tiny_shards_dir, capsys):
-    from saelightning.evaluate import evaluate_saes, load_sae_groups, val_token_rows
     from saelightning.nanochat.checkpoint import load_nanochat
+    from saelightning.nanochat.shards import list_shards
+    from saelightning.resolve import load_saes
+    from saelightning.tokens import val_batches
 
     a = export_sae(tmp_path / "a", "blocks.1.hook_resid_post", 64)
     b = export_sae(tmp_path / "b", "blocks.0.mlp.hook_post", 256, seed=1)
@@ -203,19 +207,22 @@ def test_eval_cli_end_to_end(tmp_path, nanochat_current_dir, tiny_shards_dir, ca
     assert [e["hook_name"] for e in report["saes"]] == ["blocks.1.hook_resid_post", "blocks.0.mlp.hook_post"]
     assert [len(e["feature_density"]) for e in report["saes"]] == [256, 1024]
 
-    # the same numbers straight from the library on the same 7 rows of 32 tokens
+    # the same numbers straight from the library on the same 7 rows of 32 tokens, in the same batches of 3
+    # rows: equal work, so equal to the last bit (fp32 sums change with the batch shape, not between calls)
     nc = load_nanochat(nanochat_current_dir, device="cpu", dtype=torch.float32)
-    rows = list(val_token_rows(tiny_shards_dir, nc.tokenizer, 200, 32, 7))
-    assert len(rows) == 1 and rows[0].shape == (7, 32)
-    groups, _ = load_sae_groups([a, b], "cpu")
+    rows = list(val_batches(list_shards(tiny_shards_dir)[1], nc.tokenizer, 32, 7, 3))
+    assert [r.shape for r in rows] == [(3, 32), (3, 32), (1, 32)]
+    groups, _ = load_saes([a, b], "cpu")
     direct = evaluate_saes(nc.model, groups, rows, nc.tokenizer.bos_id)
-    assert report["saes"][0]["metrics"]["n_tokens"] == int((rows[0] != nc.tokenizer.bos_id).sum())
+    assert report["saes"][0]["metrics"]["n_tokens"] == int(sum((r != nc.tokenizer.bos_id).sum() for r in rows))
     for entry, (metrics, density) in zip(report["saes"], [direct["blocks.1.hook_resid_post"][0],
                                                           direct["blocks.0.mlp.hook_post"][0]]):
-        for key, value in metrics.items():
-            assert entry["metrics"][key] == pytest.approx(value, rel=1e-6), key
-        assert entry["feature_density"] == pytest.approx(density.tolist())
+        assert entry["metrics"] == metrics
+        assert entry["feature_density"] == density.tolist()
     assert report["saes"][0]["metrics"]["l0"] == pytest.approx(8.0)  # topk k=8
+    # without --out the table is printed and nothing is written
+    assert main(argv[:argv.index("--out")] + argv[argv.index("--out") + 2:]) == 0
+    assert "ce_loss_score" in capsys.readouterr().out
 
 
 def test_eval_cli_bad_input_exits_2_and_writes_nothing(tmp_path, nanochat_current_dir, tiny_shards_dir, capsys):

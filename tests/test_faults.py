@@ -56,7 +56,7 @@ def _assert_same_weights(a: Path, b: Path) -> None:
     assert wa.keys() == wb.keys()
     for key in wa:
         assert torch.equal(wa[key], wb[key]), key
-    density = [v for k, v in wa.items() if k.startswith("density__")]
+    density = [v for k, v in wa.items() if k.endswith(".density") and k.startswith("states.")]
     assert density and all(torch.isfinite(d).all() for d in density)  # a window completed (and is compared above)
 
 
@@ -139,7 +139,7 @@ def test_non_finite_steps_are_skipped_and_counted(tmp_path, nanochat_current_dir
     assert main(["fit", "--config", str(cfg)]) == 0
     ckpt = torch.load(tmp_path / "nan" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 9
-    assert ckpt["state_dict"]["nonfinite_skipped"].item() == 3
+    assert ckpt["state_dict"]["guard.skipped"].item() == 3
     assert ckpt["state_dict"]["tokens_seen"].item() == (9 - 3) * 64  # skipped batches are not trained on
     assert ckpt["saelightning_metrics"]["details/nonfinite_skipped"] == 3.0  # logged (step 9)
     assert all(torch.isfinite(v).all() for k, v in ckpt["state_dict"].items() if v.is_floating_point() and "density" not in k)
@@ -161,7 +161,7 @@ def test_consecutive_non_finite_steps_stop_with_one_line_and_keep_the_last_good_
     assert not any("Traceback" in line for line in err)
     ckpt = torch.load(tmp_path / "nan" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 6  # the last checkpoint before the stop (every 2 steps)
-    assert ckpt["state_dict"]["nonfinite_skipped"].item() == 1  # batch 5 (6 and 7 came after the save)
+    assert ckpt["state_dict"]["guard.skipped"].item() == 1  # batch 5 (6 and 7 came after the save)
     assert all(torch.isfinite(v).all() for k, v in ckpt["state_dict"].items() if v.is_floating_point() and "density" not in k)
 
 

@@ -6,7 +6,8 @@ import torch
 
 from saelightning.callbacks import ResampleDeadLatents
 from saelightning.errors import SAELightningError
-from saelightning.module import SAEModule, SkipAdam, WarmupDecay, default_lr
+from saelightning.module import SAEModule
+from saelightning.optim import SkipAdam, WarmupDecay, default_lr
 
 HOOK = "blocks.0.hook_resid_post"
 
@@ -29,8 +30,16 @@ def test_param_groups_names_and_bad_specs():
     assert [g["name"] for g in groups] == ["blocks_0_hook_resid_post-topk-64", "mlp"]
     assert [g["initial_lr"] for g in groups] == pytest.approx([default_lr(64), 1e-3])  # before warm-up
     assert module.prefix("mlp") == "mlp/"
-    with pytest.raises(SAELightningError, match="unknown SAE option"):
+    with pytest.raises(SAELightningError, match=r"unknown SAE field\(s\) \['l1_coef'\]"):
         SAEModule(saes=[{"hook_name": HOOK, "options": {"l1_coef": 1.0}}], n_layer=2, d_model=16)
+    with pytest.raises(SAELightningError, match="l1_coefficient do\\(es\\) not apply to architecture 'topk'"):
+        SAEModule(saes=[{"hook_name": HOOK, "l1_coefficient": 1.0}], n_layer=2, d_model=16)
+    with pytest.raises(SAELightningError, match="d_sae=0 must be a positive integer"):
+        SAEModule(saes=[{"hook_name": HOOK, "d_sae": 0}], n_layer=2, d_model=16)
+    # an earlier version's checkpoint kept the options in a dict: it still loads
+    old = SAEModule(saes=[{"hook_name": HOOK, "architecture": "relu", "d_sae": 32, "options": {"l1_coefficient": 2.0}}],
+                    n_layer=2, d_model=16)
+    assert next(iter(old.saes.values())).config.l1_coefficient == 2.0
     with pytest.raises(SAELightningError, match="unknown hook point"):
         SAEModule(saes=[{"hook_name": "blocks.0.resid"}], n_layer=2, d_model=16)
     with pytest.raises(SAELightningError, match="invalid or repeated"):
@@ -44,7 +53,6 @@ def test_gradient_clip_is_in_saelens_units_for_every_architecture():
     for sae in module.saes.values():
         for p in sae.parameters():
             p.grad = torch.full_like(p, 10.0)
-    module.nonfinite_skipped = torch.zeros((), dtype=torch.long)
     module.configure_gradient_clipping(None)
     norm = {name: torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in sae.parameters()]))
             for name, sae in module.saes.items()}
@@ -133,7 +141,7 @@ def test_sweep_trains_each_sae_as_if_alone():
     assert alone.tokens_seen.item() == 6 * 32
     # decoder rows of the TopK SAE stay unit-norm; b_dec was initialised from the first batch then trained
     torch.testing.assert_close(sweep.saes["a"].W_dec.norm(dim=1), torch.ones(48))
-    assert sweep.initialized__a.item() and sweep.initialized__b.item()
+    assert sweep.states["a"].initialized.item() and sweep.states["b"].initialized.item()
 
 
 def _optimizer_state(module) -> list[torch.Tensor]:
@@ -156,7 +164,7 @@ def test_a_skipped_step_changes_nothing_but_its_count(value):
     assert skipped.trainer.global_step == 3
     state, reference = skipped.state_dict(), clean.state_dict()
     for key in reference:
-        if key != "nonfinite_skipped":
+        if key != "guard.skipped":
             assert torch.equal(state[key], reference[key]), key
     assert skipped.saes["c"].threshold_updates.item() == 2
     for got, want in zip(_optimizer_state(skipped), _optimizer_state(clean), strict=True):

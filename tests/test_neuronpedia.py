@@ -62,7 +62,7 @@ def test_feature_json_fields_and_values(streamed, model, sae, tokenizer):  # noq
     stats, rows = streamed
     records = feature_records(stats, logit_effect(model, sae, HOOK, stats.features, CFG), tokenizer.token_str)
     for rec in records:
-        f = feature_json(rec, n_prompts=22, context_size=CFG.context_size, dataset="val.parquet")
+        f = feature_json(rec, n_prompts=22, context_size=32, dataset="val.parquet")
         validate_feature(json.loads(json.dumps(f)), CFG.n_logits)
         assert sum(f["freq_hist_data_bar_heights"]) == rec["n_fire"]
         n_intervals = sum(1 for a in f["activations"] if a["bin_min"] != -1)
@@ -87,7 +87,7 @@ def test_neuronpedia_command_writes_batches_and_weights(exported_sae, nanochat_c
         assert (batch["model_id"], batch["layer"], batch["sae_set"]) == ("nanochat-d2", 1, "res-test")
         for f in batch["features"]:
             validate_feature(f, 10)
-            assert f["n_tokens_in_prompt"] == 32 and f["n_prompts_total"] == 13  # 12 rows of 32 + one of 16
+            assert f["n_tokens_in_prompt"] == 32 and f["n_prompts_total"] == 13  # ceil(400 / 32) rows of 32
             indices.append(f["feature_index"])
     assert indices == list(range(10))
     assert any(f["frac_nonzero"] > 0 for b in batches for f in b["features"])

@@ -14,7 +14,7 @@ import html
 import json
 from pathlib import Path
 
-from saelightning.dashboards.atomic import atomic_dir
+from saelightning.atomic import atomic_dir
 
 # Runs first: records any JS error on <html data-js-errors="..."> (read by the browser test).
 ERROR_TRAP = """

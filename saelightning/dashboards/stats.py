@@ -14,8 +14,6 @@ and they are not counted), as in training.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from itertools import islice
-from typing import Iterable, Iterator
 
 import torch
 
@@ -25,9 +23,6 @@ from saelightning.hooks import parse_hook
 
 @dataclass
 class StatsConfig:
-    n_tokens: int = 20_000  # token positions of the val shard to read (BOS included in the count)
-    context_size: int = 128  # tokens per row fed to the model
-    batch_rows: int = 8  # rows per forward pass (memory: batch_rows x context_size x features floats)
     top_k: int = 20  # top-activating contexts kept per latent
     n_intervals: int = 10  # equal-width activation intervals over (0, max] for the quantile samples
     per_interval: int = 5  # contexts sampled uniformly per interval
@@ -39,8 +34,7 @@ class StatsConfig:
     seed: int = 0  # seeds the sampling priorities
 
     def __post_init__(self):
-        for name in ("n_tokens", "context_size", "batch_rows", "top_k", "n_intervals", "per_interval",
-                     "n_bins", "n_logits", "logit_bins"):
+        for name in ("top_k", "n_intervals", "per_interval", "n_bins", "n_logits", "logit_bins"):
             if getattr(self, name) < 1:
                 raise SAELightningError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.before < 0 or self.after < 0:
@@ -120,40 +114,6 @@ class FeatureStats:
 
     def bin_edges(self, i: int) -> torch.Tensor:
         return torch.linspace(0.0, float(self.max_act[i]), self.config.n_bins + 1)
-
-
-# ---------------------------------------------------------------------------------------------
-# The token stream
-
-
-def token_batches(tokenizer, texts: Iterable[str], cfg: StatsConfig) -> Iterator[torch.Tensor]:
-    """[B, T] token batches: documents (each with BOS first) packed into rows of context_size,
-    n_tokens positions in all; a last row shorter than context_size comes in a batch of its own."""
-    T, left = cfg.context_size, cfg.n_tokens
-    docs, buf, rows, exhausted = iter(texts), [], [], False
-    while left > 0:
-        if len(buf) < min(T, left) and not exhausted:
-            chunk = list(islice(docs, 64))  # tokenise documents in small groups, as they are needed
-            exhausted = not chunk
-            for ids in tokenizer.encode_batch(chunk):
-                buf.extend(ids)
-            continue
-        n = min(T, left, len(buf))
-        if n < 2:  # nothing left that a model could read
-            break
-        row, buf, left = buf[:n], buf[n:], left - n
-        if n == T:
-            rows.append(row)
-            if len(rows) == cfg.batch_rows:
-                yield torch.tensor(rows)
-                rows = []
-        else:
-            if rows:
-                yield torch.tensor(rows)
-                rows = []
-            yield torch.tensor([row])
-    if rows:
-        yield torch.tensor(rows)
 
 
 # ---------------------------------------------------------------------------------------------

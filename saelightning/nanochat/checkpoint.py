@@ -17,9 +17,10 @@ from typing import NamedTuple
 
 import torch
 
+from saelightning.atomic import atomic_file, write_text
 from saelightning.errors import SAELightningError
 from saelightning.nanochat.model import ERAS, SMEAR_CHANNELS, VE_GATE_CHANNELS, GPT, GPTConfig, has_value_embed
-from saelightning.nanochat.tokenizer import Tokenizer, atomic_write, load_tokenizer
+from saelightning.nanochat.tokenizer import Tokenizer, load_tokenizer
 
 SOURCES = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints",
            "rl": "chatrl_checkpoints"}
@@ -275,8 +276,8 @@ def save_nanochat_checkpoint(ckpt_dir, step: int, state_dict: dict, model_config
         config.pop("window_pattern", None)
     meta = {"step": step, "model_config": config, **(extra_meta or {})}
     # meta first: a model_*.pt (which marks the latest step) never exists without its meta
-    atomic_write(ckpt_dir / f"meta_{step:06d}.json",
-                  lambda f: f.write(json.dumps(meta, indent=2).encode("utf-8")))
+    write_text(ckpt_dir / f"meta_{step:06d}.json", json.dumps(meta, indent=2))
     model_path = ckpt_dir / f"model_{step:06d}.pt"
-    atomic_write(model_path, lambda f: torch.save(dict(state_dict), f))
+    with atomic_file(model_path) as f:
+        torch.save(dict(state_dict), f)
     return model_path

@@ -434,6 +434,13 @@ def _capture(cache: dict, name: str, inner):
 
 
 @torch.inference_mode()
+def check_sampling(temperature: float, top_k: int | None) -> None:
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise SAELightningError(f"temperature {temperature} must be a finite number >= 0 (0 = greedy)")
+    if top_k is not None and top_k < 1:
+        raise SAELightningError(f"top_k {top_k} must be >= 1 (or None: sample from every token)")
+
+
 def decode_batched(prompts: list[list[int]], n_layer: int, device, max_tokens: int, temperature: float,
                    top_k: int | None, seed: int, step_logits):
     """Yield, per step, the next token id of every prompt, decoding with a KV cache.
@@ -442,6 +449,7 @@ def decode_batched(prompts: list[list[int]], n_layer: int, device, max_tokens: i
     step_logits(idx [B, T], cache, rows) returns the last position's logits [B, V] of the prompts
     `rows`. temperature 0 is greedy; sampling is seeded.
     """
+    check_sampling(temperature, top_k)
     rng = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
     groups: dict[int, list[int]] = {}
     for j, p in enumerate(prompts):

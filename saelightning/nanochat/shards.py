@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from saelightning.atomic import atomic_path
 from saelightning.errors import SAELightningError
 
 TEXT_COLUMN = "text"
@@ -33,7 +34,8 @@ def list_shards(data_dir: str | os.PathLike) -> tuple[list[Path], Path]:
         raise SAELightningError(
             f"{root} holds {len(shards)} parquet shard(s); nanochat needs at least 2 (train shards + the last one for val)"
         )
-    _row_group_counts(shards[:1])  # a wrong format shows in the first shard: fail now, not in a DataLoader worker
+    # a wrong format shows in the first train shard or the val shard: fail now, not in a DataLoader worker
+    _row_group_counts([shards[0], shards[-1]])
     return shards[:-1], shards[-1]
 
 
@@ -62,15 +64,10 @@ def write_shards(
 
 def _write_one(texts: list[str], path: Path, row_group_size: int) -> Path:
     table = pa.table({TEXT_COLUMN: pa.array(texts, type=pa.string())})
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         # The same writer options as nanochat's data repackaging (zstd, no dictionary, no stats).
         pq.write_table(table, tmp, row_group_size=row_group_size, use_dictionary=False,
                        compression="zstd", compression_level=3, write_statistics=False)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path
 
 
@@ -182,12 +179,14 @@ class TextStream(torch.utils.data.IterableDataset):
         self._positions[worker_id] = pos
         while True:
             mine = self._unit_order(pos["epoch"])[slot::world]
+            whole_pass, texts_seen = pos["cursor"] == 0 and pos["row"] == 0, False
             while pos["cursor"] < len(mine):
                 file_index, group = mine[pos["cursor"]]
                 texts = self._read_group(file_index, group)
                 while pos["row"] < len(texts):
                     text = texts[pos["row"]]
                     pos["row"] += 1  # advanced before yielding: the state always names the next document
+                    texts_seen = texts_seen or bool(text)
                     yield text
                 pos["cursor"], pos["row"] = pos["cursor"] + 1, 0
             if not self.loop:
@@ -195,6 +194,12 @@ class TextStream(torch.utils.data.IterableDataset):
             if not mine:  # more readers than row groups: this one has nothing, and would spin forever
                 raise SAELightningError(
                     f"reader {slot} of {world} gets no row group of {len(self._units)}; use fewer ranks x workers or smaller row groups"
+                )
+            if whole_pass and not texts_seen:  # looping again would spin forever without a token
+                names = ", ".join(sorted({self.paths[f].name for f, _ in mine}))
+                raise SAELightningError(
+                    f"a whole pass over {len(mine)} row group(s) of {names} gave no text (every document is empty or the "
+                    "row groups hold no rows); write shards whose 'text' column holds the documents"
                 )
             pos.update(epoch=pos["epoch"] + 1, cursor=0, row=0)
 

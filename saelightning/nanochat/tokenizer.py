@@ -14,13 +14,13 @@ import copyreg
 import io
 import os
 import pickle
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 import tiktoken
 import torch
 
+from saelightning.atomic import atomic_file
 from saelightning.errors import SAELightningError
 
 SPECIAL_TOKENS = [
@@ -194,34 +194,16 @@ def load_tokenizer(tokenizer_dir: str | os.PathLike) -> Tokenizer:
 # Writing and training
 
 
-SHARED = 0o644  # a tokenizer is shared like any model file
-
-
-def atomic_write(path: Path, write, mode: int | None = None) -> None:
-    """write(f) into a temporary file beside `path`, then rename it over `path` (never half a file there).
-
-    mode: the file's permissions (mkstemp makes it owner-only); None keeps that.
-    """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        if mode is not None:
-            os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_tokenizer(tokenizer: Tokenizer | tiktoken.Encoding, tokenizer_dir: str | os.PathLike) -> Path:
     """Write tokenizer.pkl (pickle.dump of the Encoding, as nanochat does) and token_bytes.pt."""
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
     out = Path(tokenizer_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / TOKENIZER_FILE, lambda f: pickle.dump(tok.encoding, f), mode=SHARED)
+    with atomic_file(out / TOKENIZER_FILE) as f:
+        pickle.dump(tok.encoding, f)
     token_bytes = tok.token_bytes()
-    atomic_write(out / TOKEN_BYTES_FILE, lambda f: torch.save(token_bytes, f), mode=SHARED)
+    with atomic_file(out / TOKEN_BYTES_FILE) as f:
+        torch.save(token_bytes, f)
     return out
 
 

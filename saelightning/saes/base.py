@@ -11,7 +11,8 @@ Conventions (every architecture):
 
 import copy
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
+from typing import Literal
 
 import torch
 from torch import nn
@@ -24,30 +25,96 @@ TOPK_STYLE = ("topk", "batchtopk", "matryoshka")  # k-sparse: sparse decode, Aux
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
+# each architecture's own options (every architecture also takes COMMON_OPTIONS)
+ARCHITECTURE_OPTIONS = {
+    "topk": ("k", "k_aux", "aux_coefficient"),
+    "batchtopk": ("k", "k_aux", "aux_coefficient", "threshold_ema"),
+    "matryoshka": ("k", "k_aux", "aux_coefficient", "threshold_ema", "matryoshka_prefixes"),
+    "relu": ("l1_coefficient", "l1_warmup_steps"),
+    "gated": ("l1_coefficient", "l1_warmup_steps"),
+    "jumprelu": ("l0_coefficient", "l1_warmup_steps", "sparsity_penalty", "tanh_scale", "preact_coefficient",
+                 "threshold_init", "bandwidth"),
+}
+COMMON_OPTIONS = ("normalize_decoder", "decoder_init_norm", "apply_b_dec_to_input", "dtype")
+# what an option left at None means
+OPTION_DEFAULTS = {"k": 32, "aux_coefficient": 1 / 32, "l1_coefficient": 5.0, "l1_warmup_steps": 1000,
+                   "l0_coefficient": 1.0, "sparsity_penalty": "l0", "tanh_scale": 4.0, "preact_coefficient": 0.0,
+                   "threshold_init": 0.01, "bandwidth": 0.05, "threshold_ema": 0.99, "apply_b_dec_to_input": True,
+                   "dtype": "float32"}
+
+
 @dataclass
-class SAEConfig:
+class SAEOptions:
+    """An SAE's architecture options; None means the architecture's default (the value in brackets).
+
+    Args:
+        k: topk: active latents per token; batchtopk/matryoshka: mean active per token [32].
+        k_aux: AuxK: dead latents that reconstruct the residual [d_in // 2].
+        aux_coefficient: AuxK loss weight (Gao et al. 2024) [1/32].
+        l1_coefficient: relu, gated: lambda of the decoder-norm weighted L1 penalty [5.0].
+        l1_warmup_steps: relu, gated, jumprelu: the penalty's lambda ramps linearly from 0 over these steps [1000].
+        l0_coefficient: jumprelu: lambda of the L0 (or tanh) penalty [1.0].
+        sparsity_penalty: jumprelu: "l0" (step, Gemma Scope) or "tanh" (Anthropic 2025) [l0].
+        tanh_scale: jumprelu tanh penalty: c in tanh(c * f * ||W_dec,i||) [4.0].
+        preact_coefficient: jumprelu: Anthropic's pre-activation loss reviving dead latents; 0 = off [0.0].
+        threshold_init: jumprelu: initial per-latent threshold theta [0.01].
+        bandwidth: jumprelu: width epsilon of the straight-through rectangle kernel [0.05].
+        threshold_ema: batchtopk/matryoshka: EMA decay of the inference threshold, after a (1+n)/(10+n)
+            warm-up [0.99].
+        matryoshka_prefixes: matryoshka: nested dictionary sizes ending at d_sae [d_sae/16, /8, /4, /2, 1].
+        normalize_decoder: unit-norm decoder rows [per architecture: all but relu and tanh-jumprelu].
+        decoder_init_norm: decoder row norm at init [1 with unit-norm rows, else 0.1].
+        apply_b_dec_to_input: subtract b_dec before encoding (SAELens's key of that name) [true].
+        dtype: parameter dtype [float32].
+    """
+
+    k: int | None = None
+    k_aux: int | None = None
+    aux_coefficient: float | None = None
+    l1_coefficient: float | None = None
+    l1_warmup_steps: int | None = None
+    l0_coefficient: float | None = None
+    sparsity_penalty: Literal["l0", "tanh"] | None = None
+    tanh_scale: float | None = None
+    preact_coefficient: float | None = None
+    threshold_init: float | None = None
+    bandwidth: float | None = None
+    threshold_ema: float | None = None
+    matryoshka_prefixes: list[int] | None = None
+    normalize_decoder: bool | None = None
+    decoder_init_norm: float | None = None
+    apply_b_dec_to_input: bool | None = None
+    dtype: Literal["float32", "bfloat16", "float16", "float64"] | None = None
+
+    @classmethod
+    def option_names(cls) -> list[str]:
+        return [f.name for f in fields(SAEOptions)]
+
+    def given_options(self) -> dict:
+        """The options set (not None)."""
+        return {name: getattr(self, name) for name in self.option_names() if getattr(self, name) is not None}
+
+    def check_options_apply(self, architecture: str) -> None:
+        """Refuse an option that the architecture does not read (a typo'd recipe would train silently)."""
+        own = ARCHITECTURE_OPTIONS.get(architecture, ())
+        foreign = [name for name in self.given_options() if name not in own + COMMON_OPTIONS]
+        if foreign:
+            _bad(f"{', '.join(foreign)} do(es) not apply to architecture {architecture!r}; its options are "
+                 f"{', '.join(own + COMMON_OPTIONS)}")
+
+
+@dataclass
+class SAEConfig(SAEOptions):
+    """The whole configuration of one SAE: its architecture, sizes and options (None resolved to the defaults)."""
+
     architecture: str = "topk"  # one of topk, batchtopk, relu, gated, jumprelu, matryoshka
     d_in: int = 768  # width of the hooked activation
     d_sae: int = 16384  # number of latents (dictionary size)
-    k: int = 32  # topk: active latents per token; batchtopk/matryoshka: mean active per token
-    k_aux: int | None = None  # AuxK: dead latents that reconstruct the residual; None = d_in // 2
-    aux_coefficient: float = 1 / 32  # AuxK loss weight (Gao et al. 2024)
-    l1_coefficient: float = 5.0  # relu, gated: λ of the decoder-norm weighted L1 penalty
-    l1_warmup_steps: int = 1000  # relu, gated, jumprelu: the penalty's λ ramps linearly from 0
-    l0_coefficient: float = 1.0  # jumprelu: λ of the L0 (or tanh) penalty
-    sparsity_penalty: str = "l0"  # jumprelu: "l0" (step, Gemma Scope) or "tanh" (Anthropic 2025)
-    tanh_scale: float = 4.0  # jumprelu tanh penalty: c in tanh(c · f · ||W_dec,i||)
-    preact_coefficient: float = 0.0  # jumprelu: Anthropic's pre-act loss reviving dead latents; 0 = off
-    threshold_init: float = 0.01  # jumprelu: initial per-latent threshold θ
-    bandwidth: float = 0.05  # jumprelu: width ε of the straight-through rectangle kernel
-    threshold_ema: float = 0.99  # batchtopk/matryoshka: EMA decay of the inference threshold (after a (1+n)/(10+n) warm-up)
-    matryoshka_prefixes: list[int] | None = None  # nested dictionary sizes ending at d_sae; None = d_sae/16, /8, /4, /2, 1
-    normalize_decoder: bool | None = None  # unit-norm decoder rows; None = per architecture
-    decoder_init_norm: float | None = None  # decoder row norm at init; None = 1 (unit-norm) or 0.1
-    apply_b_dec_to_input: bool = True  # subtract b_dec before encoding (SAELens's key of that name)
-    dtype: str = "float32"  # parameter dtype: float32, bfloat16, float16, float64
 
     def __post_init__(self):
+        for name, value in OPTION_DEFAULTS.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
         if self.architecture not in ARCHITECTURES:
             _bad(f"unknown SAE architecture {self.architecture!r}; use one of {', '.join(ARCHITECTURES)}")
         for name in ("d_in", "d_sae"):
