@@ -1,5 +1,7 @@
 """saelightning: sparse autoencoders on frozen nanochat models, trained with PyTorch Lightning."""
 
+import importlib
+
 __version__ = "0.1.0"
 __all__ = ["load_nanochat", "load_sae", "InterpretableModel", "SAELightningError"]
 
@@ -14,7 +16,5 @@ _LAZY = {
 
 def __getattr__(name):
     if name in _LAZY:
-        import importlib
-
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'saelightning' has no attribute {name!r}")

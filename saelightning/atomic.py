@@ -39,17 +39,17 @@ def _free_bytes(folder: Path) -> int | None:
         return None
 
 
-def disk_full_error(path: Path, err: OSError) -> SAELightningError:
+def disk_full_error(path: Path, reason: str) -> SAELightningError:
     """The one line for a write that ran out of room (ENOSPC, a file-size limit, a quota)."""
-    free = _free_bytes(path.parent)
+    free = _free_bytes(Path(path).parent)
     room = f"{free / 2**30:.2f} GiB free there" if free is not None else "free space unknown"
-    return SAELightningError(f"cannot write {path}: {os.strerror(err.errno)} ({room}); the previous version of it, "
-                             "if any, is intact: free space (or raise the limit) and run the command again")
+    return SAELightningError(f"cannot write {path}: {reason} ({room}); the previous version of it, if any, is "
+                             "intact: free space (or raise the limit) and run the command again")
 
 
 def _raise_if_full(path: Path, err: BaseException) -> None:
     if isinstance(err, OSError) and err.errno in _FULL:
-        raise disk_full_error(path, err) from None
+        raise disk_full_error(path, os.strerror(err.errno)) from None
 
 
 @contextmanager

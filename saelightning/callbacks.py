@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -207,10 +208,33 @@ class FinalCheckpoint(pl.Callback):
         path = Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
         stale = getattr(callback, "_last_global_step_saved", -1) != trainer.global_step or self._validated_after_save
         if stale and trainer.global_step > 0:
-            trainer.save_checkpoint(path)  # on every rank: the data state gathers all ranks' positions
+            trainer.save_checkpoint(path, weights_only=False)  # on every rank: the data state gathers all ranks' positions
             callback._last_global_step_saved = trainer.global_step
             callback.last_model_path = str(path)
             self._validated_after_save = False
+
+
+class CleanFailedStart(pl.Callback):
+    """A fit that fails or is stopped before its first training step leaves nothing behind: the log version
+    it opened holds only start-up files (config.yaml, hparams.yaml, an events file of hparams), and it is
+    removed, with lightning_logs/ and the run dir when they are left empty."""
+
+    START_FILES = ("config.yaml", "hparams.yaml")
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        start = getattr(pl_module, "start_step", None)
+        if not trainer.is_global_zero or (start is not None and trainer.global_step > start):
+            return
+        for logger in trainer.loggers:
+            folder = getattr(logger, "log_dir", None)
+            if folder is None or not Path(folder).is_dir():
+                continue
+            files = list(Path(folder).iterdir())
+            if all(f.is_file() and (f.name in self.START_FILES or f.name.startswith("events.out.tfevents")) for f in files):
+                shutil.rmtree(folder, ignore_errors=True)
+                for parent in (Path(folder).parent, _run_dir(trainer)):
+                    if parent.is_dir() and not any(parent.iterdir()):
+                        parent.rmdir()
 
 
 # --- TensorBoard ---

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from saelightning.atomic import atomic_file
+from saelightning.atomic import atomic_file, disk_full_error
 from saelightning.callbacks import export_module
 from saelightning.command import parse
 from saelightning.errors import SAELightningError
@@ -32,8 +32,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         if storage_options is not None or "://" in str(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
-        with atomic_file(path) as f:
-            torch.save(checkpoint, f)
+        try:
+            with atomic_file(path) as f:
+                torch.save(checkpoint, f)
+        except RuntimeError as e:  # torch's zip writer reports a short write (full disk, size limit) this way
+            if "inline_container" not in str(e) and "write" not in str(e).lower():
+                raise
+            raise disk_full_error(Path(path), "the write stopped short") from None
 
 
 def checkpoint_problem(path: Path) -> str | None:

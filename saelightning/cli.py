@@ -34,7 +34,7 @@ COMMANDS = {
 # what a Ctrl-C leaves behind, per command (every output is written atomically)
 _AFTER_INTERRUPT = {
     "cache": "the chunks and shards written so far are kept: run the same command again to continue",
-    "fit": "last.ckpt is the last checkpoint written before it",
+    "fit": "stopped before training started: nothing was trained or written",
 }
 
 

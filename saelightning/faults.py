@@ -125,7 +125,7 @@ class Preemption(pl.Callback):
         folder = Path(callback.dirpath) if callback is not None and callback.dirpath else Path(trainer.default_root_dir)
         name = getattr(callback, "CHECKPOINT_NAME_LAST", "last") + getattr(callback, "FILE_EXTENSION", ".ckpt")
         path = folder / name
-        trainer.save_checkpoint(path)  # every rank: the data state gathers all ranks' positions
+        trainer.save_checkpoint(path, weights_only=False)  # every rank: the data state gathers all ranks' positions
         if callback is not None:  # ModelCheckpoint and FinalCheckpoint then see this step as saved
             callback._last_global_step_saved = trainer.global_step
             callback.last_model_path = str(path)

@@ -22,6 +22,7 @@ from torch import nn
 
 from saelightning.errors import SAELightningError
 from saelightning.evaluate import evaluate_batch
+from saelightning.faults import stop_requested
 from saelightning.guard import NonFiniteGuard
 from saelightning.hooks import hook_width, parse_hook
 from saelightning.metrics import SAEMetrics, firing_counts
@@ -114,9 +115,8 @@ class SAEState(nn.Module):
         self.window_tokens.zero_()
 
 
-# the state_dict keys of earlier versions -> SAEState's and the guard's
-_OLD_STATE = {"since_fired": "since_fired", "initialized": "initialized", "density": "density", "window": "window",
-              "window_tokens": "window_tokens"}
+# the per-SAE buffers that earlier versions kept on the module as "<buffer>__<sae name>"
+_OLD_STATE = ("since_fired", "initialized", "density", "window", "window_tokens")
 
 
 def upgrade_state_dict(state: dict) -> dict:
@@ -125,7 +125,7 @@ def upgrade_state_dict(state: dict) -> dict:
     for key, value in state.items():
         head, sep, name = key.partition("__")
         if sep and head in _OLD_STATE:
-            key = f"states.{name}.{_OLD_STATE[head]}"
+            key = f"states.{name}.{head}"
         elif key == "nonfinite_skipped":
             key = "guard.skipped"
         out[key] = value
@@ -191,6 +191,7 @@ class SAEModule(pl.LightningModule):
         self.last_val_step: int | None = None  # global step of the last validation (its metrics go into exports)
         self._clock: tuple[float, int] | None = None
         self.start_step: int | None = None  # the step training started at in this process (None: not started)
+        self._val_stopped = False  # a stop signal came during this validation: its partial figures are dropped
 
     # --- facts other parts read ---
 
@@ -362,7 +363,11 @@ class SAEModule(pl.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         """The same evaluation as `saelightning eval` (evaluate_batch on the same val rows): the training SAEs
-        read the model's raw activations (their input scale applied inside), metrics in raw units."""
+        read the model's raw activations (their input scale applied inside), metrics in raw units. After a stop
+        signal the remaining batches are skipped (the run saves at the next step's end, within seconds)."""
+        if stop_requested():
+            self._val_stopped = True
+            return
         data = self.trainer.datamodule
         groups = self.groups()
         metrics = {hook: [self.val_metrics[n] for n in self.saes if self.specs[n].hook_name == hook] for hook in groups}
@@ -372,6 +377,11 @@ class SAEModule(pl.LightningModule):
                        spliced=self.hparams.get("spliced_eval", True))
 
     def on_validation_epoch_end(self) -> None:
+        stopped, self._val_stopped = self._val_stopped, False
+        if self.trainer.strategy.reduce_boolean_decision(stopped, all=False):  # every rank drops it, or none
+            for metrics in self.val_metrics.values():
+                metrics.reset()
+            return
         for name in self.saes:
             metrics, p = self.val_metrics[name], self.prefix(name)
             values = {f"{p}val/{k}": v.float() for k, v in metrics.compute().items() if k != "n_tokens"}

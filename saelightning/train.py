@@ -13,6 +13,8 @@ named). config.yaml goes into the log dir only once training starts.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
 import re
@@ -27,7 +29,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.io import CheckpointIO
 
-from saelightning.callbacks import DensityHistograms, ExportSAEs, FinalCheckpoint, ResampleDeadLatents, export_dir
+from saelightning.callbacks import (CleanFailedStart, DensityHistograms, ExportSAEs, FinalCheckpoint,
+                                    ResampleDeadLatents, export_dir)
 from saelightning.checkpointing import AtomicCheckpointIO, check_checkpoint, step_of
 from saelightning.command import one_line
 from saelightning.data import ActivationDataModule
@@ -44,7 +47,6 @@ TRAINER_DEFAULTS = {
     "num_sanity_val_steps": 0,
 }
 _SAE_OVERRIDE = re.compile(r"^--model\.saes\.(\d+)\.(\w+)(?:=(.*))?$")
-_SPEC_FIELDS = {f for f in SAESpec.__dataclass_fields__}
 
 
 def _n_layer(data: ActivationDataModule) -> int:
@@ -93,21 +95,25 @@ def _split_sae_overrides(args: list[str]) -> tuple[list[str], list[tuple[int, st
     return rest, overrides
 
 
-def _apply_sae_overrides(config, overrides: list[tuple[int, str, str]]) -> None:
-    saes = config["model"]["saes"] or []
+def _apply_sae_overrides(parser, args: list[str], overrides: list[tuple[int, str, str]]) -> list[str]:
+    """args with the overrides folded into one `--model.saes=[...]` (the list as the rest of args gives it, with
+    each override applied), so jsonargparse checks the values and --print_config shows them."""
+    if not overrides:
+        return args
+    probe = [a for a in args if not a.startswith("--print_config")]
+    config = parser.parse_args(probe)
+    subcommand = config.get("subcommand")
+    saes = [s.as_dict() if hasattr(s, "as_dict") else dict(s) for s in (config[subcommand]["model"]["saes"] or [])]
+    fields = sorted(f.name for f in dataclasses.fields(SAESpec))
     for index, key, value in overrides:
-        if key not in _SPEC_FIELDS:
+        if key not in fields:
             raise SAELightningError(f"--model.saes.{index}.{key}: an SAE has no field {key!r}; its fields are "
-                                    f"{', '.join(sorted(_SPEC_FIELDS))}")
+                                    f"{', '.join(fields)}")
         if index >= len(saes):
             raise SAELightningError(f"--model.saes.{index}.{key}: the config lists {len(saes)} SAE(s) (indices "
                                     f"0..{len(saes) - 1}); add the SAE to model.saes first")
-        spec = saes[index]
-        parsed = yaml.safe_load(value)
-        if isinstance(spec, dict):
-            spec[key] = parsed
-        else:
-            setattr(spec, key, parsed)
+        saes[index][key] = yaml.safe_load(value)
+    return args + [f"--model.saes={json.dumps(saes)}"]
 
 
 def _run_holds(folder: Path) -> str | None:
@@ -116,13 +122,22 @@ def _run_holds(folder: Path) -> str | None:
         return None
     ckpts = sorted(folder.glob("*.ckpt"))
     if ckpts:
-        last = folder / "last.ckpt"
         steps = [step_of(p) for p in ckpts if step_of(p) >= 0]
-        what = "last.ckpt" if last in ckpts else ckpts[0].name
-        return what + (f" (step {max(steps)})" if steps else "")
+        names = "last.ckpt" if folder / "last.ckpt" in ckpts else ckpts[0].name
+        return names + (f" and step checkpoints up to step {max(steps)}" if steps else "")
     if (folder / "saes").is_dir() and any((folder / "saes").iterdir()):
         return "an exported SAE in saes/"
     return None
+
+
+def _stop_if_finished(ckpt: Path, max_steps: int) -> None:
+    """Resuming a run that already reached max_steps trains and writes nothing: say so and stop here, before
+    Lightning opens a new log version for it."""
+    step = int(torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True).get("global_step", 0))
+    if 0 < max_steps <= step:
+        print(f"saelightning: {ckpt} is at step {step}, and trainer.max_steps is {max_steps}: nothing to train "
+              f"(its export is in {ckpt.parent / 'saes'}); raise --trainer.max_steps to continue the run")
+        raise SystemExit(0)
 
 
 def check_writable(folder: Path) -> None:
@@ -140,7 +155,9 @@ class SAELightningCLI(LightningCLI):
         for target, fn in (("model.n_layer", _n_layer), ("model.d_model", _d_model), ("model.model_info", _model_info)):
             parser.link_arguments("data", target, compute_fn=fn, apply_on="instantiate")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_train_steps": 250})
+        # last.ckpt is always the newest state (no last-v1.ckpt beside it when a resumed run changes the interval)
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_train_steps": 250,
+                             "checkpoint.enable_version_counter": False})
         parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath")  # one folder per run
         parser.add_lightning_class_args(ResampleDeadLatents, "resample")
         parser.add_lightning_class_args(ExportSAEs, "export")
@@ -152,12 +169,11 @@ class SAELightningCLI(LightningCLI):
 
     def parse_arguments(self, parser, args) -> None:
         args, overrides = _split_sae_overrides(list(args))
-        super().parse_arguments(parser, args)
+        super().parse_arguments(parser, _apply_sae_overrides(parser, args, overrides))
         subcommand = self.config.get("subcommand")
         if subcommand is None:
             return
         config = self.config[subcommand]
-        _apply_sae_overrides(config, overrides)
         run_dir = Path(config["trainer"]["default_root_dir"]).expanduser()
         if config.get("run_name"):
             if not re.fullmatch(r"[A-Za-z0-9_.\-]+", config["run_name"]):
@@ -170,6 +186,8 @@ class SAELightningCLI(LightningCLI):
             path = run_dir / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path).expanduser()
             if ckpt_path != "last" or path.exists():  # "last" with none yet starts afresh (Lightning's rule)
                 check_checkpoint(path)
+                if subcommand == "fit":
+                    _stop_if_finished(path, config["trainer"].get("max_steps") or -1)
         if subcommand == "fit":
             check_writable(run_dir)
             held = _run_holds(run_dir)
@@ -196,9 +214,7 @@ class SAELightningCLI(LightningCLI):
 
 def check_config_files(argv: list[str]) -> None:
     """Each --config FILE exists and is YAML; one line naming the file, line and problem (a tab, say) otherwise."""
-    files = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"] + \
-        [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
-    for name in files:
+    for name in _config_files(argv):
         path = Path(name).expanduser()
         if not path.is_file():
             raise SAELightningError(f"the config file {name} does not exist; pass the path of a YAML config "
@@ -215,22 +231,45 @@ def check_config_files(argv: list[str]) -> None:
             raise SAELightningError(f"{name}{where}: {problem}; {fix}") from None
 
 
-def _argument_error(e: ArgumentError, command: str) -> SAELightningError:
+def _config_files(argv: list[str]) -> list[str]:
+    return [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"] + \
+        [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+
+
+def _argument_error(e: Exception, command: str, argv: list[str]) -> SAELightningError:
     """jsonargparse's error (tens of lines for a value deep in a list of dataclasses) as one line: the key,
-    what was expected and what was given."""
+    where it was given, what was expected and what was given."""
     text = str(e)
     keys = re.findall(r'[Kk]ey "([^"]+)"', text)
-    expected = re.findall(r"Expected a (.+?)\. Got value: (.+?)(?:\n|$)", text)
-    if expected:
-        key = ".".join(k for k in keys if k) or "a value"
-        want, got = expected[-1]
-        want = re.sub(r"<class '(\w+)'>", r"\1", want)
-        return SAELightningError(f"{key}: expected {want}, got {got.strip()}; fix the value in the config or on the "
-                                 f"command line (`saelightning {command} --help` lists the options)")
+    innermost = text[text.rfind(f'key "{keys[-1]}"'):] if keys else text
+    expected = [re.sub(r"<class '(\w+)'>", r"\1", t) for t in re.findall(r"Expected a (.+?)(?:\. Got value:.*)?$", innermost, re.M)]
+    given = re.search(r"(?:Given value|Got value): (.+)$", innermost, re.M)
+    files = _config_files(argv)
+    where = f" (in {', '.join(files)} or on the command line)" if files else ""
+    if expected and given:
+        key = ".".join(keys) or "a value"
+        wants = " or ".join(dict.fromkeys(w.replace("NoneType", "null") for w in expected))
+        return SAELightningError(f"{key}{where}: expected {wants}, got {given.group(1).strip()!r}; fix the value "
+                                 f"(`saelightning {command} --help` lists the options)")
     message = one_line(text)
     if len(message) > 300:
         message = message[:300] + " ..."
     return SAELightningError(f"{message}; `saelightning {command} --help` lists the options")
+
+
+def _missing_package(e: BaseException) -> SAELightningError | None:
+    """A logger or profiler named in the config whose package is not installed (Lightning says which)."""
+    text = "\n".join(str(x) for x in (e, e.__cause__, e.__context__) if x is not None)
+    requirement = re.search(r"Requirement '([^']+)' not met", text)
+    if requirement is None and isinstance(e, ImportError) and getattr(e, "name", None):
+        requirement = re.match(r"(.*)", e.name)
+    if requirement is None:
+        return None
+    wanted = requirement.group(1)
+    classes = re.findall(r"class_path '([\w.]+)'", text)
+    what = classes[0].rsplit(".", 1)[-1] if classes else "the config"
+    return SAELightningError(f"{what} needs {wanted}, which is not installed; install it with "
+                             f"`pip install '{wanted}'` or choose another --trainer.logger")
 
 
 def _report(trainer, start_step: int | None) -> None:
@@ -282,18 +321,19 @@ def cli_main(argv: list[str] | None = None) -> int:
     try:
         cli = SAELightningCLI(
             SAEModule, ActivationDataModule, args=argv, subclass_mode_model=False, subclass_mode_data=False,
-            trainer_defaults={**TRAINER_DEFAULTS, "callbacks": [FinalCheckpoint()]},
+            trainer_defaults={**TRAINER_DEFAULTS, "callbacks": [FinalCheckpoint(), CleanFailedStart()]},
             seed_everything_default=0, save_config_callback=SaveConfigAtStart, save_config_kwargs={"overwrite": True},
             parser_kwargs={"exit_on_error": False},  # a bad key or value raises ArgumentError (below), not 150 lines of usage
         )
     except ArgumentError as e:
-        raise _argument_error(e, command) from None
+        raise (_missing_package(e) or _argument_error(e, command, argv)) from None
     except SystemExit as e:  # --help/--print_config exit 0
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
-    except ImportError as e:  # a logger or profiler named in the config whose package is not installed
-        name = getattr(e, "name", None) or (re.findall(r"'([\w\-]+)", str(e)) or ["the package"])[0]
-        raise SAELightningError(f"{one_line(e)[:200]}; install it with `pip install {name}` or choose another "
-                                "--trainer.logger") from None
+    except (ImportError, ValueError) as e:  # jsonargparse wraps a logger's missing package in a ValueError
+        missing = _missing_package(e)
+        if missing is None:
+            raise
+        raise missing from None
     if command == "fit" and argv and argv[0] == "fit":
         _report(cli.trainer, cli.model.start_step)
     return 0

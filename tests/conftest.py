@@ -1,7 +1,16 @@
 """Shared test set-up: fixtures for tiny real nanochat artefacts, and the gpu marker's skip."""
 
+import os
+import tempfile
+
 import pytest
 import torch
+
+# Inductor's on-disk cache (its precompiled headers) does not key on ATEN_CPU_CAPABILITY: headers built for
+# one kernel choice break a compile under another ("'at::vec' has not been declared"). `make test` runs the
+# numerics tests again under another choice, so each choice gets its own cache.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(
+    tempfile.gettempdir(), f"torchinductor-saelightning-{os.getuid()}-{os.environ.get('ATEN_CPU_CAPABILITY', 'auto')}"))
 
 # Fixture modules, one per area: tiny tokenizer and parquet shards; tiny nanochat checkpoints.
 pytest_plugins = ["tests.fixtures_data", "tests.fixtures_nanochat"]

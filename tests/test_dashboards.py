@@ -21,6 +21,8 @@ from saelightning.nanochat.tokenizer import load_tokenizer
 from saelightning.saes import SAEConfig, build_sae
 from saelightning.tokens import val_batches
 
+pytestmark = pytest.mark.numerics  # fp32 results compared across code paths: also run under other CPU kernels
+
 HOOK = "blocks.1.hook_resid_post"
 
 

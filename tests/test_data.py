@@ -4,9 +4,12 @@ import pytest
 import torch
 
 from saelightning.data import ActivationDataModule
+from tests.numerics import assert_close_reordered
 from saelightning.tokens import TokenBatches
 from saelightning.errors import SAELightningError
 from saelightning.nanochat.shards import TextStream, list_shards
+
+pytestmark = pytest.mark.numerics  # fp32 results compared across code paths: also run under other CPU kernels
 
 HOOKS = ["blocks.1.hook_resid_post", "blocks.0.mlp.hook_post"]
 
@@ -124,8 +127,9 @@ def test_the_compiled_model_forward_gives_the_same_activations(nanochat_current_
     assert compiled._run_with_cache is not compiled.model.run_with_cache  # the compiled wrapper, not the method
     for dm in (eager, compiled):
         dm._ensure_scales()  # itself a pass of model batches through capture
+    # a mean of squares over thousands of activations, each within the reordering bound: 1e-4 relative is loose
     assert compiled.scales == pytest.approx(eager.scales, rel=1e-4)
     for batch in _take(TokenBatches(list_shards(tiny_shards_dir)[0], eager.tokenizer, 32, 4), 2):
         want, got = eager.capture(batch["tokens"]), compiled.capture(batch["tokens"])
-        for hook in HOOKS:
-            torch.testing.assert_close(got[hook], want[hook], rtol=1e-4, atol=1e-5)
+        for hook in HOOKS:  # fused kernels sum in another order: within the reordering bound of fp32
+            assert_close_reordered(got[hook], want[hook], reduction_length=4 * 64, depth=2 * 4)

@@ -12,6 +12,8 @@ from saelightning.evaluate import evaluate_saes, splice_hook
 from saelightning.nanochat.model import GPT, GPTConfig
 from saelightning.saes import SAEConfig, build_sae
 
+pytestmark = pytest.mark.numerics  # fp32 results compared across code paths: also run under other CPU kernels
+
 HOOK = "blocks.1.hook_resid_mid"
 BOS = 500
 

@@ -13,6 +13,8 @@ from saelightning.errors import SAELightningError
 from saelightning.export import load_sae, load_sparsity, save_sae
 from saelightning.saes import ARCHITECTURES, SAEConfig, build_sae
 
+pytestmark = pytest.mark.numerics  # fp32 results compared across code paths: also run under other CPU kernels
+
 D_IN, D_SAE = 8, 32
 SAELENS_NAMES = {
     "topk": ("topk", {"W_enc", "b_enc", "W_dec", "b_dec"}),

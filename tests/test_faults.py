@@ -9,7 +9,6 @@ import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,17 +17,25 @@ import yaml
 
 from saelightning import data as data_module
 from saelightning.cli import main
+from tests.announce import wait_for
 from tests.test_train import HOOK, _config, _weights
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 8  # the uninterrupted run's length; interrupted runs are stopped well before it
 
 
-def _cfg(tmp_path, model, shards, run, **trainer):
+def _cfg(tmp_path, model, shards, run, announce: dict | None = None, name: str | None = None, **trainer):
+    """The fault tests' fit config; `announce` adds an Announce callback (tests/announce.py) that makes the run
+    say when it reached a point and hold there until it gets a signal."""
     path = _config(tmp_path, model, shards, run=run, **{"max_steps": STEPS, **trainer})
     config = yaml.safe_load(path.read_text())
     config["checkpoint"]["every_n_train_steps"] = 2
     config["model"]["dead_window_tokens"] = 192  # windows of 3 steps: an interruption lands inside one
+    path.write_text(yaml.safe_dump(config))
+    if announce is not None:
+        config["trainer"]["callbacks"] = [{"class_path": "tests.announce.Announce",
+                                           "init_args": {"marker": str(tmp_path / f"{run}.reached"), **announce}}]
+        path = path.with_name(name or f"{run}-announce.yaml")
     path.write_text(yaml.safe_dump(config))
     return path
 
@@ -39,12 +46,8 @@ def _spawn(cfg, *extra, env=None, **popen):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
 
 
-def _wait_for(proc, run_dir: Path, step: int, timeout: float = 240) -> None:
-    deadline = time.time() + timeout
-    while not list(run_dir.glob(f"*step={step}.ckpt")):
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        assert time.time() < deadline, "the fit never reached the step"
-        time.sleep(0.02)
+def _reached(proc, tmp_path, run) -> int:
+    return wait_for(proc, tmp_path / f"{run}.reached")
 
 
 def _step(ckpt: Path) -> int:
@@ -70,13 +73,13 @@ def whole_run(tmp_path_factory, nanochat_current_dir, tiny_shards_dir):
 
 def test_sigkill_at_a_random_step_then_resume_is_bitwise_equal(tmp_path, nanochat_current_dir, tiny_shards_dir, whole_run):
     cfg = _cfg(tmp_path, nanochat_current_dir, tiny_shards_dir, "parts")
-    at = random.choice([4, 6])  # last.ckpt (written just after step=N.ckpt) then exists from an earlier save
-    proc = _spawn(cfg)
-    _wait_for(proc, tmp_path / "parts", at)
+    at = random.choice([4, 5, 6, 7])  # the run holds at the start of this step, after the save of step 4 or 6
+    proc = _spawn(_cfg(tmp_path, nanochat_current_dir, tiny_shards_dir, "parts", {"event": "train_batch_start", "step": at}))
+    assert _reached(proc, tmp_path, "parts") == at
     proc.send_signal(signal.SIGKILL)  # no handler, no chance to save anything more
-    proc.communicate()
+    proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL
-    assert 0 < _step(tmp_path / "parts" / "last.ckpt") < STEPS  # last.ckpt is written just after step=N.ckpt
+    assert _step(tmp_path / "parts" / "last.ckpt") == at - at % 2  # the last periodic save
     assert main(["fit", "--config", str(cfg), "--ckpt_path", "last"]) == 0
     assert _step(tmp_path / "parts" / "last.ckpt") == STEPS
     _assert_same_weights(whole_run, tmp_path / "parts" / "last.ckpt")
@@ -84,13 +87,14 @@ def test_sigkill_at_a_random_step_then_resume_is_bitwise_equal(tmp_path, nanocha
 
 def test_sigterm_saves_last_and_exits_cleanly_then_resumes_bitwise(tmp_path, nanochat_current_dir, tiny_shards_dir, whole_run):
     cfg = _cfg(tmp_path, nanochat_current_dir, tiny_shards_dir, "parts")
-    proc = _spawn(cfg, "--trainer.max_steps", "1000", start_new_session=True)  # would run far past STEPS
-    _wait_for(proc, tmp_path / "parts", 2)
+    held = _cfg(tmp_path, nanochat_current_dir, tiny_shards_dir, "parts", {"event": "train_batch_end", "step": 3})
+    proc = _spawn(held, "--trainer.max_steps", "1000", start_new_session=True)  # would run far past STEPS
+    assert _reached(proc, tmp_path, "parts") == 3
     os.killpg(proc.pid, signal.SIGTERM)  # the whole group, DataLoader worker included, as SLURM or Ctrl-C do
-    out, err = proc.communicate(timeout=240)
+    out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err[-3000:]
     stopped = _step(tmp_path / "parts" / "last.ckpt")
-    assert 2 <= stopped < STEPS
+    assert stopped == 3  # the step the signal came in, between two periodic saves
     assert f"SIGTERM at step {stopped}: saved" in out + err
     assert (tmp_path / "parts" / "saes").is_dir()  # the export was written as at any normal end
     assert main(["fit", "--config", str(cfg), "--ckpt_path", "last"]) == 0
@@ -104,14 +108,14 @@ def test_sigusr1_under_slurm_saves_then_requeues(tmp_path, nanochat_current_dir,
     scontrol = bin_dir / "scontrol"  # a stand-in that records how it was called
     scontrol.write_text(f'#!/bin/sh\necho "$@" > {tmp_path / "scontrol.args"}\n')
     scontrol.chmod(0o755)
-    cfg = _cfg(tmp_path, nanochat_current_dir, tiny_shards_dir, "slurm")
+    cfg = _cfg(tmp_path, nanochat_current_dir, tiny_shards_dir, "slurm", {"event": "train_batch_end", "step": 2})
     env = {"SLURM_JOB_ID": "4242", "PATH": f"{bin_dir}:{os.environ['PATH']}"}
     proc = _spawn(cfg, "--trainer.max_steps", "1000", env=env)
-    _wait_for(proc, tmp_path / "slurm", 2)
+    _reached(proc, tmp_path, "slurm")
     proc.send_signal(signal.SIGUSR1)
     out, err = proc.communicate(timeout=240)
     assert proc.returncode == 0, err[-3000:]
-    assert 2 <= _step(tmp_path / "slurm" / "last.ckpt") < 1000
+    assert _step(tmp_path / "slurm" / "last.ckpt") == 2
     assert (tmp_path / "scontrol.args").read_text().split() == ["requeue", "4242"]
 
 
@@ -174,11 +178,13 @@ def test_ddp_sigkill_whole_job_then_resume_is_bitwise_equal(tmp_path, nanochat_c
     proc = _spawn(whole, *ddp)
     assert proc.wait(timeout=400) == 0, proc.communicate()[1][-3000:]
     parts = _cfg(tmp_path, nanochat_current_dir, tiny_shards_dir, "parts", max_steps=8)
-    proc = _spawn(parts, *ddp, start_new_session=True)
-    _wait_for(proc, tmp_path / "parts", random.choice([4, 6]))
+    at = random.choice([5, 7])
+    held = _cfg(tmp_path, nanochat_current_dir, tiny_shards_dir, "parts", {"event": "train_batch_start", "step": at}, max_steps=8)
+    proc = _spawn(held, *ddp, start_new_session=True)
+    _reached(proc, tmp_path, "parts")
     os.killpg(proc.pid, signal.SIGKILL)  # both ranks at once, like a node going away
-    proc.communicate()
-    assert _step(tmp_path / "parts" / "last.ckpt") < 8
+    proc.communicate(timeout=60)
+    assert _step(tmp_path / "parts" / "last.ckpt") == at - 1
     proc = _spawn(parts, *ddp, "--ckpt_path", "last")
     assert proc.wait(timeout=400) == 0, proc.communicate()[1][-3000:]
     _assert_same_weights(tmp_path / "whole" / "last.ckpt", tmp_path / "parts" / "last.ckpt")
@@ -186,14 +192,14 @@ def test_ddp_sigkill_whole_job_then_resume_is_bitwise_equal(tmp_path, nanochat_c
 
 @pytest.mark.slow
 def test_ddp_sigterm_to_rank0_saves_every_rank_position(tmp_path, nanochat_current_dir, tiny_shards_dir):
-    cfg = _cfg(tmp_path, nanochat_current_dir, tiny_shards_dir, "ddp")
+    cfg = _cfg(tmp_path, nanochat_current_dir, tiny_shards_dir, "ddp", {"event": "train_batch_end", "step": 3})
     proc = _spawn(cfg, "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.max_steps", "1000")
-    _wait_for(proc, tmp_path / "ddp", 2)
+    _reached(proc, tmp_path, "ddp")
     proc.send_signal(signal.SIGTERM)  # only the launcher process (rank 0): the ranks agree at the next step
     out, err = proc.communicate(timeout=400)
     assert proc.returncode == 0, err[-3000:]
     ckpt = torch.load(tmp_path / "ddp" / "last.ckpt", weights_only=True)
-    assert 2 <= ckpt["global_step"] < 1000
+    assert ckpt["global_step"] == 3
     assert [p["index"] for p in ckpt["ActivationDataModule"]["positions"]] == [ckpt["global_step"]] * 2
 
 

@@ -12,6 +12,8 @@ from saelightning.metrics import (
     L0, L1, MSE, DeadFraction, ExplainedVariance, FeatureDensity, ReconstructionMetrics, log10_density,
 )
 
+pytestmark = pytest.mark.numerics  # fp32 results compared across code paths: also run under other CPU kernels
+
 
 def _data(seed=0, n=96, d=6, d_sae=10):
     g = torch.Generator().manual_seed(seed)

@@ -17,6 +17,8 @@ from tests.fixtures_nanochat import (
     reference_tokens,
 )
 
+pytestmark = pytest.mark.numerics  # fp32 results compared across code paths: also run under other CPU kernels
+
 REFERENCE = Path(__file__).parent / "data" / "nanochat_reference.pt"
 ERAS = ("original", "current")
 

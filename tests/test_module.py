@@ -217,3 +217,21 @@ def test_skip_adam_equals_adam_and_honours_an_outside_found_inf():
     ours.step()
     assert all(torch.equal(p, f) for p, f in zip(params, frozen))
     assert torch.equal(ours.found_inf, torch.tensor(1.0))  # left for its owner to remove
+
+
+def test_a_checkpoint_with_the_earlier_buffer_names_loads():
+    """Before SAEState and the NonFiniteGuard, the buffers were '<buffer>__<name>' and 'nonfinite_skipped'."""
+    from saelightning.module import upgrade_state_dict
+
+    module = SAEModule(saes=[{"hook_name": HOOK, "d_sae": 64, "k": 4, "name": "a"}], n_layer=2, d_model=16)
+    module.states["a"].since_fired.fill_(7)
+    module.guard.skipped.fill_(3)
+    old = {}
+    for key, value in module.state_dict().items():
+        if key.startswith("states.a."):
+            key = f"{key.rsplit('.', 1)[1]}__a"
+        old["nonfinite_skipped" if key == "guard.skipped" else key] = value
+    assert "since_fired__a" in old and "nonfinite_skipped" in old
+    fresh = SAEModule(saes=[{"hook_name": HOOK, "d_sae": 64, "k": 4, "name": "a"}], n_layer=2, d_model=16)
+    fresh.load_state_dict(upgrade_state_dict(old))
+    assert fresh.states["a"].since_fired.eq(7).all() and fresh.guard.skipped.item() == 3

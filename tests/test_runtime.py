@@ -8,6 +8,8 @@ from saelightning.runtime import InterpretableModel, Steer, parse_steer
 from saelightning.saes import SAEConfig, build_sae
 from tests.test_evaluate import tiny_model
 
+pytestmark = pytest.mark.numerics  # fp32 results compared across code paths: also run under other CPU kernels
+
 MID = "blocks.1.hook_resid_mid"
 POST = "blocks.1.hook_resid_post"
 MLP = "blocks.0.mlp.hook_post"

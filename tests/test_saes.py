@@ -9,6 +9,8 @@ from saelightning.saes import ARCHITECTURES, SAEConfig, build_sae
 from saelightning.saes.jumprelu import JumpReLUSTE, StepSTE
 from saelightning.saes.sparse import dense_decode, sparse_decode, sparse_decode_ragged
 
+pytestmark = pytest.mark.numerics  # fp32 results compared across code paths: also run under other CPU kernels
+
 D_IN, D_SAE, K = 16, 64, 4
 
 

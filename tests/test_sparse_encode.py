@@ -10,6 +10,8 @@ from saelightning.saes import SAEConfig, build_sae
 from saelightning.saes.sparse import SparseLatents, gather_encode, sparse_decode
 from saelightning.saes.topk import TopKSAE
 
+pytestmark = pytest.mark.numerics  # fp32 results compared across code paths: also run under other CPU kernels
+
 
 def _auxk_reference(sae, pre, x, x_hat, dead_mask):
     """aux_coefficient x AuxK by dense autograd: the top k_aux dead pre-activations reconstruct the residual."""

@@ -187,3 +187,27 @@ def test_two_process_ddp_fit_on_cpu_resumes_bitwise(tmp_path, nanochat_current_d
     a, b = _weights(tmp_path / "whole" / "last.ckpt"), _weights(tmp_path / "parts" / "last.ckpt")
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_eval_on_the_export_reproduces_the_logged_validation(tmp_path, nanochat_current_dir, tiny_shards_dir):
+    """Validation and `saelightning eval` read the same val rows and share every metric's definition: eval on
+    the exported SAE, over validation's token count in its batches, gives the logged val/* figures. They differ
+    only by the scale folded into the exported weights (s·x·W vs x·(s·W): a reordering of d_in-long fp32
+    sums, ~d_in·2^-24 relative) and by the fp32 the logger stores."""
+    cfg = _config(tmp_path, nanochat_current_dir, tiny_shards_dir, run="agree", max_steps=10)
+    assert main(["fit", "--config", str(cfg)]) == 0
+    (export,) = (tmp_path / "agree" / "saes").iterdir()
+    logged = json.loads((export / "cfg.json").read_text())["metadata"]["final_metrics"]
+    val_tokens = 2 * 4 * 32  # data.val_batches x data.model_batch_rows x context_size
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--sae", str(export), "--model", str(nanochat_current_dir), "--data", str(tiny_shards_dir),
+                 "--tokens", str(val_tokens), "--batch_size", "4", "--context_size", "32", "--out", str(out),
+                 "--device", "cpu"]) == 0
+    report = json.loads(out.read_text())
+    assert report["tokens_evaluated"] == val_tokens
+    evaluated = report["saes"][0]["metrics"]
+    compared = [k for k in evaluated if f"val/{k}" in logged]
+    assert {"explained_variance", "mse", "cossim", "l0", "ce_loss_score", "kl_div_score"} <= set(compared)
+    for key in compared:
+        tolerance = {"abs": 2 / 128} if key in ("dead_fraction", "frac_alive") else {"rel": 1e-4, "abs": 1e-6}
+        assert evaluated[key] == pytest.approx(logged[f"val/{key}"], **tolerance), key

@@ -204,7 +204,12 @@ class TextStream(torch.utils.data.IterableDataset):
             pos.update(epoch=pos["epoch"] + 1, cursor=0, row=0)
 
     def _read_group(self, file_index: int, group: int) -> list[str]:
-        table = pq.ParquetFile(self.paths[file_index]).read_row_group(group, columns=[TEXT_COLUMN])
+        path = self.paths[file_index]
+        try:
+            table = pq.ParquetFile(path).read_row_group(group, columns=[TEXT_COLUMN])
+        except Exception as e:  # pyarrow's errors for damaged data pages come in several types
+            raise SAELightningError(f"row group {group} of {path} cannot be read ({type(e).__name__}: "
+                                    f"{' '.join(str(e).split())[:200]}); re-download or rewrite the shard") from None
         return table.column(TEXT_COLUMN).to_pylist()
 
     def __repr__(self) -> str:
