@@ -49,7 +49,8 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def load_batches(cache_dir: Path, hook: str, n: int, batch: int, scale: float, device: str = "cpu") -> list[torch.Tensor]:
+def load_batches(cache_dir: Path, hook: str, n: int, batch: int, scale: float,
+                 device: str = "cpu") -> list[torch.Tensor]:
     """The first n batches of the cache (shard order), scaled as the trainer scales them, fp32."""
     from safetensors.torch import load_file
 
@@ -221,11 +222,12 @@ def main() -> None:
     scale = cache_scales(manifest, [a.hook])[a.hook]
     d_in = manifest["d_in"][a.hook]
     batches = load_batches(cache_dir, a.hook, a.warmup + a.steps, a.batch, scale, a.device)
-    print(f"# {platform.processor() or platform.machine()}, {a.device}, torch {torch.__version__}, threads {a.threads}, "
-          f"d_in {d_in}, d_sae {a.d_sae}, k {a.k}, batch {a.batch}, {a.steps} timed steps")
+    print(f"# {platform.processor() or platform.machine()}, {a.device}, torch {torch.__version__}, "
+          f"threads {a.threads}, d_in {d_in}, d_sae {a.d_sae}, k {a.k}, batch {a.batch}, {a.steps} timed steps")
     if build_rate == build_rate:
         print(f"cache build (model pass + shuffle): {build_rate:,.0f} tokens/s")
-    rows = {"cache stream alone": [], "sae step, memory": [], "fit, memory": [], "fit from cache": [], "SAELens, memory": []}
+    rows = {"cache stream alone": [], "sae step, memory": [], "fit, memory": [], "fit from cache": [],
+            "SAELens, memory": []}
     for _ in range(a.repeats):  # interleaved, so a busy spell of the shared machine hits all three
         rows["cache stream alone"].append(read_only(a, cache_dir))
         rows["sae step, memory"].append(sae_loop(a, batches, d_in))

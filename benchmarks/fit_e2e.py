@@ -83,7 +83,8 @@ def main() -> int:
     cuda = a.device.startswith("cuda")
     cycle = a.buffer // a.batch
     if a.buffer % a.batch or a.steps % cycle or a.warmup % cycle:
-        p.error(f"--steps and --warmup must be multiples of --buffer / --batch = {a.buffer / a.batch:g} (whole buffer cycles)")
+        p.error(f"--steps and --warmup must be multiples of --buffer / --batch = {a.buffer / a.batch:g} "
+                "(whole buffer cycles)")
     with tempfile.TemporaryDirectory() as tmp:
         root, config = write_random_model(a.depth, Path(tmp))
         layer, _ = parse_hook(a.hook, a.depth)
@@ -117,8 +118,9 @@ def main() -> int:
     sae_f = flops_per_token("topk", d_in, d_sae, a.k, 0)
     peak = peak_tflops(a.device, a.peak_tflops)
     name = torch.cuda.get_device_name() if cuda else "cpu"
-    print(f"# {name}, torch {torch.__version__}, random d{a.depth} (width {d_in}), {a.hook}, TopK d_sae {d_sae} k {a.k}, "
-          f"batch {a.batch}, context {a.context}, {a.steps} timed steps, model compiled: {a.compile}")
+    print(f"# {name}, torch {torch.__version__}, random d{a.depth} (width {d_in}), {a.hook}, "
+          f"TopK d_sae {d_sae} k {a.k}, batch {a.batch}, context {a.context}, {a.steps} timed steps, "
+          f"model compiled: {a.compile}")
     print(f"tokens/s {rate:,.0f}; FLOPs/token model {model_f / 1e9:.3f} G + SAE {sae_f / 1e9:.3f} G; "
           f"achieved {(model_f + sae_f) * rate / 1e12:.2f} TFLOP/s"
           + (f"; MFU {(model_f + sae_f) * rate / (peak * 1e12):.1%} of {peak:.0f} TFLOP/s bf16" if peak else ""))

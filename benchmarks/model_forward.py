@@ -68,7 +68,8 @@ def main() -> int:
     name = torch.cuda.get_device_name() if cuda else (platform.processor() or platform.machine())
     print(f"# {name}, {a.device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"{a.rows} x {a.context} tokens per forward, bf16 autocast: {cuda}")
-    print("| model | hook | eager tok/s | compiled tok/s | speed-up | compile s | max diff | compiled TFLOP/s | of bf16 peak |")
+    print("| model | hook | eager tok/s | compiled tok/s | speed-up | compile s | max diff | compiled TFLOP/s "
+          "| of bf16 peak |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     with tempfile.TemporaryDirectory() as tmp:
         for model_name in a.models:

@@ -5,9 +5,9 @@
 
 Parameters of one SAE (W_enc [d_in, d_sae], b_enc, W_dec [d_sae, d_in], b_dec, fp32) with random gradients.
 "default Adam" is `torch.optim.Adam(params)` with the implementation torch picks (foreach on CUDA, the
-per-tensor loop on CPU), what SAEModule used before SkipAdam. SkipAdam runs with its skip flag set to 0 on the device, as in training. The
-step is memory-bound: "GB/s" counts 28 bytes per parameter (reads of the parameter, its gradient and both
-moments, writes of the parameter and both moments, fp32), the least any Adam step must move.
+per-tensor loop on CPU), what SAEModule used before SkipAdam. SkipAdam runs with its skip flag set to 0 on the
+device, as in training. The step is memory-bound: "GB/s" counts 28 bytes per parameter (reads of the parameter,
+its gradient and both moments, writes of the parameter and both moments, fp32), the least any Adam step must move.
 """
 
 from __future__ import annotations

@@ -78,9 +78,9 @@ def profile_fit(a, batches):
                 self.prof.__enter__()
 
     cb = Prof()
-    trainer = pl.Trainer(accelerator="gpu" if a.device.startswith("cuda") else "cpu", devices=1, max_steps=len(data), limit_val_batches=0, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         log_every_n_steps=25, callbacks=[cb])
+    trainer = pl.Trainer(accelerator="gpu" if a.device.startswith("cuda") else "cpu", devices=1, max_steps=len(data),
+                         limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, log_every_n_steps=25, callbacks=[cb])
     trainer.fit(module, train_dataloaders=data)
     _sync(a.device)
     cb.prof.__exit__(None, None, None)

@@ -75,7 +75,8 @@ def time_steps(a, arch: str, d_in: int, d_sae: int, k: int) -> tuple[float, int,
     opt = SkipAdam(sae.parameters(), lr=1e-4, eps=6.25e-10)  # SAEModule's optimizer (fused Adam)
     dead = torch.zeros(d_sae, dtype=torch.bool, device=a.device)
     dead[: int(a.dead * d_sae)] = True
-    cast = torch.autocast(device_type=a.device.split(":")[0], dtype=torch.bfloat16) if a.autocast == "bf16" else nullcontext()
+    cast = (torch.autocast(device_type=a.device.split(":")[0], dtype=torch.bfloat16) if a.autocast == "bf16"
+            else nullcontext())
 
     def step():
         train_step(sae, opt, x, dead, cast)

@@ -40,8 +40,8 @@ def evaluate(W_enc, b_enc, W_dec, b_dec, k: int, x: torch.Tensor) -> dict:
     variance = x64.pow(2).sum() - x64.sum(0).pow(2).sum() / len(x64)
     fired = torch.zeros(W_enc.shape[1], dtype=torch.bool)
     fired[indices[values > 0]] = True
-    return {"explained_variance": float(1 - err.pow(2).sum() / variance), "dead_fraction": float((~fired).float().mean()),
-            "l0": float((values > 0).sum(1).double().mean())}
+    return {"explained_variance": float(1 - err.pow(2).sum() / variance),
+            "dead_fraction": float((~fired).float().mean()), "l0": float((values > 0).sum(1).double().mean())}
 
 
 def ours(a, batches) -> tuple[float, dict]:
@@ -168,7 +168,8 @@ def main() -> int:
         out = str(Path(tmp) / "saelens.safetensors")
         cmd = [a.saelens_python, __file__, "--phase", "saelens", "--cache-dir", str(cache_dir), "--hook", a.hook,
                "--d-sae", str(a.d_sae), "--k", str(a.k), "--batch", str(a.batch), "--train-steps", str(a.train_steps),
-               "--warmup", str(a.warmup), "--epochs", str(a.epochs), "--threads", str(a.threads), "--scale", repr(scale), "--out", out]
+               "--warmup", str(a.warmup), "--epochs", str(a.epochs), "--threads", str(a.threads),
+               "--scale", repr(scale), "--out", out]
         done = subprocess.run(cmd, capture_output=True, text=True, env=ct.saelens_env())
         if done.returncode:
             raise SystemExit(done.stderr[-3000:])
@@ -190,7 +191,8 @@ def main() -> int:
     if a.sweep:
         one, many = sweep(a, 1), sweep(a, a.sweep)
         print(f"sweep from the live model stream: 1 SAE {one:,.0f} tokens/s; {a.sweep} SAEs in one run {many:,.0f} "
-              f"tokens/s; {a.sweep} separate runs ~{one / a.sweep:,.0f} tokens/s each SAE-token ({many / (one / a.sweep):.2f}x)")
+              f"tokens/s; {a.sweep} separate runs ~{one / a.sweep:,.0f} tokens/s each SAE-token "
+              f"({many / (one / a.sweep):.2f}x)")
     return 0
 
 

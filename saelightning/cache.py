@@ -218,7 +218,8 @@ class _Builder:
     def _write_chunk(self, c: int, chunk: dict[str, torch.Tensor], progress: dict) -> None:
         sumsq = {h: float(chunk[f"acts.{h}"].double().pow(2).sum()) for h in self.cfg.hooks}
         if self.cfg.shuffle:  # permuted now, so pass 2 can take contiguous slices of it
-            perm = torch.randperm(len(chunk["token_ids"]), generator=torch.Generator().manual_seed(_seed(self.cfg.seed, 1, c)))
+            perm = torch.randperm(len(chunk["token_ids"]),
+                                  generator=torch.Generator().manual_seed(_seed(self.cfg.seed, 1, c)))
             chunk = {k: v[perm] for k, v in chunk.items()}
         _save_tensors(chunk, self.out / CHUNKS / f"chunk_{c:05d}.safetensors")
         progress["chunks"].append({"tokens": len(chunk["token_ids"]), "sumsq": sumsq})
@@ -227,18 +228,21 @@ class _Builder:
         """Pass 2: output shard j = slice j of every chunk, permuted (or the chunk itself without shuffle)."""
         counts = [c["tokens"] for c in progress["chunks"]]
         n_out = len(counts)
-        bar = tqdm(total=n_out, initial=len(progress["shards"]), unit="shard", desc="cache: shuffle pass", dynamic_ncols=True)
+        bar = tqdm(total=n_out, initial=len(progress["shards"]), unit="shard", desc="cache: shuffle pass",
+                   dynamic_ncols=True)
         for j in range(len(progress["shards"]), n_out):
             path = self.out / f"shard_{j:05d}.safetensors"
             if self.cfg.shuffle:
                 shard = self._gather(j, counts)
-                perm = torch.randperm(len(shard["token_ids"]), generator=torch.Generator().manual_seed(_seed(self.cfg.seed, 2, j)))
+                perm = torch.randperm(len(shard["token_ids"]),
+                                      generator=torch.Generator().manual_seed(_seed(self.cfg.seed, 2, j)))
                 _save_tensors({k: v[perm] for k, v in shard.items()}, path)
             elif (self.out / CHUNKS / f"chunk_{j:05d}.safetensors").exists():  # else moved before an interruption
                 os.replace(self.out / CHUNKS / f"chunk_{j:05d}.safetensors", path)
             with safe_open(str(path), framework="pt") as f:
                 n = f.get_slice("token_ids").get_shape()[0]
-            progress["shards"].append({"file": path.name, "tokens": n, "bytes": path.stat().st_size, "sha256": _sha256(path)})
+            progress["shards"].append({"file": path.name, "tokens": n, "bytes": path.stat().st_size,
+                                       "sha256": _sha256(path)})
             self._save_progress(progress)
             bar.update(1)
         bar.close()
@@ -358,8 +362,8 @@ def cli_main(argv: Sequence[str]) -> int:
         return 0
     manifest = build_cache(cfg)
     size = sum(s["bytes"] for s in manifest["shards"])
-    print(f"cache: {manifest['tokens']} tokens x {len(manifest['hooks'])} hook(s) in {len(manifest['shards'])} shard(s), "
-          f"{size / 1e6:.1f} MB, {cfg.out}/manifest.json", file=sys.stderr)
+    print(f"cache: {manifest['tokens']} tokens x {len(manifest['hooks'])} hook(s) in {len(manifest['shards'])} "
+          f"shard(s), {size / 1e6:.1f} MB, {cfg.out}/manifest.json", file=sys.stderr)
     return 0
 
 
@@ -374,7 +378,8 @@ def read_manifest(cache_dir) -> dict:
         raise SAELightningError(f"{root} has no {MANIFEST}; {hint}")
     manifest = json.loads(path.read_text())
     if manifest.get("format") != FORMAT:
-        raise SAELightningError(f"{path} has cache format {manifest.get('format')}, this saelightning reads {FORMAT}; rebuild the cache")
+        raise SAELightningError(f"{path} has cache format {manifest.get('format')}, this saelightning reads {FORMAT}; "
+                                "rebuild the cache")
     manifest["dir"] = str(root.absolute())
     return manifest
 
@@ -389,9 +394,11 @@ def check_cache(manifest: dict, widths: dict[str, int], model_info: dict) -> Non
             raise SAELightningError(f"the cache's {hook} has d_in={manifest['d_in'][hook]}, the SAE's is {d_in}; "
                                     "the cache comes from another model: point data.model at the cached one")
     theirs = manifest["model"]
-    if (theirs["step"], theirs["era"], theirs["config"]) != (model_info["step"], model_info["era"], model_info["config"]):
-        raise SAELightningError(f"the cache was made from {theirs['path']} (step {theirs['step']}, era {theirs['era']}), "
-                                f"data.model is {model_info['path']} (step {model_info['step']}); point data.model/data.step at the cached checkpoint")
+    if (theirs["step"], theirs["era"], theirs["config"]) != (model_info["step"], model_info["era"],
+                                                             model_info["config"]):
+        raise SAELightningError(f"the cache was made from {theirs['path']} (step {theirs['step']}, "
+                                f"era {theirs['era']}), data.model is {model_info['path']} "
+                                f"(step {model_info['step']}); point data.model/data.step at the cached checkpoint")
 
 
 def cache_scales(manifest: dict, hooks: list[str]) -> dict[str, float]:
@@ -425,7 +432,8 @@ class CacheBlocks(IterableDataset):
         mine = order[slot::world]
         if not mine:
             raise SAELightningError(f"cache reader {slot} of {world} gets none of the {len(order)} shards; "
-                                    "use fewer devices x data.num_workers or rebuild the cache with a smaller --shard-tokens")
+                                    "use fewer devices x data.num_workers or rebuild the cache with a smaller "
+                                    "--shard-tokens")
         return mine
 
     def _batch_ids(self, shard: int, cached: dict) -> torch.Tensor:

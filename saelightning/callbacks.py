@@ -137,7 +137,8 @@ def export_module(pl_module, out_root: Path, step: int, metrics: dict | None = N
     for name, sae in pl_module.saes.items():
         spec, info = pl_module.specs[name], pl_module.model_info
         prefix = pl_module.prefix(name)
-        mine = {k[len(prefix):]: v for k, v in (metrics or {}).items() if k.startswith(prefix)} if prefix else dict(metrics or {})
+        mine = ({k[len(prefix):]: v for k, v in (metrics or {}).items() if k.startswith(prefix)} if prefix
+                else dict(metrics or {}))
         density = pl_module.density(name)
         metadata = {
             "model_name": "nanochat", "hook_name": spec.hook_name, "context_size": info.get("context_size"),
@@ -178,8 +179,8 @@ class ExportSAEs(pl.Callback):
     @rank_zero_only
     def _export(self, trainer, pl_module) -> None:
         if self.enabled and trainer.global_step > 0:
-            self.last_export = export_module(pl_module, export_dir(trainer), trainer.global_step, _scalar_metrics(trainer),
-                                             pl_module.last_val_step)
+            self.last_export = export_module(pl_module, export_dir(trainer), trainer.global_step,
+                                             _scalar_metrics(trainer), pl_module.last_val_step)
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         self._export(trainer, pl_module)
@@ -208,7 +209,8 @@ class FinalCheckpoint(pl.Callback):
         path = Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
         stale = getattr(callback, "_last_global_step_saved", -1) != trainer.global_step or self._validated_after_save
         if stale and trainer.global_step > 0:
-            trainer.save_checkpoint(path, weights_only=False)  # on every rank: the data state gathers all ranks' positions
+            # on every rank: the data state gathers all ranks' positions
+            trainer.save_checkpoint(path, weights_only=False)
             callback._last_global_step_saved = trainer.global_step
             callback.last_model_path = str(path)
             self._validated_after_save = False
@@ -230,7 +232,8 @@ class CleanFailedStart(pl.Callback):
             if folder is None or not Path(folder).is_dir():
                 continue
             files = list(Path(folder).iterdir())
-            if all(f.is_file() and (f.name in self.START_FILES or f.name.startswith("events.out.tfevents")) for f in files):
+            if all(f.is_file() and (f.name in self.START_FILES or f.name.startswith("events.out.tfevents"))
+                   for f in files):
                 shutil.rmtree(folder, ignore_errors=True)
                 for parent in (Path(folder).parent, _run_dir(trainer)):
                     if parent.is_dir() and not any(parent.iterdir()):
@@ -278,5 +281,7 @@ class DensityHistograms(pl.Callback):
         for experiment in _experiments(trainer, "add_histogram"):
             for name in pl_module.saes:
                 values = log10_density(pl_module.density(name)).cpu()
-                experiment.add_histogram(f"{pl_module.prefix(name)}sparsity/log10_feature_density", values, trainer.global_step)
-                experiment.add_scalar(f"{pl_module.prefix(name)}sparsity/mean_log10_feature_density", values.mean(), trainer.global_step)
+                experiment.add_histogram(f"{pl_module.prefix(name)}sparsity/log10_feature_density", values,
+                                         trainer.global_step)
+                experiment.add_scalar(f"{pl_module.prefix(name)}sparsity/mean_log10_feature_density", values.mean(),
+                                      trainer.global_step)

@@ -60,7 +60,8 @@ def step_of(path: Path) -> int:
 
 def intact_neighbour(path: Path) -> Path | None:
     """The newest intact step checkpoint in path's folder (other than path itself)."""
-    candidates = sorted((p for p in path.parent.glob("*.ckpt") if p != path and step_of(p) >= 0), key=step_of, reverse=True)
+    candidates = sorted((p for p in path.parent.glob("*.ckpt") if p != path and step_of(p) >= 0), key=step_of,
+                        reverse=True)
     return next((p for p in candidates if checkpoint_problem(p) is None), None)
 
 
@@ -97,11 +98,12 @@ def export_checkpoint(ckpt_path, out_root) -> list[Path]:
         hparams = {k: v for k, v in checkpoint["hyper_parameters"].items() if not k.startswith("_")}
         state = checkpoint["state_dict"]
     except (KeyError, TypeError, AttributeError):
-        raise SAELightningError(f"{path} holds no SAEModule state; pass a .ckpt written by `saelightning fit`") from None
+        raise SAELightningError(f"{path} holds no SAEModule state; "
+                                "pass a .ckpt written by `saelightning fit`") from None
     module = SAEModule(**hparams)
     module.load_state_dict(state)
-    return export_module(module, Path(out_root), checkpoint.get("global_step", 0), checkpoint.get("saelightning_metrics", {}),
-                         checkpoint.get("saelightning_metrics_step"))
+    return export_module(module, Path(out_root), checkpoint.get("global_step", 0),
+                         checkpoint.get("saelightning_metrics", {}), checkpoint.get("saelightning_metrics_step"))
 
 
 @dataclass

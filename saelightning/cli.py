@@ -51,13 +51,15 @@ def _one_line(message: str) -> str:
 
 def _check_out(rest: list[str]) -> None:
     """An --out that cannot be created fails before any work (no minutes of compute lost to a typo'd path)."""
-    outs = [rest[i + 1] for i, a in enumerate(rest[:-1]) if a == "--out"] + [a[6:] for a in rest if a.startswith("--out=")]
+    outs = ([rest[i + 1] for i, a in enumerate(rest[:-1]) if a == "--out"]
+            + [a[6:] for a in rest if a.startswith("--out=")])
     for out in outs:
         parent = Path(out).expanduser().absolute().parent
         while not parent.exists():
             parent = parent.parent
         if not parent.is_dir() or not os.access(parent, os.W_OK):
-            raise SAELightningError(f"cannot write --out {out}: {parent} is not a writable directory; pass another --out")
+            raise SAELightningError(f"cannot write --out {out}: {parent} is not a writable directory; "
+                                    "pass another --out")
 
 
 def main(args: list[str] | None = None) -> int:
@@ -88,7 +90,8 @@ def main(args: list[str] | None = None) -> int:
     except OSError as e:
         if e.filename is None:  # not about a path the user gave: a real bug, keep its traceback
             raise
-        print(f"saelightning: error: {e.strerror}: {e.filename}; check that the path exists and is writable", file=sys.stderr)
+        print(f"saelightning: error: {e.strerror}: {e.filename}; check that the path exists and is writable",
+              file=sys.stderr)
         return 2
 
 

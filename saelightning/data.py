@@ -255,7 +255,8 @@ class ActivationDataModule(pl.LightningDataModule):
         if num_workers < 0:
             raise SAELightningError(f"data.num_workers={num_workers} must be >= 0")
         if buffer_tokens < batch_size:
-            raise SAELightningError(f"need 1 <= batch_size ({batch_size}) <= buffer_tokens ({buffer_tokens}); raise data.buffer_tokens")
+            raise SAELightningError(f"need 1 <= batch_size ({batch_size}) <= buffer_tokens ({buffer_tokens}); "
+                                    "raise data.buffer_tokens")
         self.nanochat = resolve.load_model(model, step=step, era=era, source=source, model_tag=model_tag)
         self.model, self.tokenizer = self.nanochat.model, self.nanochat.tokenizer
         self._run_with_cache = self.model.capturer(compile_model)
@@ -263,8 +264,8 @@ class ActivationDataModule(pl.LightningDataModule):
         self._train_shards, self._val_shard = resolve.shards(data_dir)  # a bad data dir fails here, not at setup
         self.context_size = context_size or self.model.config.sequence_len
         if not 1 <= self.context_size <= self.model.config.sequence_len:
-            raise SAELightningError(f"data.context_size={self.context_size} must be in [1, {self.model.config.sequence_len}] "
-                                    "(the model's sequence_len)")
+            raise SAELightningError(f"data.context_size={self.context_size} must be in "
+                                    f"[1, {self.model.config.sequence_len}] (the model's sequence_len)")
         self.batch_size, self.model_batch_rows, self.buffer_tokens = batch_size, model_batch_rows, buffer_tokens
         self.num_workers, self.val_batches, self.scale_batches = num_workers, val_batches, scale_batches
         self.normalize, self.seed, self.max_buffer_bytes = normalize, seed, max_buffer_bytes
@@ -298,7 +299,8 @@ class ActivationDataModule(pl.LightningDataModule):
         return hook_width(name, self.n_layer, self.d_model)
 
     def buffer_peak_bytes(self, hooks: list[str]) -> int:
-        """Peak bytes of the shuffle buffer: a refill's parts and their concatenation, fp32 (a fill overshoots by < one forward)."""
+        """Peak bytes of the shuffle buffer: a refill's parts and their concatenation, fp32
+        (a fill overshoots by < one forward)."""
         width = sum(self.hook_width(h) for h in dict.fromkeys(hooks))
         return 2 * (self.buffer_tokens + self.model_batch_rows * self.context_size) * width * 4
 
@@ -313,8 +315,9 @@ class ActivationDataModule(pl.LightningDataModule):
         need = self.buffer_peak_bytes(hooks)
         if need > limit:
             raise SAELightningError(
-                f"the shuffle buffer needs up to {need / 2**30:.2f} GiB ({self.buffer_tokens} tokens x {len(hooks)} hook(s), "
-                f"twice while refilling) and the limit is {limit / 2**30:.2f} GiB; lower data.buffer_tokens or raise data.max_buffer_bytes")
+                f"the shuffle buffer needs up to {need / 2**30:.2f} GiB ({self.buffer_tokens} tokens x {len(hooks)} "
+                f"hook(s), twice while refilling) and the limit is {limit / 2**30:.2f} GiB; "
+                "lower data.buffer_tokens or raise data.max_buffer_bytes")
 
     # --- Lightning hooks ---
 
@@ -356,7 +359,8 @@ class ActivationDataModule(pl.LightningDataModule):
 
     def _token_batches(self, paths, start=None) -> TokenBatches:
         rank, world = self._rank_world()
-        return TokenBatches(paths, self.tokenizer, self.context_size, self.model_batch_rows, rank, world, self.seed, start)
+        return TokenBatches(paths, self.tokenizer, self.context_size, self.model_batch_rows, rank, world, self.seed,
+                            start)
 
     def _ensure_scales(self) -> None:
         """Estimate the normalisation constant per hook from the first batches of the train stream."""
@@ -402,8 +406,8 @@ class ActivationDataModule(pl.LightningDataModule):
             make_reader = lambda st: TokenReader(lambda s: self._token_batches(train, s), self.num_workers, st)  # noqa: E731
             capture = self.capture
         self._stream = ActivationStream(
-            make_reader=make_reader, capture=capture, scales=self.scales, buffer_tokens=self.buffer_tokens, batch_size=self.batch_size,
-            seed=self.seed, rank=rank, start=start, may_stop=self._may_stop,
+            make_reader=make_reader, capture=capture, scales=self.scales, buffer_tokens=self.buffer_tokens,
+            batch_size=self.batch_size, seed=self.seed, rank=rank, start=start, may_stop=self._may_stop,
         )
         return self._stream
 
@@ -419,7 +423,8 @@ class ActivationDataModule(pl.LightningDataModule):
             got = sum(len(t) for t in self._val_tokens)
             if rank == 0 and got * world < rows:
                 rank_zero_warn(f"saelightning: the val shard {self._val_shard} holds {got} rows of {self.context_size} "
-                               f"tokens, fewer than data.val_batches x data.model_batch_rows = {rows}; validating on those")
+                               f"tokens, fewer than data.val_batches x data.model_batch_rows = {rows}; "
+                               "validating on those")
             if not self._val_tokens and world == 1:
                 raise SAELightningError(f"the val shard {self._val_shard} gave no row of {self.context_size} tokens; "
                                         "give a larger val shard or a smaller data.context_size")
@@ -466,10 +471,11 @@ class ActivationDataModule(pl.LightningDataModule):
             )
         for key in ("seed", "batch_size", "buffer_tokens"):
             if state[key] != getattr(self, key):
-                raise SAELightningError(f"the checkpoint was trained with data.{key}={state[key]}, now {getattr(self, key)}; resume with the same value")
+                raise SAELightningError(f"the checkpoint was trained with data.{key}={state[key]}, "
+                                        f"now {getattr(self, key)}; resume with the same value")
         if state.get("source", "live") != self._source():
-            raise SAELightningError("the checkpoint's data position is in another source (live stream vs a cache, or another "
-                                    "cache); resume with the data.cache_dir it was trained with")
+            raise SAELightningError("the checkpoint's data position is in another source (live stream vs a cache, "
+                                    "or another cache); resume with the data.cache_dir it was trained with")
         self.scales = state["scales"]
         self._start = state["positions"][rank]
 

@@ -116,7 +116,8 @@ def docstring_entries(text: str, module: str) -> list[str]:
     except (SyntaxError, ValueError):
         return []
     doc = ast.get_docstring(tree)
-    entries = [f"Help on module {module}:\n\nNAME\n    {module}\n\nDESCRIPTION\n{_indent(doc, '    ')}\n\n" if doc else ""]
+    entries = [f"Help on module {module}:\n\nNAME\n    {module}\n\nDESCRIPTION\n{_indent(doc, '    ')}\n\n"
+               if doc else ""]
 
     def visit(body, prefix: str, depth: int):
         for node in body:

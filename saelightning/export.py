@@ -45,7 +45,8 @@ def save_sae(sae: SAE, out_dir, metadata: dict | None = None, sparsity: torch.Te
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in folded.saelens_tensors().items()}
     for name, tensor in tensors.items():
         if not bool(torch.isfinite(tensor).all()):
-            raise SAELightningError(f"SAE tensor {name} has NaN/inf values; refusing to export (train with a lower lr or resume from an earlier checkpoint)")
+            raise SAELightningError(f"SAE tensor {name} has NaN/inf values; refusing to export "
+                                    "(train with a lower lr or resume from an earlier checkpoint)")
     cfg_text = _cfg_json(folded, float(sae.input_scale), metadata)
     extra = {} if sparsity is None else {SPARSITY_FILE: {"sparsity": _check_sparsity(sparsity, sae.config.d_sae)}}
     _write_dir_atomically(out_dir, cfg_text, tensors, extra)
@@ -72,7 +73,8 @@ def _cfg_json(sae: SAE, input_scale: float, metadata: dict | None) -> str:
     try:
         return json.dumps(_jsonable(cfg), indent=2, allow_nan=False)
     except (TypeError, ValueError) as err:
-        raise SAELightningError(f"SAE metadata cannot be written as JSON ({err}); pass plain numbers, strings, lists and dicts") from None
+        raise SAELightningError(f"SAE metadata cannot be written as JSON ({err}); "
+                                "pass plain numbers, strings, lists and dicts") from None
 
 
 def _jsonable(value):
@@ -94,9 +96,11 @@ def _jsonable(value):
 def _check_sparsity(sparsity: torch.Tensor, d_sae: int) -> torch.Tensor:
     sparsity = torch.as_tensor(sparsity).detach().to("cpu", torch.float32).contiguous()
     if sparsity.shape != (d_sae,):
-        raise SAELightningError(f"sparsity has shape {tuple(sparsity.shape)}, expected ({d_sae},): one log10 density per latent")
+        raise SAELightningError(f"sparsity has shape {tuple(sparsity.shape)}, expected ({d_sae},): "
+                                "one log10 density per latent")
     if bool(torch.isnan(sparsity).any()) or bool((sparsity > 1e-6).any()):
-        raise SAELightningError("sparsity must be log10 feature densities (<= 0, no NaN); pass torch.log10(density + 1e-10)")
+        raise SAELightningError("sparsity must be log10 feature densities (<= 0, no NaN); "
+                                "pass torch.log10(density + 1e-10)")
     return sparsity
 
 
@@ -115,7 +119,8 @@ def load_sae(path, device=None) -> SAE:
     """
     path = Path(path)
     if not path.is_dir():
-        raise SAELightningError(f"no SAE directory at {path}; pass a directory with {CFG_FILE} and {WEIGHTS_FILE} (as save_sae writes)")
+        raise SAELightningError(f"no SAE directory at {path}; pass a directory with {CFG_FILE} and {WEIGHTS_FILE} "
+                                "(as save_sae writes)")
     cfg = _upgrade_pre6(_read_cfg(path / CFG_FILE))
     sae = build_sae(_config_from_cfg(cfg, path / CFG_FILE))
     tensors = _read_tensors(path / WEIGHTS_FILE)
@@ -138,7 +143,8 @@ def load_sparsity(path) -> torch.Tensor | None:
 
 def _read_cfg(file: Path) -> dict:
     if not file.is_file():
-        raise SAELightningError(f"missing {file}; an SAE directory needs {CFG_FILE} and {WEIGHTS_FILE} (re-export it with save_sae)")
+        raise SAELightningError(f"missing {file}; an SAE directory needs {CFG_FILE} and {WEIGHTS_FILE} "
+                                "(re-export it with save_sae)")
     try:
         cfg = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -165,7 +171,8 @@ def _upgrade_pre6(cfg: dict) -> dict:
         cfg["architecture"] = "topk"
         cfg.setdefault("k", (cfg.get("activation_fn_kwargs") or {}).get("k"))
     elif activation not in (None, "relu"):
-        raise SAELightningError(f"activation_fn {activation!r} of this SAELens config is not supported; saelightning reads relu and topk")
+        raise SAELightningError(f"activation_fn {activation!r} of this SAELens config is not supported; "
+                                "saelightning reads relu and topk")
     return cfg
 
 
@@ -177,11 +184,13 @@ def _config_from_cfg(cfg: dict, file: Path) -> SAEConfig:
         raise SAELightningError(f"{file} lacks the key(s) {', '.join(missing)}; re-export the SAE")
     arch = cfg["architecture"]
     if arch not in FROM_SAELENS:
-        raise SAELightningError(f"{file}: unknown SAE architecture {arch!r}; saelightning reads {', '.join(FROM_SAELENS)}")
+        raise SAELightningError(f"{file}: unknown SAE architecture {arch!r}; "
+                                f"saelightning reads {', '.join(FROM_SAELENS)}")
     for key, allowed in (("normalize_activations", ("none", None, False)), ("reshape_activations", ("none", None)),
                          ("rescale_acts_by_decoder_norm", (False, None))):
         if cfg.get(key) not in allowed:
-            raise SAELightningError(f"{file}: {key}={cfg.get(key)!r} is not supported; fold it into the weights first (SAELens: fold_activation_norm_scaling_factor / fold_W_dec_norm)")
+            raise SAELightningError(f"{file}: {key}={cfg.get(key)!r} is not supported; fold it into the weights first "
+                                    "(SAELens: fold_activation_norm_scaling_factor / fold_W_dec_norm)")
     dtype = str(cfg.get("dtype", "float32")).removeprefix("torch.")
     if dtype not in DTYPES:
         raise SAELightningError(f"{file}: dtype {cfg.get('dtype')!r} is not supported; use one of {', '.join(DTYPES)}")
@@ -209,15 +218,19 @@ def _check_tensors(tensors: dict, sae: SAE, file: Path) -> dict[str, torch.Tenso
     expected = sae.saelens_shapes()
     scaling = tensors.pop("scaling_factor", None)  # old SAELens files carry an all-ones one
     if scaling is not None and not bool((scaling == 1).all()):
-        raise SAELightningError(f"{file} has a scaling_factor that is not 1; fold it into the weights with SAELens first")
+        raise SAELightningError(f"{file} has a scaling_factor that is not 1; "
+                                "fold it into the weights with SAELens first")
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or unexpected:
-        raise SAELightningError(f"{file}: tensors missing {missing} / unexpected {unexpected} for architecture {sae.saelens_architecture()}; re-export the SAE")
+        raise SAELightningError(f"{file}: tensors missing {missing} / unexpected {unexpected} for architecture "
+                                f"{sae.saelens_architecture()}; re-export the SAE")
     dtype = sae.W_enc.dtype
     for name, shape in expected.items():
         tensor = tensors[name]
         if tuple(tensor.shape) != shape:
-            raise SAELightningError(f"{file}: tensor {name} has shape {tuple(tensor.shape)} but cfg.json implies {shape}; the files do not belong together")
+            raise SAELightningError(f"{file}: tensor {name} has shape {tuple(tensor.shape)} "
+                                    f"but cfg.json implies {shape}; the files do not belong together")
         if not tensor.is_floating_point() or not bool(torch.isfinite(tensor).all()):
-            raise SAELightningError(f"{file}: tensor {name} must be finite floating point (got {tensor.dtype}); re-export the SAE")
+            raise SAELightningError(f"{file}: tensor {name} must be finite floating point (got {tensor.dtype}); "
+                                    "re-export the SAE")
     return {name: tensors[name].to(dtype) for name in expected}

@@ -141,4 +141,5 @@ class Preemption(pl.Callback):
         if result.returncode == 0:
             rank_zero_info(f"saelightning: requeued SLURM job {job_id}")
         else:
-            rank_zero_warn(f"saelightning: `scontrol requeue {job_id}` failed ({result.stderr.strip()}); resubmit to resume")
+            rank_zero_warn(f"saelightning: `scontrol requeue {job_id}` failed ({result.stderr.strip()}); "
+                           "resubmit to resume")

@@ -101,8 +101,9 @@ class NonFiniteGuard(nn.Module):
             return
         (_, longest, what), at = seen
         raise SAELightningError(
-            f"{longest} steps in a row had non-finite {'activations' if what == 1 else 'loss'} (last at step {at}); the "
-            "run stopped and its last checkpoint is the last good state: check the model/data for NaN/inf or lower the lr"
+            f"{longest} steps in a row had non-finite {'activations' if what == 1 else 'loss'} (last at step {at}); "
+            "the run stopped and its last checkpoint is the last good state: check the model/data for NaN/inf or "
+            "lower the lr"
         )
 
     def gradient_flag(self, name: str, grad_norm: torch.Tensor) -> torch.Tensor:

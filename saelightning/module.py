@@ -56,9 +56,12 @@ class SAESpec(SAEOptions):
 
     def __post_init__(self):
         if self.architecture not in ARCHITECTURES:
-            raise SAELightningError(f"unknown SAE architecture {self.architecture!r}; use one of {', '.join(ARCHITECTURES)}")
-        if self.d_sae is not None and (isinstance(self.d_sae, bool) or not isinstance(self.d_sae, int) or self.d_sae < 1):
-            raise SAELightningError(f"d_sae={self.d_sae!r} must be a positive integer (or null: expansion_factor x d_in)")
+            raise SAELightningError(f"unknown SAE architecture {self.architecture!r}; "
+                                    f"use one of {', '.join(ARCHITECTURES)}")
+        if self.d_sae is not None and (isinstance(self.d_sae, bool) or not isinstance(self.d_sae, int)
+                                       or self.d_sae < 1):
+            raise SAELightningError(f"d_sae={self.d_sae!r} must be a positive integer "
+                                    "(or null: expansion_factor x d_in)")
         if not (math.isfinite(self.expansion_factor) and self.expansion_factor > 0):
             raise SAELightningError(f"expansion_factor={self.expansion_factor} must be a number > 0")
         if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
@@ -163,7 +166,8 @@ class SAEModule(pl.LightningModule):
         super().__init__()
         specs = [_as_spec(s) for s in (saes or [SAESpec()])]
         if n_layer < 1 or d_model < 1:
-            raise SAELightningError("SAEModule needs n_layer and d_model of the nanochat model (the CLI links them from data)")
+            raise SAELightningError("SAEModule needs n_layer and d_model of the nanochat model "
+                                    "(the CLI links them from data)")
         self.save_hyperparameters({
             "saes": [dataclasses.asdict(s) for s in specs], "n_layer": n_layer, "d_model": d_model,
             "model_info": model_info or {}, "warmup_steps": warmup_steps, "decay_steps": decay_steps,
@@ -179,12 +183,14 @@ class SAEModule(pl.LightningModule):
             sae = build_from_spec(spec, hook_width(spec.hook_name, n_layer, d_model))
             name = spec.name or f"{spec.hook_name.replace('.', '_')}-{spec.architecture}-{sae.config.d_sae}"
             if not _NAME.match(name) or name in self.saes:
-                raise SAELightningError(f"SAE name {name!r} is invalid or repeated; use unique names of letters, digits, _ and -")
+                raise SAELightningError(f"SAE name {name!r} is invalid or repeated; "
+                                        "use unique names of letters, digits, _ and -")
             self.saes[name], self.specs[name], self.states[name] = sae, spec, SAEState(sae.config.d_sae)
         self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long))  # SAE training tokens, all ranks
         self.guard = NonFiniteGuard(max_nonfinite_steps)
         self._initialized: set[str] = set()  # SAEs known initialised (read from the buffer once, not every step)
-        self.train_metrics = nn.ModuleDict({n: SAEMetrics(s.config.d_in, s.config.d_sae, False) for n, s in self.saes.items()})
+        self.train_metrics = nn.ModuleDict({n: SAEMetrics(s.config.d_in, s.config.d_sae, False)
+                                            for n, s in self.saes.items()})
         self.val_metrics = nn.ModuleDict({n: SAEMetrics(s.config.d_in, s.config.d_sae, spliced_eval)
                                           for n, s in self.saes.items()})
         self.density_step = -1  # global step of the last completed density window (callbacks watch it)
@@ -303,7 +309,8 @@ class SAEModule(pl.LightningModule):
             total = total + outputs[name][-1]["loss"]
         good = self.guard.agree(total, self._sum_over_ranks, self.saes)
         n_tokens = acts[self.hook_names[0]].shape[0]
-        step_tokens = good * self.world_batch(n_tokens)  # SAE training tokens of this step over all ranks (0 if skipped)
+        # SAE training tokens of this step over all ranks (0 if skipped)
+        step_tokens = good * self.world_batch(n_tokens)
         log_now = self._should_log()
         log_metrics = log_now and not bool(self.guard.step_bad)  # a logging step syncs anyway
         steps_per_window = max(1, math.ceil(self.hparams.dead_window_tokens / self.world_batch(n_tokens)))

@@ -109,7 +109,8 @@ def cli_main(argv: Sequence[str]) -> int:
     model_id = args.model_id or f"nanochat-d{meta['n_layer']}"
     sae_set = args.sae_set or f"{SET_PREFIX[kind]}-saelightning"
     if _slug(model_id) != model_id or _slug(sae_set) != sae_set:
-        raise SAELightningError(f"--model_id {model_id!r} / --sae_set {sae_set!r}: use lowercase letters, digits and '-'")
+        raise SAELightningError(f"--model_id {model_id!r} / --sae_set {sae_set!r}: "
+                                "use lowercase letters, digits and '-'")
     paths = write_batches(args.out, meta, records, args.sae, model_id, sae_set, args.features_per_batch)
     print(f"{len(paths)} batch file(s) for {len(records)} latents ({model_id} layer {layer} {sae_set}) "
           f"and the weights in {Path(args.out) / meta['hook_name']}", file=sys.stderr)

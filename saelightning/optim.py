@@ -14,7 +14,8 @@ def default_lr(d_sae: int) -> float:
 
 
 class WarmupDecay:
-    """LambdaLR factor: linear warm-up over `warmup` steps, constant, then linear decay to `end` over the last `decay` steps."""
+    """LambdaLR factor: linear warm-up over `warmup` steps, constant, then linear decay to `end` over the last
+    `decay` steps."""
 
     def __init__(self, warmup: int, decay: int, total: int, end: float):
         self.warmup, self.decay, self.total, self.end = warmup, decay, total, end

@@ -43,8 +43,8 @@ class Steer:
         if self.mode not in STEER_MODES:
             raise SAELightningError(f"unknown steer mode {self.mode!r}; use one of {STEER_MODES}")
         if not math.isfinite(self.value):
-            raise SAELightningError(f"steer value {self.value} for latent {self.latent} on {self.hook} must be a finite "
-                                    "number (NaN/inf would poison every logit)")
+            raise SAELightningError(f"steer value {self.value} for latent {self.latent} on {self.hook} "
+                                    "must be a finite number (NaN/inf would poison every logit)")
 
 
 def parse_steer(spec: str, mode: str, default_hook: str | None = None) -> Steer:
@@ -315,7 +315,8 @@ class InterpretableModel:
 
         feats = fresh()
         steps = decode_batched(prompts, self.model.n_layer, self.model.lm_head.weight.device, max_tokens,
-                               temperature, top_k, seed, lambda idx, cache, rows: self._step(idx, cache, top_features, feats, rows))
+                               temperature, top_k, seed,
+                               lambda idx, cache, rows: self._step(idx, cache, top_features, feats, rows))
         for step, ids in enumerate(steps):
             strs = [self.tokenizer.token_str(t) for t in ids] if self.tokenizer is not None else None
             yield GenerationStep(step, ids, strs, feats)

@@ -226,7 +226,8 @@ def check_config_files(argv: list[str]) -> None:
             where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
             text = path.read_text().splitlines()
             tab = mark is not None and mark.line < len(text) and "\t" in text[mark.line]
-            problem = "a tab character (YAML indents with spaces only)" if tab else one_line(getattr(e, "problem", None) or e)
+            problem = ("a tab character (YAML indents with spaces only)" if tab
+                       else one_line(getattr(e, "problem", None) or e))
             fix = "replace the tab with spaces" if tab else "fix the YAML there"
             raise SAELightningError(f"{name}{where}: {problem}; {fix}") from None
 
@@ -242,7 +243,8 @@ def _argument_error(e: Exception, command: str, argv: list[str]) -> SAELightning
     text = str(e)
     keys = re.findall(r'[Kk]ey "([^"]+)"', text)
     innermost = text[text.rfind(f'key "{keys[-1]}"'):] if keys else text
-    expected = [re.sub(r"<class '(\w+)'>", r"\1", t) for t in re.findall(r"Expected a (.+?)(?:\. Got value:.*)?$", innermost, re.M)]
+    expected = [re.sub(r"<class '(\w+)'>", r"\1", t)
+                for t in re.findall(r"Expected a (.+?)(?:\. Got value:.*)?$", innermost, re.M)]
     given = re.search(r"(?:Given value|Got value): (.+)$", innermost, re.M)
     files = _config_files(argv)
     where = f" (in {', '.join(files)} or on the command line)" if files else ""
@@ -323,7 +325,8 @@ def cli_main(argv: list[str] | None = None) -> int:
             SAEModule, ActivationDataModule, args=argv, subclass_mode_model=False, subclass_mode_data=False,
             trainer_defaults={**TRAINER_DEFAULTS, "callbacks": [FinalCheckpoint(), CleanFailedStart()]},
             seed_everything_default=0, save_config_callback=SaveConfigAtStart, save_config_kwargs={"overwrite": True},
-            parser_kwargs={"exit_on_error": False},  # a bad key or value raises ArgumentError (below), not 150 lines of usage
+            # a bad key or value raises ArgumentError (below), not 150 lines of usage
+            parser_kwargs={"exit_on_error": False},
         )
     except ArgumentError as e:
         raise (_missing_package(e) or _argument_error(e, command, argv)) from None

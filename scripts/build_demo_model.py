@@ -45,7 +45,8 @@ def parse_args(argv=None):
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--lr", type=float, default=3e-3, help="AdamW lr of the matrices; embeddings get 3x")
     p.add_argument("--warmup", type=int, default=30, help="linear warm-up steps; then linear decay to 10%")
-    p.add_argument("--val-tokens", type=int, default=131072, help="val tokens scored for val bpb (the whole shard if fewer)")
+    p.add_argument("--val-tokens", type=int, default=131072,
+                   help="val tokens scored for val bpb (the whole shard if fewer)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
@@ -130,7 +131,8 @@ def train(model, train_tokens, args) -> tuple[float, int]:
         opt.step()
         ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
         if step % 50 == 0 or step == args.steps - 1:
-            print(f"step {step:5d}/{args.steps} loss {loss.item():.4f} (ema {ema:.4f}) {time.time() - t0:6.0f}s", flush=True)
+            print(f"step {step:5d}/{args.steps} loss {loss.item():.4f} (ema {ema:.4f}) {time.time() - t0:6.0f}s",
+                  flush=True)
     return ema, args.steps * args.batch_size * args.seq_len
 
 
@@ -170,7 +172,8 @@ def main(argv=None) -> int:
 
     write_model(args, model, tokenizer, config, train_loss, bpb, n_train_tokens, train_time)
     size = dir_size(args.out)
-    print(f"training tokens {n_train_tokens}, training wall time {train_time:.0f}s (total {time.time() - t_start:.0f}s)")
+    print(f"training tokens {n_train_tokens}, training wall time {train_time:.0f}s "
+          f"(total {time.time() - t_start:.0f}s)")
     print(f"final train loss {train_loss:.4f} (ln vocab = {math.log(tokenizer.vocab_size):.3f}), val bpb {bpb:.4f}")
     print(f"wrote {args.out}: {size / 2**20:.2f} MiB")
     print("greedy from 'def ':", repr(greedy(model.eval(), tokenizer, "def ")))
@@ -185,10 +188,12 @@ def write_model(args, model, tokenizer, config, train_loss, bpb, n_train_tokens,
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     save_tokenizer(tokenizer, tmp / "tokenizer")
-    user_config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("out", "cache_dir")}
+    user_config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                   if k not in ("out", "cache_dir")}
     meta = {
         "val_bpb": bpb,
-        "user_config": {**user_config, "depth": config.n_layer, "optimizer": "AdamW", "device_type": "cpu", "dtype": "float32"},
+        "user_config": {**user_config, "depth": config.n_layer, "optimizer": "AdamW", "device_type": "cpu",
+                        "dtype": "float32"},
         "device_batch_size": args.batch_size,
         "max_seq_len": args.seq_len,
         "train_loss": train_loss,

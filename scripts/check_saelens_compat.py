@@ -1,7 +1,8 @@
 """Check that SAELens 6 reads saelightning exports (and saelightning reads SAELens's) with equal latents.
 
 Not part of the test suite, and the project never depends on sae-lens: SAELens lives in its own venv.
-    python -m venv /tmp/saelens-venv && /tmp/saelens-venv/bin/pip install torch==2.13.0 && /tmp/saelens-venv/bin/pip install sae-lens
+    python -m venv /tmp/saelens-venv && /tmp/saelens-venv/bin/pip install torch==2.13.0 &&
+        /tmp/saelens-venv/bin/pip install sae-lens
     .venv/bin/python scripts/check_saelens_compat.py --saelens-python /tmp/saelens-venv/bin/python
 Phase 1 (this venv) exports one SAE per architecture with non-trivial weights and input scale, plus
 raw inputs and saelightning's latents; phase 2 (the SAELens venv, `--phase saelens DIR`) loads each
@@ -126,7 +127,8 @@ def main() -> int:
     diffs = [v[key] for part in ("ours_in_saelens", "saelens_in_ours") for v in report[part].values()
              for key in ("latents_max_abs_diff", "recon_max_abs_diff")]
     ok = max(diffs) < TOL and all(v["same_active_set"] for v in report["ours_in_saelens"].values())
-    print("OK: SAELens and saelightning agree" if ok else "MISMATCH", f"(max abs diff {max(diffs):.2e}, tolerance {TOL})")
+    print("OK: SAELens and saelightning agree" if ok else "MISMATCH",
+          f"(max abs diff {max(diffs):.2e}, tolerance {TOL})")
     return 0 if ok else 1
 
 

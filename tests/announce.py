@@ -58,7 +58,8 @@ def wait_for(proc, marker: Path, timeout: float = 240) -> int:
     deadline = time.monotonic() + timeout
     while not marker.exists():
         if proc.poll() is not None:
-            raise AssertionError(f"the run exited ({proc.returncode}) before {marker.name}:\n{proc.communicate()[1][-3000:]}")
+            raise AssertionError(f"the run exited ({proc.returncode}) before {marker.name}:\n"
+                                 f"{proc.communicate()[1][-3000:]}")
         if time.monotonic() > deadline:
             raise AssertionError(f"the run did not reach {marker.name} within {timeout} s")
         time.sleep(0.01)

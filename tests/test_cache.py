@@ -97,7 +97,8 @@ def test_shuffle_spreads_each_document_over_all_shards(shuffled):
     assert (first[1:] == first[:-1]).float().mean() < 0.2
 
 
-def test_bf16_storage_and_a_finished_cache_is_not_rewritten(tmp_path, shuffled, nanochat_current_dir, tiny_shards_dir, capsys):
+def test_bf16_storage_and_a_finished_cache_is_not_rewritten(tmp_path, shuffled, nanochat_current_dir, tiny_shards_dir,
+                                                            capsys):
     out = tmp_path / "bf16"
     cfg = _cfg(nanochat_current_dir, tiny_shards_dir, out, dtype="bf16", shuffle=False, tokens=600)
     manifest = build_cache(cfg)
@@ -110,7 +111,8 @@ def test_bf16_storage_and_a_finished_cache_is_not_rewritten(tmp_path, shuffled, 
     assert torch.equal(key(fp32)[order][:600], key(cols))  # unshuffled = stream order
     assert torch.equal(cols[f"acts.{HOOKS[0]}"], ref.to(torch.bfloat16))
     stamp = (out / "shard_00000.safetensors").stat().st_mtime_ns
-    assert build_cache(_cfg(nanochat_current_dir, tiny_shards_dir, out, dtype="bf16", shuffle=False, tokens=600)) == manifest
+    assert build_cache(_cfg(nanochat_current_dir, tiny_shards_dir, out, dtype="bf16", shuffle=False,
+                            tokens=600)) == manifest
     assert (out / "shard_00000.safetensors").stat().st_mtime_ns == stamp
     assert "nothing to do" in capsys.readouterr().err
     with pytest.raises(SAELightningError, match="other settings"):
@@ -121,7 +123,8 @@ class _Crash(Exception):
     pass
 
 
-@pytest.mark.parametrize("crash_after", [0, 2, 6])  # before the first chunk, in the model pass (4 chunks), in the shuffle pass
+@pytest.mark.parametrize("crash_after",
+                         [0, 2, 6])  # before the first chunk, in the model pass (4 chunks), in the shuffle pass
 def test_interrupted_run_resumes_to_the_same_cache(tmp_path, shuffled, nanochat_current_dir, tiny_shards_dir,
                                                    monkeypatch, crash_after):
     out = tmp_path / "resumed"
@@ -212,7 +215,8 @@ def test_cache_stream_resumes_bitwise_and_uses_the_manifest_scale(shuffled, nano
     first = dm()
     full = _take(first.train_dataloader(), 40)  # 40 x 48 tokens: over one epoch of the 1500-token cache
     for hook in HOOKS:
-        assert first.scales[hook] == pytest.approx((manifest["d_in"][hook] / manifest["mean_squared_norm"][hook]) ** 0.5)
+        assert first.scales[hook] == pytest.approx((manifest["d_in"][hook]
+                                                    / manifest["mean_squared_norm"][hook]) ** 0.5)
     # one epoch holds every cached activation once (each reader's shards, in buffers of whole blocks)
     seen = torch.cat([b["acts"][HOOKS[0]] for b in full[:25]])
     cached = _read_all(out)[f"acts.{HOOKS[0]}"] * first.scales[HOOKS[0]]  # as the stream scales them
@@ -263,7 +267,8 @@ def test_fit_from_an_unshuffled_cache_equals_the_live_fit(tmp_path, nanochat_cur
             "trainer": {"accelerator": "cpu", "max_steps": 8, "val_check_interval": 4, "log_every_n_steps": 3,
                         "default_root_dir": str(tmp_path / run), "enable_progress_bar": False,
                         "enable_model_summary": False},
-            "model": {"saes": [{"hook_name": HOOKS[0], "d_sae": 128, "k": 8}], "warmup_steps": 3, "dead_window_tokens": 128},
+            "model": {"saes": [{"hook_name": HOOKS[0], "d_sae": 128, "k": 8}], "warmup_steps": 3,
+                      "dead_window_tokens": 128},
             "data": {"model": str(nanochat_current_dir), "data_dir": str(tiny_shards_dir), "context_size": CTX,
                      "batch_size": 64, "model_batch_rows": ROWS, "buffer_tokens": 256, "num_workers": 0,
                      "val_batches": 1, "normalize": False, "seed": 0, **data},
@@ -279,7 +284,8 @@ def test_fit_from_an_unshuffled_cache_equals_the_live_fit(tmp_path, nanochat_cur
 
     live, cached = fit("live"), fit("cached", cache_dir=str(out))
     assert live["global_step"] == cached["global_step"] == 8
-    assert cached["ActivationDataModule"]["source"].startswith("cache:") and live["ActivationDataModule"]["source"] == "live"
+    assert (cached["ActivationDataModule"]["source"].startswith("cache:")
+            and live["ActivationDataModule"]["source"] == "live")
     weights = [k for k in live["state_dict"] if k.startswith("saes.")]
     assert len(weights) >= 4
     for key in weights:

@@ -189,7 +189,8 @@ def test_original_era_checkpoint_with_a_padded_vocabulary_crops_the_logits(tmp_p
     loaded = load_nanochat(tmp_path).model
     # the same model without the padding rows: the padded rows must neither show up nor change anything
     plain = GPT(config).eval()
-    plain.load_state_dict({k: v[:300] if k in ("transformer.wte.weight", "lm_head.weight") else v for k, v in sd.items()})
+    plain.load_state_dict({k: v[:300] if k in ("transformer.wte.weight", "lm_head.weight") else v
+                           for k, v in sd.items()})
     idx = torch.randint(0, 300, (2, 24))
     with torch.no_grad():
         logits = loaded(idx)

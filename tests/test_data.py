@@ -70,7 +70,8 @@ def test_activations_drop_bos_and_are_normalised(nanochat_current_dir, tiny_shar
         assert acts["blocks.1.hook_resid_post"].shape == (n_tokens, 64)
         assert acts["blocks.0.mlp.hook_post"].shape == (n_tokens, 256)  # the 4*d MLP hidden
     # the constant makes E||x||² = d_in on the batches it was estimated from (the stream's first ones)
-    first = torch.cat([dm.capture(b["tokens"])["blocks.0.mlp.hook_post"] for b in _take(TokenBatches(train, dm.tokenizer, 32, 4), 2)])
+    first = torch.cat([dm.capture(b["tokens"])["blocks.0.mlp.hook_post"]
+                       for b in _take(TokenBatches(train, dm.tokenizer, 32, 4), 2)])
     assert first.pow(2).sum(-1).mean().item() == pytest.approx(256, rel=1e-4)
     # a fresh model forward on BOS-free positions gives the same (unscaled) activations
     tokens = val[0]
@@ -110,7 +111,8 @@ def test_resume_with_other_settings_is_refused(nanochat_current_dir, tiny_shards
 
 def test_bad_settings_are_one_line_errors(nanochat_current_dir, tiny_shards_dir, tmp_path):
     with pytest.raises(SAELightningError, match="buffer_tokens"):
-        ActivationDataModule(model=str(nanochat_current_dir), data_dir=str(tiny_shards_dir), batch_size=64, buffer_tokens=32)
+        ActivationDataModule(model=str(nanochat_current_dir), data_dir=str(tiny_shards_dir), batch_size=64,
+                             buffer_tokens=32)
     with pytest.raises(SAELightningError, match="parquet shard"):  # at construction, before a trainer exists
         ActivationDataModule(model=str(nanochat_current_dir), data_dir=str(tmp_path))
     dm = ActivationDataModule(model=str(nanochat_current_dir), data_dir=str(tiny_shards_dir))

@@ -71,10 +71,12 @@ def whole_run(tmp_path_factory, nanochat_current_dir, tiny_shards_dir):
     return tmp / "whole" / "last.ckpt"
 
 
-def test_sigkill_at_a_random_step_then_resume_is_bitwise_equal(tmp_path, nanochat_current_dir, tiny_shards_dir, whole_run):
+def test_sigkill_at_a_random_step_then_resume_is_bitwise_equal(tmp_path, nanochat_current_dir, tiny_shards_dir,
+                                                               whole_run):
     cfg = _cfg(tmp_path, nanochat_current_dir, tiny_shards_dir, "parts")
     at = random.choice([4, 5, 6, 7])  # the run holds at the start of this step, after the save of step 4 or 6
-    proc = _spawn(_cfg(tmp_path, nanochat_current_dir, tiny_shards_dir, "parts", {"event": "train_batch_start", "step": at}))
+    proc = _spawn(_cfg(tmp_path, nanochat_current_dir, tiny_shards_dir, "parts",
+                       {"event": "train_batch_start", "step": at}))
     assert _reached(proc, tmp_path, "parts") == at
     proc.send_signal(signal.SIGKILL)  # no handler, no chance to save anything more
     proc.communicate(timeout=60)
@@ -85,7 +87,8 @@ def test_sigkill_at_a_random_step_then_resume_is_bitwise_equal(tmp_path, nanocha
     _assert_same_weights(whole_run, tmp_path / "parts" / "last.ckpt")
 
 
-def test_sigterm_saves_last_and_exits_cleanly_then_resumes_bitwise(tmp_path, nanochat_current_dir, tiny_shards_dir, whole_run):
+def test_sigterm_saves_last_and_exits_cleanly_then_resumes_bitwise(tmp_path, nanochat_current_dir, tiny_shards_dir,
+                                                                   whole_run):
     cfg = _cfg(tmp_path, nanochat_current_dir, tiny_shards_dir, "parts")
     held = _cfg(tmp_path, nanochat_current_dir, tiny_shards_dir, "parts", {"event": "train_batch_end", "step": 3})
     proc = _spawn(held, "--trainer.max_steps", "1000", start_new_session=True)  # would run far past STEPS
@@ -146,7 +149,8 @@ def test_non_finite_steps_are_skipped_and_counted(tmp_path, nanochat_current_dir
     assert ckpt["state_dict"]["guard.skipped"].item() == 3
     assert ckpt["state_dict"]["tokens_seen"].item() == (9 - 3) * 64  # skipped batches are not trained on
     assert ckpt["saelightning_metrics"]["details/nonfinite_skipped"] == 3.0  # logged (step 9)
-    assert all(torch.isfinite(v).all() for k, v in ckpt["state_dict"].items() if v.is_floating_point() and "density" not in k)
+    assert all(torch.isfinite(v).all() for k, v in ckpt["state_dict"].items()
+               if v.is_floating_point() and "density" not in k)
     from saelightning.export import load_sae
 
     (export,) = (tmp_path / "nan" / "saes").iterdir()
@@ -166,7 +170,8 @@ def test_consecutive_non_finite_steps_stop_with_one_line_and_keep_the_last_good_
     ckpt = torch.load(tmp_path / "nan" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 6  # the last checkpoint before the stop (every 2 steps)
     assert ckpt["state_dict"]["guard.skipped"].item() == 1  # batch 5 (6 and 7 came after the save)
-    assert all(torch.isfinite(v).all() for k, v in ckpt["state_dict"].items() if v.is_floating_point() and "density" not in k)
+    assert all(torch.isfinite(v).all() for k, v in ckpt["state_dict"].items()
+               if v.is_floating_point() and "density" not in k)
 
 
 # --- two processes (gloo on CPU) ---
@@ -179,7 +184,8 @@ def test_ddp_sigkill_whole_job_then_resume_is_bitwise_equal(tmp_path, nanochat_c
     assert proc.wait(timeout=400) == 0, proc.communicate()[1][-3000:]
     parts = _cfg(tmp_path, nanochat_current_dir, tiny_shards_dir, "parts", max_steps=8)
     at = random.choice([5, 7])
-    held = _cfg(tmp_path, nanochat_current_dir, tiny_shards_dir, "parts", {"event": "train_batch_start", "step": at}, max_steps=8)
+    held = _cfg(tmp_path, nanochat_current_dir, tiny_shards_dir, "parts", {"event": "train_batch_start", "step": at},
+                max_steps=8)
     proc = _spawn(held, *ddp, start_new_session=True)
     _reached(proc, tmp_path, "parts")
     os.killpg(proc.pid, signal.SIGKILL)  # both ranks at once, like a node going away
@@ -221,7 +227,8 @@ def test_torchrun_two_processes_matches_lightning_ddp(tmp_path, nanochat_current
 
 
 def test_slurm_script_resumes_from_last_ckpt(tmp_path):
-    """configs/slurm/fit.sbatch run by bash with a recording `srun`: devices/nodes from SLURM, --ckpt_path last on requeue."""
+    """configs/slurm/fit.sbatch run by bash with a recording `srun`: devices/nodes from SLURM,
+    --ckpt_path last on requeue."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "srun").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "srun.args"}\n')

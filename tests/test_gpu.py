@@ -124,7 +124,8 @@ def test_bf16_fit_on_cuda_trains_and_exports(tmp_path, nanochat_current_dir, tin
     assert main(["fit", "--config", str(cfg)]) == 0
     ckpt = torch.load(tmp_path / "run" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 10
-    assert all(torch.isfinite(v).all() for k, v in ckpt["state_dict"].items() if v.is_floating_point() and "density" not in k)
+    assert all(torch.isfinite(v).all() for k, v in ckpt["state_dict"].items()
+               if v.is_floating_point() and "density" not in k)
     for name in ("topk", "btk"):
         sae = load_sae(tmp_path / "run" / "saes" / name)
         assert sae.W_dec.dtype == torch.float32 and torch.isfinite(sae.W_dec).all()

@@ -59,7 +59,8 @@ def test_metrics_equal_direct_computation():
     x, x_hat, latents = _data()
     got = _compute_all([(x[:40], x_hat[:40], latents[:40]), (x[40:], x_hat[40:], latents[40:])], 6, 10)
     want = _direct(x, x_hat, latents)
-    for key in ("explained_variance", "mse", "cossim", "l2_ratio", "relative_reconstruction_bias", "l0", "l1", "density"):
+    for key in ("explained_variance", "mse", "cossim", "l2_ratio", "relative_reconstruction_bias", "l0", "l1",
+                "density"):
         torch.testing.assert_close(got[key], want[key], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(got["ev"], want["explained_variance"])
     torch.testing.assert_close(got["mse_only"], want["mse"])

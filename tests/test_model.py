@@ -141,7 +141,8 @@ def test_stop_at_layer_runs_only_the_needed_blocks(era):
         calls.clear()
         got = model.run_with_cache(idx, ["blocks.1.hook_resid_post", "blocks.0.mlp.hook_post"])
     assert calls == [0, 1]
-    assert torch.equal(got["blocks.1.hook_resid_post"], full["a"]) and torch.equal(got["blocks.0.mlp.hook_post"], full["b"])
+    assert (torch.equal(got["blocks.1.hook_resid_post"], full["a"])
+            and torch.equal(got["blocks.0.mlp.hook_post"], full["b"]))
 
 
 @pytest.mark.parametrize("era,T", [("original", 40), ("current", 150)])

@@ -22,7 +22,8 @@ def test_default_lr_and_schedule():
 
 def test_param_groups_names_and_bad_specs():
     module = SAEModule(saes=[{"hook_name": HOOK, "d_sae": 64, "k": 4},
-                             {"hook_name": "blocks.1.mlp.hook_post", "architecture": "relu", "expansion_factor": 2, "lr": 1e-3, "name": "mlp"}],
+                             {"hook_name": "blocks.1.mlp.hook_post", "architecture": "relu", "expansion_factor": 2,
+                              "lr": 1e-3, "name": "mlp"}],
                        n_layer=2, d_model=16)
     assert module.hook_names == [HOOK, "blocks.1.mlp.hook_post"]
     assert module.saes["mlp"].config.d_in == 64 and module.saes["mlp"].config.d_sae == 128  # width from the hook
@@ -116,7 +117,8 @@ def test_resampling_revives_dead_latents_and_resets_exactly_their_adam_state():
 
 def _batches(n=6, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return [{"acts": {HOOK: torch.randn(32, 16, generator=g) * 3 + 1, "blocks.1.hook_resid_post": torch.randn(32, 16, generator=g)},
+    return [{"acts": {HOOK: torch.randn(32, 16, generator=g) * 3 + 1,
+                      "blocks.1.hook_resid_post": torch.randn(32, 16, generator=g)},
              "scales": {HOOK: 1.0, "blocks.1.hook_resid_post": 1.0}, "index": i} for i in range(n)]
 
 

@@ -97,7 +97,8 @@ def test_ctrl_c_saves_last_and_the_resume_is_bitwise_equal(tmp_path, nanochat_cu
     _assert_same_weights(whole_run, tmp_path / "parts" / "last.ckpt")
 
 
-@pytest.mark.parametrize("normalize,where", [(True, "the scale estimate"), (False, "the first fill of the shuffle buffer")])
+@pytest.mark.parametrize("normalize,where", [(True, "the scale estimate"),
+                                             (False, "the first fill of the shuffle buffer")])
 def test_ctrl_c_before_the_first_step_stops_at_once_and_leaves_nothing(tmp_path, nanochat_current_dir, tiny_shards_dir,
                                                                       normalize, where):
     held = _cfg(tmp_path, nanochat_current_dir, tiny_shards_dir, "early", {"event": "fit_start"})

@@ -203,7 +203,8 @@ def test_generate_cli_prints_tokens_with_features(tmp_path, nanochat_current_dir
     hook = "blocks.1.hook_resid_post"
     sae_dir = save_sae(make_sae(64, 128, hook, 5), tmp_path / "sae", metadata={"hook_name": hook})
     argv = ["generate", "--model", str(nanochat_current_dir), "--sae", str(sae_dir), "--prompt", "the model reads",
-            "--max-tokens", "5", "--top-features", "3", "--steer", f"{hook}:3:2.5", "--clamp", "7:1.0", "--device", "cpu"]
+            "--max-tokens", "5", "--top-features", "3", "--steer", f"{hook}:3:2.5", "--clamp", "7:1.0",
+            "--device", "cpu"]
     assert main(argv) == 0
     lines = capsys.readouterr().out.strip().splitlines()
 

@@ -140,7 +140,8 @@ def test_relu_decoder_is_not_normalised():
     sae = make("relu")
     adam_steps(sae, torch.randn(64, D_IN) * 3, 5, lr=0.05)
     norms = sae.decoder_norms()
-    assert not torch.allclose(norms, torch.ones(D_SAE), atol=1e-2) and not torch.allclose(norms, torch.full((D_SAE,), 0.1))
+    assert (not torch.allclose(norms, torch.ones(D_SAE), atol=1e-2)
+            and not torch.allclose(norms, torch.full((D_SAE,), 0.1)))
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)

@@ -76,7 +76,8 @@ def test_gather_encode_gradients_to_the_encoder_and_b_dec(shifted):
     -W_enc @ (per-column sums of g), not a per-token gradient of x_c."""
     torch.manual_seed(1)
     x = torch.randn(6, 5, dtype=torch.float64)
-    W, b = torch.randn(5, 12, dtype=torch.float64, requires_grad=True), torch.randn(12, dtype=torch.float64, requires_grad=True)
+    W, b = (torch.randn(5, 12, dtype=torch.float64, requires_grad=True),
+            torch.randn(12, dtype=torch.float64, requires_grad=True))
     b_dec = torch.randn(5, dtype=torch.float64, requires_grad=True)
     indices = torch.randint(0, 12, (6, 3))
     x_c = x - b_dec if shifted else x

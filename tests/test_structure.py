@@ -33,7 +33,8 @@ def _targets(node: ast.AST, known: set[str]) -> list[str]:
 def _graph() -> dict[str, set[str]]:
     modules = _modules()
     known = set(modules)
-    return {name: {t for node in ast.walk(tree) for t in _targets(node, known)} - {name} for name, tree in modules.items()}
+    return {name: {t for node in ast.walk(tree) for t in _targets(node, known)} - {name}
+            for name, tree in modules.items()}
 
 
 def test_no_import_cycle_in_the_package():

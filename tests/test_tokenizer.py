@@ -156,6 +156,7 @@ def test_train_errors_and_save_from_encoding(tmp_path):
 
 
 def test_tokenizer_needs_bos():
-    enc = tiktoken.Encoding(name="x", pat_str=r"\w+", mergeable_ranks={bytes([i]): i for i in range(256)}, special_tokens={})
+    enc = tiktoken.Encoding(name="x", pat_str=r"\w+", mergeable_ranks={bytes([i]): i for i in range(256)},
+                            special_tokens={})
     with pytest.raises(SAELightningError):
         Tokenizer(enc)

@@ -76,7 +76,8 @@ def test_fit_end_to_end_writes_checkpoint_logs_and_export(tmp_path, nanochat_cur
     sae = load_sae(export)
     scale = ckpt["ActivationDataModule"]["scales"][HOOK]
     x = torch.randn(16, 64)
-    trained = {k.removeprefix(f"saes.{export.name}."): v for k, v in ckpt["state_dict"].items() if k.startswith(f"saes.{export.name}.")}
+    trained = {k.removeprefix(f"saes.{export.name}."): v for k, v in ckpt["state_dict"].items()
+               if k.startswith(f"saes.{export.name}.")}
     from saelightning.module import build_from_spec, SAESpec
 
     scaled = build_from_spec(SAESpec(hook_name=HOOK, d_sae=128, k=8), 64)
@@ -124,7 +125,8 @@ def test_sweep_runs_one_model_forward_for_all_saes(tmp_path, nanochat_current_di
     assert main(["fit", "--config", str(single)]) == 0
     n_single, calls[:] = len(calls), []
     saes = [{"hook_name": HOOK, "d_sae": 128, "k": 8, "name": "topk"},
-            {"hook_name": "blocks.0.mlp.hook_post", "architecture": "relu", "expansion_factor": 0.5, "name": "mlp_relu"},
+            {"hook_name": "blocks.0.mlp.hook_post", "architecture": "relu", "expansion_factor": 0.5,
+             "name": "mlp_relu"},
             {"hook_name": HOOK, "architecture": "batchtopk", "d_sae": 64, "k": 4, "name": "btk"}]
     sweep = _config(tmp_path, nanochat_current_dir, tiny_shards_dir, run="sweep", saes=saes, max_steps=6)
     assert main(["fit", "--config", str(sweep)]) == 0

@@ -43,7 +43,8 @@ def parse_features(spec: str | None, d_sae: int) -> list[int] | None:
                 raise ValueError
             out.update(range(lo, hi + 1))
     except ValueError:
-        raise SAELightningError(f"--features {spec!r} is not a list like 0-99,120; use indices and inclusive ranges") from None
+        raise SAELightningError(f"--features {spec!r} is not a list like 0-99,120; "
+                                "use indices and inclusive ranges") from None
     bad = [i for i in out if not 0 <= i < d_sae]
     if bad:
         raise SAELightningError(f"--features names latent {bad[0]}, but the SAE has latents 0..{d_sae - 1}")

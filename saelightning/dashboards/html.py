@@ -118,7 +118,9 @@ INDEX_JS = """
   // a view can be linked: index.html#q=text&sort=max_act&asc=1
   var hash = new URLSearchParams(location.hash.slice(1));
   if (hash.get('q')) filter.value = hash.get('q');
-  if (hash.get('sort') && rows.length && hash.get('sort') in rows[0]) { sort.key = hash.get('sort'); sort.desc = !hash.get('asc'); }
+  if (hash.get('sort') && rows.length && hash.get('sort') in rows[0]) {
+    sort.key = hash.get('sort'); sort.desc = !hash.get('asc');
+  }
   if (hash.get('hide_dead')) hideDead.checked = true;
   filter.addEventListener('input', render);
   hideDead.addEventListener('change', render);
@@ -173,7 +175,9 @@ FEATURE_JS = """
                ['fires on', f.n_fire + ' of ' + d.n_tokens + ' tokens'],
                ['max activation', fmt(f.max_act)], ['mean activation (when firing)', fmt(f.mean_act)]];
   var st = document.getElementById('stats');
-  stats.forEach(function (p) { var tr = el('tr'); tr.appendChild(el('th', null, p[0])); tr.appendChild(el('td', 'num', p[1])); st.appendChild(tr); });
+  stats.forEach(function (p) {
+    var tr = el('tr'); tr.appendChild(el('th', null, p[0])); tr.appendChild(el('td', 'num', p[1])); st.appendChild(tr);
+  });
   var edges = f.hist.edges;
   histogram('act-hist', f.hist.heights, edges[0], edges[edges.length - 1], 'bar');
   var lc = f.logits.hist.centres;
@@ -185,7 +189,8 @@ FEATURE_JS = """
   f.top.forEach(function (c) { context(top, c); });
   var iv = document.getElementById('intervals');
   f.intervals.slice().reverse().forEach(function (b) {
-    iv.appendChild(el('h3', null, 'Interval ' + fmt(b.min) + ' to ' + fmt(b.max) + ' (' + fmt(100 * b.contains) + '% of firings)'));
+    iv.appendChild(el('h3', null,
+                      'Interval ' + fmt(b.min) + ' to ' + fmt(b.max) + ' (' + fmt(100 * b.contains) + '% of firings)'));
     b.contexts.forEach(function (c) { context(iv, c); });
   });
   finished();
@@ -209,7 +214,8 @@ def _page(title: str, header: str, body: str, data, script: str, page: str) -> s
         f"<meta name=\"viewport\" content=\"width=device-width\"><title>{html.escape(title)}</title>\n"
         f"<script>{ERROR_TRAP}</script>\n<style>{CSS}</style></head>\n"
         f"<body data-page=\"{page}\">\n{header}\n{body}\n"
-        "<p class=\"meta\">status: <span id=\"status\">JavaScript has not run (it is inline; no network is needed)</span></p>\n"
+        "<p class=\"meta\">status: <span id=\"status\">JavaScript has not run "
+        "(it is inline; no network is needed)</span></p>\n"
         f"<script type=\"application/json\" id=\"data\">{embed_json(data)}</script>\n"
         f"<script>{COMMON_JS}{script}</script>\n</body></html>\n"
     )
@@ -239,8 +245,8 @@ def index_page(meta: dict, records: list[dict]) -> str:
 def feature_page(meta: dict, record: dict, prev: int | None, next_: int | None) -> str:
     i = record["index"]
     links = ["<a href=\"../index.html\">all latents</a>"]
-    links += [f"<a href=\"{p}.html\">{label}</a>" for p, label in ((prev, "&larr; latent %s" % prev),
-                                                                     (next_, "latent %s &rarr;" % next_)) if p is not None]
+    links += [f"<a href=\"{p}.html\">{label}</a>"
+              for p, label in ((prev, "&larr; latent %s" % prev), (next_, "latent %s &rarr;" % next_)) if p is not None]
     header = (f"<nav>{' '.join(links)}</nav><header><h1>Latent {i}</h1>{_meta_line(meta)}</header>")
     body = (
         "<div class=\"cols\"><div><h2>Statistics</h2><table id=\"stats\"></table></div>"

@@ -104,7 +104,8 @@ def read_state_dict(model_path: Path) -> dict[str, torch.Tensor]:
         sd = torch.load(model_path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, bad pickle, foreign objects: all mean "not a usable file"
         raise SAELightningError(
-            f"cannot load {model_path} ({type(e).__name__}: {_one_line(e)}); the file is corrupt or truncated, re-copy it"
+            f"cannot load {model_path} ({type(e).__name__}: {_one_line(e)}); "
+            "the file is corrupt or truncated, re-copy it"
         ) from None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise SAELightningError(f"{model_path} is not a state dict of tensors; it is not a nanochat model file")

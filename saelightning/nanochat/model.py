@@ -356,9 +356,11 @@ class GPT(nn.Module):
         per_layer = self._split_hooks(hooks)
         if stop_at_layer is not None:
             if not 0 <= stop_at_layer < n:
-                raise SAELightningError(f"stop_at_layer {stop_at_layer} is out of range: the model has layers 0..{n - 1}")
+                raise SAELightningError(f"stop_at_layer {stop_at_layer} is out of range: "
+                                        f"the model has layers 0..{n - 1}")
             if kv_cache is not None:
-                raise SAELightningError("stop_at_layer cannot be used with a KV cache (later layers would miss entries)")
+                raise SAELightningError("stop_at_layer cannot be used with a KV cache "
+                                        "(later layers would miss entries)")
         T0 = kv_cache.pos if kv_cache is not None else 0
         x = self._embed(idx, kv_cache)
         cos_sin = self._cos_sin(T0, idx.size(1), idx.device, x.dtype)

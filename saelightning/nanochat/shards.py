@@ -28,11 +28,13 @@ def list_shards(data_dir: str | os.PathLike) -> tuple[list[Path], Path]:
     """(train shards, val shard): all sorted *.parquet files but the last, and the last."""
     root = Path(data_dir).expanduser()
     if not root.is_dir():
-        raise SAELightningError(f"data directory {root} does not exist; point data_dir at a folder of nanochat parquet shards")
+        raise SAELightningError(f"data directory {root} does not exist; "
+                                "point data_dir at a folder of nanochat parquet shards")
     shards = sorted(p for p in root.glob("*.parquet") if p.is_file())
     if len(shards) < 2:
         raise SAELightningError(
-            f"{root} holds {len(shards)} parquet shard(s); nanochat needs at least 2 (train shards + the last one for val)"
+            f"{root} holds {len(shards)} parquet shard(s); "
+            "nanochat needs at least 2 (train shards + the last one for val)"
         )
     # a wrong format shows in the first train shard or the val shard: fail now, not in a DataLoader worker
     _row_group_counts([shards[0], shards[-1]])
@@ -79,10 +81,12 @@ def _row_group_counts(paths: list[Path]) -> list[int]:
         try:
             meta = pq.ParquetFile(path)
         except Exception as exc:
-            raise SAELightningError(f"{path} is not a readable parquet file ({exc}); re-download or rewrite the shard") from None
+            raise SAELightningError(f"{path} is not a readable parquet file ({exc}); "
+                                    "re-download or rewrite the shard") from None
         if TEXT_COLUMN not in meta.schema_arrow.names:
             raise SAELightningError(
-                f"{path} has no {TEXT_COLUMN!r} column (columns: {meta.schema_arrow.names}); nanochat shards hold one 'text' column"
+                f"{path} has no {TEXT_COLUMN!r} column (columns: {meta.schema_arrow.names}); "
+                "nanochat shards hold one 'text' column"
             )
         counts.append(meta.metadata.num_row_groups)
     return counts
@@ -104,7 +108,8 @@ class TextStream(torch.utils.data.IterableDataset):
                  seed: int = 0, loop: bool = True, shuffle: bool = True):
         self.paths = [Path(p).expanduser() for p in paths]
         if not self.paths:
-            raise SAELightningError("TextStream got no shard paths; pass the train or val shards from list_shards(data_dir)")
+            raise SAELightningError("TextStream got no shard paths; "
+                                    "pass the train or val shards from list_shards(data_dir)")
         if not 0 <= rank < world_size:
             raise SAELightningError(f"rank {rank} is outside world_size {world_size}")
         self.rank, self.world_size = rank, world_size
@@ -138,12 +143,14 @@ class TextStream(torch.utils.data.IterableDataset):
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("version") != STATE_VERSION:
-            raise SAELightningError(f"TextStream state version {state.get('version')} is not {STATE_VERSION}; it comes from another saelightning")
+            raise SAELightningError(f"TextStream state version {state.get('version')} is not {STATE_VERSION}; "
+                                    "it comes from another saelightning")
         current = {"seed": self.seed, "rank": self.rank, "world_size": self.world_size, "row_groups": len(self._units)}
         for key, value in current.items():
             if state.get(key) != value:
                 raise SAELightningError(
-                    f"TextStream state was saved with {key}={state.get(key)}, this stream has {value}; resume with the same shards and setting"
+                    f"TextStream state was saved with {key}={state.get(key)}, this stream has {value}; "
+                    "resume with the same shards and setting"
                 )
         self._num_workers = state.get("num_workers")
         self._resume = {int(k): dict(v) for k, v in state["positions"].items()}
@@ -167,7 +174,8 @@ class TextStream(torch.utils.data.IterableDataset):
         worker_id, num_workers = (0, 1) if workers is None else (workers.id, workers.num_workers)
         if self._num_workers is not None and self._num_workers != num_workers and self._resume:
             raise SAELightningError(
-                f"TextStream state was saved with {self._num_workers} DataLoader worker(s), now {num_workers}; resume with the same num_workers"
+                f"TextStream state was saved with {self._num_workers} DataLoader worker(s), now {num_workers}; "
+                "resume with the same num_workers"
             )
         self._num_workers = num_workers
         return worker_id, self.rank * num_workers + worker_id, self.world_size * num_workers
@@ -193,13 +201,14 @@ class TextStream(torch.utils.data.IterableDataset):
                 return
             if not mine:  # more readers than row groups: this one has nothing, and would spin forever
                 raise SAELightningError(
-                    f"reader {slot} of {world} gets no row group of {len(self._units)}; use fewer ranks x workers or smaller row groups"
+                    f"reader {slot} of {world} gets no row group of {len(self._units)}; "
+                    "use fewer ranks x workers or smaller row groups"
                 )
             if whole_pass and not texts_seen:  # looping again would spin forever without a token
                 names = ", ".join(sorted({self.paths[f].name for f, _ in mine}))
                 raise SAELightningError(
-                    f"a whole pass over {len(mine)} row group(s) of {names} gave no text (every document is empty or the "
-                    "row groups hold no rows); write shards whose 'text' column holds the documents"
+                    f"a whole pass over {len(mine)} row group(s) of {names} gave no text (every document is empty "
+                    "or the row groups hold no rows); write shards whose 'text' column holds the documents"
                 )
             pos.update(epoch=pos["epoch"] + 1, cursor=0, row=0)
 

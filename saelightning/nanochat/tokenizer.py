@@ -150,11 +150,13 @@ def _check_state(state, where: str) -> dict:
     expected = {"name": str, "pat_str": str, "mergeable_ranks": dict, "special_tokens": dict}
     if not isinstance(state, dict) or set(state) != set(expected):
         raise SAELightningError(
-            f"{where} does not hold a tiktoken Encoding state (keys {sorted(expected)}); re-save it with nanochat's tokenizer"
+            f"{where} does not hold a tiktoken Encoding state (keys {sorted(expected)}); "
+            "re-save it with nanochat's tokenizer"
         )
     for key, kind in expected.items():
         if not isinstance(state[key], kind):
-            raise SAELightningError(f"{where}: Encoding field {key!r} is {type(state[key]).__name__}, expected {kind.__name__}")
+            raise SAELightningError(f"{where}: Encoding field {key!r} is {type(state[key]).__name__}, "
+                                    f"expected {kind.__name__}")
     ranks_ok = all(isinstance(k, bytes) and type(v) is int for k, v in state["mergeable_ranks"].items())
     specials_ok = all(isinstance(k, str) and type(v) is int for k, v in state["special_tokens"].items())
     if not (ranks_ok and specials_ok):
@@ -169,9 +171,11 @@ def load_encoding_bytes(data: bytes, where: str = "tokenizer.pkl") -> tiktoken.E
     except SAELightningError:
         raise
     except Exception as exc:  # truncated or corrupt file
-        raise SAELightningError(f"{where} is not a readable pickle ({type(exc).__name__}: {exc}); re-save the tokenizer") from None
+        raise SAELightningError(f"{where} is not a readable pickle ({type(exc).__name__}: {exc}); "
+                                "re-save the tokenizer") from None
     if not isinstance(obj, _PickledEncoding) or not hasattr(obj, "state"):
-        raise SAELightningError(f"{where} does not contain a tiktoken Encoding (found {type(obj).__name__}); use nanochat's tokenizer.pkl")
+        raise SAELightningError(f"{where} does not contain a tiktoken Encoding (found {type(obj).__name__}); "
+                                "use nanochat's tokenizer.pkl")
     state = _check_state(obj.state, where)
     try:
         return tiktoken.Encoding(**state)
@@ -184,9 +188,11 @@ def load_tokenizer(tokenizer_dir: str | os.PathLike) -> Tokenizer:
     path = Path(tokenizer_dir).expanduser()
     pkl = path if path.suffix == ".pkl" else path / TOKENIZER_FILE
     if not path.exists():
-        raise SAELightningError(f"tokenizer directory {path} does not exist; pass nanochat's <base>/tokenizer directory")
+        raise SAELightningError(f"tokenizer directory {path} does not exist; "
+                                "pass nanochat's <base>/tokenizer directory")
     if not pkl.is_file():
-        raise SAELightningError(f"no {TOKENIZER_FILE} in {path}; pass the directory that holds nanochat's tokenizer.pkl")
+        raise SAELightningError(f"no {TOKENIZER_FILE} in {path}; "
+                                "pass the directory that holds nanochat's tokenizer.pkl")
     return Tokenizer(load_encoding_bytes(pkl.read_bytes(), where=str(pkl)))
 
 
@@ -211,7 +217,8 @@ def load_token_bytes(tokenizer_dir: str | os.PathLike) -> torch.Tensor:
     """token_bytes.pt of a tokenizer directory (int32 [vocab]), loaded with weights_only=True."""
     path = Path(tokenizer_dir).expanduser() / TOKEN_BYTES_FILE
     if not path.is_file():
-        raise SAELightningError(f"no {TOKEN_BYTES_FILE} in {path.parent}; nanochat's tok_train writes it beside tokenizer.pkl")
+        raise SAELightningError(f"no {TOKEN_BYTES_FILE} in {path.parent}; "
+                                "nanochat's tok_train writes it beside tokenizer.pkl")
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
@@ -223,7 +230,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
         raise SAELightningError("training a tokenizer needs rustbpe; install it with `pip install rustbpe`") from None
     n_regular = vocab_size - len(SPECIAL_TOKENS)
     if n_regular < 256:
-        raise SAELightningError(f"vocab_size {vocab_size} is too small; it must be at least {256 + len(SPECIAL_TOKENS)}")
+        raise SAELightningError(f"vocab_size {vocab_size} is too small; "
+                                f"it must be at least {256 + len(SPECIAL_TOKENS)}")
     trainer = rustbpe.Tokenizer()
     trainer.train_from_iterator(iter(texts), n_regular, pattern=SPLIT_PATTERN)
     ranks = {bytes(token): rank for token, rank in trainer.get_mergeable_ranks()}

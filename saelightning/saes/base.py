@@ -215,7 +215,8 @@ class SAE(nn.Module):
     # ---- encode / decode -------------------------------------------------------------------
     def _check_input(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.config.d_in:
-            _bad(f"SAE input has width {x.shape[-1]} but the SAE has d_in={self.config.d_in}; use the hook it was trained on")
+            _bad(f"SAE input has width {x.shape[-1]} but the SAE has d_in={self.config.d_in}; "
+                 "use the hook it was trained on")
         return x.to(self.W_enc.dtype)
 
     def centered(self, x: torch.Tensor) -> torch.Tensor:

@@ -63,17 +63,20 @@ class BatchTopKSAE(TopKSAE):
         self.threshold_updates += seen.long()
 
     def sparse_latents(self, x: torch.Tensor) -> tuple[torch.Tensor, SparseLatents, torch.Tensor]:
-        """(pre-activations, ragged latents, per-token offsets): the batch top k·N while training, else the threshold's."""
+        """(pre-activations, ragged latents, per-token offsets): the batch top k·N while training,
+        else the threshold's."""
         x = self._check_input(x)
         x_c = x - self.b_dec if self.config.apply_b_dec_to_input else x
-        with torch.no_grad():  # the dense product is only read at the selected entries: gather_encode gives the gradient
+        # the dense product is only read at the selected entries: gather_encode gives the gradient
+        with torch.no_grad():
             pre = torch.addmm(self.b_enc, x_c, self.W_enc)
             if self.training:
                 rows, columns, offsets = batch_topk_ragged(pre, self.config.k)
             else:  # evaluation: the JumpReLU latents (a host sync for their count is fine here)
                 rows, columns = (self._threshold_acts(pre) != 0).nonzero(as_tuple=True)
                 offsets = torch.searchsorted(rows, torch.arange(pre.shape[0], device=pre.device, dtype=rows.dtype))
-        values = gather_encode_ragged(pre, x_c, self.W_enc, self.b_enc, rows, columns, offsets, self.encoder_shift).relu()
+        values = gather_encode_ragged(pre, x_c, self.W_enc, self.b_enc, rows, columns, offsets,
+                                      self.encoder_shift).relu()
         if self.training:
             self._update_threshold(values.detach())
         return pre, SparseLatents(values, columns, self.config.d_sae, rows, pre.shape[0]), offsets
@@ -83,7 +86,8 @@ class BatchTopKSAE(TopKSAE):
         aux_indices, aux_weight = self._aux_indices(pre, dead_mask)
         if aux_indices is None:
             return x_hat.new_zeros(()).float()
-        values = gather_encode(pre, self.centered(x), self.W_enc, self.b_enc, aux_indices, self.encoder_shift).relu() * aux_weight
+        values = gather_encode(pre, self.centered(x), self.W_enc, self.b_enc, aux_indices,
+                               self.encoder_shift).relu() * aux_weight
         aux = self._auxk_from(x, x_hat, values, aux_indices)
         return aux * aux_weight.amax() if torch.is_tensor(aux_weight) else aux
 

@@ -53,8 +53,10 @@ def to_dense(values: torch.Tensor, indices: torch.Tensor, d_sae: int) -> torch.T
     return values.new_zeros(values.shape[0], d_sae).scatter_add(1, indices, values)
 
 
-def sparse_decode_ragged(values: torch.Tensor, columns: torch.Tensor, offsets: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
-    """Rows with different numbers of active latents (BatchTopK): flat values/columns, row n = [offsets[n], offsets[n+1])."""
+def sparse_decode_ragged(values: torch.Tensor, columns: torch.Tensor, offsets: torch.Tensor,
+                         W_dec: torch.Tensor) -> torch.Tensor:
+    """Rows with different numbers of active latents (BatchTopK): flat values/columns,
+    row n = [offsets[n], offsets[n+1])."""
     return F.embedding_bag(columns, W_dec, offsets, per_sample_weights=values.to(W_dec.dtype), mode="sum")
 
 
@@ -85,12 +87,14 @@ class _GatherEncode(torch.autograd.Function):
         grad_W = grad_b = grad_shift = None
         if ctx.needs_input_grad[2]:
             with torch.enable_grad():  # the weight gradient of embedding_bag is exactly this scatter of outer products
-                table = torch.zeros(W_enc.shape[1], W_enc.shape[0], dtype=W_enc.dtype, device=W_enc.device, requires_grad=True)
+                table = torch.zeros(W_enc.shape[1], W_enc.shape[0], dtype=W_enc.dtype, device=W_enc.device,
+                                    requires_grad=True)
                 bags = F.embedding_bag(columns, table, offsets, per_sample_weights=weights, mode="sum")
                 (grad_W,) = torch.autograd.grad(bags, table, grad_outputs=x_c.to(W_enc.dtype))
             grad_W = grad_W.t()
         if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
-            sums = torch.zeros(W_enc.shape[1], dtype=W_enc.dtype, device=grad.device).index_add_(0, columns.flatten(), weights.flatten())
+            sums = torch.zeros(W_enc.shape[1], dtype=W_enc.dtype,
+                               device=grad.device).index_add_(0, columns.flatten(), weights.flatten())
             grad_b = sums if ctx.needs_input_grad[3] else None
             grad_shift = -(W_enc @ sums) if ctx.needs_input_grad[4] else None
         return None, None, grad_W, grad_b, grad_shift, None, None, None
@@ -108,7 +112,8 @@ def gather_encode(pre: torch.Tensor, x_c: torch.Tensor, W_enc: torch.Tensor, b_e
 
 def gather_encode_ragged(pre, x_c, W_enc, b_enc, rows: torch.Tensor, columns: torch.Tensor, offsets: torch.Tensor,
                          b_dec: torch.Tensor | None = None) -> torch.Tensor:
-    """gather_encode for a ragged selection: pre[rows, columns] ([M], rows sorted, `offsets` [N] where each row starts)."""
+    """gather_encode for a ragged selection: pre[rows, columns] ([M], rows sorted, `offsets` [N]
+    where each row starts)."""
     return _GatherEncode.apply(pre.detach(), x_c.detach(), W_enc, b_enc, b_dec, columns, rows, offsets)
 
 

@@ -14,7 +14,8 @@ class TopKSAE(SAE):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         values, indices = self.encode_sparse(x)
-        return torch.zeros(*values.shape[:-1], self.config.d_sae, dtype=values.dtype, device=values.device).scatter(-1, indices, values)
+        return torch.zeros(*values.shape[:-1], self.config.d_sae, dtype=values.dtype,
+                           device=values.device).scatter(-1, indices, values)
 
     def encode_sparse(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return topk_sparse(self.pre_acts(x), self.config.k)
@@ -31,12 +32,14 @@ class TopKSAE(SAE):
         x = self._check_input(x)
         x_c = x - self.b_dec if self.config.apply_b_dec_to_input else x
         k = self.config.k
-        with torch.no_grad():  # the dense product is only read at the selected entries: gather_encode gives the gradient
+        # the dense product is only read at the selected entries: gather_encode gives the gradient
+        with torch.no_grad():
             pre = torch.addmm(self.b_enc, x_c, self.W_enc)
             indices = pre.topk(k, dim=-1, sorted=False).indices
             aux_indices, aux_weight = self._aux_indices(pre, dead_mask)
         chosen = indices if aux_indices is None else torch.cat([indices, aux_indices], 1)
-        gathered = gather_encode(pre, x_c, self.W_enc, self.b_enc, chosen, self.encoder_shift).relu()  # one sparse backward for both
+        # one sparse backward for both
+        gathered = gather_encode(pre, x_c, self.W_enc, self.b_enc, chosen, self.encoder_shift).relu()
         values = gathered[:, :k]
         x_hat = sparse_decode(values, indices, self.W_dec) + self.b_dec
         losses = self.reconstruction_stats(x, x_hat)
@@ -54,7 +57,8 @@ class TopKSAE(SAE):
         if dead_mask is None:
             return None, None
         dead_mask = dead_mask.to(pre.device)
-        if pre.is_cuda if sync_free is None else sync_free:  # no host sync: a fixed k_aux over masked pre-activations, live picks weighted 0
+        if pre.is_cuda if sync_free is None else sync_free:
+            # no host sync: a fixed k_aux over masked pre-activations, live picks weighted 0
             k_aux = min(self.config.k_aux_resolved, pre.shape[1])
             picked = pre.masked_fill(~dead_mask, float("-inf")).topk(k_aux, dim=-1, sorted=False).indices
             return picked, dead_mask[picked].to(pre.dtype)
