@@ -24,8 +24,8 @@ import time
 
 import torch
 
-from saelightning.resolve import model_path as resolve_model_path
 from saelightning.nanochat.checkpoint import load_nanochat
+from saelightning.resolve import model_path as resolve_model_path
 from saelightning.runtime import InterpretableModel
 
 

@@ -73,10 +73,10 @@ def ours(a, batches) -> tuple[float, dict]:
 
 def saelens_phase(a) -> None:
     """In the SAELens venv: train on the same batches, save the weights, print tokens/s."""
-    from safetensors.torch import save_file
     from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.config import SAETrainerConfig
     from sae_lens.training.sae_trainer import SAETrainer
+    from safetensors.torch import save_file
 
     torch.set_num_threads(a.threads)
     batches = ct.load_batches(Path(a.cache_dir), a.hook, a.train_steps, a.batch, a.scale) * a.epochs

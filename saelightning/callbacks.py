@@ -16,7 +16,6 @@ from saelightning.errors import SAELightningError
 from saelightning.export import save_sae
 from saelightning.metrics import log10_density
 
-
 # --- resampling ---
 
 def _latent_axis(name: str, param: torch.Tensor, d_sae: int) -> int | None:

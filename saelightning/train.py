@@ -29,8 +29,14 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.io import CheckpointIO
 
-from saelightning.callbacks import (CleanFailedStart, DensityHistograms, ExportSAEs, FinalCheckpoint,
-                                    ResampleDeadLatents, export_dir)
+from saelightning.callbacks import (
+    CleanFailedStart,
+    DensityHistograms,
+    ExportSAEs,
+    FinalCheckpoint,
+    ResampleDeadLatents,
+    export_dir,
+)
 from saelightning.checkpointing import AtomicCheckpointIO, check_checkpoint, step_of
 from saelightning.command import one_line
 from saelightning.data import ActivationDataModule

@@ -55,7 +55,17 @@ def phase_export(root: Path) -> None:
 
 def phase_saelens(root: Path) -> None:
     import sae_lens
-    from sae_lens import SAE, GatedSAE, GatedSAEConfig, JumpReLUSAE, JumpReLUSAEConfig, StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig
+    from sae_lens import (
+        SAE,
+        GatedSAE,
+        GatedSAEConfig,
+        JumpReLUSAE,
+        JumpReLUSAEConfig,
+        StandardSAE,
+        StandardSAEConfig,
+        TopKSAE,
+        TopKSAEConfig,
+    )
 
     expected = load_file(str(root / "expected.safetensors"))
     raw = expected["raw"]

@@ -12,10 +12,9 @@ import subprocess
 
 import pytest
 
-from saelightning.dashboards.html import _page, write_site
 from saelightning.cli import main
-from tests.test_dashboards import (CFG, HOOK, PLANTED, _records, exported_sae, model, sae,  # noqa: F401
-                                    streamed, tokenizer)
+from saelightning.dashboards.html import _page, write_site
+from tests.test_dashboards import CFG, HOOK, PLANTED, _records, exported_sae, model, sae, streamed, tokenizer  # noqa: F401
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if os.access("/usr/bin/chromium", os.X_OK) else None)
 pytestmark = pytest.mark.skipif(

@@ -8,12 +8,12 @@ import yaml
 from safetensors.torch import load_file
 
 from saelightning import cache as cache_mod
-from tests.numerics import assert_close_reordered
 from saelightning.cache import CacheConfig, build_cache, read_manifest
 from saelightning.cli import main
 from saelightning.data import ActivationDataModule
 from saelightning.errors import SAELightningError
 from saelightning.nanochat.checkpoint import load_nanochat
+from tests.numerics import assert_close_reordered
 
 pytestmark = pytest.mark.numerics  # fp32 results compared across code paths: also run under other CPU kernels
 

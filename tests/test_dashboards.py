@@ -8,12 +8,18 @@ import re
 import pytest
 import torch
 
-from saelightning.dashboards import parse_features
 from saelightning.atomic import atomic_dir
+from saelightning.dashboards import parse_features
 from saelightning.dashboards.html import embed_json, write_site
 from saelightning.dashboards.records import feature_records
-from saelightning.dashboards.stats import (GroupTopK, StatsConfig, collect_stats, density_summary,
-                                           latents_of, logit_effect)
+from saelightning.dashboards.stats import (
+    GroupTopK,
+    StatsConfig,
+    collect_stats,
+    density_summary,
+    latents_of,
+    logit_effect,
+)
 from saelightning.errors import SAELightningError
 from saelightning.nanochat.model import GPT, GPTConfig
 from saelightning.nanochat.shards import TextStream, list_shards

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from saelightning.data import ActivationDataModule
-from tests.numerics import assert_close_reordered
-from saelightning.tokens import TokenBatches
 from saelightning.errors import SAELightningError
 from saelightning.nanochat.shards import TextStream, list_shards
+from saelightning.tokens import TokenBatches
+from tests.numerics import assert_close_reordered
 
 pytestmark = pytest.mark.numerics  # fp32 results compared across code paths: also run under other CPU kernels
 

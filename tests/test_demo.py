@@ -11,8 +11,16 @@ import torch
 import torch.nn.functional as F
 
 from saelightning.demo import (
-    DEMO_MODEL_DIR, MANIFEST, SKIP_DIRS, TARGET_CHARS, default_cache_dir, demo_corpus, docstring_entries, ensure_demo_shards,
-    split_source, stdlib_files,
+    DEMO_MODEL_DIR,
+    MANIFEST,
+    SKIP_DIRS,
+    TARGET_CHARS,
+    default_cache_dir,
+    demo_corpus,
+    docstring_entries,
+    ensure_demo_shards,
+    split_source,
+    stdlib_files,
 )
 from saelightning.errors import SAELightningError
 from saelightning.nanochat.shards import TextStream, list_shards

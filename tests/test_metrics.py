@@ -9,7 +9,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from saelightning.metrics import (
-    L0, L1, MSE, DeadFraction, ExplainedVariance, FeatureDensity, ReconstructionMetrics, log10_density,
+    L0,
+    L1,
+    MSE,
+    DeadFraction,
+    ExplainedVariance,
+    FeatureDensity,
+    ReconstructionMetrics,
+    log10_density,
 )
 
 pytestmark = pytest.mark.numerics  # fp32 results compared across code paths: also run under other CPU kernels

@@ -4,8 +4,8 @@ batches are split as asked, the weights are copied as exported; the command runs
 import json
 
 from saelightning.cli import main
-from saelightning.dashboards.stats import logit_effect
 from saelightning.dashboards.records import feature_records
+from saelightning.dashboards.stats import logit_effect
 from saelightning.neuronpedia import feature_json
 from tests.test_dashboards import CFG, HOOK, exported_sae, model, sae, streamed, tokenizer  # noqa: F401
 
@@ -73,7 +73,8 @@ def test_feature_json_fields_and_values(streamed, model, sae, tokenizer):  # noq
     assert abs(sum(c for _, c in contains) - 1.0) < 1e-9
 
 
-def test_neuronpedia_command_writes_batches_and_weights(exported_sae, nanochat_current_dir, tiny_shards_dir, tmp_path):
+def test_neuronpedia_command_writes_batches_and_weights(exported_sae, nanochat_current_dir, tiny_shards_dir,  # noqa: F811
+                                                        tmp_path):
     out = tmp_path / "np"
     argv = ["neuronpedia", "--sae", str(exported_sae), "--model", str(nanochat_current_dir), "--data",
             str(tiny_shards_dir), "--tokens", "400", "--out", str(out), "--features", "0-9",

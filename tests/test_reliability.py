@@ -25,7 +25,7 @@ import yaml
 from saelightning.cli import main
 from saelightning.nanochat.shards import TextStream, list_shards
 from tests.announce import wait_for
-from tests.test_faults import ROOT, STEPS, _assert_same_weights, _cfg, _spawn, _step
+from tests.test_faults import ROOT, _assert_same_weights, _cfg, _spawn, _step
 from tests.test_train import HOOK
 
 BOUND = 60  # seconds any run here may take to end after its signal or error (a hang fails, it does not stall CI)

@@ -9,8 +9,14 @@ import torch
 
 from saelightning.errors import SAELightningError
 from saelightning.nanochat.tokenizer import (
-    SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer, load_encoding_bytes, load_token_bytes, load_tokenizer,
-    save_tokenizer, train_tokenizer,
+    SPECIAL_TOKENS,
+    SPLIT_PATTERN,
+    Tokenizer,
+    load_encoding_bytes,
+    load_token_bytes,
+    load_tokenizer,
+    save_tokenizer,
+    train_tokenizer,
 )
 from tests.fixtures_data import TINY_VOCAB, tiny_texts
 

@@ -78,7 +78,7 @@ def test_fit_end_to_end_writes_checkpoint_logs_and_export(tmp_path, nanochat_cur
     x = torch.randn(16, 64)
     trained = {k.removeprefix(f"saes.{export.name}."): v for k, v in ckpt["state_dict"].items()
                if k.startswith(f"saes.{export.name}.")}
-    from saelightning.module import build_from_spec, SAESpec
+    from saelightning.module import SAESpec, build_from_spec
 
     scaled = build_from_spec(SAESpec(hook_name=HOOK, d_sae=128, k=8), 64)
     scaled.load_state_dict(trained)

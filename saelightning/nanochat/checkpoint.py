@@ -19,7 +19,7 @@ import torch
 
 from saelightning.atomic import atomic_file, write_text
 from saelightning.errors import SAELightningError
-from saelightning.nanochat.model import ERAS, SMEAR_CHANNELS, VE_GATE_CHANNELS, GPT, GPTConfig, has_value_embed
+from saelightning.nanochat.model import ERAS, GPT, SMEAR_CHANNELS, VE_GATE_CHANNELS, GPTConfig, has_value_embed
 from saelightning.nanochat.tokenizer import Tokenizer, load_tokenizer
 
 SOURCES = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints",

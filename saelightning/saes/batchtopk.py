@@ -13,7 +13,11 @@ import torch
 
 from saelightning.saes.base import SAE
 from saelightning.saes.sparse import (
-    SparseLatents, batch_topk_ragged, gather_encode, gather_encode_ragged, sparse_decode_ragged,
+    SparseLatents,
+    batch_topk_ragged,
+    gather_encode,
+    gather_encode_ragged,
+    sparse_decode_ragged,
 )
 from saelightning.saes.topk import TopKSAE
 
