@@ -16,6 +16,7 @@ import typing
 from collections.abc import Sequence
 from typing import TypeVar
 
+import yaml
 from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser
 
 from saelightning.errors import SAELightningError
@@ -57,10 +58,8 @@ def normalize_argv(argv: Sequence[str], kinds: dict[str, str], aliases: dict[str
             if key not in lists:
                 order.append(key)
                 lists[key] = []
-            if len(values) == 1 and values[0].lstrip().startswith("["):  # already a YAML/JSON list
-                lists[key] += list(json.loads(values[0])) if _is_json(values[0]) else [values[0]]
-            else:
-                lists[key] += values
+            given = _as_list(values[0]) if len(values) == 1 else None  # already a YAML list: [a, b]
+            lists[key] += given if given is not None else values
         elif kinds.get(key) == "bool" and not eq and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
             out += [f"--{key}", "true"]
         elif key in kinds:
@@ -73,12 +72,14 @@ def normalize_argv(argv: Sequence[str], kinds: dict[str, str], aliases: dict[str
     return out
 
 
-def _is_json(text: str) -> bool:
+def _as_list(text: str) -> list | None:
+    if not text.lstrip().startswith("["):
+        return None
     try:
-        json.loads(text)
-        return True
-    except ValueError:
-        return False
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return None
+    return value if isinstance(value, list) else None
 
 
 def build_parser(args_type: type, prog: str, description: str | None = None) -> ArgumentParser:
