@@ -16,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-from saelightning.errors import Interrupted, SAELightningError
+from saelightning.errors import Interrupted, SAELightningError, one_line
 
 # subcommand -> (module with cli_main, one-line help)
 COMMANDS = {
@@ -43,10 +43,6 @@ def _usage() -> str:
     lines += [f"  {name:<12} {help_}" for name, (_, help_) in COMMANDS.items()]
     lines += ["", "`saelightning <command> --help` shows a command's options."]
     return "\n".join(lines)
-
-
-def _one_line(message: str) -> str:
-    return " ".join(line.strip() for line in message.splitlines() if line.strip())
 
 
 def _check_out(rest: list[str]) -> None:
@@ -79,7 +75,7 @@ def main(args: list[str] | None = None) -> int:
             return module.cli_main(argv) or 0
         return module.cli_main(rest) or 0
     except SAELightningError as e:
-        print(f"saelightning: error: {_one_line(str(e))}", file=sys.stderr)
+        print(f"saelightning: error: {one_line(e)}", file=sys.stderr)
         return 2
     except Interrupted as e:
         print(f"saelightning: {e}", file=sys.stderr)

@@ -19,7 +19,7 @@ from typing import TypeVar
 import yaml
 from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser
 
-from saelightning.errors import SAELightningError
+from saelightning.errors import SAELightningError, one_line
 
 T = TypeVar("T")
 
@@ -88,10 +88,6 @@ def build_parser(args_type: type, prog: str, description: str | None = None) -> 
     parser.add_argument("--config", action=ActionConfigFile, help="a YAML file with these options as keys")
     parser.add_class_arguments(args_type, as_group=False)
     return parser
-
-
-def one_line(message: str) -> str:
-    return " ".join(line.strip() for line in str(message).splitlines() if line.strip())
 
 
 def parse(args_type: type[T], argv: Sequence[str], prog: str, description: str | None = None) -> T | None:

@@ -1,6 +1,11 @@
 """The one exception type for bad input: the CLI prints its message as one line and exits 2."""
 
 
+def one_line(message) -> str:
+    """A message (an exception's, a library's multi-line one) as one line, its lines stripped and joined."""
+    return " ".join(line.strip() for line in str(message).splitlines() if line.strip())
+
+
 class SAELightningError(Exception):
     """A problem with the user's input. The message says what is wrong and how to fix it, in one line."""
 

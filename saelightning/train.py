@@ -38,9 +38,8 @@ from saelightning.callbacks import (
     export_dir,
 )
 from saelightning.checkpointing import AtomicCheckpointIO, check_checkpoint, step_of
-from saelightning.command import one_line
 from saelightning.data import ActivationDataModule
-from saelightning.errors import SAELightningError
+from saelightning.errors import SAELightningError, one_line
 from saelightning.faults import Preemption
 from saelightning.module import SAEModule, SAESpec
 
