@@ -62,8 +62,9 @@ def _init_worker(worker_id: int) -> None:
 _WORKERS: "weakref.WeakSet" = weakref.WeakSet()
 
 
-def _kill_workers() -> None:
-    for process in list(_WORKERS):
+def _kill_workers(processes=None) -> None:
+    """Kill the given worker processes (default: all this process started) that are still alive."""
+    for process in list(_WORKERS if processes is None else processes):
         if process.is_alive():
             process.kill()
             process.join(timeout=5)
@@ -126,9 +127,7 @@ class TokenReader:
             shutdown = getattr(it, "_shutdown_workers", None)
             if shutdown is not None:
                 shutdown()
-            for process in getattr(it, "_workers", []):
-                if process.is_alive():
-                    process.kill()
+            _kill_workers(getattr(it, "_workers", []))
 
 
 # --- activations ---

@@ -224,12 +224,13 @@ def check_config_files(argv: list[str]) -> None:
         if not path.is_file():
             raise SAELightningError(f"the config file {name} does not exist; pass the path of a YAML config "
                                     "(configs/demo.yaml, for one)")
+        text = path.read_text()
         try:
-            yaml.safe_load(path.read_text())
+            yaml.safe_load(text)
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-            text = path.read_text().splitlines()
+            text = text.splitlines()
             tab = mark is not None and mark.line < len(text) and "\t" in text[mark.line]
             problem = ("a tab character (YAML indents with spaces only)" if tab
                        else one_line(getattr(e, "problem", None) or e))
@@ -268,11 +269,12 @@ def _missing_package(e: BaseException) -> SAELightningError | None:
     """A logger or profiler named in the config whose package is not installed (Lightning says which)."""
     text = "\n".join(str(x) for x in (e, e.__cause__, e.__context__) if x is not None)
     requirement = re.search(r"Requirement '([^']+)' not met", text)
-    if requirement is None and isinstance(e, ImportError) and getattr(e, "name", None):
-        requirement = re.match(r"(.*)", e.name)
-    if requirement is None:
+    if requirement is not None:
+        wanted = requirement.group(1)
+    elif isinstance(e, ImportError) and getattr(e, "name", None):
+        wanted = e.name
+    else:
         return None
-    wanted = requirement.group(1)
     classes = re.findall(r"class_path '([\w.]+)'", text)
     what = classes[0].rsplit(".", 1)[-1] if classes else "the config"
     return SAELightningError(f"{what} needs {wanted}, which is not installed; install it with "
