@@ -142,6 +142,7 @@ def export_module(pl_module, out_root: Path, step: int, metrics: dict | None = N
         metadata = {
             "model_name": "nanochat", "hook_name": spec.hook_name, "context_size": info.get("context_size"),
             "model": {k: info.get(k) for k in ("path", "step", "era", "config")}, "sae_name": name,
+            "trained_on": info.get("trained_on"),
             "training_steps": step, "training_tokens": int(pl_module.tokens_seen),
             "trainer_config": {k: v for k, v in pl_module.hparams.items() if k not in ("saes", "model_info")},
             "spec": {k: v for k, v in vars(spec).items()}, "final_metrics": mine, "final_metrics_step": metrics_step,

@@ -25,6 +25,7 @@ import sys
 import weakref
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
@@ -257,6 +258,7 @@ class ActivationDataModule(pl.LightningDataModule):
             raise SAELightningError(f"need 1 <= batch_size ({batch_size}) <= buffer_tokens ({buffer_tokens}); "
                                     "raise data.buffer_tokens")
         self.nanochat = resolve.load_model(model, step=step, era=era, source=source, model_tag=model_tag)
+        self.model_arg, self.era_arg, self.source, self.model_tag = model, era, source, model_tag
         self.model, self.tokenizer = self.nanochat.model, self.nanochat.tokenizer
         self._run_with_cache = self.model.capturer(compile_model)
         self.data_dir = data_dir
@@ -292,7 +294,15 @@ class ActivationDataModule(pl.LightningDataModule):
     def model_info(self) -> dict:
         meta = self.nanochat.meta
         return {"path": meta["path"], "step": meta["step"], "era": meta["era"], "config": meta["model_config"],
-                "context_size": self.context_size}
+                "context_size": self.context_size, "trained_on": self.trained_on}
+
+    @property
+    def trained_on(self) -> dict:
+        """How to load this model and data again: what eval, viz, neuronpedia and generate default to."""
+        def where(name: str) -> str:
+            return name if name == "demo" else str(Path(name).expanduser().absolute())
+        return {"model": where(self.model_arg), "step": self.nanochat.meta["step"], "era": self.era_arg,
+                "source": self.source, "model_tag": self.model_tag, "data": where(str(self.data_dir))}
 
     def hook_width(self, name: str) -> int:
         return hook_width(name, self.n_layer, self.d_model)

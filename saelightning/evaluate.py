@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from saelightning import resolve
 from saelightning.atomic import write_json
@@ -26,6 +25,7 @@ from saelightning.command import parse
 from saelightning.errors import SAELightningError
 from saelightning.hooks import hook_width, parse_hook
 from saelightning.metrics import SAEMetrics
+from saelightning.progress import progress_bar
 from saelightning.tokens import rows_for_tokens, val_batches
 
 
@@ -178,24 +178,27 @@ class EvalArgs:
 
     Args:
         sae: exported SAE directories (SAELens layout); each names its hook point in cfg.json metadata.
-        model: nanochat checkpoint dir or base dir, or "demo" for the bundled model.
+        model: nanochat checkpoint dir or base dir, or "demo" for the bundled model; default: the one the SAEs'
+            cfg.json records (the model and step they were trained on).
         out: also write the report as JSON here (written atomically); the table is printed either way.
         tokens: token positions of the val shard to evaluate (the first ceil(tokens / context_size) rows).
-        data: parquet shard dir (the last shard is val), or "demo"; default: the demo shards for the demo
-            model, else $NANOCHAT_BASE_DIR/base_data[_climbmix].
+        data: parquet shard dir (the last shard is val), or "demo"; default: the shards the SAEs were trained
+            on (cfg.json), else the demo shards for the demo model, else $NANOCHAT_BASE_DIR/base_data[_climbmix].
         batch_size: rows per forward.
         context_size: tokens per row; default: the SAEs' training context size.
         device: cpu or cuda; default: cuda when there is a GPU.
+        quiet: no progress bar (it shows only on a terminal in any case).
     """
 
     sae: list[str]
-    model: str
+    model: str | None = None
     out: str | None = None
     tokens: int = 100_000
     data: str | None = None
     batch_size: int = 8
     context_size: int | None = None
     device: str | None = None
+    quiet: bool = False
 
 
 def _default_context(groups, model) -> int:
@@ -224,17 +227,18 @@ def run_eval(args: EvalArgs) -> dict:
     if args.tokens < 2 or args.batch_size < 1:
         raise SAELightningError("--tokens must be >= 2 and --batch_size >= 1")
     device = resolve.device(args.device)
-    nc = resolve.load_model(args.model, device=device, dtype=torch.float32)
+    model, load, data = resolve.sources(args.sae, args.model, args.data)
+    nc = resolve.load_model(model, device=device, dtype=torch.float32, **load)
     groups, where = resolve.load_saes(args.sae, device)
     check_saes(nc.model, groups)
     context = args.context_size or _default_context(groups, nc.model)
     if not 2 <= context <= nc.model.config.sequence_len:
         raise SAELightningError(f"--context_size must be in [2, {nc.model.config.sequence_len}], got {context}")
-    data_dir = resolve.data_dir(args.data, args.model)
+    data_dir = resolve.data_dir(data, model)
     _, val_shard = resolve.shards(data_dir)
     rows = list(val_batches(val_shard, nc.tokenizer, context, rows_for_tokens(args.tokens, context), args.batch_size))
     evaluated = sum(r.numel() for r in rows)
-    with tqdm(total=evaluated, unit="tok", desc="eval", disable=None, file=sys.stderr) as bar:
+    with progress_bar(evaluated, "eval", quiet=args.quiet) as bar:
         results = evaluate_saes(nc.model, groups, rows, nc.tokenizer.bos_id, progress=bar)
     if evaluated < args.tokens:
         print(f"saelightning eval: the val shard ran out after {evaluated} of {args.tokens} tokens; "
@@ -244,7 +248,7 @@ def run_eval(args: EvalArgs) -> dict:
         metrics, density = results[hook][i]
         entries.append({"path": str(path), "hook_name": hook, "metrics": metrics,
                         "feature_density": density.tolist()})
-    report = {"model": resolve.model_path(args.model), "data": str(data_dir), "context_size": context,
+    report = {"model": resolve.model_path(model), "data": str(data_dir), "context_size": context,
               "tokens_requested": args.tokens, "tokens_evaluated": evaluated, "saes": entries}
     if args.out:
         write_json(args.out, report, indent=2)

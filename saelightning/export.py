@@ -130,6 +130,12 @@ def load_sae(path, device=None) -> SAE:
     return sae.to(device) if device is not None else sae
 
 
+def read_metadata(path) -> dict:
+    """cfg.json's "metadata" of an SAE directory, without reading its weights."""
+    cfg = _upgrade_pre6(_read_cfg(Path(path) / CFG_FILE))
+    return dict(cfg["metadata"]) if isinstance(cfg.get("metadata"), dict) else {}
+
+
 def load_sparsity(path) -> torch.Tensor | None:
     """log10 feature densities [d_sae] from an SAE directory's sparsity.safetensors, or None if absent."""
     file = Path(path) / SPARSITY_FILE

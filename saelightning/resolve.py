@@ -14,7 +14,7 @@ import torch
 
 from saelightning.demo import DEMO_MODEL_DIR, ensure_demo_shards
 from saelightning.errors import SAELightningError
-from saelightning.export import load_sae
+from saelightning.export import load_sae, read_metadata
 from saelightning.nanochat.checkpoint import Nanochat, load_nanochat
 from saelightning.nanochat.shards import list_shards
 
@@ -40,10 +40,21 @@ def device(name: str | None) -> torch.device:
     return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
+def _is_demo(model: str) -> bool:
+    """"demo", or a path to the bundled model (its dir or one inside it)."""
+    if model == "demo":
+        return True
+    try:
+        path = Path(model).expanduser().resolve()
+    except OSError:
+        return False
+    return path == DEMO_MODEL_DIR.resolve() or DEMO_MODEL_DIR.resolve() in path.parents
+
+
 def data_dir(data: str | None, model: str) -> Path:
     """The shard directory: `data`, the demo shards ("demo", or by default for the demo model), or
     nanochat's base_data next to $NANOCHAT_BASE_DIR."""
-    if data == "demo" or (data is None and model == "demo"):
+    if data == "demo" or (data is None and _is_demo(model)):
         return Path(ensure_demo_shards())
     if data is not None:
         return Path(data).expanduser()
@@ -76,3 +87,44 @@ def load_saes(paths: Sequence, device=None) -> tuple[dict[str, list], list[tuple
         groups.setdefault(hook, []).append(sae)
         where.append((hook, len(groups[hook]) - 1))
     return groups, where
+
+
+def _recorded(metadata: dict) -> dict:
+    """What an export records of the model and data it was trained on (exports before trained_on: the
+    checkpoint dir and step only)."""
+    trained_on = metadata.get("trained_on")
+    if isinstance(trained_on, dict) and trained_on.get("model"):
+        return trained_on
+    model = metadata.get("model") if isinstance(metadata.get("model"), dict) else {}
+    return {"model": model.get("path"), "step": model.get("step"), "era": model.get("era")}
+
+
+def sources(sae_paths: Sequence, model: str | None, data: str | None) -> tuple[str, dict, str | None]:
+    """(model, load_model keywords, data) for a command on exported SAEs: --model and --data when given,
+    else what the SAEs' cfg.json records (the model, its step, and the shards whose last one is val)."""
+    if model is not None:
+        return model, {}, data
+    if not sae_paths:
+        raise SAELightningError("no --model given and no --sae to take it from; pass --model DIR (or demo)")
+    recorded = {}
+    for path in sae_paths:
+        rec = _recorded(read_metadata(path))
+        if not rec.get("model"):
+            raise SAELightningError(f"{path}: cfg.json records no model; pass --model DIR (the nanochat checkpoint "
+                                    "it was trained on)")
+        recorded.setdefault((rec["model"], rec.get("step")), (path, rec))
+    if len(recorded) > 1:
+        (a, _), (b, _) = list(recorded.values())[:2]
+        raise SAELightningError(f"the SAEs were trained on different models ({a} and {b}); pass --model to "
+                                "evaluate them on one")
+    path, rec = next(iter(recorded.values()))
+    if rec["model"] != "demo" and not Path(rec["model"]).exists():
+        raise SAELightningError(f"{path} was trained on the model at {rec['model']}, which is not there now; pass "
+                                "--model DIR (where it is now)")
+    keywords = {k: rec[k] for k in ("step", "era", "source", "model_tag") if rec.get(k) is not None}
+    if data is None and rec.get("data"):
+        data = rec["data"]
+        if data != "demo" and not Path(data).is_dir():
+            raise SAELightningError(f"{path} was trained on the shards in {data}, which are not there now; pass "
+                                    "--data DIR (its last shard is the val split)")
+    return rec["model"], keywords, data

@@ -350,7 +350,7 @@ class GenerateArgs:
     """Generate text with a nanochat model, printing each new token's top SAE features; steer latents.
 
     Args:
-        model: nanochat checkpoint or base dir, or "demo".
+        model: nanochat checkpoint or base dir, or "demo" (default: the one the first --sae's cfg.json records).
         prompt: prompt text (several: a batch).
         sae: exported SAE directories.
         steer: HOOK:LATENT:STRENGTH: add STRENGTH x the latent's decoder direction (HOOK may be left out
@@ -365,8 +365,8 @@ class GenerateArgs:
         device: cpu or cuda (default: cuda when there is a GPU).
     """
 
-    model: str
     prompt: list[str]
+    model: str | None = None
     sae: list[str] = field(default_factory=list)
     steer: list[str] = field(default_factory=list)
     clamp: list[str] = field(default_factory=list)
@@ -399,7 +399,8 @@ def cli_main(argv: Sequence[str]) -> int:
     if a is None:
         return 0
     device = resolve.device(a.device)
-    nc = resolve.load_model(a.model, device=device, dtype=torch.float32)
+    model, load, _ = resolve.sources(a.sae, a.model, None)
+    nc = resolve.load_model(model, device=device, dtype=torch.float32, **load)
     im = InterpretableModel(nc, [load_sae(d, device=device) for d in a.sae])
     only = next(iter(im.saes)) if len(im.saes) == 1 else None
     steers = [parse_steer(s, mode, only) for mode, specs in

@@ -58,20 +58,22 @@ class VizArgs:
 
     Args:
         sae: exported SAE directory (SAELens layout).
-        model: nanochat checkpoint or base dir, or "demo" for the bundled model.
+        model: nanochat checkpoint or base dir, or "demo" for the bundled model (default: the one the SAE's
+            cfg.json records).
         out: output directory (written atomically).
         tokens: token positions of the val shard to read (the first ceil(tokens / context_size) rows, as eval).
         features: latents to include, e.g. 0-99,120 (default: all).
-        data: parquet shard dir (the last shard is val), or "demo".
+        data: parquet shard dir (the last shard is val), or "demo" (default: the shards the SAE was trained on).
         context_size: tokens per row (default: the SAE's training context, as eval).
         batch_rows: rows per forward (default: as many as keep a batch's dense latents near 256 MB, at most 32).
         top_k: top-activating contexts per latent.
         device: cpu or cuda (default: cuda when there is a GPU).
+        quiet: no progress bars (they show only on a terminal in any case).
     """
 
     sae: str
-    model: str
     out: str
+    model: str | None = None
     tokens: int = 100_000
     features: str | None = None
     data: str | None = None
@@ -79,6 +81,7 @@ class VizArgs:
     batch_rows: int | None = None
     top_k: int = 20
     device: str | None = None
+    quiet: bool = False
 
 
 def compute_records(args: VizArgs) -> tuple[dict, list[dict], object]:
@@ -86,7 +89,8 @@ def compute_records(args: VizArgs) -> tuple[dict, list[dict], object]:
     if args.tokens < 2 or args.top_k < 1:
         raise SAELightningError("--tokens must be >= 2 and --top_k >= 1")
     device = resolve.device(args.device)
-    nc = resolve.load_model(args.model, device=device, dtype=torch.float32)
+    model, load, data = resolve.sources([args.sae], args.model, args.data)
+    nc = resolve.load_model(model, device=device, dtype=torch.float32, **load)
     sae = load_sae(args.sae, device=device).eval()
     hook = resolve.sae_hook(sae, args.sae)
     layer, _ = parse_hook(hook, nc.model.n_layer)
@@ -99,7 +103,7 @@ def compute_records(args: VizArgs) -> tuple[dict, list[dict], object]:
     rows = args.batch_rows or max(1, min(32, LATENT_BUDGET // (context * d_sae)))
     cfg = StatsConfig(top_k=args.top_k)
     features = parse_features(args.features, d_sae)
-    _, val = resolve.shards(resolve.data_dir(args.data, args.model))
+    _, val = resolve.shards(resolve.data_dir(data, model))
     n_rows = rows_for_tokens(args.tokens, context)
 
     def batches():  # the same rows as `saelightning eval --tokens N`, for both passes
@@ -108,7 +112,7 @@ def compute_records(args: VizArgs) -> tuple[dict, list[dict], object]:
     stats = collect_stats(nc.model, sae, hook, batches, nc.tokenizer.bos_id, features, cfg, device)
     effects = logit_effect(nc.model, sae, hook, stats.features, cfg)
     records = feature_records(stats, effects, nc.tokenizer.token_str)
-    meta = {"title": f"{Path(args.sae).name}: {hook}", "sae": str(args.sae), "model": resolve.model_path(args.model),
+    meta = {"title": f"{Path(args.sae).name}: {hook}", "sae": str(args.sae), "model": resolve.model_path(model),
             "hook_name": hook, "layer": layer, "n_layer": nc.model.n_layer, "n_tokens": stats.n_tokens,
             "n_rows": stats.n_rows, "d_sae": d_sae, "d_in": d_in, "context_size": context, "val_shard": str(val)}
     return meta, records, sae
