@@ -213,3 +213,10 @@ def test_eval_on_the_export_reproduces_the_logged_validation(tmp_path, nanochat_
     for key in compared:
         tolerance = {"abs": 2 / 128} if key in ("dead_fraction", "frac_alive") else {"rel": 1e-4, "abs": 1e-6}
         assert evaluated[key] == pytest.approx(logged[f"val/{key}"], **tolerance), key
+    # eval with neither --model nor --data takes both from the export's cfg.json: the same rows, the same report
+    defaulted = tmp_path / "eval_defaults.json"
+    assert main(["eval", "--sae", str(export), "--tokens", str(val_tokens), "--batch_size", "4", "--context_size",
+                 "32", "--out", str(defaulted), "--device", "cpu", "--quiet"]) == 0
+    again = json.loads(defaulted.read_text())
+    assert again["data"] == report["data"] == str(tiny_shards_dir)
+    assert again["saes"][0]["metrics"] == report["saes"][0]["metrics"]
