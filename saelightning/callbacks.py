@@ -9,6 +9,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
+from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 
 from saelightning.dashboards.stats import density_summary
@@ -138,7 +139,7 @@ def export_module(pl_module, out_root: Path, step: int, metrics: dict | None = N
         prefix = pl_module.prefix(name)
         mine = ({k[len(prefix):]: v for k, v in (metrics or {}).items() if k.startswith(prefix)} if prefix
                 else dict(metrics or {}))
-        density = pl_module.density(name)
+        density, density_tokens = pl_module.states[name].latest_density()
         metadata = {
             "model_name": "nanochat", "hook_name": spec.hook_name, "context_size": info.get("context_size"),
             "model": {k: info.get(k) for k in ("path", "step", "era", "config")}, "sae_name": name,
@@ -146,6 +147,7 @@ def export_module(pl_module, out_root: Path, step: int, metrics: dict | None = N
             "training_steps": step, "training_tokens": int(pl_module.tokens_seen),
             "trainer_config": {k: v for k, v in pl_module.hparams.items() if k not in ("saes", "model_info")},
             "spec": {k: v for k, v in vars(spec).items()}, "final_metrics": mine, "final_metrics_step": metrics_step,
+            "sparsity_tokens": density_tokens,  # the tokens sparsity.safetensors counts firings over
         }
         sparsity = log10_density(density) if torch.isfinite(density).all() else None
         try:
@@ -285,3 +287,27 @@ class DensityHistograms(pl.Callback):
                                          trainer.global_step)
                 experiment.add_scalar(f"{pl_module.prefix(name)}sparsity/mean_log10_feature_density", values.mean(),
                                       trainer.global_step)
+
+
+class SAEProgressBar(TQDMProgressBar):
+    """Lightning's fit bar with each SAE's loss, EV and L0 and the tokens per second (the module logs them with
+    prog_bar=True), under short names: `loss`, or `resid2_topk.loss` when several SAEs train at once. The
+    TensorBoard version number (v_num) is left out: the summary at the end names the log dir."""
+
+    SHORT = {"losses/overall_loss": "loss", "metrics/explained_variance": "EV", "metrics/l0": "L0",
+             "details/tokens_per_second": "tok/s"}
+
+    def get_metrics(self, trainer, pl_module) -> dict:
+        items = super().get_metrics(trainer, pl_module)
+        items.pop("v_num", None)
+        out = {}
+        for key, value in items.items():
+            for long, short in self.SHORT.items():
+                if key == long or key.endswith(f"/{long}"):
+                    prefix = key[:-len(long)].rstrip("/")
+                    key = f"{prefix}.{short}" if prefix else short
+                    break
+            out[key] = value
+        if "tok/s" in out and isinstance(out["tok/s"], (int, float)):
+            out["tok/s"] = f"{out['tok/s']:,.0f}"
+        return out

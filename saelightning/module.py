@@ -18,6 +18,7 @@ from typing import Literal
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
+from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
 from saelightning.errors import SAELightningError
@@ -94,7 +95,8 @@ class SAEState(nn.Module):
 
     since_fired: tokens since each latent last fired (dead = at least the window); initialized: b_dec was
     set from a first batch; window / window_tokens: firing counts and tokens of the density window in
-    progress, pooled over ranks; density: the firing frequency of the last completed window (NaN before).
+    progress, pooled over ranks; density: the firing frequency of the last completed window (NaN before),
+    density_tokens: the tokens it counted (0 before).
     """
 
     def __init__(self, d_sae: int):
@@ -104,6 +106,7 @@ class SAEState(nn.Module):
         self.register_buffer("density", torch.full((d_sae,), float("nan")))
         self.register_buffer("window", torch.zeros(d_sae, dtype=torch.float64))
         self.register_buffer("window_tokens", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("density_tokens", torch.zeros((), dtype=torch.float64))
 
     def track(self, counts: torch.Tensor, step_tokens: torch.Tensor) -> None:
         """A step's firing counts (summed over ranks) and SAE tokens (0 for a skipped step)."""
@@ -112,8 +115,18 @@ class SAEState(nn.Module):
         self.window += counts
         self.window_tokens += step_tokens
 
+    def latest_density(self) -> tuple[torch.Tensor, int | None]:
+        """(firing frequency per latent, tokens it counts): the last completed window's, else the window in
+        progress (a run shorter than one window); NaN and 0 before any token. The count is None for a window
+        completed before checkpoints recorded it."""
+        if bool(torch.isfinite(self.density).all()):
+            tokens = float(self.density_tokens)
+            return self.density, int(tokens) if math.isfinite(tokens) else None
+        return self.window / self.window_tokens, int(self.window_tokens)
+
     def close_window(self) -> None:
         self.density.copy_(self.window / self.window_tokens)
+        self.density_tokens.copy_(self.window_tokens)
         self.window.zero_()
         self.window_tokens.zero_()
 
@@ -132,6 +145,9 @@ def upgrade_state_dict(state: dict) -> dict:
         elif key == "nonfinite_skipped":
             key = "guard.skipped"
         out[key] = value
+    for key in list(out):  # written before density_tokens: the count of a completed window is unknown (NaN)
+        if key.startswith("states.") and key.endswith(".density") and key + "_tokens" not in out:
+            out[key + "_tokens"] = torch.tensor(float("nan"), dtype=torch.float64)
     return out
 
 
@@ -341,17 +357,19 @@ class SAEModule(pl.LightningModule):
         computed = metrics.compute()  # pooled over ranks
         for key in ("explained_variance", "mse", "l0", "l1"):
             values[f"{p}metrics/{key}"] = computed[key]
+        shown = {f"{p}losses/overall_loss", f"{p}metrics/explained_variance", f"{p}metrics/l0"}  # in the fit bar
         values[f"{p}sparsity/dead_fraction"] = self.dead_mask(name).float().mean()
         group = next(g for g in self.optimizers().optimizer.param_groups if g["name"] == name)
         values[f"{p}details/current_learning_rate"] = torch.tensor(group["lr"])
         metrics.reset()
-        self.log_dict({k: v.float() for k, v in values.items()}, on_step=True, on_epoch=False, sync_dist=False)
+        for key, value in values.items():
+            self.log(key, value.float(), on_step=True, on_epoch=False, sync_dist=False, prog_bar=key in shown)
 
     def _log_throughput(self, batch_tokens: int) -> None:
         now, step = time.perf_counter(), self.global_step
         if self._clock is not None and step > self._clock[1]:
             rate = (step - self._clock[1]) * self.world_batch(batch_tokens) / (now - self._clock[0])
-            self.log("details/tokens_per_second", rate, on_step=True, on_epoch=False)
+            self.log("details/tokens_per_second", rate, on_step=True, on_epoch=False, prog_bar=True)
         self._clock = (now, step)
         self.log("details/n_training_tokens", self.tokens_seen.float(), on_step=True, on_epoch=False)
         self.log("details/nonfinite_skipped", self.guard.skipped.float(), on_step=True, on_epoch=False)
@@ -361,6 +379,9 @@ class SAEModule(pl.LightningModule):
         metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if v.numel() == 1}
         checkpoint["saelightning_metrics"] = {k: v for k, v in metrics.items() if math.isfinite(v)}
         checkpoint["saelightning_metrics_step"] = self.last_val_step
+        # a resume continues this TensorBoard version (one run, one curve)
+        logger = self.trainer.logger
+        checkpoint["saelightning_log_version"] = logger.version if isinstance(logger, TensorBoardLogger) else None
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["state_dict"] = upgrade_state_dict(checkpoint["state_dict"])

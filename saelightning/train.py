@@ -25,8 +25,9 @@ from pathlib import Path
 import torch
 import yaml
 from jsonargparse import ArgumentError
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 
 from saelightning.callbacks import (
@@ -35,6 +36,7 @@ from saelightning.callbacks import (
     ExportSAEs,
     FinalCheckpoint,
     ResampleDeadLatents,
+    SAEProgressBar,
     export_dir,
 )
 from saelightning.checkpointing import AtomicCheckpointIO, check_checkpoint, step_of
@@ -135,14 +137,16 @@ def _run_holds(folder: Path) -> str | None:
     return None
 
 
-def _stop_if_finished(ckpt: Path, max_steps: int) -> None:
-    """Resuming a run that already reached max_steps trains and writes nothing: say so and stop here, before
-    Lightning opens a new log version for it."""
-    step = int(torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True).get("global_step", 0))
+def _resume_point(ckpt: Path, max_steps: int) -> dict:
+    """The step and TensorBoard version a checkpoint resumes at. Resuming a run that already reached max_steps
+    trains and writes nothing: say so and stop here, before Lightning opens a log version for it."""
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
+    step = int(checkpoint.get("global_step", 0))
     if 0 < max_steps <= step:
         print(f"saelightning: {ckpt} is at step {step}, and trainer.max_steps is {max_steps}: nothing to train "
               f"(its export is in {ckpt.parent / 'saes'}); raise --trainer.max_steps to continue the run")
         raise SystemExit(0)
+    return {"step": step, "log_version": checkpoint.get("saelightning_log_version")}
 
 
 def check_writable(folder: Path) -> None:
@@ -156,6 +160,8 @@ def check_writable(folder: Path) -> None:
 
 
 class SAELightningCLI(LightningCLI):
+    resume: dict | None = None  # the checkpoint's step and log version, when fit resumes one
+
     def add_arguments_to_parser(self, parser) -> None:
         for target, fn in (("model.n_layer", _n_layer), ("model.d_model", _d_model), ("model.model_info", _model_info)):
             parser.link_arguments("data", target, compute_fn=fn, apply_on="instantiate")
@@ -192,7 +198,7 @@ class SAELightningCLI(LightningCLI):
             if ckpt_path != "last" or path.exists():  # "last" with none yet starts afresh (Lightning's rule)
                 check_checkpoint(path)
                 if subcommand == "fit":
-                    _stop_if_finished(path, config["trainer"].get("max_steps") or -1)
+                    self.resume = _resume_point(path, config["trainer"].get("max_steps") or -1)
         if subcommand == "fit":
             check_writable(run_dir)
             held = _run_holds(run_dir)
@@ -214,6 +220,15 @@ class SAELightningCLI(LightningCLI):
         plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             kwargs["plugins"] = plugins + [AtomicCheckpointIO()]
+        trainer = self._get(self.config_init, "trainer", default={})
+        callbacks = list(trainer.get("callbacks") or [])
+        if trainer.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+            kwargs["callbacks"] = callbacks + [SAEProgressBar()]
+        if self.resume is not None and self.resume["log_version"] is not None and trainer.get("logger") in (None, True):
+            # the default logger, continuing the resumed run's version; purge_step hides what the old event file
+            # logged after the checkpoint (the steps this run trains again)
+            kwargs["logger"] = TensorBoardLogger(config["default_root_dir"], version=self.resume["log_version"],
+                                                 purge_step=self.resume["step"])
         return super().instantiate_trainer(**kwargs)
 
 

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -108,6 +109,15 @@ def test_resume_from_last_is_bitwise_equal(tmp_path, nanochat_current_dir, tiny_
         assert torch.equal(a[key], b[key]), key
     resampled = torch.load(tmp_path / "parts" / "last.ckpt", weights_only=True)["callbacks"]["ResampleDeadLatents"]
     assert [h["step"] for h in resampled["history"]] == [5, 10]
+    # one run, one TensorBoard curve: the resume continues version_0, and its curve is the uninterrupted run's
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert [p.name for p in (tmp_path / "parts" / "lightning_logs").iterdir()] == ["version_0"]
+    curves = [EventAccumulator(str(tmp_path / run / "lightning_logs" / "version_0")).Reload()
+              for run in ("whole", "parts")]
+    for tag in ("losses/overall_loss", "metrics/explained_variance", "val/explained_variance"):
+        whole_curve, parts_curve = ([(e.step, e.value) for e in c.Scalars(tag)] for c in curves)
+        assert parts_curve == whole_curve and len(whole_curve) >= 2, tag
 
 
 def test_sweep_runs_one_model_forward_for_all_saes(tmp_path, nanochat_current_dir, tiny_shards_dir, monkeypatch):
@@ -220,3 +230,41 @@ def test_eval_on_the_export_reproduces_the_logged_validation(tmp_path, nanochat_
     again = json.loads(defaulted.read_text())
     assert again["data"] == report["data"] == str(tiny_shards_dir)
     assert again["saes"][0]["metrics"] == report["saes"][0]["metrics"]
+
+
+def test_fit_bar_shows_loss_ev_l0_and_tokens_per_second(tmp_path, nanochat_current_dir, tiny_shards_dir, capsys):
+    two = [{"hook_name": HOOK, "d_sae": 128, "k": 8, "name": "a"}, {"hook_name": HOOK, "d_sae": 128, "k": 4, "name": "b"}]
+    for run, saes, names in (("one", None, ["loss", "EV", "L0"]), ("two", two, ["a.loss", "b.EV", "b.L0"])):
+        cfg = _config(tmp_path, nanochat_current_dir, tiny_shards_dir, run=run, saes=saes, max_steps=8,
+                      enable_progress_bar=True)
+        assert main(["fit", "--config", str(cfg)]) == 0
+        captured = capsys.readouterr()
+        bar = captured.out + captured.err
+        for name in names + ["tok/s"]:
+            assert re.search(rf"[ ,]{re.escape(name)}=[-\d.,e]+", bar), (name, bar[-400:])
+        assert "v_num" not in bar
+    # --trainer.enable_progress_bar false: no bar is added (Lightning would refuse a bar callback with it)
+    assert main(["fit", "--config", str(cfg), "--run_name", "nobar", "--trainer.enable_progress_bar", "false"]) == 0
+    assert "loss=" not in capsys.readouterr().out
+
+
+def test_a_run_shorter_than_the_dead_window_exports_its_sparsity(tmp_path, nanochat_current_dir, tiny_shards_dir):
+    """sparsity.safetensors is always written: from the window in progress when no window completed, with the
+    tokens it counted in cfg.json; a completed window's figure otherwise."""
+    from saelightning.export import load_sparsity
+    from saelightning.metrics import log10_density
+
+    for run, window, expected in (("short", 10**6, 4 * 64), ("windowed", 128, 128)):
+        cfg = _config(tmp_path, nanochat_current_dir, tiny_shards_dir, run=run, max_steps=4, val_check_interval=4)
+        config = yaml.safe_load(cfg.read_text())
+        config["model"]["dead_window_tokens"] = window
+        cfg.write_text(yaml.safe_dump(config))
+        assert main(["fit", "--config", str(cfg)]) == 0
+        (export,) = (tmp_path / run / "saes").iterdir()
+        meta = json.loads((export / "cfg.json").read_text())["metadata"]
+        assert meta["sparsity_tokens"] == expected
+        state = _weights(tmp_path / run / "last.ckpt")
+        prefix = f"states.{export.name}."
+        counts = state[prefix + ("window" if run == "short" else "density")]
+        density = counts / expected if run == "short" else counts
+        assert torch.equal(load_sparsity(export), log10_density(density))
