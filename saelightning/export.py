@@ -112,10 +112,11 @@ def _write_dir_atomically(out_dir: Path, cfg_text: str, tensors: dict, extra_fil
             save_file(file_tensors, str(tmp / name), metadata={"format": "pt"})
 
 
-def load_sae(path, device=None) -> SAE:
+def load_sae(path, device=None, trainable: bool = False) -> SAE:
     """Read an SAE directory (ours or SAELens-written) into an SAE that works on raw activations.
 
-    cfg.json's metadata is available as `sae.metadata`. The SAE is returned in eval mode.
+    cfg.json's metadata is available as `sae.metadata`. The SAE is returned in eval mode with its parameters
+    frozen (requires_grad False), as inference wants; trainable=True leaves them trainable (fine-tuning).
     """
     path = Path(path)
     if not path.is_dir():
@@ -126,7 +127,7 @@ def load_sae(path, device=None) -> SAE:
     tensors = _read_tensors(path / WEIGHTS_FILE)
     sae.load_saelens_tensors(_check_tensors(tensors, sae, path / WEIGHTS_FILE))
     sae.metadata = dict(cfg["metadata"]) if isinstance(cfg.get("metadata"), dict) else {}
-    sae.eval()
+    sae.eval().requires_grad_(trainable)
     return sae.to(device) if device is not None else sae
 
 

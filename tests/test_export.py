@@ -49,6 +49,9 @@ def test_round_trip_is_exact(tmp_path, arch):
     assert loaded.metadata["hook_name"] == "blocks.1.hook_resid_post" and loaded.metadata["context_size"] == 64
     x = torch.randn(16, D_IN)
     assert torch.equal(loaded.encode(x), sae.encode(x))
+    # frozen for inference unless asked: no autograd graph, no grads collected by accident
+    assert not any(p.requires_grad for p in loaded.parameters()) and not loaded.encode(x).requires_grad
+    assert all(p.requires_grad for p in load_sae(tmp_path / "sae", trainable=True).parameters())
 
 
 @pytest.mark.parametrize("arch", ["batchtopk", "matryoshka"])
