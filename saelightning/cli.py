@@ -27,6 +27,7 @@ COMMANDS = {
     "viz": ("saelightning.dashboards", "write static HTML feature dashboards"),
     "neuronpedia": ("saelightning.neuronpedia", "write Neuronpedia batch JSON files"),
     "generate": ("saelightning.runtime", "generate text with per-token features and steering"),
+    "features": ("saelightning.runtime", "show each SAE's top latents on every token of a prompt"),
     "export": ("saelightning.checkpointing", "export SAEs from a Lightning checkpoint"),
 }
 
@@ -73,7 +74,7 @@ def main(args: list[str] | None = None) -> int:
         module = importlib.import_module(COMMANDS[command][0])
         if command in ("fit", "validate"):
             return module.cli_main(argv) or 0
-        return module.cli_main(rest) or 0
+        return getattr(module, f"{command}_cli_main", module.cli_main)(rest) or 0  # two commands in one module
     except SAELightningError as e:
         print(f"saelightning: error: {one_line(e)}", file=sys.stderr)
         return 2

@@ -11,14 +11,24 @@
 Steering always edits the activation as x + (f' - f) @ W_dec over the changed latents only, so the
 SAE's reconstruction error stays in the stream (replacing x by the reconstruction would drop it).
 BOS positions are never steered: their activation is an outlier the SAE was not trained on.
+
+The names of the seed extension (nanochat PR #169, sae/runtime.py) are kept as thin forms of these:
+`interpretation_enabled()` + `get_active_features(hook_point, top_k)` track, `steering_enabled({hook:
+(feature_idx, strength)})` and `steer(ids, feature_id=(hook, idx), strength=s)` steer ("add" by default).
+
+A prompt longer than the model's context (config.sequence_len) is cut on the left with a warning, or
+refused with truncate="error"; see InterpretableModel.fit_context.
 """
 
 from __future__ import annotations
 
 import math
+import sys
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
@@ -30,6 +40,11 @@ from saelightning.hooks import hook_width, parse_hook
 from saelightning.nanochat.model import check_sampling, decode_batched
 
 STEER_MODES = ("add", "clamp", "scale")
+TRUNCATE_MODES = ("left", "error")  # a prompt longer than the context: keep its last tokens (warned), or refuse
+
+
+class ContextWarning(UserWarning):
+    """A prompt was cut to the model's context, or generation runs past it (InterpretableModel.fit_context)."""
 
 
 @dataclass(frozen=True)
@@ -134,6 +149,24 @@ def _cat_padded(pairs, dim: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
             torch.cat([pad(i, (0, width - i.shape[-1]), value=-1) for _, i in pairs], dim))
 
 
+def dense_latents(values: torch.Tensor, indices: torch.Tensor, d_sae: int) -> torch.Tensor:
+    """(values, indices) [..., n] (inactive slots: index -1) -> dense latents [..., d_sae]."""
+    active = indices >= 0
+    dense = values.new_zeros(*values.shape[:-1], d_sae)
+    # scatter_add: the masked slots all land on column 0 with value 0, which leaves a real latent 0 exact
+    return dense.scatter_add_(-1, indices.clamp_min(0), values * active)
+
+
+@dataclass
+class PromptFeatures:
+    """The latents at every position of one prompt (InterpretableModel.prompt_features)."""
+
+    token_ids: list[int]  # the tokens the model read (after any truncation), <|bos|> first when it was given
+    tokens: list[str] | None  # their display text (None without a tokenizer)
+    latents: dict[str, tuple[torch.Tensor, torch.Tensor]]  # hook -> (values, indices) [T, top_n], largest first;
+    # slots past a token's active latents hold value 0 and index -1
+
+
 @dataclass
 class GenerationStep:
     """One streamed generation step (one new token per prompt)."""
@@ -162,6 +195,7 @@ class InterpretableModel:
         self._scales = {h: float(getattr(s, "input_scale", 1.0)) for h, s in self.saes.items()}
         self.steers: list[Steer] = []
         self._trace: Trace | None = None
+        self._interpretation: Trace | None = None  # the trace of interpretation_enabled()
 
     def _index_saes(self, saes) -> dict[str, torch.nn.Module]:
         if isinstance(saes, Mapping):
@@ -212,6 +246,85 @@ class InterpretableModel:
             if not 0 <= s.latent < self.saes[s.hook].W_dec.shape[0]:
                 raise SAELightningError(f"latent {s.latent} is out of range for the SAE on {s.hook!r} "
                                         f"(d_sae={self.saes[s.hook].W_dec.shape[0]})")
+
+    # -- the seed extension's names (nanochat PR #169, sae/runtime.py), as thin forms of track and steering
+    @contextmanager
+    def interpretation_enabled(self):
+        """track(top_n=None) under the seed extension's name: record every active latent of each forward inside;
+        read them with get_active_features() inside the block (they are dropped when it ends, as there)."""
+        with self.track(top_n=None) as trace:
+            self._interpretation = trace
+            try:
+                yield self
+            finally:
+                self._interpretation = None
+
+    def get_active_features(self, hook_point: str | None = None, top_k: int | None = None) -> dict:
+        """The latents of the last forward inside interpretation_enabled(), as the seed extension returns them.
+
+        Always a dict: {hook: dense latents [B*T, d_sae]} (rows in (batch, position) order), for every hook
+        with an SAE (hook_point=None) or for that one hook; with top_k, {hook: (indices, values)} [B*T, top_k],
+        largest first, where a slot past a token's active latents holds index -1 and value 0 (the seed's plain
+        torch.topk would name some inactive latent there). Steered hooks give the steered latents.
+        """
+        trace = self._interpretation
+        if trace is None:
+            raise SAELightningError("no features: call get_active_features() inside `with m.interpretation_enabled():`"
+                                    ", after a forward m(ids)")
+        if top_k is not None and top_k < 1:
+            raise SAELightningError(f"top_k {top_k} must be >= 1 (or None: the dense latents)")
+        records = trace.records
+        if hook_point is not None:
+            if hook_point not in self.saes:
+                raise SAELightningError(f"no SAE on {hook_point!r}; loaded: {sorted(self.saes)}")
+            if not records.get(hook_point):
+                raise SAELightningError(f"no features for {hook_point!r} yet: run a forward m(ids) inside "
+                                        "interpretation_enabled() first")
+            hooks = [hook_point]
+        else:
+            hooks = [h for h in self.saes if records.get(h)]
+        out = {}
+        for hook in hooks:
+            values, indices = records[hook][-1]
+            d_sae = self.saes[hook].W_dec.shape[0]
+            dense = dense_latents(values, indices, d_sae).flatten(0, 1)
+            if top_k is None:
+                out[hook] = dense
+            else:
+                v, i = top_latents(dense, min(top_k, d_sae))
+                out[hook] = (i, v)
+        return out
+
+    @contextmanager
+    def steering_enabled(self, steering_config: Mapping, mode: str = "add"):
+        """steering() under the seed extension's name: {hook: (feature_idx, strength)} (or a list of such pairs
+        per hook). mode "add" (default) adds strength x the latent's decoder row, keeping the SAE's error term;
+        "scale" multiplies the latent by strength (the seed's meaning of strength, but x + (f' - f) W_dec here
+        too, not the seed's replacement of x by the reconstruction)."""
+        if not isinstance(steering_config, Mapping):
+            raise SAELightningError("steering_config must be a dict {hook: (feature_idx, strength)}")
+        steers = []
+        for hook, spec in steering_config.items():
+            for pair in spec if isinstance(spec, list) else [spec]:
+                try:
+                    latent, strength = pair
+                    valid, strength = int(latent) == latent, float(strength)
+                except (TypeError, ValueError):
+                    valid = False
+                if not valid:
+                    raise SAELightningError(f"steering_config[{hook!r}] = {spec!r}; give (feature_idx, strength) or "
+                                            "a list of them, e.g. {'blocks.1.hook_resid_post': (123, 4.0)}")
+                steers.append(Steer(hook, int(latent), mode, strength))  # Steer refuses a non-finite strength
+        with self.steering(steers):
+            yield self
+
+    def steer(self, input_ids: torch.Tensor, feature_id: tuple[str, int], strength: float, mode: str = "add",
+              **kwargs) -> torch.Tensor:
+        """The logits of one forward with feature_id = (hook, latent) steered by strength (steering_enabled's
+        modes); kwargs go to forward (kv_cache)."""
+        hook, latent = feature_id
+        with self.steering_enabled({hook: (latent, strength)}, mode):
+            return self.forward(input_ids, **kwargs)
 
     # -- hooks
     def hooks(self, idx: torch.Tensor | None = None) -> dict:
@@ -300,15 +413,93 @@ class InterpretableModel:
             out.append(list(p))
         return out
 
+    @property
+    def context(self) -> int:
+        """The model's context: the sequence length it was trained on."""
+        return self.model.config.sequence_len
+
+    def fit_context(self, prompts, truncate: str | None = "left", max_tokens: int = 0
+                    ) -> tuple[list[list[int]], list[str]]:
+        """Prompts (as encode_prompts takes them) fitted to the context, and the warnings to show (one line each).
+
+        A prompt longer than the context: truncate="left" keeps its last `context` tokens (its <|bos|> and the
+        last context - 1 when it starts with one, as nanochat's rows do) and warns; "error" refuses. Generating
+        max_tokens tokens runs the model over len(prompt) + max_tokens - 1 positions (the last new token is never
+        fed back): past the context, "left" warns and generation goes on (RoPE tables grow on demand and the KV
+        cache by one position per step, so there is no hard bound), "error" refuses. None: no check.
+        """
+        prompts = self.encode_prompts(prompts)
+        if truncate is None:
+            return prompts, []
+        if truncate not in TRUNCATE_MODES:
+            raise SAELightningError(f"unknown truncate {truncate!r}; use one of {TRUNCATE_MODES}")
+        context, notes, out = self.context, [], []
+        name = (lambda r: f"prompt {r}") if len(prompts) > 1 else (lambda r: "the prompt")  # noqa: E731
+        for r, p in enumerate(prompts):
+            if len(p) > context:
+                if truncate == "error":
+                    raise SAELightningError(f"{name(r)} is {len(p)} tokens, longer than the model's context of "
+                                            f"{context}; shorten it, or pass --truncate left to use only its last "
+                                            f"{context} tokens")
+                bos = self.bos_id is not None and p[0] == self.bos_id
+                kept = f"<|bos|> and its last {context - 1} tokens" if bos else f"its last {context} tokens"
+                notes.append(f"{name(r)} is {len(p)} tokens, longer than the model's context of {context}: only "
+                             f"{kept} are used (--truncate error refuses instead)")
+                p = [p[0], *p[len(p) - context + 1:]] if bos else p[-context:]
+            out.append(p)
+        if not out:
+            raise SAELightningError("no prompts; give at least one")
+        r = max(range(len(out)), key=lambda j: len(out[j]))
+        n, positions = len(out[r]), len(out[r]) + max_tokens - 1
+        if max_tokens and positions > context:
+            if truncate == "error":
+                raise SAELightningError(f"{name(r)}'s {n} tokens + --max_tokens {max_tokens} run the model over "
+                                        f"{positions} positions, past its context of {context}; lower --max_tokens "
+                                        f"to {context - n + 1} or shorten the prompt, or pass --truncate left to "
+                                        "generate past the context with a warning")
+            beyond = ("the earliest tokens, <|bos|> first, then fall out of even the longest attention window"
+                      if self.model.config.era == "current" else
+                      "attention then spans distances the model was never trained on")
+            notes.append(f"{name(r)}'s {n} tokens + --max_tokens {max_tokens} run the model over {positions} "
+                         f"positions, past its context of {context}: from step {context - n + 1} on, tokens are "
+                         f"generated past it ({beyond}); --max_tokens {context - n + 1} stays inside it")
+        return out, notes
+
+    def _fitted(self, prompts, truncate: str | None, max_tokens: int = 0) -> list[list[int]]:
+        prompts, notes = self.fit_context(prompts, truncate, max_tokens)
+        for note in notes:
+            warnings.warn(note, ContextWarning, stacklevel=3)
+        return prompts
+
+    def prompt_features(self, prompt, top_n: int | None = 5, truncate: str | None = "left") -> PromptFeatures:
+        """Each SAE's top_n latents at every position of one prompt (text or ids): one tracked forward.
+
+        Text is encoded with <|bos|> first. A prompt over the context is cut or refused as fit_context says
+        (a ContextWarning when cut). Steers active now apply, and the latents are the steered ones.
+        """
+        prompts = self.encode_prompts(prompt)
+        if len(prompts) != 1:
+            raise SAELightningError(f"prompt_features takes one prompt, got {len(prompts)}; call it once per prompt")
+        (ids,) = self._fitted(prompts, truncate)
+        with self.track(top_n) as trace:
+            self.forward(torch.tensor([ids], dtype=torch.long, device=self.model.lm_head.weight.device))
+        latents = {}
+        for hook in self.saes:
+            values, indices = trace.latents(hook)
+            latents[hook] = (values[0], indices[0])
+        strs = [self.tokenizer.token_str(t) for t in ids] if self.tokenizer is not None else None
+        return PromptFeatures(ids, strs, latents)
+
     def generate(self, prompts, max_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 seed: int = 42, top_features: int = 0) -> Iterator[GenerationStep]:
+                 seed: int = 42, top_features: int = 0, truncate: str | None = "left") -> Iterator[GenerationStep]:
         """Stream generation with the KV cache: a prefill per prompt length, then one token per step.
 
         Yields a GenerationStep per new token (all prompts at once). top_features > 0 reports, per
         SAE, the top latents at the position just fed in. Steers active now apply throughout.
-        temperature 0 is greedy; sampling is seeded.
+        temperature 0 is greedy; sampling is seeded. truncate: a prompt over the context, or generation
+        past it, as fit_context says ("left": cut / go on, with a ContextWarning; "error": refuse; None: as given).
         """
-        prompts = self.encode_prompts(prompts)
+        prompts = self._fitted(prompts, truncate, max_tokens)
 
         def fresh() -> dict:  # this step's top features, filled by _step group by group
             return {h: [[] for _ in prompts] for h in self.saes} if top_features else {}
@@ -362,6 +553,8 @@ class GenerateArgs:
         temperature: 0 = greedy.
         top_k: sample among the k most likely tokens (default: all).
         seed: sampling seed.
+        truncate: a prompt longer than the model's context (its sequence_len): left = warn and use only its
+            last tokens; error = refuse. Generating past the context: left = warn and go on; error = refuse.
         device: cpu or cuda (default: cuda when there is a GPU).
     """
 
@@ -376,6 +569,7 @@ class GenerateArgs:
     temperature: float = 0.0
     top_k: int | None = None
     seed: int = 42
+    truncate: Literal["left", "error"] = "left"
     device: str | None = None
 
     def __post_init__(self):
@@ -394,6 +588,11 @@ def _format_features(features: dict, row: int) -> str:
     return "  ".join(parts)
 
 
+def _warn(notes: list[str]) -> None:
+    for note in notes:
+        print(f"saelightning: warning: {note}", file=sys.stderr, flush=True)
+
+
 def cli_main(argv: Sequence[str]) -> int:
     a = parse(GenerateArgs, argv, "saelightning generate")
     if a is None:
@@ -405,16 +604,70 @@ def cli_main(argv: Sequence[str]) -> int:
     only = next(iter(im.saes)) if len(im.saes) == 1 else None
     steers = [parse_steer(s, mode, only) for mode, specs in
               (("add", a.steer), ("clamp", a.clamp), ("scale", a.scale)) for s in specs]
-    prompts = im.encode_prompts(a.prompt)
+    prompts, notes = im.fit_context(a.prompt, a.truncate, a.max_tokens)
+    _warn(notes)
     completions = [[] for _ in prompts]
     if a.top_features and im.saes:
         print("step token            top latents (index:value) at the position that produced the token")
     with im.steering(steers):
-        for step in im.generate(prompts, a.max_tokens, a.temperature, a.top_k, a.seed, a.top_features):
+        for step in im.generate(prompts, a.max_tokens, a.temperature, a.top_k, a.seed, a.top_features, None):
             for r, (tid, text) in enumerate(zip(step.token_ids, step.tokens)):
                 completions[r].append(tid)
                 tag = f"[{r}] " if len(prompts) > 1 else ""
                 print(f"{tag}{step.step:>4} {text!r:<16} {_format_features(step.features, r)}".rstrip(), flush=True)
     for r, (prompt, ids) in enumerate(zip(a.prompt, completions)):
         print(f"--- completion {r}: {prompt}{nc.tokenizer.decode(ids)!s}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# `saelightning features`
+
+
+@dataclass
+class FeaturesArgs:
+    """Print every token of a prompt with each SAE's top latents at that position (one forward over the prompt).
+
+    Args:
+        sae: exported SAE directories (each reads its own hook point).
+        text: the prompt (encoded with <|bos|> first, as nanochat's rows start).
+        top_features: latents shown per token and SAE.
+        model: nanochat checkpoint or base dir, or "demo" (default: the one the first --sae's cfg.json records).
+        truncate: a prompt longer than the model's context (its sequence_len): left = warn and use only its
+            last tokens; error = refuse.
+        device: cpu or cuda (default: cuda when there is a GPU).
+    """
+
+    text: str
+    sae: list[str] = field(default_factory=list)
+    top_features: int = 5
+    model: str | None = None
+    truncate: Literal["left", "error"] = "left"
+    device: str | None = None
+
+    def __post_init__(self):
+        if not self.sae:
+            raise SAELightningError("--sae is required: give one or more exported SAE directories")
+        if self.top_features < 1:
+            raise SAELightningError(f"--top_features {self.top_features} must be >= 1")
+        if not self.text:
+            raise SAELightningError("--text is empty; give the prompt whose tokens to show")
+
+
+def features_cli_main(argv: Sequence[str]) -> int:
+    a = parse(FeaturesArgs, argv, "saelightning features")
+    if a is None:
+        return 0
+    device = resolve.device(a.device)
+    model, load, _ = resolve.sources(a.sae, a.model, None)
+    nc = resolve.load_model(model, device=device, dtype=torch.float32, **load)
+    im = InterpretableModel(nc, [load_sae(d, device=device) for d in a.sae])
+    (ids,), notes = im.fit_context(a.text, a.truncate)
+    _warn(notes)
+    pf = im.prompt_features(ids, a.top_features, truncate=None)
+    shown = {hook: [[(i, v) for i, v in zip(ix, vs) if i >= 0] for ix, vs in zip(ind.tolist(), val.tolist())]
+             for hook, (val, ind) in pf.latents.items()}
+    print(" pos token            top latents (index:value) per SAE hook")
+    for pos, text in enumerate(pf.tokens):
+        print(f"{pos:>4} {text!r:<16} {_format_features(shown, pos)}".rstrip())
     return 0
