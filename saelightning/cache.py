@@ -39,13 +39,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import IterableDataset
-from tqdm.auto import tqdm
 
 from saelightning import resolve
 from saelightning.atomic import atomic_path, write_json
 from saelightning.command import parse
 from saelightning.errors import SAELightningError
 from saelightning.hooks import hook_width, parse_hook
+from saelightning.progress import progress_bar
 from saelightning.tokens import TokenBatches
 
 MANIFEST = "manifest.json"
@@ -80,6 +80,7 @@ class CacheConfig:
         device: where the model runs: cpu, cuda, cuda:1 (not part of the cache's fingerprint).
         compile_model: run the model's truncated forward under torch.compile (compiles first; not part of the
             fingerprint).
+        quiet: no progress bars (they show only on a terminal in any case; not part of the fingerprint).
     """
 
     ALIASES: ClassVar[dict[str, str]] = {"compile": "compile_model"}  # the flag's earlier name
@@ -99,6 +100,7 @@ class CacheConfig:
     era: Literal["original", "current"] | None = None
     device: str = "cpu"
     compile_model: bool = False
+    quiet: bool = False
 
 
 # --- small helpers ---
@@ -126,7 +128,7 @@ def _sha256(path: Path) -> str:
 
 def _fingerprint(cfg: CacheConfig) -> dict:
     keep = asdict(cfg)
-    for key in ("device", "compile_model", "out", "model", "step", "era"):
+    for key in ("device", "compile_model", "quiet", "out", "model", "step", "era"):
         keep.pop(key)  # the model is identified by the loaded checkpoint's meta (path, step, era)
     return keep
 
@@ -187,7 +189,7 @@ class _Builder:
         batches = TokenBatches(self.train_paths, self.nanochat.tokenizer, cfg.context_size, cfg.batch_rows,
                                seed=cfg.seed, start=start)
         done = sum(c["tokens"] for c in progress["chunks"])
-        bar = tqdm(total=cfg.tokens, initial=done, unit="tok", desc="cache: model pass", dynamic_ncols=True)
+        bar = progress_bar(cfg.tokens, "cache: model pass", initial=done, quiet=cfg.quiet)
         reader_state, batch, docs, skip = pos["reader"], pos["batch"], pos["docs"], pos["skip"]
         pending: list[dict] = []
         n_pending = 0
@@ -228,8 +230,8 @@ class _Builder:
         """Pass 2: output shard j = slice j of every chunk, permuted (or the chunk itself without shuffle)."""
         counts = [c["tokens"] for c in progress["chunks"]]
         n_out = len(counts)
-        bar = tqdm(total=n_out, initial=len(progress["shards"]), unit="shard", desc="cache: shuffle pass",
-                   dynamic_ncols=True)
+        bar = progress_bar(n_out, "cache: shuffle pass", unit="shard", initial=len(progress["shards"]),
+                           quiet=self.cfg.quiet)
         for j in range(len(progress["shards"]), n_out):
             path = self.out / f"shard_{j:05d}.safetensors"
             if self.cfg.shuffle:
