@@ -1,7 +1,8 @@
 """The `saelightning` console script.
 
 `fit` and `validate` go to LightningCLI (saelightning.train); each other subcommand is one jsonargparse
-definition (saelightning.command), a `cli_main(argv) -> int` in the module that implements it. Bad
+definition (saelightning.command), a function `(argv) -> int` in the module that implements it (COMMANDS
+names it as module:function). Bad
 input raises SAELightningError anywhere below: it is printed as one line and the exit code is 2. A
 Ctrl-C (or SIGTERM) that stops a command before it had anything to save is one line and exit 130 (143).
 
@@ -18,17 +19,17 @@ from pathlib import Path
 
 from saelightning.errors import Interrupted, SAELightningError, one_line
 
-# subcommand -> (module with cli_main, one-line help)
+# subcommand -> (module:function taking its argv, one-line help)
 COMMANDS = {
-    "fit": ("saelightning.train", "train SAEs on a frozen nanochat model (LightningCLI)"),
-    "validate": ("saelightning.train", "run validation on a checkpoint (LightningCLI)"),
-    "cache": ("saelightning.cache", "compute activations once and store them on disk"),
-    "eval": ("saelightning.evaluate", "reconstruction and spliced CE/KL metrics of exported SAEs"),
-    "viz": ("saelightning.dashboards", "write static HTML feature dashboards"),
-    "neuronpedia": ("saelightning.neuronpedia", "write Neuronpedia batch JSON files"),
-    "generate": ("saelightning.runtime", "generate text with per-token features and steering"),
-    "features": ("saelightning.runtime", "show each SAE's top latents on every token of a prompt"),
-    "export": ("saelightning.checkpointing", "export SAEs from a Lightning checkpoint"),
+    "fit": ("saelightning.train:cli_main", "train SAEs on a frozen nanochat model (LightningCLI)"),
+    "validate": ("saelightning.train:cli_main", "run validation on a checkpoint (LightningCLI)"),
+    "cache": ("saelightning.cache:cli_main", "compute activations once and store them on disk"),
+    "eval": ("saelightning.evaluate:cli_main", "reconstruction and spliced CE/KL metrics of exported SAEs"),
+    "viz": ("saelightning.dashboards:cli_main", "write static HTML feature dashboards"),
+    "neuronpedia": ("saelightning.neuronpedia:cli_main", "write Neuronpedia batch JSON files"),
+    "generate": ("saelightning.runtime:cli_main", "generate text with per-token features and steering"),
+    "features": ("saelightning.runtime:features_cli_main", "show each SAE's top latents on every token of a prompt"),
+    "export": ("saelightning.checkpointing:cli_main", "export SAEs from a Lightning checkpoint"),
 }
 
 
@@ -71,10 +72,9 @@ def main(args: list[str] | None = None) -> int:
         return 2
     try:
         _check_out(rest)
-        module = importlib.import_module(COMMANDS[command][0])
-        if command in ("fit", "validate"):
-            return module.cli_main(argv) or 0
-        return getattr(module, f"{command}_cli_main", module.cli_main)(rest) or 0  # two commands in one module
+        module, _, function = COMMANDS[command][0].partition(":")
+        run = getattr(importlib.import_module(module), function)
+        return run(argv if command in ("fit", "validate") else rest) or 0  # LightningCLI reads the subcommand
     except SAELightningError as e:
         print(f"saelightning: error: {one_line(e)}", file=sys.stderr)
         return 2

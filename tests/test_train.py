@@ -233,7 +233,8 @@ def test_eval_on_the_export_reproduces_the_logged_validation(tmp_path, nanochat_
 
 
 def test_fit_bar_shows_loss_ev_l0_and_tokens_per_second(tmp_path, nanochat_current_dir, tiny_shards_dir, capsys):
-    two = [{"hook_name": HOOK, "d_sae": 128, "k": 8, "name": "a"}, {"hook_name": HOOK, "d_sae": 128, "k": 4, "name": "b"}]
+    two = [{"hook_name": HOOK, "d_sae": 128, "k": 8, "name": "a"},
+           {"hook_name": HOOK, "d_sae": 128, "k": 4, "name": "b"}]
     for run, saes, names in (("one", None, ["loss", "EV", "L0"]), ("two", two, ["a.loss", "b.EV", "b.L0"])):
         cfg = _config(tmp_path, nanochat_current_dir, tiny_shards_dir, run=run, saes=saes, max_steps=8,
                       enable_progress_bar=True)
