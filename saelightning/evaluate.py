@@ -24,7 +24,7 @@ from saelightning.atomic import write_json
 from saelightning.command import parse
 from saelightning.errors import SAELightningError
 from saelightning.hooks import hook_width, parse_hook
-from saelightning.metrics import SAEMetrics
+from saelightning.metrics import SAEMetrics, weight_metrics
 from saelightning.progress import progress_bar
 from saelightning.tokens import rows_for_tokens, val_batches
 
@@ -207,17 +207,19 @@ def _default_context(groups, model) -> int:
 
 
 _TABLE_KEYS = ("explained_variance", "mse", "cossim", "l2_ratio", "relative_reconstruction_bias", "l0",
-               "l1", "frac_alive", "ce_loss_without_sae", "ce_loss_with_sae", "ce_loss_with_ablation",
-               "ce_loss_score", "kl_div_with_sae", "kl_div_with_ablation", "kl_div_score")
+               "l1", "frac_alive", "freq_over_1_percent", "freq_over_10_percent", "normalized_freq_over_1_percent",
+               "normalized_freq_over_10_percent", "average_max_encoder_cosine_sim", "average_max_decoder_cosine_sim",
+               "average_encoder_decoder_cosine_sim", "ce_loss_without_sae", "ce_loss_with_sae",
+               "ce_loss_with_ablation", "ce_loss_score", "kl_div_with_sae", "kl_div_with_ablation", "kl_div_score")
 
 
 def format_table(entries: list[dict]) -> str:
     """One column per SAE, one row per metric."""
     heads = [f"#{i} {e['hook_name']}" for i, e in enumerate(entries)]
     width = max([len(h) for h in heads] + [12])
-    lines = [f"{'metric':<28}" + "".join(f"{h:>{width + 2}}" for h in heads)]
+    lines = [f"{'metric':<36}" + "".join(f"{h:>{width + 2}}" for h in heads)]
     for key in _TABLE_KEYS:
-        lines.append(f"{key:<28}" + "".join(f"{e['metrics'][key]:>{width + 2}.5g}" for e in entries))
+        lines.append(f"{key:<36}" + "".join(f"{e['metrics'][key]:>{width + 2}.5g}" for e in entries))
     lines += [f"#{i}: {e['path']}" for i, e in enumerate(entries)]
     return "\n".join(lines)
 
@@ -246,6 +248,8 @@ def run_eval(args: EvalArgs) -> dict:
     entries = []
     for path, (hook, i) in zip(args.sae, where):
         metrics, density = results[hook][i]
+        sae = groups[hook][i]
+        metrics = {**metrics, **weight_metrics(sae.W_enc, sae.W_dec)}
         entries.append({"path": str(path), "hook_name": hook, "metrics": metrics,
                         "feature_density": density.tolist()})
     report = {"model": resolve.model_path(model), "data": str(data_dir), "context_size": context,

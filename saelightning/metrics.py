@@ -210,7 +210,8 @@ class SplicedLoss(Metric):
 class SAEMetrics(nn.Module):
     """Every metric of one SAE over a stream of tokens: reconstruction, sparsity, density and (spliced=True)
     the spliced CE/KL. compute() returns them by their SAELens / SAEBench names (float64 scalars), plus
-    dead_fraction = 1 - frac_alive (latents that never fired on these tokens) and n_tokens."""
+    dead_fraction = 1 - frac_alive (latents that never fired on these tokens) and n_tokens, and SAEBench core's
+    density figures (density_metrics)."""
 
     def __init__(self, d_in: int, d_sae: int, spliced: bool = True):
         super().__init__()
@@ -230,6 +231,7 @@ class SAEMetrics(nn.Module):
         density = self.density.compute()
         alive = (density > 0).to(F64).mean()
         out.update(l0=self.l0.compute(), l1=self.l1.compute(), frac_alive=alive, dead_fraction=1 - alive)
+        out.update(density_metrics(density))
         if self.spliced is not None and self.spliced.update_count:
             out.update(self.spliced.compute())
         return out
@@ -241,6 +243,45 @@ class SAEMetrics(nn.Module):
     def reset(self) -> None:
         for metric in self.children():
             metric.reset()
+
+
+def density_metrics(density: torch.Tensor) -> dict[str, torch.Tensor]:
+    """SAEBench core's high-frequency figures of the firing frequencies [d_sae]: the fraction of latents firing
+    on more than 1% / 10% of tokens, and the share of all firings that those latents make
+    (normalized_freq_over_*; 0 when nothing fired)."""
+    density = density.to(F64)
+    total = density.sum()
+    out = {}
+    for name, cut in (("1_percent", 0.01), ("10_percent", 0.1)):
+        over = density > cut
+        out[f"freq_over_{name}"] = over.to(F64).mean()
+        out[f"normalized_freq_over_{name}"] = _ratio(density[over].sum(), total) if total > 0 else total * 0
+    return out
+
+
+def max_cosine_sim(vectors: torch.Tensor, block: int = 1024) -> torch.Tensor:
+    """For each row of vectors [F, D], the largest cosine similarity to any other row (SAEBench's
+    calculate_max_cosine_sim); F x block similarities at a time, never F x F. -inf for a single row."""
+    unit = F.normalize(vectors.to(torch.float32), dim=1)
+    out = torch.empty(unit.shape[0], dtype=unit.dtype, device=unit.device)
+    for start in range(0, unit.shape[0], block):
+        sims = unit[start:start + block] @ unit.T
+        rows = torch.arange(sims.shape[0], device=unit.device)
+        sims[rows, rows + start] = float("-inf")  # not itself
+        out[start:start + block] = sims.max(dim=1).values
+    return out
+
+
+@torch.no_grad()
+def weight_metrics(W_enc: torch.Tensor, W_dec: torch.Tensor) -> dict[str, float]:
+    """SAEBench core's weight-based figures of an SAE (W_enc [d_in, d_sae], W_dec [d_sae, d_in]): the mean over
+    latents of the largest encoder cosine similarity to another latent, the same for the decoder, and the mean
+    cosine between each latent's encoder and decoder vectors (SAEBench keeps that one per latent as
+    encoder_decoder_cosine_sim; its mean is ours)."""
+    enc, dec = W_enc.T.to(torch.float32), W_dec.to(torch.float32)
+    return {"average_max_encoder_cosine_sim": float(max_cosine_sim(enc).mean()),
+            "average_max_decoder_cosine_sim": float(max_cosine_sim(dec).mean()),
+            "average_encoder_decoder_cosine_sim": float(F.cosine_similarity(enc, dec, dim=1).mean())}
 
 
 def log10_density(density: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:

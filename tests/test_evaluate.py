@@ -190,6 +190,8 @@ def export_sae(directory, hook, d_in, seed=0, k=8):
 
 
 def test_eval_cli_end_to_end(tmp_path, nanochat_current_dir, tiny_shards_dir, capsys):
+    from saelightning.export import load_sae
+    from saelightning.metrics import weight_metrics
     from saelightning.nanochat.checkpoint import load_nanochat
     from saelightning.nanochat.shards import list_shards
     from saelightning.resolve import load_saes
@@ -219,8 +221,13 @@ def test_eval_cli_end_to_end(tmp_path, nanochat_current_dir, tiny_shards_dir, ca
     assert report["saes"][0]["metrics"]["n_tokens"] == int(sum((r != nc.tokenizer.bos_id).sum() for r in rows))
     for entry, (metrics, density) in zip(report["saes"], [direct["blocks.1.hook_resid_post"][0],
                                                           direct["blocks.0.mlp.hook_post"][0]]):
+        weights = {k: entry["metrics"].pop(k) for k in ("average_max_encoder_cosine_sim",
+                                                        "average_max_decoder_cosine_sim",
+                                                        "average_encoder_decoder_cosine_sim")}
         assert entry["metrics"] == metrics
         assert entry["feature_density"] == density.tolist()
+        sae = load_sae(entry["path"])
+        assert weights == weight_metrics(sae.W_enc, sae.W_dec)
     assert report["saes"][0]["metrics"]["l0"] == pytest.approx(8.0)  # topk k=8
     # without --out the table is printed and nothing is written
     assert main(argv[:argv.index("--out")] + argv[argv.index("--out") + 2:]) == 0

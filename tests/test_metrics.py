@@ -110,3 +110,36 @@ def test_two_process_gloo_equals_one_process_on_union(tmp_path):
         got = torch.load(tmp_path / f"rank{rank}.pt")
         for key, value in want.items():
             torch.testing.assert_close(got[key], value, rtol=1e-12, atol=1e-12)
+
+
+def test_saebench_density_figures_by_hand():
+    from saelightning.metrics import density_metrics
+
+    # SAEBench's own example: densities 0, 0.005, 0.02, 0.2 -> 2 of 4 over 1%, 1 of 4 over 10%, and those
+    # latents make 0.22 / 0.225 and 0.2 / 0.225 of all firings
+    got = {k: float(v) for k, v in density_metrics(torch.tensor([0.0, 0.005, 0.02, 0.2])).items()}
+    assert got == pytest.approx({"freq_over_1_percent": 0.5, "freq_over_10_percent": 0.25,
+                                 "normalized_freq_over_1_percent": 0.22 / 0.225,
+                                 "normalized_freq_over_10_percent": 0.2 / 0.225})
+    nothing = density_metrics(torch.zeros(3))
+    assert all(float(v) == 0 for v in nothing.values())
+
+
+def test_saebench_weight_figures_by_hand():
+    from saelightning.metrics import max_cosine_sim, weight_metrics
+
+    # three latents in 2-d: decoder rows e1, e1, e2 -> max cosines to another row 1, 1, 0 (mean 2/3)
+    W_dec = torch.tensor([[1.0, 0.0], [2.0, 0.0], [0.0, 3.0]])
+    # encoder columns at 0°, 90°, 45°: pairwise cosines 0, √½, √½ -> max √½, √½, √½
+    W_enc = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]])
+    got = weight_metrics(W_enc, W_dec)
+    half = 0.5 ** 0.5
+    # encoder vs decoder of each latent: cos(0°,0°)=1, cos(90°,0°)=0, cos(45°,90°)=√½
+    assert got == pytest.approx({"average_max_encoder_cosine_sim": half, "average_max_decoder_cosine_sim": 2 / 3,
+                                 "average_encoder_decoder_cosine_sim": (1 + 0 + half) / 3}, abs=1e-6)
+    # blockwise equals the whole F x F matrix with its diagonal left out
+    vectors = torch.randn(37, 5, generator=torch.Generator().manual_seed(0))
+    unit = torch.nn.functional.normalize(vectors, dim=1)
+    sims = unit @ unit.T
+    sims.fill_diagonal_(float("-inf"))
+    torch.testing.assert_close(max_cosine_sim(vectors, block=8), sims.max(dim=1).values)
