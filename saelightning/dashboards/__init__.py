@@ -1,8 +1,9 @@
 """Feature dashboards: `saelightning viz` writes a static HTML site about an exported SAE's latents.
 
 stats.py computes the per-latent statistics in one bounded-memory stream over the val shard,
-records.py turns them into JSON-ready records, html.py writes the site. `compute_records` is
-shared with `saelightning neuronpedia`.
+records.py turns them into JSON-ready records, html.py writes the site, serve.py serves it with live
+pages (`viz --serve`). `load_inputs` loads the model and SAE once; `compute_records` (shared with
+`saelightning neuronpedia`) streams the val shard through them, and the server reuses them.
 """
 
 from __future__ import annotations
@@ -17,17 +18,19 @@ import torch
 
 from saelightning import resolve
 from saelightning.command import parse
+from saelightning.dashboards import serve
 from saelightning.dashboards.html import write_site
 from saelightning.dashboards.records import feature_records
 from saelightning.dashboards.stats import StatsConfig, collect_stats, density_summary, logit_effect
 from saelightning.errors import SAELightningError
 from saelightning.export import load_sae
 from saelightning.hooks import parse_hook
+from saelightning.nanochat.checkpoint import Nanochat
 from saelightning.tokens import rows_for_tokens, val_batches
 
 LATENT_BUDGET = 2**26  # floats of dense latents per batch (256 MB in fp32)
 
-__all__ = ["VizArgs", "cli_main", "compute_records", "density_summary", "parse_features"]
+__all__ = ["Loaded", "VizArgs", "cli_main", "compute_records", "density_summary", "load_inputs", "parse_features"]
 
 
 def parse_features(spec: str | None, d_sae: int) -> list[int] | None:
@@ -54,7 +57,7 @@ def parse_features(spec: str | None, d_sae: int) -> list[int] | None:
 @dataclass
 class VizArgs:
     """Write a static HTML site (index + one page per latent) about an exported SAE's latents, from two
-    streaming passes over the val shard. Open OUT/index.html from disk.
+    streaming passes over the val shard. Open OUT/index.html from disk, or serve it with live pages (--serve).
 
     Args:
         sae: exported SAE directory (SAELens layout).
@@ -69,6 +72,13 @@ class VizArgs:
         top_k: top-activating contexts per latent.
         device: cpu or cuda (default: cuda when there is a GPU).
         quiet: no progress bars (they show only on a terminal in any case).
+        serve: after writing the site, serve it over HTTP at http://HOST:PORT/ until Ctrl-C, with a live page
+            per latent (type text: tokens shaded by the latent's activation; the next-token distribution
+            plain and steered; the latent's note, saved to OUT/notes.json). The model and SAE stay loaded.
+            viz only.
+        host: address to listen on with --serve, and the only one: 127.0.0.1 answers this machine only; an
+            address of another interface (or 0.0.0.0) lets other machines run the model and write notes.
+        port: TCP port to listen on with --serve (0: a free one, printed).
     """
 
     sae: str
@@ -82,17 +92,43 @@ class VizArgs:
     top_k: int = 20
     device: str | None = None
     quiet: bool = False
+    serve: bool = False
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+    def __post_init__(self):
+        if self.serve and type(self) is not VizArgs:  # neuronpedia's options extend these
+            raise SAELightningError("--serve applies to `saelightning viz` only")
 
 
-def compute_records(args: VizArgs) -> tuple[dict, list[dict], object]:
-    """Load model, tokenizer and SAE, stream the val shard; returns (meta, records, sae)."""
-    if args.tokens < 2 or args.top_k < 1:
-        raise SAELightningError("--tokens must be >= 2 and --top_k >= 1")
+@dataclass
+class Loaded:
+    """What the dashboards load once: the frozen model with its tokenizer, the SAE, and what they came from."""
+
+    nanochat: Nanochat
+    sae: torch.nn.Module
+    hook: str  # the hook point the SAE reads
+    model: str  # --model as resolved ("demo" or a path)
+    data: str | None  # --data as resolved (None: nanochat's base_data)
+    device: torch.device
+
+
+def load_inputs(args: VizArgs) -> Loaded:
+    """Load the model (fp32, frozen), its tokenizer and the SAE named by args."""
     device = resolve.device(args.device)
     model, load, data = resolve.sources([args.sae], args.model, args.data)
     nc = resolve.load_model(model, device=device, dtype=torch.float32, **load)
     sae = load_sae(args.sae, device=device).eval()
-    hook = resolve.sae_hook(sae, args.sae)
+    return Loaded(nc, sae, resolve.sae_hook(sae, args.sae), model, data, device)
+
+
+def compute_records(args: VizArgs, loaded: Loaded | None = None) -> tuple[dict, list[dict], object]:
+    """Stream the val shard through the model and SAE (loaded here unless given); returns (meta, records, sae)."""
+    if args.tokens < 2 or args.top_k < 1:
+        raise SAELightningError("--tokens must be >= 2 and --top_k >= 1")
+    loaded = loaded or load_inputs(args)
+    nc, sae, hook, model, data, device = (loaded.nanochat, loaded.sae, loaded.hook, loaded.model, loaded.data,
+                                          loaded.device)
     layer, _ = parse_hook(hook, nc.model.n_layer)
     d_sae, d_in = sae.W_dec.shape  # W_dec is [d_sae, d_in]
     seq_len = nc.model.config.sequence_len
@@ -123,8 +159,19 @@ def cli_main(argv: Sequence[str]) -> int:
     if args is None:
         return 0
     start = time.perf_counter()
-    meta, records, _ = compute_records(args)
-    index = write_site(args.out, meta, records)
-    print(f"{len(records)} latent pages over {meta['n_tokens']} tokens in {time.perf_counter() - start:.1f}s; "
-          f"open {index}", file=sys.stderr)
-    return 0
+    listening = serve.Server(args.host, args.port) if args.serve else None  # a busy port fails before the work
+    try:
+        loaded = load_inputs(args)
+        meta, records, _ = compute_records(args, loaded)
+        notes = serve.read_notes_bytes(args.out)  # the site is rewritten whole: its notes are carried over
+        index = write_site(args.out, meta, records)
+        serve.restore_notes(args.out, notes)
+        print(f"{len(records)} latent pages over {meta['n_tokens']} tokens in {time.perf_counter() - start:.1f}s; "
+              f"open {index}", file=sys.stderr)
+        if listening is None:
+            return 0
+        live = serve.Live(loaded.nanochat.model, loaded.nanochat.tokenizer, loaded.sae, loaded.hook)
+        return serve.run(listening, index.parent, meta, records, live)
+    finally:
+        if listening is not None:
+            listening.close()
