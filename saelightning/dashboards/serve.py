@@ -218,10 +218,10 @@ LIVE_JS = """
   function drawTokens(res, typed) {
     var s = scale(res.values), frag = document.createDocumentFragment();
     res.tokens.forEach(function (t, j) {
-      var v = res.values[j], span = tokenSpan(t, '');
+      var v = res.values[j], span = tokenSpan(t, '', false, ' : ' + fmt(v));  // as a static context's token
       var alpha = s > 0 ? Math.max(0, Math.min(1, v / s)) : 0;
       if (alpha > 0) span.style.background = 'rgba(255, 120, 0, ' + alpha.toFixed(3) + ')';
-      span.title = shown(t) + ' : ' + fmt(v);
+      if (!span.title) span.title = shown(t) + ' : ' + fmt(v);  // the value on hover
       span.setAttribute('data-value', String(v));
       frag.appendChild(span);
     });
