@@ -29,6 +29,7 @@ COMMANDS = {
     "neuronpedia": ("saelightning.neuronpedia:cli_main", "write Neuronpedia batch JSON files"),
     "generate": ("saelightning.runtime:cli_main", "generate text with per-token features and steering"),
     "features": ("saelightning.runtime:features_cli_main", "show each SAE's top latents on every token of a prompt"),
+    "probe": ("saelightning.probe:cli_main", "probe latents for concepts: sparse probing and best single latents"),
     "export": ("saelightning.checkpointing:cli_main", "export SAEs from a Lightning checkpoint"),
 }
 
