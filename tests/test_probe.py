@@ -367,11 +367,14 @@ def test_probe_cli_end_to_end(tmp_path, probe_sae, nanochat_current_dir, tiny_sh
         if "skipped" in entry:
             continue
         probed += 1
-        for rule in ("fires", "threshold"):
+        for rule in ("fires", "threshold", "upper_bound"):
             best = entry[f"best_latent_{rule}"]
             pred = (f[:, best["latent"]] > best["threshold"]).numpy()
             tp, fp, fn = int((pred & y & test).sum()), int((pred & ~y & test).sum()), int((~pred & y & test).sum())
             assert (best["test"]["tp"], best["test"]["fp"], best["test"]["fn"]) == (tp, fp, fn), (name, rule)
+        # every "activation > t" of every latent is one of the thresholds swept on the test documents
+        assert entry["best_latent_upper_bound"]["test"]["f1"] >= max(entry[f"best_latent_{r}"]["test"]["f1"]
+                                                                     for r in ("fires", "threshold"))
         sp = entry["sparse_probing"]
         assert list(sp["sae_top_k"]) == ["1", "2", "5", "10", "20"] and sp["raw"]["d"] == 64
         assert 0 <= sp["sae_top_k"]["20"]["test_accuracy"] <= 1 and len(sp["sae_top_k"]["5"]["latents"]) == 5
