@@ -1,17 +1,30 @@
 """Dashboards: the streaming statistics against a direct computation over all activations, the
 logit effect against its formula, the static site's escaping, and the `viz` command end to end."""
 
+import html
 import json
 import math
 import re
+from dataclasses import replace
+from html.parser import HTMLParser
 
 import pytest
 import torch
 
 from saelightning.atomic import atomic_dir
+from saelightning.cli import main
 from saelightning.dashboards import parse_features
-from saelightning.dashboards.html import embed_json, write_site
-from saelightning.dashboards.records import feature_records
+from saelightning.dashboards.html import (
+    NOTES_FILE,
+    embed_json,
+    fmt,
+    read_notes,
+    set_note,
+    token_html,
+    token_repr,
+    write_site,
+)
+from saelightning.dashboards.records import density_histogram, export_figures, feature_records
 from saelightning.dashboards.stats import (
     GroupTopK,
     StatsConfig,
@@ -19,8 +32,10 @@ from saelightning.dashboards.stats import (
     density_summary,
     latents_of,
     logit_effect,
+    nearest_latents,
 )
 from saelightning.errors import SAELightningError
+from saelightning.export import save_sae
 from saelightning.nanochat.model import GPT, GPTConfig
 from saelightning.nanochat.shards import TextStream, list_shards
 from saelightning.nanochat.tokenizer import load_tokenizer
@@ -71,7 +86,7 @@ def _batches(tokenizer, shards_dir, n_rows=N_ROWS, rows=ROWS):
 
 
 CFG = StatsConfig(top_k=6, n_intervals=4, per_interval=3,
-                  n_bins=8, before=3, after=2, n_logits=5, logit_bins=10)
+                  n_bins=8, before=3, after=2, n_logits=5, logit_bins=10, n_neighbours=5)
 
 
 @pytest.fixture(scope="module")
@@ -217,7 +232,8 @@ def _records(streamed, model, sae, tokenizer):
     def token_str(i):
         return PLANTED if i == top_token else tokenizer.token_str(i)
 
-    return feature_records(stats, logit_effect(model, sae, HOOK, stats.features, CFG), token_str)
+    return feature_records(stats, logit_effect(model, sae, HOOK, stats.features, CFG), token_str,
+                           nearest_latents(sae.W_dec, stats.features, CFG.n_neighbours))
 
 
 def test_site_escapes_token_text_and_embeds_json_safely(streamed, model, sae, tokenizer, tmp_path):
@@ -260,20 +276,23 @@ def test_atomic_dir_replaces_own_output_only(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
+# what a training run's export records (callbacks.export_module), as the index shows it
+EXPORT_METADATA = {"hook_name": "blocks.1.hook_resid_post", "context_size": 32, "training_steps": 30,
+                   "training_tokens": 122880, "final_metrics_step": 30, "saelightning_architecture": "topk",
+                   "spec": {"k": 4}, "final_metrics": {"val/explained_variance": 0.91234, "metrics/explained_variance":
+                                                        0.5, "metrics/l0": 4.0, "val/ce_loss_score": 0.87654,
+                                                        "losses/mse_loss": 0.1}}
+
+
 @pytest.fixture(scope="module")
 def exported_sae(tmp_path_factory):
-    from saelightning.export import save_sae
-
     torch.manual_seed(3)
     s = build_sae(SAEConfig(architecture="topk", d_in=64, d_sae=20, k=4))
     out = tmp_path_factory.mktemp("exported") / "sae"
-    return save_sae(s, out, metadata={"hook_name": "blocks.1.hook_resid_post", "context_size": 32})
-
+    return save_sae(s, out, metadata=EXPORT_METADATA)
 
 
 def test_viz_command_end_to_end(exported_sae, nanochat_current_dir, tiny_shards_dir, tmp_path):
-    from saelightning.cli import main
-
     out = tmp_path / "site"
     argv = ["viz", "--sae", str(exported_sae), "--model", str(nanochat_current_dir), "--data", str(tiny_shards_dir),
             "--tokens", "300", "--out", str(out), "--features", "0-7,12"]
@@ -287,3 +306,386 @@ def test_viz_command_end_to_end(exported_sae, nanochat_current_dir, tiny_shards_
     assert sum(r["density"] for r in rows) > 0 and all(r["density"] <= 1 for r in rows)
     assert main(argv[:-2] + ["--features", "0-40"]) == 2  # the SAE has 20 latents (d_in 64): one-line error
     assert (out / "features" / "12.html").exists()  # and the earlier output is untouched
+
+
+# ---------------------------------------------------------------------------------------------
+# Nearest and co-firing latents, the SAE-wide density
+
+
+def test_nearest_latents_equal_a_direct_cosine_computation(sae):
+    W = sae.W_dec.detach()  # [d_sae, d_in]
+    direct = torch.nn.functional.cosine_similarity(W.unsqueeze(1), W.unsqueeze(0), dim=-1)  # all pairs [24, 24]
+    direct.fill_diagonal_(float("-inf"))
+    want_cos, want_idx = direct.topk(5, dim=1)
+    for block in (24 * 3, 10**6):  # three latents per block (eight blocks), and all at once
+        cos, idx = nearest_latents(W, torch.arange(24), 5, block=block)
+        assert torch.allclose(cos, want_cos, atol=1e-5)
+        assert torch.equal(idx, want_idx)  # distinct cosines here: the same latents in the same order
+        assert not (idx == torch.arange(24).unsqueeze(1)).any()  # never itself
+    assert len(set(want_cos.flatten().tolist())) > 50 and float(want_cos.max()) > 0.2  # real, spread values
+    cos, idx = nearest_latents(W, torch.tensor([7, 2]), 3, block=24)  # a subset: the same rows
+    assert torch.equal(idx, want_idx[[7, 2], :3]) and torch.allclose(cos, want_cos[[7, 2], :3], atol=1e-5)
+
+
+def _direct_cofire(rows, n):
+    """From the dense activations of every token: counts[f, j] = tokens where both fire, and each latent's
+    top n partners (count desc, then the rarer latent, then the lower index)."""
+    z = torch.cat([acts for _, acts in rows])
+    A = (z > 0).double()
+    counts, n_fire = (A.T @ A).long(), A.sum(0).long()
+    tops = []
+    for f in range(z.shape[1]):
+        partners = sorted((j for j in range(z.shape[1]) if j != f and counts[f, j] > 0),
+                          key=lambda j: (-int(counts[f, j]), int(n_fire[j]), j))[:n]
+        tops.append([(j, int(counts[f, j])) for j in partners])
+    return counts, n_fire, tops
+
+
+def _cofire_lists(stats):
+    return [[(j, c) for j, c in zip(js, cs) if j >= 0]
+            for js, cs in zip(stats.cofire_latents.tolist(), stats.cofire_counts.tolist())]
+
+
+def test_cofire_counts_equal_a_direct_computation(streamed):
+    stats, rows = streamed
+    counts, n_fire, tops = _direct_cofire(rows, CFG.n_neighbours)
+    assert torch.equal(stats.n_fire_all, n_fire) and torch.equal(stats.n_fire, n_fire)
+    assert _cofire_lists(stats) == tops
+    assert sum(len(t) for t in tops) > 60 and max(c for t in tops for _, c in t) > 50  # real co-firing
+    # ties at equal counts exist here, so the order rule is exercised
+    assert any(a[1] == b[1] for t in tops for a, b in zip(t, t[1:]))
+
+
+def test_cofire_in_blocks_with_extra_passes_and_progress(model, sae, tokenizer, tiny_shards_dir, streamed):
+    _, rows = streamed
+    bars = []
+
+    class Bar:
+        def __init__(self, desc):
+            self.desc, self.n = desc, 0
+            bars.append(self)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def update(self, n):
+            self.n += n
+
+    cfg = replace(CFG, cofire_budget=24 * 5)  # 5 latents x 24 counts at a time: 5 blocks, 3 extra passes
+    features = [0, 3, 4, 9, 10, 11, 15, 16, 17, 18, 19, 20, 21, 22, 23, 1, 2, 5, 6, 7, 8, 12, 13, 14][:21]
+    stats = collect_stats(model, sae, HOOK, lambda: _batches(tokenizer, tiny_shards_dir), tokenizer.bos_id,
+                          features, cfg, progress=Bar)
+    assert stats.n_passes == 5
+    assert [b.desc for b in bars] == ["pass 1/5: densities, top contexts", "pass 2/5: histograms, samples",
+                                      "pass 3/5: co-firing", "pass 4/5: co-firing", "pass 5/5: co-firing"]
+    assert [b.n for b in bars] == [N_ROWS * CONTEXT] * 5  # each bar counts every token position once
+    _, n_fire, tops = _direct_cofire(rows, CFG.n_neighbours)
+    assert _cofire_lists(stats) == [tops[f] for f in features]
+    assert torch.equal(stats.n_fire_all, n_fire)  # every latent's density, not only the chosen ones'
+
+
+def test_records_carry_nearest_and_cofire_figures(streamed, model, sae, tokenizer):
+    stats, rows = streamed
+    records = _records(streamed, model, sae, tokenizer)
+    cos, idx = nearest_latents(sae.W_dec, torch.arange(24), CFG.n_neighbours)
+    counts, n_fire, tops = _direct_cofire(rows, CFG.n_neighbours)
+    for f, rec in enumerate(records):
+        assert [j for j, _ in rec["nearest"]] == idx[f].tolist()
+        assert [c for _, c in rec["nearest"]] == pytest.approx(cos[f].tolist(), abs=1e-3)
+        assert rec["cofire"] == [[j, c, pytest.approx(c / int(n_fire[f]), rel=1e-3),
+                                  pytest.approx(c / int(n_fire[j]), rel=1e-3)] for j, c in tops[f]]
+
+
+def test_density_histogram_equals_a_direct_count(streamed):
+    stats, rows = streamed
+    z = torch.cat([acts for _, acts in rows])
+    density = (z > 0).double().sum(0) / stats.n_tokens
+    hist = density_histogram(stats.n_fire_all, stats.n_tokens)
+    lo = math.floor(math.log10(1 / stats.n_tokens))
+    assert hist["edges"] == [lo + j / 4 for j in range(-lo * 4 + 1)] and hist["edges"][-1] == 0
+    direct = [0] * (-lo * 4)
+    for d in density.tolist():
+        if d > 0:
+            x = math.log10(d)
+            j = next(j for j in range(len(direct)) if x < hist["edges"][j + 1] or j == len(direct) - 1)
+            direct[j] += 1
+    assert hist["heights"] == direct
+    assert hist["dead"] == int((density == 0).sum()) and sum(direct) + hist["dead"] == 24
+    assert sum(h > 0 for h in direct) >= 3  # the fixture's densities spread over several bins
+
+
+def test_export_figures_pick_val_first():
+    figures = export_figures(EXPORT_METADATA)
+    assert figures["training"] == [["training steps", 30, "training_steps"], ["training tokens", 122880,
+                                   "training_tokens"], ["final metrics at step", 30, "final_metrics_step"],
+                                   ["architecture", "topk", "saelightning_architecture"],
+                                   ["k (active latents per token)", 4, "spec.k"]]
+    assert figures["metrics"] == [["explained variance", 0.91234, "val/explained_variance"],
+                                  ["L0", 4.0, "metrics/l0"], ["CE loss score", 0.87654, "val/ce_loss_score"]]
+    assert [k for k, _ in figures["all"]] == sorted(EXPORT_METADATA["final_metrics"])
+    assert export_figures({"final_metrics": {"val/mse": float("nan")}})["metrics"] == [["MSE", None, "val/mse"]]
+    assert export_figures({}) == {"training": [], "metrics": [], "all": []}
+
+
+# ---------------------------------------------------------------------------------------------
+# The pages, parsed as HTML (no browser)
+
+
+class Tokens(HTMLParser):
+    """Every <span class="tok ..."> of a page: classes, title, runs [(is_glyph, text)] and the id of the
+    nearest enclosing element that has one."""
+
+    def __init__(self, text: str):
+        super().__init__(convert_charrefs=True)
+        self.tokens, self._stack = [], []  # stack: (tag, id in force, is a ws span, token number or None)
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        cls = (a.get("class") or "").split()
+        where = a.get("id") or (self._stack[-1][1] if self._stack else None)
+        number = None
+        if tag == "span" and "tok" in cls:
+            number = len(self.tokens)
+            self.tokens.append({"cls": cls, "title": a.get("title"), "parts": [], "in": where})
+        self._stack.append((tag, where, "ws" in cls, number))
+
+    def handle_endtag(self, tag):
+        while self._stack and self._stack.pop()[0] != tag:
+            pass
+
+    def handle_startendtag(self, tag, attrs):
+        self.handle_starttag(tag, attrs)
+        self.handle_endtag(tag)
+
+    def handle_data(self, data):
+        open_tokens = [k for k, entry in enumerate(self._stack) if entry[3] is not None]
+        if not open_tokens:
+            return
+        at = open_tokens[-1]
+        glyph = any(entry[2] for entry in self._stack[at + 1:])
+        parts = self.tokens[self._stack[at][3]]["parts"]
+        if parts and parts[-1][0] == glyph:
+            parts[-1] = (glyph, parts[-1][1] + data)
+        else:
+            parts.append((glyph, data))
+
+
+# the tokens that must look different: (text, as a chip, inside a context) as (is_glyph, text) runs
+WHITESPACE = [
+    (" ", [(True, "\u00b7")], [(True, "\u00b7")]),
+    ("    ", [(True, "\u00b7" * 4)], [(True, "\u00b7" * 4)]),
+    ("\t", [(True, "\u2192")], [(True, "\u2192")]),
+    ("\n", [(True, "\u21b5")], [(True, "\u21b5")]),
+    ("\n\n", [(True, "\u21b5\u21b5")], [(True, "\u21b5\u21b5")]),
+    ("", [(True, "\u2205")], [(True, "\u2205")]),
+    (" the", [(True, "\u00b7"), (False, "the")], [(False, " the")]),
+    ("\u00a0", [(True, "\\u00a0")], [(True, "\\u00a0")]),
+    ("x\ty", [(False, "x"), (True, "\u2192"), (False, "y")], [(False, "x"), (True, "\u2192"), (False, "y")]),
+]
+
+
+def test_token_repr_is_the_exact_text():
+    assert [token_repr(t) for t, _, _ in WHITESPACE] == [
+        '" "', '"    "', '"\\t"', '"\\n"', '"\\n\\n"', '""', '" the"', '"\\u00a0"', '"x\\ty"']
+    assert token_repr('a"b\\c</span>') == '"a\\"b\\\\c</span>"'
+    assert json.loads(token_repr(" \t\n\u00a0\u200b")) == " \t\n\u00a0\u200b"  # a JSON string literal
+
+
+def test_whitespace_tokens_render_distinctly_in_html():
+    shown = set()
+    for text, chip, ctx in WHITESPACE:
+        for markup, want in ((token_html(text), chip), (token_html(text, "", standalone=False), ctx)):
+            (tok,) = Tokens(markup).tokens
+            assert tok["parts"] == want, text
+            assert tok["title"] == token_repr(text)
+        shown.add(tuple(chip))
+    assert len(shown) == len(WHITESPACE)  # no two look the same
+    (tok,) = Tokens(token_html("<b>&")).tokens
+    assert tok["parts"] == [(False, "<b>&")] and "<b>" not in token_html("<b>&")
+
+
+def _ws_records(streamed, model, sae, tokenizer):
+    """Records in which latent 0's top logits and the tokens of its top contexts are whitespace tokens."""
+    stats, _ = streamed
+    effects = logit_effect(model, sae, HOOK, stats.features, CFG)
+    plant = {}
+    # latent 0's boosted then suppressed tokens: every case, in order
+    for k, t in enumerate(effects[1][0].tolist() + effects[3][0].tolist()):
+        plant[t] = WHITESPACE[k % len(WHITESPACE)][0]
+    ctx_ids = [t for t in dict.fromkeys(stats.top.tokens[0].flatten().tolist()) if t >= 0 and t not in plant]
+    for k, t in enumerate(ctx_ids):  # the tokens of its top contexts: the whitespace-only cases
+        plant[t] = WHITESPACE[k % 5][0]
+
+    def token_str(i):
+        return plant.get(i, tokenizer.token_str(i))
+
+    records = feature_records(stats, effects, token_str, nearest_latents(sae.W_dec, stats.features, CFG.n_neighbours))
+    return records, plant
+
+
+def test_feature_page_html_shows_whitespace_tokens_distinctly(streamed, model, sae, tokenizer, tmp_path):
+    records, _ = _ws_records(streamed, model, sae, tokenizer)
+    write_site(tmp_path / "site", {"title": "ws", "n_tokens": streamed[0].n_tokens}, records)
+    page = (tmp_path / "site" / "features" / "0.html").read_text()
+    chips = [t for t in Tokens(page).tokens if t["in"] in ("pos", "neg")]
+    want = {token_repr(text): parts for text, parts, _ in WHITESPACE}
+    logits = records[0]["logits"]["pos"] + records[0]["logits"]["neg"]
+    assert [t["title"] for t in chips] == [token_repr(t) for t, _ in logits]
+    assert {t for t, _ in logits} == {t for t, _, _ in WHITESPACE}  # every case is on the page
+    assert [t["parts"] for t in chips] == [want[t["title"]] for t in chips]
+    assert chips[0]["parts"][0][1].strip()  # the top boosted token (" ") is never an empty box
+
+
+def _svg_bars(page: str, svg_id: str) -> list[int]:
+    svg = re.search(rf'<svg id="{svg_id}".*?</svg>', page, re.S).group(0)
+    return [int(c) for c in re.findall(r'data-count="(\d+)"', svg)]
+
+
+def _svg_ticks(page: str, svg_id: str, axis: str) -> list[str]:
+    svg = re.search(rf'<svg id="{svg_id}".*?</svg>', page, re.S).group(0)
+    return re.findall(rf'<text class="{axis}"[^>]*>([^<]*)</text>', svg)
+
+
+def _rows(page: str, table_id: str) -> list[list[str]]:
+    """The text of each cell of a table's body rows."""
+    body = re.search(rf'<table id="{table_id}">.*?<tbody>(.*?)</tbody>', page, re.S).group(1)
+
+    class Cells(HTMLParser):
+        def __init__(self):
+            super().__init__(convert_charrefs=True)
+            self.rows, self.cell = [], None
+
+        def handle_starttag(self, tag, attrs):
+            if tag == "tr":
+                self.rows.append([])
+            elif tag in ("td", "th"):
+                self.cell = []
+                self.rows[-1].append(self.cell)
+
+        def handle_data(self, data):
+            if self.cell is not None:
+                self.cell.append(data)
+
+    parser = Cells()
+    parser.feed(body)
+    return [["".join(c) for c in row] for row in parser.rows]
+
+
+def test_feature_page_lists_nearest_and_cofire_and_draws_histograms(streamed, model, sae, tokenizer, tmp_path):
+    stats, rows = streamed
+    records = _records(streamed, model, sae, tokenizer)
+    write_site(tmp_path / "site", {"title": "t", "n_tokens": stats.n_tokens}, records[:12])  # latents 0-11 only
+    counts, n_fire, tops = _direct_cofire(rows, CFG.n_neighbours)
+    cos, idx = nearest_latents(sae.W_dec, torch.arange(24), CFG.n_neighbours)
+    for f in (0, 5):
+        page = (tmp_path / "site" / "features" / f"{f}.html").read_text()
+        near = _rows(page, "nearest")
+        assert [int(r[0]) for r in near] == idx[f].tolist()
+        assert [r[1] for r in near] == [fmt(c) for _, c in records[f]["nearest"]]
+        assert [float(r[1]) for r in near] == pytest.approx(cos[f].tolist(), abs=2e-3)
+        co = _rows(page, "cofire")
+        assert [(int(r[0]), int(r[1].replace(",", ""))) for r in co] == tops[f]
+        assert [float(r[2].rstrip("%")) for r in co] == pytest.approx([100 * c / int(n_fire[f]) for _, c in tops[f]],
+                                                                      rel=2e-3)
+        for j in [int(r[0]) for r in near + co]:  # a link only to the latents that have a page
+            linked = re.search(rf'<tr data-latent="{j}"><td class="num"><a href="{j}.html">{j}</a>', page)
+            assert (linked is not None) == (j < 12), j
+        # the histograms: one bar per bin carrying its count, and tick labels on both axes
+        assert _svg_bars(page, "act-hist-svg") == records[f]["hist"]["heights"]
+        assert _svg_bars(page, "logit-hist-svg") == records[f]["logits"]["hist"]["heights"]
+        assert sum(_svg_bars(page, "logit-hist-svg")) == model.config.vocab_size
+        yt = [float(t.rstrip("k")) for t in _svg_ticks(page, "act-hist-svg", "ytick")]
+        assert yt[0] == 0 and yt[-1] >= max(records[f]["hist"]["heights"]) and len(yt) >= 3
+        xt = [float(t) for t in _svg_ticks(page, "act-hist-svg", "xtick")]
+        assert xt[0] == 0 and xt[-1] <= records[f]["max_act"] * (1 + 1e-3) and len(xt) >= 3
+        assert "status:" not in page and ">rendered<" not in page  # no stray status line
+
+
+
+def _viz(exported_sae, nanochat_current_dir, tiny_shards_dir, out, *extra):
+    return main(["viz", "--sae", str(exported_sae), "--model", str(nanochat_current_dir), "--data",
+                 str(tiny_shards_dir), "--tokens", "300", "--out", str(out), "--quiet", *extra])
+
+
+def _index_rows(out) -> dict[int, dict]:
+    index = (out / "index.html").read_text()
+    return {r["index"]: r for r in json.loads(re.search(r'id="data">(.*?)</script>', index, re.S).group(1))["rows"]}
+
+
+def _note_on(page: str) -> str | None:
+    found = re.search(r'<p id="note" class="note">(.*?)</p>', page, re.S)
+    return None if found is None else html.unescape(found.group(1))
+
+
+def test_index_shows_the_density_histogram_and_the_export_figures(exported_sae, nanochat_current_dir,
+                                                                  tiny_shards_dir, tmp_path):
+    out = tmp_path / "site"
+    assert _viz(exported_sae, nanochat_current_dir, tiny_shards_dir, out) == 0  # all 20 latents
+    index = (out / "index.html").read_text()
+    figures = {r[2]: r[1] for r in _rows(index, "figures")}  # key -> value as shown
+    assert figures == {"training_steps": "30", "training_tokens": "122,880", "final_metrics_step": "30",
+                       "saelightning_architecture": "topk", "spec.k": "4", "val/explained_variance": "0.9123",
+                       "metrics/l0": "4", "val/ce_loss_score": "0.8765"}
+    assert "losses/mse_loss" in index  # in the list of every final metric
+    # the SAE-wide histogram (every latent's count from pass 1) against the densities of the latents' rows
+    meta = json.loads((out / "saelightning-output.json").read_text())["meta"]
+    rows = _index_rows(out)
+    lo = math.floor(math.log10(1 / meta["n_tokens"]))
+    direct = [0] * (-4 * lo)
+    for r in rows.values():
+        if r["density"] > 0:
+            direct[min(math.floor((math.log10(r["density"]) - lo) * 4), len(direct) - 1)] += 1
+    dead = sum(r["density"] == 0 for r in rows.values())
+    assert _svg_bars(index, "density-hist") == direct and sum(direct) + dead == 20 and sum(direct) > 5
+    assert _svg_ticks(index, "density-hist", "xtick") == [str(t) for t in range(lo, 1)]
+    caption = re.search(r'id="density-caption">(.*?)</p>', index).group(1)
+    assert caption.startswith(f"{20 - dead} of 20 latents fired on the {meta['n_tokens']:,} tokens read; {dead} never")
+
+
+def test_notes_survive_a_rerun_and_show_on_the_pages(exported_sae, nanochat_current_dir, tiny_shards_dir,
+                                                      tmp_path, capsys):
+    out = tmp_path / "site"
+    assert _viz(exported_sae, nanochat_current_dir, tiny_shards_dir, out, "--features", "0-5") == 0
+    assert not (out / NOTES_FILE).exists() and _note_on((out / "features" / "3.html").read_text()) is None
+    notes = {"3": "fires on <b>def</b> & \"quotes\"\nline two", "12": "a latent without a page"}
+    (out / NOTES_FILE).write_text(json.dumps(notes, indent=1))
+    written = (out / NOTES_FILE).read_bytes()
+    assert _viz(exported_sae, nanochat_current_dir, tiny_shards_dir, out, "--features", "0-5") == 0
+    assert (out / NOTES_FILE).read_bytes() == written  # carried over as it was
+    assert _note_on((out / "features" / "3.html").read_text()) == notes["3"]  # shown, as text
+    assert "<b>def</b>" not in (out / "features" / "3.html").read_text()
+    assert all(_note_on((out / "features" / f"{i}.html").read_text()) is None for i in (0, 1, 2, 4, 5))
+    assert {i: r["note"] for i, r in _index_rows(out).items()} == {0: "", 1: "", 2: "", 3: notes["3"], 4: "", 5: ""}
+    # the server's helper: one note saved, the two pages that show it re-rendered from their own data
+    before = {i: (out / "features" / f"{i}.html").read_text() for i in range(6)}
+    assert set_note(out, 2, "second") == {"2": "second", "3": notes["3"], "12": notes["12"]}
+    assert read_notes(out) == {"2": "second", "3": notes["3"], "12": notes["12"]}
+    after = (out / "features" / "2.html").read_text()
+    assert _note_on(after) == "second"
+    assert after.replace('<h2>Note</h2><p id="note" class="note">second</p>', "") == before[2]  # only the note added
+    assert all((out / "features" / f"{i}.html").read_text() == before[i] for i in (0, 1, 3, 4, 5))
+    set_note(out, 3, "")  # an empty note removes it
+    assert _note_on((out / "features" / "3.html").read_text()) is None
+    assert {i: r["note"] for i, r in _index_rows(out).items() if r["note"]} == {2: "second"}
+    assert read_notes(out) == {"2": "second", "12": notes["12"]}
+    # a notes.json that is not an object of notes is kept as it is (and not shown)
+    (out / NOTES_FILE).write_text("{not json")
+    assert _viz(exported_sae, nanochat_current_dir, tiny_shards_dir, out, "--features", "0-5") == 0
+    assert (out / NOTES_FILE).read_text() == "{not json"
+    assert "notes not shown" in capsys.readouterr().err
+    assert _note_on((out / "features" / "2.html").read_text()) is None
+
+
+def test_write_site_carries_notes_json_over(streamed, model, sae, tokenizer, tmp_path):
+    records = _records(streamed, model, sae, tokenizer)
+    meta = {"title": "t", "n_tokens": streamed[0].n_tokens}
+    write_site(tmp_path / "site", meta, records)
+    (tmp_path / "site" / NOTES_FILE).write_text('{"4": "four", "7": "seven\\n"}')
+    write_site(tmp_path / "site", meta, records)  # the directory is replaced whole: notes.json goes with it
+    assert (tmp_path / "site" / NOTES_FILE).read_text() == '{"4": "four", "7": "seven\\n"}'
+    assert _note_on((tmp_path / "site" / "features" / "7.html").read_text()) == "seven\n"
+    assert {i for i, r in _index_rows(tmp_path / "site").items() if r["note"]} == {4, 7}

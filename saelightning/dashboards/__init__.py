@@ -20,12 +20,13 @@ from saelightning import resolve
 from saelightning.command import parse
 from saelightning.dashboards import serve
 from saelightning.dashboards.html import write_site
-from saelightning.dashboards.records import feature_records
-from saelightning.dashboards.stats import StatsConfig, collect_stats, density_summary, logit_effect
+from saelightning.dashboards.records import density_histogram, export_figures, feature_records
+from saelightning.dashboards.stats import StatsConfig, collect_stats, density_summary, logit_effect, nearest_latents
 from saelightning.errors import SAELightningError
 from saelightning.export import load_sae
 from saelightning.hooks import parse_hook
 from saelightning.nanochat.checkpoint import Nanochat
+from saelightning.progress import progress_bar
 from saelightning.tokens import rows_for_tokens, val_batches
 
 LATENT_BUDGET = 2**26  # floats of dense latents per batch (256 MB in fp32)
@@ -145,12 +146,20 @@ def compute_records(args: VizArgs, loaded: Loaded | None = None) -> tuple[dict, 
     def batches():  # the same rows as `saelightning eval --tokens N`, for both passes
         return val_batches(val, nc.tokenizer, context, n_rows, rows)
 
-    stats = collect_stats(nc.model, sae, hook, batches, nc.tokenizer.bos_id, features, cfg, device)
+    command = "viz" if type(args) is VizArgs else "neuronpedia"  # NeuronpediaArgs extends VizArgs
+
+    def progress(desc):  # one bar per pass over the n_rows x context token positions
+        return progress_bar(n_rows * context, f"{command} {desc}", unit="tok", quiet=args.quiet)
+
+    stats = collect_stats(nc.model, sae, hook, batches, nc.tokenizer.bos_id, features, cfg, device, progress)
     effects = logit_effect(nc.model, sae, hook, stats.features, cfg)
-    records = feature_records(stats, effects, nc.tokenizer.token_str)
+    nearest = nearest_latents(sae.W_dec, stats.features, cfg.n_neighbours)
+    records = feature_records(stats, effects, nc.tokenizer.token_str, nearest)
     meta = {"title": f"{Path(args.sae).name}: {hook}", "sae": str(args.sae), "model": resolve.model_path(model),
             "hook_name": hook, "layer": layer, "n_layer": nc.model.n_layer, "n_tokens": stats.n_tokens,
-            "n_rows": stats.n_rows, "d_sae": d_sae, "d_in": d_in, "context_size": context, "val_shard": str(val)}
+            "n_rows": stats.n_rows, "d_sae": d_sae, "d_in": d_in, "context_size": context, "val_shard": str(val),
+            "n_passes": stats.n_passes, "density_hist": density_histogram(stats.n_fire_all, stats.n_tokens),
+            "figures": export_figures(sae.metadata)}
     return meta, records, sae
 
 
