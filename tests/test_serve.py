@@ -8,6 +8,7 @@ and an exported TopK SAE.
 """
 
 import errno
+import html
 import http.client
 import json
 import os
@@ -271,6 +272,11 @@ def test_notes_are_saved_atomically_and_round_trip(served, monkeypatch):
     assert status == 200 and notes["3"] == note
     assert json.loads(path.read_text(encoding="utf-8"))["3"] == note
     assert request(served.url + "api/notes")[1]["3"] == note
+    # the static pages are re-rendered with it (html.set_note), so the served site shows it at once
+    shown = re.search(r'<p id="note" class="note">(.*?)</p>', request(served.url + "features/3.html")[1], re.S)
+    assert shown and html.unescape(shown.group(1)) == note
+    rows = json.loads(re.search(r'id="data">(.*?)</script>', request(served.url + "index.html")[1], re.S).group(1))
+    assert next(r for r in rows["rows"] if r["index"] == 3)["note"] == note
     status, page = request(served.url + "live/3")  # the live page starts with the note
     data = json.loads(re.search(r'id="data">(.*?)</script>', page, re.S).group(1))
     assert data["note"] == note

@@ -172,9 +172,7 @@ def cli_main(argv: Sequence[str]) -> int:
     try:
         loaded = load_inputs(args)
         meta, records, _ = compute_records(args, loaded)
-        notes = serve.read_notes_bytes(args.out)  # the site is rewritten whole: its notes are carried over
-        index = write_site(args.out, meta, records)
-        serve.restore_notes(args.out, notes)
+        index = write_site(args.out, meta, records)  # carries OUT/notes.json over
         print(f"{len(records)} latent pages over {meta['n_tokens']} tokens in {time.perf_counter() - start:.1f}s; "
               f"open {index}", file=sys.stderr)
         if listening is None:

@@ -43,12 +43,10 @@ from werkzeug.serving import WSGIRequestHandler, make_server
 from werkzeug.utils import redirect, send_from_directory
 from werkzeug.wrappers import Request, Response
 
-from saelightning.atomic import write_bytes, write_json
-from saelightning.dashboards.html import _page
+from saelightning.dashboards.html import NOTES_FILE, _page, read_notes, set_note
 from saelightning.errors import SAELightningError, one_line
 from saelightning.runtime import STEER_MODES, InterpretableModel, Steer
 
-NOTES_FILE = "notes.json"  # OUT/notes.json: {"<latent index>": "note text"}
 MAX_BODY = 1 << 20  # bytes of a request body
 MAX_NOTE = 20_000  # characters of one note
 TOP_TOKENS = 10  # next-token candidates shown, plain and steered
@@ -120,23 +118,16 @@ class Live:
 
 
 class Notes:
-    """OUT/notes.json, {"<latent index>": "note text"}: read whole, written whole and atomically."""
+    """OUT/notes.json, {"<latent index>": "note text"}, through html.py's read_notes and set_note (written
+    atomically; the latent's page and the index re-rendered with it), one save at a time."""
 
     def __init__(self, out_dir, d_sae: int):
-        self.path = Path(out_dir) / NOTES_FILE
+        self.out = Path(out_dir)
         self.d_sae = d_sae
         self.lock = threading.Lock()
 
     def read(self) -> dict[str, str]:
-        try:
-            notes = json.loads(self.path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            return {}
-        except (OSError, ValueError) as e:
-            raise SAELightningError(f"{self.path} cannot be read ({one_line(e)}); fix or remove it") from None
-        if not isinstance(notes, dict) or not all(isinstance(v, str) for v in notes.values()):
-            raise SAELightningError(f"{self.path} is not an object of latent index -> note text; fix or remove it")
-        return notes
+        return read_notes(self.out)
 
     def set(self, latent, note) -> dict[str, str]:
         """Save one latent's note (an empty one removes it); returns all notes."""
@@ -147,29 +138,7 @@ class Notes:
         if len(note) > MAX_NOTE:
             raise SAELightningError(f"the note is {len(note)} characters; at most {MAX_NOTE}")
         with self.lock:
-            notes = self.read()
-            if note.strip():
-                notes[str(latent)] = note
-            else:
-                notes.pop(str(latent), None)
-            notes = dict(sorted(notes.items(), key=lambda kv: (len(kv[0]), kv[0])))  # "2" before "10"
-            write_json(self.path, notes)
-        return notes
-
-
-def read_notes_bytes(out_dir) -> bytes | None:
-    """OUT/notes.json as it is (None when there is none): viz rewrites OUT whole, so it is put back after."""
-    try:
-        return (Path(out_dir).expanduser() / NOTES_FILE).read_bytes()
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-
-
-def restore_notes(out_dir, data: bytes | None) -> None:
-    """Put back the notes.json read before the site was rewritten, unless the new site has its own."""
-    path = Path(out_dir).expanduser() / NOTES_FILE
-    if data is not None and not path.exists():
-        write_bytes(path, data)
+            return set_note(self.out, latent, note)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -534,4 +503,4 @@ def run(server: Server, out_dir, meta: dict, records: list[dict], live: Live) ->
     return 130
 
 
-__all__ = ["DashboardApp", "Live", "Notes", "Server", "live_page", "read_notes_bytes", "restore_notes", "run"]
+__all__ = ["DashboardApp", "Live", "Notes", "Server", "live_page", "run"]
