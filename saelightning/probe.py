@@ -25,7 +25,9 @@ from __future__ import annotations
 import json
 import math
 import sys
+import zlib
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -404,21 +406,32 @@ class ProbeSettings:
     seed: int = 42
 
 
-def concept_samples(data: LabelledTokens, split: Split, settings: ProbeSettings) -> dict[str, tuple]:
-    """Per concept, (train positions, test positions) of its balanced samples, or a reason it is skipped."""
+@dataclass
+class Sample:
+    """A concept's balanced train and test samples (positions), its token counts, or why it is skipped."""
+
+    train: np.ndarray
+    test: np.ndarray
+    counts: dict[str, dict[str, int]]  # {"train" / "test": {"labelled": n, "positive": p}}
+    skipped: str | None = None
+
+
+def concept_samples(data: LabelledTokens, split: Split, settings: ProbeSettings) -> dict[str, Sample]:
+    """Per concept, the balanced samples of the train and test documents (seeded by the seed and the concept's
+    name, so a concept's samples do not depend on which others are probed), or why it is skipped."""
     out = {}
     for j, name in enumerate(data.concepts):
         y, known = data.labels[:, j], data.known[:, j]
-        counts = {part: (int((known & mask & y).sum()), int((known & mask & ~y).sum()))
+        counts = {part: {"labelled": int((known & mask).sum()), "positive": int((known & mask & y).sum())}
                   for part, mask in (("train", split.train), ("test", split.test))}
-        empty = [f"{cls} in the {part} documents" for part, (p, q) in counts.items()
-                 for cls, c in (("no positive", p), ("no negative", q)) if c == 0]
+        empty = [f"no {cls} in the {part} documents" for part, c in counts.items()
+                 for cls, n in (("positive", c["positive"]), ("negative", c["labelled"] - c["positive"])) if n == 0]
         if empty:
-            out[name] = ("; ".join(empty), counts)
+            out[name] = Sample(np.zeros(0, np.int64), np.zeros(0, np.int64), counts, "; ".join(empty))
             continue
-        rng = np.random.default_rng([settings.seed, j])
-        out[name] = (balanced_sample(y, known & split.train, settings.train_size, rng),
-                     balanced_sample(y, known & split.test, settings.test_size, rng), counts)
+        rng = np.random.default_rng([settings.seed, zlib.crc32(name.encode("utf-8"))])
+        out[name] = Sample(balanced_sample(y, known & split.train, settings.train_size, rng),
+                           balanced_sample(y, known & split.test, settings.test_size, rng), counts)
     return out
 
 
@@ -428,13 +441,13 @@ def _fit_and_score(X_train, y_train, X_test, y_test, C) -> dict:
     return {"test_accuracy": s["accuracy"], "test_f1": s["f1"]}
 
 
-def probe_concept(j: int, data: LabelledTokens, split: Split, sample: tuple, sparse: SparseLatents,
+def probe_concept(j: int, data: LabelledTokens, split: Split, sample: Sample, sparse: SparseLatents,
                   raw: torch.Tensor, raw_positions: np.ndarray, settings: ProbeSettings) -> dict:
     """One concept's sparse probing and best single latents (see the module docstring)."""
-    train_pos, test_pos, counts = sample
+    train_pos, test_pos = sample.train, sample.test
     y_all = torch.from_numpy(data.labels[:, j])
     known = torch.from_numpy(data.known[:, j])
-    entry = {"tokens": {part: {"labelled": p + q, "positive": p} for part, (p, q) in counts.items()}}
+    entry = {"tokens": sample.counts}
     tr, te = torch.from_numpy(train_pos), torch.from_numpy(test_pos)
     y_tr, y_te = y_all[tr], y_all[te]
     ks = [k for k in settings.ks if k <= sparse.d_sae]
@@ -586,22 +599,21 @@ def run_probe(args: ProbeArgs) -> dict:
     settings = ProbeSettings(list(args.k), args.train_size, args.test_size, args.C, args.seed)
     split = split_documents(tokens.doc, args.test_fraction, args.seed)
     samples = concept_samples(tokens, split, settings)
-    keep = np.unique(np.concatenate([np.zeros(0, dtype=np.int64)] + [s[k] for s in samples.values()
-                                                                       if len(s) == 3 for k in (0, 1)]))
+    keep = np.unique(np.concatenate([np.zeros(0, np.int64)] + [p for s in samples.values() for p in (s.train, s.test)]))
     with progress_bar(n, "probe", quiet=args.quiet) as bar:
         sparse, raw = encode_positions(nc.model, sae, hook, tokens.rows, args.batch_size, nc.tokenizer.bos_id, keep,
                                        device, bar)
     concepts = {}
-    for j, name in enumerate(tokens.concepts):
-        sample = samples[name]
-        if len(sample) == 2:
-            reason, counts = sample
-            concepts[name] = {"tokens": {p: {"labelled": a + b, "positive": a} for p, (a, b) in counts.items()},
-                              "skipped": reason}
-        else:
-            concepts[name] = probe_concept(j, tokens, split, sample, sparse, raw, keep, settings)
-        if name in CONCEPTS and not args.labels:
-            concepts[name] = {"description": CONCEPTS[name], **concepts[name]}
+    with _one_thread():
+        for j, name in enumerate(tokens.concepts):
+            sample = samples[name]
+            if sample.skipped:
+                concepts[name] = {"tokens": sample.counts, "skipped": sample.skipped}
+            else:
+                concepts[name] = probe_concept(j, tokens, split, sample, sparse, raw, keep, settings)
+            if name in CONCEPTS and not args.labels:
+                concepts[name] = {"description": CONCEPTS[name], **concepts[name]}
+        latents = latent_concepts(tokens, sparse)
     if n < args.tokens:
         print(f"saelightning probe: the text ran out after {n} of {args.tokens} tokens; the report covers those",
               file=sys.stderr)
@@ -614,10 +626,22 @@ def run_probe(args: ProbeArgs) -> dict:
                         "train_documents": split.train_docs, "test_documents": split.test_docs},
               "probe": {"k": list(args.k), "train_size": args.train_size, "test_size": args.test_size,
                         "balanced": True, "C": args.C, "solver": "newton (float64, to convergence)"},
-              "concepts": concepts, "latents": latent_concepts(tokens, sparse)}
+              "concepts": concepts, "latents": latents}
     if args.out:
         write_json(args.out, report, indent=1)
     return report
+
+
+@contextmanager
+def _one_thread():
+    """The probes multiply small matrices: on one thread, as a second one costs more in waking up than it saves
+    (tens of ms per product on a busy CPU)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _select(tokens: LabelledTokens, concepts: list[str] | None) -> LabelledTokens:

@@ -380,6 +380,13 @@ def test_probe_cli_end_to_end(tmp_path, probe_sae, nanochat_current_dir, tiny_sh
         assert 0 <= sp["sae_top_k"]["20"]["test_accuracy"] <= 1 and len(sp["sae_top_k"]["5"]["latents"]) == 5
     assert probed >= 6
 
+    # a concept's figures do not depend on the others probed with it
+    argv[argv.index("--out") + 1] = str(tmp_path / "two.json")
+    assert main(argv + ["--concepts", "identifier", "comment"]) == 0
+    two = json.loads((tmp_path / "two.json").read_text())
+    assert list(two["concepts"]) == ["identifier", "comment"]
+    assert all(two["concepts"][c] == report["concepts"][c] for c in two["concepts"])
+
 
 def test_probe_cli_with_a_label_file(tmp_path, probe_sae, nanochat_current_dir, capsys):
     path = tmp_path / "digits.jsonl"
