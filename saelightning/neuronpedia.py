@@ -19,7 +19,7 @@ from pathlib import Path
 
 from saelightning.atomic import atomic_dir
 from saelightning.command import parse
-from saelightning.dashboards import VizArgs, compute_records
+from saelightning.dashboards import StatsArgs, compute_records
 from saelightning.errors import SAELightningError
 from saelightning.hooks import parse_hook
 
@@ -84,7 +84,7 @@ def _slug(text: str) -> str:
 
 
 @dataclass
-class NeuronpediaArgs(VizArgs):
+class NeuronpediaArgs(StatsArgs):
     """Write Neuronpedia batch files (batch-{n}.json) and a copy of the SAE's weights; no network.
 
     Args:

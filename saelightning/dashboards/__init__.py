@@ -31,7 +31,8 @@ from saelightning.tokens import rows_for_tokens, val_batches
 
 LATENT_BUDGET = 2**26  # floats of dense latents per batch (256 MB in fp32)
 
-__all__ = ["Loaded", "VizArgs", "cli_main", "compute_records", "density_summary", "load_inputs", "parse_features"]
+__all__ = ["Loaded", "StatsArgs", "VizArgs", "cli_main", "compute_records", "density_summary", "load_inputs",
+           "parse_features"]
 
 
 def parse_features(spec: str | None, d_sae: int) -> list[int] | None:
@@ -56,9 +57,8 @@ def parse_features(spec: str | None, d_sae: int) -> list[int] | None:
 
 
 @dataclass
-class VizArgs:
-    """Write a static HTML site (index + one page per latent) about an exported SAE's latents, from two
-    streaming passes over the val shard. Open OUT/index.html from disk, or serve it with live pages (--serve).
+class StatsArgs:
+    """The options of the two streaming passes over the val shard that viz and neuronpedia share.
 
     Args:
         sae: exported SAE directory (SAELens layout).
@@ -73,13 +73,6 @@ class VizArgs:
         top_k: top-activating contexts per latent.
         device: cpu or cuda (default: cuda when there is a GPU).
         quiet: no progress bars (they show only on a terminal in any case).
-        serve: after writing the site, serve it over HTTP at http://HOST:PORT/ until Ctrl-C, with a live page
-            per latent (type text: tokens shaded by the latent's activation; the next-token distribution
-            plain and steered; the latent's note, saved to OUT/notes.json). The model and SAE stay loaded.
-            viz only.
-        host: address to listen on with --serve, and the only one: 127.0.0.1 answers this machine only; an
-            address of another interface (or 0.0.0.0) lets other machines run the model and write notes.
-        port: TCP port to listen on with --serve (0: a free one, printed).
     """
 
     sae: str
@@ -93,13 +86,25 @@ class VizArgs:
     top_k: int = 20
     device: str | None = None
     quiet: bool = False
+
+
+@dataclass
+class VizArgs(StatsArgs):
+    """Write a static HTML site (index + one page per latent) about an exported SAE's latents, from two
+    streaming passes over the val shard. Open OUT/index.html from disk, or serve it with live pages (--serve).
+
+    Args:
+        serve: after writing the site, serve it over HTTP at http://HOST:PORT/ until Ctrl-C, with a live page
+            per latent (type text: tokens shaded by the latent's activation; the next-token distribution
+            plain and steered; the latent's note, saved to OUT/notes.json). The model and SAE stay loaded.
+        host: address to listen on with --serve, and the only one: 127.0.0.1 answers this machine only; an
+            address of another interface (or 0.0.0.0) lets other machines run the model and write notes.
+        port: TCP port to listen on with --serve (0: a free one, printed).
+    """
+
     serve: bool = False
     host: str = "127.0.0.1"
     port: int = 8000
-
-    def __post_init__(self):
-        if self.serve and type(self) is not VizArgs:  # neuronpedia's options extend these
-            raise SAELightningError("--serve applies to `saelightning viz` only")
 
 
 @dataclass
@@ -114,7 +119,7 @@ class Loaded:
     device: torch.device
 
 
-def load_inputs(args: VizArgs) -> Loaded:
+def load_inputs(args: StatsArgs) -> Loaded:
     """Load the model (fp32, frozen), its tokenizer and the SAE named by args."""
     device = resolve.device(args.device)
     model, load, data = resolve.sources([args.sae], args.model, args.data)
@@ -123,7 +128,7 @@ def load_inputs(args: VizArgs) -> Loaded:
     return Loaded(nc, sae, resolve.sae_hook(sae, args.sae), model, data, device)
 
 
-def compute_records(args: VizArgs, loaded: Loaded | None = None) -> tuple[dict, list[dict], object]:
+def compute_records(args: StatsArgs, loaded: Loaded | None = None) -> tuple[dict, list[dict], object]:
     """Stream the val shard through the model and SAE (loaded here unless given); returns (meta, records, sae)."""
     if args.tokens < 2 or args.top_k < 1:
         raise SAELightningError("--tokens must be >= 2 and --top_k >= 1")
@@ -146,7 +151,7 @@ def compute_records(args: VizArgs, loaded: Loaded | None = None) -> tuple[dict, 
     def batches():  # the same rows as `saelightning eval --tokens N`, for both passes
         return val_batches(val, nc.tokenizer, context, n_rows, rows)
 
-    command = "viz" if type(args) is VizArgs else "neuronpedia"  # NeuronpediaArgs extends VizArgs
+    command = "viz" if isinstance(args, VizArgs) else "neuronpedia"
 
     def progress(desc):  # one bar per pass over the n_rows x context token positions
         return progress_bar(n_rows * context, f"{command} {desc}", unit="tok", quiet=args.quiet)
