@@ -593,14 +593,19 @@ def _warn(notes: list[str]) -> None:
         print(f"saelightning: warning: {note}", file=sys.stderr, flush=True)
 
 
+def _load(a) -> tuple:
+    """The model (--model, or the one the SAEs record) and an InterpretableModel over it and a.sae."""
+    device = resolve.device(a.device)
+    model, load, _ = resolve.sources(a.sae, a.model, None)
+    nc = resolve.load_model(model, device=device, dtype=torch.float32, **load)
+    return nc, InterpretableModel(nc, [load_sae(d, device=device) for d in a.sae])
+
+
 def cli_main(argv: Sequence[str]) -> int:
     a = parse(GenerateArgs, argv, "saelightning generate")
     if a is None:
         return 0
-    device = resolve.device(a.device)
-    model, load, _ = resolve.sources(a.sae, a.model, None)
-    nc = resolve.load_model(model, device=device, dtype=torch.float32, **load)
-    im = InterpretableModel(nc, [load_sae(d, device=device) for d in a.sae])
+    nc, im = _load(a)
     only = next(iter(im.saes)) if len(im.saes) == 1 else None
     steers = [parse_steer(s, mode, only) for mode, specs in
               (("add", a.steer), ("clamp", a.clamp), ("scale", a.scale)) for s in specs]
@@ -658,10 +663,7 @@ def features_cli_main(argv: Sequence[str]) -> int:
     a = parse(FeaturesArgs, argv, "saelightning features")
     if a is None:
         return 0
-    device = resolve.device(a.device)
-    model, load, _ = resolve.sources(a.sae, a.model, None)
-    nc = resolve.load_model(model, device=device, dtype=torch.float32, **load)
-    im = InterpretableModel(nc, [load_sae(d, device=device) for d in a.sae])
+    _, im = _load(a)
     (ids,), notes = im.fit_context(a.text, a.truncate)
     _warn(notes)
     pf = im.prompt_features(ids, a.top_features, truncate=None)
