@@ -12,12 +12,13 @@ and per concept (one binary task each):
   channels ranked the same way (SAEBench's llm_top_k).
 - the best single latent, on the natural (unbalanced) distribution of labelled tokens: chosen on the
   train documents, reported on the test documents, by two rules: "fires" (activation > 0) and the best
-  threshold (activation > t, t one of the latent's train activations or 0), with precision, recall, F1.
+  threshold (activation > t, t one of the latent's train activations or 0), with precision, recall, F1;
+  and an upper bound, the best latent and threshold chosen on the test documents themselves.
 
-The split is by document (a tenth of tokens next to each other in one document would leak otherwise):
-a seeded fifth of the documents are the test documents. Rows are read as eval reads them (the first
-ceil(tokens / context) rows of the val shard, in file order); a user file is packed the same way, its
-last partial row kept.
+The split is by document (neighbouring tokens of one document are alike: a split by token would leak):
+a seeded fifth of the documents (--test_fraction) are the test documents. Rows are read as eval reads
+them (the first ceil(tokens / context) rows of the val shard, in file order); a user file is packed the
+same way, its last partial row kept.
 """
 
 from __future__ import annotations
@@ -499,6 +500,27 @@ def latent_concepts(data: LabelledTokens, sparse: SparseLatents) -> list[dict | 
             s = _scores(int(tp[i]), int(fp[i]), positives - int(tp[i]))
             best[i] = {"concept": name, "precision": s["precision"], "recall": s["recall"], "f1": s["f1"]}
     return best
+
+
+def read_latent_concepts(path, hook: str, d_sae: int) -> list[dict | None]:
+    """The per-latent best-matching concepts of a `saelightning probe --out` report (report["latents"]), after
+    checking that the report is about an SAE at this hook with d_sae latents."""
+    path = Path(path).expanduser()
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SAELightningError(f"--probe {path} does not exist; write it with saelightning probe --out") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise SAELightningError(f"--probe {path} is not a readable JSON report ({type(e).__name__}); write it again "
+                                "with saelightning probe --out") from None
+    latents = report.get("latents") if isinstance(report, dict) else None
+    if not isinstance(latents, list) or not all(x is None or isinstance(x, dict) and "concept" in x for x in latents):
+        raise SAELightningError(f"--probe {path} is not a saelightning probe report (no \"latents\" list); write it "
+                                "with saelightning probe --out")
+    if report.get("hook_name") != hook or len(latents) != d_sae:
+        raise SAELightningError(f"--probe {path} is about an SAE at {report.get('hook_name')} with {len(latents)} "
+                                f"latents, not this one at {hook} with {d_sae}; probe this SAE")
+    return latents
 
 
 # ---------------------------------------------------------------------------------------------
