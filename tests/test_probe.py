@@ -448,3 +448,35 @@ def test_probe_print_config_round_trips(capsys):
     assert main(["probe", "--sae", "a", "--k", "1", "5", "--concepts", "string", "comment", "--print_config"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["k"] == [1, 5] and printed["concepts"] == ["string", "comment"] and printed["tokens"] == 100_000
+
+
+def test_viz_shows_each_latents_best_matching_concept(tmp_path, probe_sae, nanochat_current_dir, tiny_shards_dir,
+                                                      capsys):
+    common = ["--sae", str(probe_sae), "--model", str(nanochat_current_dir), "--data", str(tiny_shards_dir),
+              "--device", "cpu"]
+    report = tmp_path / "probe.json"
+    assert main(["probe", *common, "--tokens", "1500", "--train-size", "100", "--test-size", "50", "--k", "1",
+                 "--out", str(report)]) == 0
+    latents = json.loads(report.read_text())["latents"]
+    site = tmp_path / "site"
+    assert main(["viz", *common, "--tokens", "300", "--features", "0-5", "--out", str(site), "--probe",
+                 str(report)]) == 0
+    shown = 0
+    for i in range(6):
+        page = (site / "features" / f"{i}.html").read_text()
+        if latents[i] is None:
+            assert "best-matching concept" not in page
+            continue
+        shown += 1
+        assert "best-matching concept" in page and f"{latents[i]['concept']}: F1 " in page
+    assert shown > 0
+    # a report of another SAE is refused before any work, and the site stays as it was
+    other = json.loads(report.read_text())
+    other["latents"] = other["latents"][:-1]
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    before = (site / "index.html").read_bytes()
+    capsys.readouterr()
+    assert main(["viz", *common, "--tokens", "300", "--out", str(site), "--probe", str(tmp_path / "other.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "with 127 latents, not this one at blocks.1.hook_resid_post with 128" in err[0]
+    assert (site / "index.html").read_bytes() == before

@@ -26,6 +26,7 @@ from saelightning.errors import SAELightningError
 from saelightning.export import load_sae
 from saelightning.hooks import parse_hook
 from saelightning.nanochat.checkpoint import Nanochat
+from saelightning.probe import read_latent_concepts
 from saelightning.progress import progress_bar
 from saelightning.tokens import rows_for_tokens, val_batches
 
@@ -100,11 +101,14 @@ class VizArgs(StatsArgs):
         host: address to listen on with --serve, and the only one: 127.0.0.1 answers this machine only; an
             address of another interface (or 0.0.0.0) lets other machines run the model and write notes.
         port: TCP port to listen on with --serve (0: a free one, printed).
+        probe: a `saelightning probe --out` report of this SAE: each latent's page then shows its best-matching
+            concept (by F1 of "fires => concept"), with precision and recall.
     """
 
     serve: bool = False
     host: str = "127.0.0.1"
     port: int = 8000
+    probe: str | None = None
 
 
 @dataclass
@@ -176,7 +180,11 @@ def cli_main(argv: Sequence[str]) -> int:
     listening = serve.Server(args.host, args.port) if args.serve else None  # a busy port fails before the work
     try:
         loaded = load_inputs(args)
+        concepts = read_latent_concepts(args.probe, loaded.hook, loaded.sae.W_dec.shape[0]) if args.probe else None
         meta, records, _ = compute_records(args, loaded)
+        for record in records if concepts else ():
+            if concepts[record["index"]]:
+                record["concept"] = concepts[record["index"]]
         index = write_site(args.out, meta, records)  # carries OUT/notes.json over
         print(f"{len(records)} latent pages over {meta['n_tokens']} tokens in {time.perf_counter() - start:.1f}s; "
               f"open {index}", file=sys.stderr)

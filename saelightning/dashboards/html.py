@@ -493,6 +493,10 @@ def feature_page(meta: dict, record: dict, prev: int | None, next_: int | None,
     stats = [("density", fmt(record["density"])), ("log10 density", fmt(record.get("log10_density"))),
              ("fires on", f"{record['n_fire']:,} of {fmt(n_tokens)} tokens"),
              ("max activation", fmt(record["max_act"])), ("mean activation (when firing)", fmt(record["mean_act"]))]
+    if record.get("concept"):  # from a `saelightning probe` report (viz --probe)
+        c = record["concept"]
+        stats.append(("best-matching concept", f"{c['concept']}: F1 {fmt(c['f1'])} (precision {fmt(c['precision'])}, "
+                                               f"recall {fmt(c['recall'])})"))
     stats_html = "".join(f"<tr><th>{html.escape(k)}</th><td class=\"num\">{html.escape(v)}</td></tr>" for k, v in stats)
     hist = record["hist"]
     if record["n_fire"] > 0:
