@@ -3,7 +3,7 @@
 import importlib
 
 __version__ = "0.1.0"
-__all__ = ["load_nanochat", "load_sae", "InterpretableModel", "SAELightningError"]
+__all__ = ["load_nanochat", "load_sae", "InterpretableModel", "SAELightningError", "write_activations"]
 
 # Imported on first use so that `import saelightning` (and the CLI's --help) stays cheap.
 _LAZY = {
@@ -11,6 +11,7 @@ _LAZY = {
     "load_sae": "saelightning.export",
     "InterpretableModel": "saelightning.runtime",
     "SAELightningError": "saelightning.errors",
+    "write_activations": "saelightning.activations",
 }
 
 

@@ -6,6 +6,12 @@ The train "dataloader" is an ActivationStream: it pulls token batches in a fixed
 the model up to the deepest hook, drops BOS positions, scales, and fills a shuffle buffer of
 `buffer_tokens` activations that is permuted as a whole and cut into SAE batches of `batch_size`.
 
+The same stream serves the model-free sources: `data.activations` (shards that another program wrote, with
+a manifest: activations.py) and `data.synthetic` (a generator with known features: synthetic.py). Their
+readers hand TokenReader blocks of activations (or of synthetic block indices) instead of token batches,
+validation reads their held-out part instead of running the model, and the SAE module is told each hook's
+width (hook_widths) instead of the model's depth and width.
+
 Exact resume: a buffer is refilled whole, so the state of the next SAE batch is (the token readers'
 position when its buffer was filled, the buffer's index, how many batches were already drawn from
 it). Resuming replays that one refill (same tokens, same forward, same permutation seeded from the
@@ -34,10 +40,23 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
 from saelightning import resolve
+from saelightning.activations import HeldOut, mean_squared_norms, read_activations, train_view
 from saelightning.cache import CacheBlocks, cache_scales, check_cache, read_manifest
 from saelightning.errors import SAELightningError
 from saelightning.faults import raise_if_stop_requested
 from saelightning.hooks import hook_width, parse_hook
+from saelightning.synthetic import HOOK as SYNTHETIC_HOOK
+from saelightning.synthetic import (
+    SCALE,
+    TRAIN,
+    SyntheticBlocks,
+    SyntheticConfig,
+    SyntheticVal,
+    check_config,
+    check_same,
+    load_or_build,
+    read_model,
+)
 from saelightning.tokens import TokenBatches, val_batches
 
 STATE_VERSION = 1
@@ -215,10 +234,12 @@ class ValBatches:
 # --- the data module ---
 
 class ActivationDataModule(pl.LightningDataModule):
-    """Activations of a frozen nanochat model at the SAEs' hook points, streamed from text shards.
+    """Activations of a frozen nanochat model at the SAEs' hook points, streamed from text shards; or, with
+    `activations` or `synthetic`, activations without a model.
 
     Args:
-        model: nanochat checkpoint dir, model_XXXXXX.pt, nanochat base dir, or "demo" (the bundled model).
+        model: nanochat checkpoint dir, model_XXXXXX.pt, nanochat base dir, or "demo" (the bundled model); not read
+            with activations or synthetic.
         data_dir: folder of nanochat parquet shards (the last is val), or "demo" (built from the stdlib).
         step: checkpoint step to load (default: the latest).
         era: "original" | "current" to override the era detected from the checkpoint's keys.
@@ -229,24 +250,35 @@ class ActivationDataModule(pl.LightningDataModule):
         model_batch_rows: rows of context_size tokens per model forward.
         buffer_tokens: shuffle buffer size in activations (per rank); refilled whole, then permuted.
         num_workers: DataLoader workers that read and tokenize (0: in the main process).
-        val_batches: model batches (of model_batch_rows rows) of the val shard per validation.
-        scale_batches: model batches used to estimate the normalisation constant (E||x||² = d_in).
+        val_batches: model batches (of model_batch_rows rows) of the val shard per validation (a model-free
+            source: batches of batch_size held-out activations).
+        scale_batches: model batches used to estimate the normalisation constant (E||x||² = d_in) (a model-free
+            source: batches of batch_size, unless its manifest has the constant).
         normalize: scale activations by that constant (stored in each SAE's input_scale).
-        seed: data order seed (shard row groups and the buffer permutations).
+        seed: data order seed (shard row groups and the buffer permutations; a synthetic stream's samples).
         cache_dir: a `saelightning cache` output: train activations are read from it instead of running
             the model (validation still runs the model on the val shard; the scale comes from its manifest).
         max_buffer_bytes: refuse a config whose shuffle buffer at its peak (a refill's parts + their concatenation,
             fp32, every hook) exceeds this (default: half the training device's memory, GPU or host RAM).
         compile_model: run the model's truncated forward under torch.compile (the first model batch compiles,
             tens of seconds; then the activations come faster, see BENCHMARKS.md).
+        activations: a directory of activation shards with a manifest (activations.py; a `saelightning cache`
+            dir is one): train on them without a model. Their held-out tail (the manifest's val_tokens, else
+            val_batches x batch_size activations) is never trained on; validation reads its first val_batches x
+            batch_size. The SAEs' hook names are the manifest's. The model and text options above are then not read.
+        synthetic: train on synthetic activations with known features (synthetic.py; hook name "synthetic"): its
+            model is generated from its seed (or read from its file), the stream is generated as it is read, and
+            validation (val_batches x batch_size held-out samples) adds the ground-truth metrics. The model and
+            text options above are then not read.
     """
 
-    def __init__(self, model: str = "demo", data_dir: str = "demo", step: int | None = None, era: str | None = None,
-                 source: str = "base", model_tag: str | None = None,
+    def __init__(self, model: str | None = "demo", data_dir: str = "demo", step: int | None = None,
+                 era: str | None = None, source: str = "base", model_tag: str | None = None,
                  context_size: int | None = None, batch_size: int = 4096, model_batch_rows: int = 8,
                  buffer_tokens: int = 262144, num_workers: int = 1, val_batches: int = 4, scale_batches: int = 4,
                  normalize: bool = True, seed: int = 0, cache_dir: str | None = None,
-                 max_buffer_bytes: int | None = None, compile_model: bool = False):
+                 max_buffer_bytes: int | None = None, compile_model: bool = False, activations: str | None = None,
+                 synthetic: SyntheticConfig | None = None):
         super().__init__()
         for name, value in (("batch_size", batch_size), ("model_batch_rows", model_batch_rows),
                             ("val_batches", val_batches), ("scale_batches", scale_batches)):
@@ -257,20 +289,25 @@ class ActivationDataModule(pl.LightningDataModule):
         if buffer_tokens < batch_size:
             raise SAELightningError(f"need 1 <= batch_size ({batch_size}) <= buffer_tokens ({buffer_tokens}); "
                                     "raise data.buffer_tokens")
-        self.nanochat = resolve.load_model(model, step=step, era=era, source=source, model_tag=model_tag)
-        self.model_arg, self.era_arg, self.source, self.model_tag = model, era, source, model_tag
-        self.model, self.tokenizer = self.nanochat.model, self.nanochat.tokenizer
-        self._run_with_cache = self.model.capturer(compile_model)
-        self.data_dir = data_dir
-        self._train_shards, self._val_shard = resolve.shards(data_dir)  # a bad data dir fails here, not at setup
-        self.context_size = context_size or self.model.config.sequence_len
-        if not 1 <= self.context_size <= self.model.config.sequence_len:
-            raise SAELightningError(f"data.context_size={self.context_size} must be in "
-                                    f"[1, {self.model.config.sequence_len}] (the model's sequence_len)")
         self.batch_size, self.model_batch_rows, self.buffer_tokens = batch_size, model_batch_rows, buffer_tokens
         self.num_workers, self.val_batches, self.scale_batches = num_workers, val_batches, scale_batches
         self.normalize, self.seed, self.max_buffer_bytes = normalize, seed, max_buffer_bytes
-        self.cache_dir = cache_dir
+        self.model_arg, self.era_arg, self.source, self.model_tag = model, era, source, model_tag
+        self.data_dir, self.cache_dir = data_dir, cache_dir
+        self.kind = self._kind(cache_dir, activations, synthetic)
+        self.nanochat = self.model = self.tokenizer = self.context_size = None
+        self.activations_info: dict | None = None  # data.activations: the checked manifest
+        self.synthetic_cfg: SyntheticConfig | None = None
+        self.truth = None  # data.synthetic: the SyntheticModel (built or read at setup, on the training device)
+        self.widths: dict[str, int] = {}  # a model-free source's hook widths
+        if self.kind == "activations":
+            self.activations_info = read_activations(activations, val_batches * batch_size)
+            self.widths = dict(self.activations_info["d_in"])
+        elif self.kind == "synthetic":
+            self.synthetic_cfg = _as_synthetic(synthetic)
+            self.widths = {SYNTHETIC_HOOK: self.synthetic_cfg.d_in}
+        else:
+            self._load_nanochat(model, step, era, source, model_tag, context_size, compile_model)
         self.cache_manifest = read_manifest(cache_dir) if cache_dir else None
         self.hooks: list[str] = []  # set by setup() from the LightningModule's SAEs
         self.device = torch.device("cpu")
@@ -281,37 +318,95 @@ class ActivationDataModule(pl.LightningDataModule):
         self._stream: ActivationStream | None = None
         self._val_tokens: list[torch.Tensor] | None = None
 
+    @staticmethod
+    def _kind(cache_dir, activations, synthetic) -> str:
+        if activations is not None and synthetic is not None:
+            raise SAELightningError("data.activations and data.synthetic are both given; train on one of them "
+                                    "(set the other to null)")
+        if (activations is not None or synthetic is not None) and cache_dir:
+            raise SAELightningError(f"data.cache_dir and data.{'activations' if activations else 'synthetic'} are "
+                                    "both given; data.cache_dir is the nanochat model's cache (validated with the "
+                                    "model), the other trains without a model: set one of them to null")
+        return "activations" if activations is not None else "synthetic" if synthetic is not None else \
+            "cache" if cache_dir else "live"
+
+    def _load_nanochat(self, model, step, era, source, model_tag, context_size, compile_model) -> None:
+        if model is None:
+            raise SAELightningError("data.model is null: give a nanochat model (or demo), or train without one "
+                                    "with data.activations or data.synthetic")
+        self.nanochat = resolve.load_model(model, step=step, era=era, source=source, model_tag=model_tag)
+        self.model, self.tokenizer = self.nanochat.model, self.nanochat.tokenizer
+        self._run_with_cache = self.model.capturer(compile_model)
+        self._train_shards, self._val_shard = resolve.shards(self.data_dir)  # a bad data dir fails here, not at setup
+        self.context_size = context_size or self.model.config.sequence_len
+        if not 1 <= self.context_size <= self.model.config.sequence_len:
+            raise SAELightningError(f"data.context_size={self.context_size} must be in "
+                                    f"[1, {self.model.config.sequence_len}] (the model's sequence_len)")
+
+    @property
+    def model_free(self) -> bool:
+        return self.kind in ("activations", "synthetic")
+
     # facts the SAE module needs (linked by the CLI so d_in is never typed)
     @property
     def n_layer(self) -> int:
-        return self.model.n_layer
+        return 0 if self.model_free else self.model.n_layer
 
     @property
     def d_model(self) -> int:
-        return self.model.d_model
+        return 0 if self.model_free else self.model.d_model
+
+    @property
+    def hook_widths(self) -> dict[str, int] | None:
+        """A model-free source's hooks and their widths (None: the nanochat model's hook grammar applies)."""
+        return dict(self.widths) if self.model_free else None
 
     @property
     def model_info(self) -> dict:
+        if self.model_free:
+            return {"path": None, "step": None, "era": None, "config": None, "context_size": None,
+                    "trained_on": self.trained_on}
         meta = self.nanochat.meta
         return {"path": meta["path"], "step": meta["step"], "era": meta["era"], "config": meta["model_config"],
                 "context_size": self.context_size, "trained_on": self.trained_on}
 
     @property
     def trained_on(self) -> dict:
-        """How to load this model and data again: what eval, viz, neuronpedia and generate default to."""
+        """How to load this model and data again: what eval, viz, neuronpedia and generate default to. A model-free
+        source records where its activations are (or its synthetic model's file and config) and the held-out part."""
+        if self.kind == "activations":
+            info = self.activations_info
+            return {"activations": info["dir"], "id": info["id"], "held_out": info["val_tokens"],
+                    "val_tokens": self._held_out_tokens(), "block": self.batch_size, "source": info["source"]}
+        if self.kind == "synthetic":
+            return {"synthetic": str(self.synthetic_cfg.path()), "config": self.synthetic_cfg.model_dict(),
+                    "val_tokens": self.val_batches * self.batch_size, "block": self.batch_size}
+
         def where(name: str) -> str:
             return name if name == "demo" else str(Path(name).expanduser().absolute())
         return {"model": where(self.model_arg), "step": self.nanochat.meta["step"], "era": self.era_arg,
                 "source": self.source, "model_tag": self.model_tag, "data": where(str(self.data_dir))}
 
+    def _held_out_tokens(self) -> int:
+        """Activations a validation reads (a model-free source): the first val_batches x batch_size held-out ones."""
+        held_out = self.activations_info["val_tokens"] if self.kind == "activations" else math.inf
+        return int(min(held_out, self.val_batches * self.batch_size))
+
     def hook_width(self, name: str) -> int:
+        if self.model_free:
+            if name not in self.widths:
+                where = self.activations_info["dir"] if self.kind == "activations" else "a synthetic source"
+                raise SAELightningError(f"the activations of {where} have no hook {name!r} (they hold "
+                                        f"{sorted(self.widths)}); set the SAE's hook_name to one of them")
+            return self.widths[name]
         return hook_width(name, self.n_layer, self.d_model)
 
     def buffer_peak_bytes(self, hooks: list[str]) -> int:
         """Peak bytes of the shuffle buffer: a refill's parts and their concatenation, fp32
-        (a fill overshoots by < one forward)."""
+        (a fill overshoots by < one forward, or one block of a model-free source)."""
         width = sum(self.hook_width(h) for h in dict.fromkeys(hooks))
-        return 2 * (self.buffer_tokens + self.model_batch_rows * self.context_size) * width * 4
+        step = self.batch_size if self.model_free else self.model_batch_rows * self.context_size
+        return 2 * (self.buffer_tokens + step) * width * 4
 
     def check_memory(self, hooks: list[str], device: torch.device | None = None) -> None:
         """Refuse a buffer larger than max_buffer_bytes (default: half the device's memory), as a one-line error."""
@@ -337,13 +432,33 @@ class ActivationDataModule(pl.LightningDataModule):
         if not self.hooks:
             raise SAELightningError("ActivationDataModule has no hook points; set dm.hooks or pair it with SAEModule")
         for name in self.hooks:
-            parse_hook(name, self.n_layer)
+            if self.model_free:
+                self.hook_width(name)
+            else:
+                parse_hook(name, self.n_layer)
         if self.cache_manifest is not None:
             check_cache(self.cache_manifest, {h: self.hook_width(h) for h in self.hooks}, self.model_info)
         if self.trainer is not None:
             self.device = self.trainer.strategy.root_device
         self.check_memory(self.hooks)
-        self.model.to(self.device)
+        if self.model is not None:
+            self.model.to(self.device)
+        if self.kind == "synthetic" and self.truth is None:
+            self.truth = self._synthetic_model()
+
+    def _synthetic_model(self):
+        """The synthetic model on the training device. Rank 0 reads it from its file, or builds it and writes the
+        file; under DDP the other ranks then read that file, so every rank has the same model."""
+        cfg = self.synthetic_cfg
+        rank, world = self._rank_world()
+        distributed = world > 1 and dist.is_available() and dist.is_initialized()
+        model = load_or_build(cfg, self.device) if rank == 0 else None
+        if distributed:
+            dist.barrier()
+        if model is None:
+            model = read_model(cfg.path())
+            check_same(cfg, model)
+        return model.to(self.device)
 
     def _rank_world(self) -> tuple[int, int]:
         if self.trainer is not None:
@@ -381,6 +496,16 @@ class ActivationDataModule(pl.LightningDataModule):
         if self.cache_manifest is not None:  # E||x||² over the whole cache
             self.scales = cache_scales(self.cache_manifest, self.hooks)
             return
+        if self.kind == "activations":  # the manifest's E||x||², else the first training activations' (every rank)
+            msn = mean_squared_norms(self.activations_info, self.hooks, self.scale_batches * self.batch_size)
+            self.scales = {h: math.sqrt(self.widths[h] / msn[h]) for h in self.hooks}
+            return
+        if self.kind == "synthetic":  # the first blocks of the model's SCALE stream: the same for every run and rank
+            blocks = [self.truth.block(SCALE, self.truth.cfg.seed, i, self.batch_size)[0]
+                      for i in range(self.scale_batches)]
+            mean_sq = torch.cat(blocks).double().pow(2).sum(-1).mean().item()
+            self.scales = {SYNTHETIC_HOOK: math.sqrt(self.widths[SYNTHETIC_HOOK] / mean_sq)}
+            return
         sums = torch.zeros(2, len(self.hooks), dtype=torch.float64, device=self.device)
         batches = iter(self._token_batches(self._train_shards))
         for _ in range(self.scale_batches):
@@ -398,10 +523,24 @@ class ActivationDataModule(pl.LightningDataModule):
     def _from_cache(self, block: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {h: block[h].to(self.device, non_blocking=True).float() * self.scales[h] for h in self.hooks}
 
-    def _cache_reader(self, start: dict | None) -> TokenReader:
+    def _cache_reader(self, start: dict | None, manifest: dict | None = None) -> TokenReader:
         rank, world = self._rank_world()
-        make = lambda s: CacheBlocks(self.cache_manifest, self.hooks, self.batch_size, rank, world, self.seed, s)  # noqa: E731
+        manifest = manifest or self.cache_manifest
+        make = lambda s: CacheBlocks(manifest, self.hooks, self.batch_size, rank, world, self.seed, s)  # noqa: E731
         return TokenReader(make, self.num_workers, start)
+
+    def _synthetic_reader(self, start: dict | None) -> TokenReader:
+        """On the CPU the DataLoader workers generate the blocks; on a GPU they hand out block indices and
+        _from_synthetic generates them there."""
+        rank, world = self._rank_world()
+        model = self.truth if self.device.type == "cpu" else None
+        make = lambda s: SyntheticBlocks(model, self.batch_size, self.seed, rank, world, s)  # noqa: E731
+        return TokenReader(make, self.num_workers, start)
+
+    def _from_synthetic(self, block: torch.Tensor) -> dict[str, torch.Tensor]:
+        if block.dim() == 0:  # a block index: generate it on the training device
+            block = self.truth.block(TRAIN, self.seed, int(block), self.batch_size)[0]
+        return {SYNTHETIC_HOOK: block.to(self.device, non_blocking=True).float() * self.scales[SYNTHETIC_HOOK]}
 
     def train_dataloader(self) -> ActivationStream:
         self._ensure_scales()
@@ -410,6 +549,11 @@ class ActivationDataModule(pl.LightningDataModule):
         self._next_index = self._first_index = 0 if start is None else start["index"]
         if self.cache_manifest is not None:  # the same shuffle buffer, fed from disk instead of the model
             make_reader, capture = self._cache_reader, self._from_cache
+        elif self.kind == "activations":  # the same, from the activation directory's training part
+            view = train_view(self.activations_info)
+            make_reader, capture = (lambda st: self._cache_reader(st, view)), self._from_cache
+        elif self.kind == "synthetic":
+            make_reader, capture = self._synthetic_reader, self._from_synthetic
         else:
             train = self._train_shards
             make_reader = lambda st: TokenReader(lambda s: self._token_batches(train, s), self.num_workers, st)  # noqa: E731
@@ -422,8 +566,16 @@ class ActivationDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> ValBatches:
         """This rank's val batches {"tokens": [rows, context]}: the first val_batches x model_batch_rows rows of the val
-        shard, the same rows `saelightning eval` reads (the model and the SAEs run in validation_step)."""
+        shard, the same rows `saelightning eval` reads (the model and the SAEs run in validation_step). A model-free
+        source: its held-out activations {"acts": {hook: x}} (raw units), with the true feature activations
+        ("truth") for a synthetic one."""
         self._ensure_scales()
+        if self.model_free:
+            rank, world = self._rank_world()
+            count = self._held_out_tokens()
+            if self.kind == "activations":
+                return HeldOut(self.activations_info, self.hooks, self.batch_size, rank, world, count)
+            return SyntheticVal(self.truth, self.batch_size, count, rank, world)
         if self._val_tokens is None:
             rank, world = self._rank_world()
             rows = self.val_batches * self.model_batch_rows
@@ -463,7 +615,12 @@ class ActivationDataModule(pl.LightningDataModule):
                 "batch_size": self.batch_size, "buffer_tokens": self.buffer_tokens, "source": self._source()}
 
     def _source(self) -> str:
-        """What the positions index: the text shards ("live") or a cache (its shard checksums)."""
+        """What the positions index: the text shards ("live"), a cache (its shard checksums), an activation
+        directory (its shards and held-out count) or a synthetic model (its config)."""
+        if self.kind == "activations":
+            return "activations:" + self.activations_info["id"]
+        if self.kind == "synthetic":
+            return "synthetic:" + self.synthetic_cfg.fingerprint()
         if self.cache_manifest is None:
             return "live"
         checksums = ",".join(s["sha256"] for s in self.cache_manifest["shards"])
@@ -483,10 +640,25 @@ class ActivationDataModule(pl.LightningDataModule):
                 raise SAELightningError(f"the checkpoint was trained with data.{key}={state[key]}, "
                                         f"now {getattr(self, key)}; resume with the same value")
         if state.get("source", "live") != self._source():
-            raise SAELightningError("the checkpoint's data position is in another source (live stream vs a cache, "
-                                    "or another cache); resume with the data.cache_dir it was trained with")
+            raise SAELightningError("the checkpoint's data position is in another source (live stream, a cache, "
+                                    "activations or a synthetic model, or another one of them); resume with the "
+                                    "data.cache_dir / data.activations / data.synthetic it was trained with")
         self.scales = state["scales"]
         self._start = state["positions"][rank]
 
     def __repr__(self) -> str:
+        if self.model_free:
+            return f"ActivationDataModule({self.kind}, hooks={self.hooks})"
         return f"ActivationDataModule(model={self.nanochat.meta['path']}, data_dir={self.data_dir}, hooks={self.hooks})"
+
+
+def _as_synthetic(value) -> SyntheticConfig:
+    if isinstance(value, SyntheticConfig):
+        return check_config(value)
+    if isinstance(value, dict):
+        known = {f for f in SyntheticConfig.__dataclass_fields__}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise SAELightningError(f"data.synthetic has no field(s) {unknown}; its fields are {sorted(known)}")
+        return check_config(SyntheticConfig(**value))
+    raise SAELightningError(f"data.synthetic must be a mapping of SyntheticConfig fields, got {type(value).__name__}")

@@ -23,6 +23,9 @@ from saelightning import resolve
 from saelightning.atomic import write_json
 from saelightning.command import parse
 from saelightning.errors import SAELightningError
+from saelightning.groundtruth import TABLE_KEYS as TRUTH_KEYS
+from saelightning.heldout import recorded_source
+from saelightning.heldout import run_eval as run_heldout_eval
 from saelightning.hooks import hook_width, parse_hook
 from saelightning.metrics import SAEMetrics, weight_metrics
 from saelightning.progress import progress_bar
@@ -214,12 +217,15 @@ _TABLE_KEYS = ("explained_variance", "mse", "cossim", "l2_ratio", "relative_reco
 
 
 def format_table(entries: list[dict]) -> str:
-    """One column per SAE, one row per metric."""
+    """One column per SAE, one row per metric (the ground-truth ones for SAEs of a synthetic source; without a
+    model, no spliced CE/KL rows)."""
     heads = [f"#{i} {e['hook_name']}" for i, e in enumerate(entries)]
     width = max([len(h) for h in heads] + [12])
     lines = [f"{'metric':<36}" + "".join(f"{h:>{width + 2}}" for h in heads)]
-    for key in _TABLE_KEYS:
+    for key in [k for k in _TABLE_KEYS + TRUTH_KEYS if all(k in e["metrics"] for e in entries)]:
         lines.append(f"{key:<36}" + "".join(f"{e['metrics'][key]:>{width + 2}.5g}" for e in entries))
+    if not all("ce_loss_score" in e["metrics"] for e in entries):
+        lines.append("(trained without a model: no spliced CE/KL)")
     lines += [f"#{i}: {e['path']}" for i, e in enumerate(entries)]
     return "\n".join(lines)
 
@@ -228,6 +234,8 @@ def run_eval(args: EvalArgs) -> dict:
     """The whole `saelightning eval` run: load, evaluate, write the report; returns it."""
     if args.tokens < 2 or args.batch_size < 1:
         raise SAELightningError("--tokens must be >= 2 and --batch_size >= 1")
+    if args.model is None and recorded_source(args.sae) is not None:  # trained on activations or synthetic data
+        return run_heldout_eval(args, encode_decode)
     device = resolve.device(args.device)
     model, load, data = resolve.sources(args.sae, args.model, args.data)
     nc = resolve.load_model(model, device=device, dtype=torch.float32, **load)

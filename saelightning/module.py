@@ -4,6 +4,11 @@ Each SAE gets its own Adam param group (its own lr), its own gradient clipping a
 (dead-latent tracker and feature-density window, persistent buffers so a resumed run continues them
 exactly). The SAEs' losses are summed: their parameters are disjoint, so each trains exactly as it
 would alone. A step with NaN/inf anywhere is skipped by the NonFiniteGuard (guard.py).
+
+The hook points are the nanochat model's (checked against its hook grammar, widths from n_layer and d_model)
+or, for a model-free source (data.activations, data.synthetic), the source's own names and widths
+(hook_widths). Validation splices the SAEs into the model, or evaluates them on the source's held-out
+activations; a synthetic source adds the metrics against its true features (groundtruth.py).
 """
 
 from __future__ import annotations
@@ -22,8 +27,9 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
 from saelightning.errors import SAELightningError
-from saelightning.evaluate import evaluate_batch
+from saelightning.evaluate import encode_decode, evaluate_batch
 from saelightning.faults import stop_requested
+from saelightning.groundtruth import GroundTruthMetrics
 from saelightning.guard import NonFiniteGuard
 from saelightning.hooks import hook_width, parse_hook
 from saelightning.metrics import SAEMetrics, firing_counts
@@ -40,7 +46,8 @@ class SAESpec(SAEOptions):
     """One SAE to train: where it reads, what it is, how fast it learns, and its architecture's options.
 
     Args:
-        hook_name: the hook point it reads (TransformerLens-style name, e.g. blocks.3.hook_resid_post).
+        hook_name: the hook point it reads (TransformerLens-style name, e.g. blocks.3.hook_resid_post; with
+            data.activations a hook its manifest lists, with data.synthetic "synthetic").
         architecture: topk | batchtopk | relu | gated | jumprelu | matryoshka.
         d_sae: number of latents (default: expansion_factor x d_in).
         expansion_factor: used when d_sae is not given.
@@ -82,6 +89,17 @@ def _as_spec(spec) -> SAESpec:
             raise SAELightningError(f"unknown SAE field(s) {unknown}; an SAE spec takes {sorted(known)}")
         return SAESpec(**spec)
     raise SAELightningError(f"an SAE spec must be a mapping of SAESpec fields, got {type(spec).__name__}")
+
+
+def _width(hook: str, n_layer: int, d_model: int, hook_widths: dict[str, int] | None) -> int:
+    """The width of the hook an SAE reads: a model-free source's, else the nanochat model's (its grammar checked)."""
+    if hook_widths:
+        if hook not in hook_widths:
+            raise SAELightningError(f"the training activations have no hook {hook!r} (they hold "
+                                    f"{sorted(hook_widths)}); set the SAE's hook_name to one of them")
+        return int(hook_widths[hook])
+    parse_hook(hook, n_layer)
+    return hook_width(hook, n_layer, d_model)
 
 
 def build_from_spec(spec: SAESpec, d_in: int):
@@ -159,6 +177,7 @@ class SAEModule(pl.LightningModule):
         n_layer: the nanochat model's depth (linked from the data module by the CLI).
         d_model: the nanochat model's width (linked from the data module by the CLI).
         model_info: the nanochat model's path/step/era/config (linked; recorded in exports).
+        hook_widths: a model-free source's hook names and widths (linked; None: the nanochat model's hooks).
         warmup_steps: linear lr warm-up steps.
         decay_steps: linear lr decay over the last steps of trainer.max_steps (0: none).
         lr_end_factor: lr factor at the end of the decay.
@@ -178,14 +197,15 @@ class SAEModule(pl.LightningModule):
                  model_info: dict | None = None, warmup_steps: int = 1000, decay_steps: int = 0,
                  lr_end_factor: float = 0.0, betas: tuple[float, float] = (0.9, 0.999), eps: float = 6.25e-10,
                  grad_clip: float | None = 1.0, dead_window_tokens: int = 10_000_000, max_nonfinite_steps: int = 10,
-                 spliced_eval: bool = True):
+                 spliced_eval: bool = True, hook_widths: dict[str, int] | None = None):
         super().__init__()
         specs = [_as_spec(s) for s in (saes or [SAESpec()])]
-        if n_layer < 1 or d_model < 1:
-            raise SAELightningError("SAEModule needs n_layer and d_model of the nanochat model "
-                                    "(the CLI links them from data)")
+        if not hook_widths and (n_layer < 1 or d_model < 1):
+            raise SAELightningError("SAEModule needs n_layer and d_model of the nanochat model, or a model-free "
+                                    "source's hook_widths (the CLI links them from data)")
         self.save_hyperparameters({
             "saes": [dataclasses.asdict(s) for s in specs], "n_layer": n_layer, "d_model": d_model,
+            "hook_widths": dict(hook_widths) if hook_widths else None,
             "model_info": model_info or {}, "warmup_steps": warmup_steps, "decay_steps": decay_steps,
             "lr_end_factor": lr_end_factor, "betas": list(betas), "eps": eps, "grad_clip": grad_clip,
             "dead_window_tokens": dead_window_tokens, "max_nonfinite_steps": max_nonfinite_steps,
@@ -195,9 +215,9 @@ class SAEModule(pl.LightningModule):
         self.saes, self.states = nn.ModuleDict(), nn.ModuleDict()
         self.specs: dict[str, SAESpec] = {}
         for spec in specs:
-            parse_hook(spec.hook_name, n_layer)
-            sae = build_from_spec(spec, hook_width(spec.hook_name, n_layer, d_model))
-            name = spec.name or f"{spec.hook_name.replace('.', '_')}-{spec.architecture}-{sae.config.d_sae}"
+            sae = build_from_spec(spec, _width(spec.hook_name, n_layer, d_model, hook_widths))
+            default = f"{re.sub(r'[^A-Za-z0-9_-]', '_', spec.hook_name)}-{spec.architecture}-{sae.config.d_sae}"
+            name = spec.name or default
             if not _NAME.match(name) or name in self.saes:
                 raise SAELightningError(f"SAE name {name!r} is invalid or repeated; "
                                         "use unique names of letters, digits, _ and -")
@@ -209,6 +229,9 @@ class SAEModule(pl.LightningModule):
                                             for n, s in self.saes.items()})
         self.val_metrics = nn.ModuleDict({n: SAEMetrics(s.config.d_in, s.config.d_sae, spliced_eval)
                                           for n, s in self.saes.items()})
+        # against a synthetic source's true features (states are sums, not part of the checkpoint)
+        self.truth_metrics = nn.ModuleDict({n: GroundTruthMetrics(s.config.d_sae) for n, s in self.saes.items()})
+        self._truth_on = False  # this validation has true features to compare with
         self.density_step = -1  # global step of the last completed density window (callbacks watch it)
         self.last_val_step: int | None = None  # global step of the last validation (its metrics go into exports)
         self._clock: tuple[float, int] | None = None
@@ -389,14 +412,33 @@ class SAEModule(pl.LightningModule):
 
     # --- validation: every metric on the val token rows, with each SAE spliced into the frozen model ---
 
+    def on_validation_epoch_start(self) -> None:
+        truth = getattr(self.trainer.datamodule, "truth", None)
+        self._truth_on = truth is not None
+        if self._truth_on:  # each latent's best-matched true feature, from the decoder as it is now
+            for name, sae in self.saes.items():
+                self.truth_metrics[name].set_dictionary(sae.W_dec, truth.features)
+
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         """The same evaluation as `saelightning eval` (evaluate_batch on the same val rows): the training SAEs
-        read the model's raw activations (their input scale applied inside), metrics in raw units. After a stop
-        signal the remaining batches are skipped (the run saves at the next step's end, within seconds)."""
+        read the model's raw activations (their input scale applied inside), metrics in raw units. A model-free
+        source's batch holds the held-out activations ("acts") themselves, and a synthetic one's their true
+        feature activations ("truth"). After a stop signal the remaining batches are skipped (the run saves at the
+        next step's end, within seconds)."""
         if stop_requested():
             self._val_stopped = True
             return
         data = self.trainer.datamodule
+        if "acts" in batch:
+            for name, sae in self.saes.items():
+                hook = self.specs[name].hook_name
+                sae.input_scale.fill_(data.scales[hook])
+                x = batch["acts"][hook]
+                f, x_hat = encode_decode(sae, x)
+                self.val_metrics[name].update(x, x_hat, f)
+                if self._truth_on:
+                    self.truth_metrics[name].update(f, x, x_hat, batch["truth"])
+            return
         groups = self.groups()
         metrics = {hook: [self.val_metrics[n] for n in self.saes if self.specs[n].hook_name == hook] for hook in groups}
         for name, sae in self.saes.items():
@@ -407,12 +449,15 @@ class SAEModule(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         stopped, self._val_stopped = self._val_stopped, False
         if self.trainer.strategy.reduce_boolean_decision(stopped, all=False):  # every rank drops it, or none
-            for metrics in self.val_metrics.values():
+            for metrics in list(self.val_metrics.values()) + list(self.truth_metrics.values()):
                 metrics.reset()
             return
         for name in self.saes:
             metrics, p = self.val_metrics[name], self.prefix(name)
             values = {f"{p}val/{k}": v.float() for k, v in metrics.compute().items() if k != "n_tokens"}
             metrics.reset()
+            if self._truth_on:  # mcc, uniqueness, classification/*, shrinkage, dead_latents, true_l0
+                values.update({f"{p}val/{k}": v.float() for k, v in self.truth_metrics[name].compute().items()})
+                self.truth_metrics[name].reset()
             self.log_dict(values, sync_dist=False)  # pooled over ranks by the metrics themselves
         self.last_val_step = self.global_step

@@ -1,7 +1,8 @@
 """`saelightning fit|validate`: LightningCLI over SAEModule and ActivationDataModule.
 
 The nanochat model's depth, width and identity are linked from the data module (which reads the
-checkpoint) into the SAE module when both are instantiated, so d_in is never typed. Every run writes
+checkpoint) into the SAE module when both are instantiated, so d_in is never typed; for a model-free
+source (data.activations, data.synthetic) its hook names and widths are linked instead (hook_widths). Every run writes
 to trainer.default_root_dir (checkpoints/<run>/): Lightning checkpoints incl. last.ckpt (so
 `--ckpt_path last` resumes), TensorBoard logs under lightning_logs/, and the SAE export under saes/.
 
@@ -66,6 +67,10 @@ def _d_model(data: ActivationDataModule) -> int:
 
 def _model_info(data: ActivationDataModule) -> dict:
     return data.model_info
+
+
+def _hook_widths(data: ActivationDataModule) -> dict | None:
+    return data.hook_widths
 
 
 class SaveConfigAtStart(SaveConfigCallback):
@@ -163,7 +168,8 @@ class SAELightningCLI(LightningCLI):
     resume: dict | None = None  # the checkpoint's step and log version, when fit resumes one
 
     def add_arguments_to_parser(self, parser) -> None:
-        for target, fn in (("model.n_layer", _n_layer), ("model.d_model", _d_model), ("model.model_info", _model_info)):
+        for target, fn in (("model.n_layer", _n_layer), ("model.d_model", _d_model), ("model.model_info", _model_info),
+                           ("model.hook_widths", _hook_widths)):
             parser.link_arguments("data", target, compute_fn=fn, apply_on="instantiate")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         # last.ckpt is always the newest state (no last-v1.ckpt beside it when a resumed run changes the interval)
