@@ -230,6 +230,8 @@ def test_a_checkpoint_with_the_earlier_buffer_names_loads():
     module.guard.skipped.fill_(3)
     old = {}
     for key, value in module.state_dict().items():
+        if key == "states.a.density_tokens":  # a later buffer: those checkpoints have none
+            continue
         if key.startswith("states.a."):
             key = f"{key.rsplit('.', 1)[1]}__a"
         old["nonfinite_skipped" if key == "guard.skipped" else key] = value
@@ -237,3 +239,4 @@ def test_a_checkpoint_with_the_earlier_buffer_names_loads():
     fresh = SAEModule(saes=[{"hook_name": HOOK, "d_sae": 64, "k": 4, "name": "a"}], n_layer=2, d_model=16)
     fresh.load_state_dict(upgrade_state_dict(old))
     assert fresh.states["a"].since_fired.eq(7).all() and fresh.guard.skipped.item() == 3
+    assert fresh.states["a"].density_tokens.isnan()  # the count of a window closed then is unknown
