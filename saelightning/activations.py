@@ -31,21 +31,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from saelightning.atomic import atomic_dir
+from saelightning.atomic import atomic_dir, sha256_file
 from saelightning.errors import SAELightningError
 
 MANIFEST = "manifest.json"
 FORMAT = 1
 KIND = "saelightning-activations"
-_HINT = "saelightning.write_activations(dir, {hook: tensor}) writes one (README, Formats: activation directories)"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
+_HINT = "saelightning.write_activations(dir, {hook: tensor}) writes one (README: activations from anywhere)"
 
 
 def _check_tensors(activations) -> tuple[dict[str, torch.Tensor], int]:
@@ -106,7 +98,7 @@ def write_activations(out_dir, activations: Mapping[str, torch.Tensor], val_toke
             b = min(a + shard_tokens, n)
             save_file({f"acts.{h}": x[a:b].contiguous() for h, x in tensors.items()}, str(tmp / name))
             shards.append({"file": name, "tokens": b - a, "bytes": (tmp / name).stat().st_size,
-                           "sha256": _sha256(tmp / name)})
+                           "sha256": sha256_file(tmp / name)})
         manifest = {"format": FORMAT, "kind": KIND, "hooks": list(tensors),
                     "d_in": {h: x.shape[1] for h, x in tensors.items()},
                     "dtype": {h: str(x.dtype).removeprefix("torch.") for h, x in tensors.items()},

@@ -12,6 +12,7 @@ colleagues on a shared cluster can read what a run wrote.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -151,3 +152,12 @@ def atomic_dir(out, kind: str | None = None, manifest: dict | None = None) -> It
         shutil.rmtree(tmp, ignore_errors=True)
         _raise_if_full(out, err)
         raise
+
+
+def sha256_file(path) -> str:
+    """The hex sha256 of a file, read in 4 MiB blocks (shard identities in caches and activation manifests)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -23,7 +23,6 @@ as it is. The data module reads a cache through CacheBlocks (bottom of this file
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -41,7 +40,7 @@ from safetensors.torch import save_file
 from torch.utils.data import IterableDataset
 
 from saelightning import resolve
-from saelightning.atomic import atomic_path, write_json
+from saelightning.atomic import atomic_path, sha256_file, write_json
 from saelightning.command import parse
 from saelightning.errors import SAELightningError
 from saelightning.hooks import hook_width, parse_hook
@@ -116,14 +115,6 @@ def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     """safetensors file written atomically (tests interrupt a run by patching this)."""
     with atomic_path(path) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _fingerprint(cfg: CacheConfig) -> dict:
@@ -244,7 +235,7 @@ class _Builder:
             with safe_open(str(path), framework="pt") as f:
                 n = f.get_slice("token_ids").get_shape()[0]
             progress["shards"].append({"file": path.name, "tokens": n, "bytes": path.stat().st_size,
-                                       "sha256": _sha256(path)})
+                                       "sha256": sha256_file(path)})
             self._save_progress(progress)
             bar.update(1)
         bar.close()
