@@ -1,4 +1,9 @@
-"""TopK SAE (Gao et al. 2024): ReLU then the k largest latents, unit-norm decoder, AuxK for dead latents."""
+"""TopK SAE (Gao et al. 2024): ReLU then the k largest latents, unit-norm decoder, AuxK for dead latents.
+
+With `normalize_decoder: false` the decoder rows keep their own norms and the k largest are taken of each
+latent's contribution to x̂, pre_i ||W_dec,i|| (SAELens's rescale_acts_by_decoder_norm, its TopK default); the
+export folds the norms into the encoder, so the exported SAE is an ordinary unit-norm TopK SAE.
+"""
 
 import torch
 
@@ -18,7 +23,18 @@ class TopKSAE(SAE):
                            device=values.device).scatter(-1, indices, values)
 
     def encode_sparse(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return topk_sparse(self.pre_acts(x), self.config.k)
+        pre = self.pre_acts(x)
+        if self.config.unit_norm_decoder:
+            return topk_sparse(pre, self.config.k)
+        indices = self._ranking(pre).topk(self.config.k, dim=-1, sorted=False).indices
+        return pre.gather(-1, indices).relu(), indices
+
+    def _ranking(self, pre: torch.Tensor) -> torch.Tensor:
+        """What the k largest are taken of: the pre-activations; with a decoder whose rows are not unit-norm, each
+        latent's contribution to x̂, pre_i ||W_dec,i|| (SAELens's rescale_acts_by_decoder_norm)."""
+        if self.config.unit_norm_decoder:
+            return pre
+        return pre * self.W_dec.detach().norm(dim=1).to(pre.dtype)
 
     def decode_sparse(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """x̂ from (values, indices) [..., m] by gathering the m active decoder rows per token."""
@@ -35,8 +51,9 @@ class TopKSAE(SAE):
         # the dense product is only read at the selected entries: gather_encode gives the gradient
         with torch.no_grad():
             pre = torch.addmm(self.b_enc, x_c, self.W_enc)
-            indices = pre.topk(k, dim=-1, sorted=False).indices
-            aux_indices, aux_weight = self._aux_indices(pre, dead_mask)
+            ranking = self._ranking(pre)
+            indices = ranking.topk(k, dim=-1, sorted=False).indices
+            aux_indices, aux_weight = self._aux_indices(ranking, dead_mask)
         chosen = indices if aux_indices is None else torch.cat([indices, aux_indices], 1)
         # one sparse backward for both
         gathered = gather_encode(pre, x_c, self.W_enc, self.b_enc, chosen, self.encoder_shift).relu()
@@ -81,6 +98,16 @@ class TopKSAE(SAE):
 
     def saelens_architecture(self) -> str:
         return "topk"
+
+    def saelens_tensors(self) -> dict[str, torch.Tensor]:
+        tensors = super().saelens_tensors()
+        if self.config.unit_norm_decoder or self.config.architecture != "topk":
+            return tensors
+        # ranking by pre_i ||d_i|| with rows d_i is ranking by pre'_i with W_enc' = W_enc ||d||, b_enc' = b_enc ||d||
+        # and unit rows d_i / ||d_i||: the same latents, the same x̂, and SAELens's TopK reads it as it is
+        norms = self.W_dec.norm(dim=1).clamp_min(1e-12)
+        return {**tensors, "W_enc": self.W_enc * norms, "b_enc": self.b_enc * norms,
+                "W_dec": self.W_dec / norms[:, None]}
 
     def saelens_cfg(self) -> dict:
         return {"k": self.config.k, "rescale_acts_by_decoder_norm": False}
