@@ -53,6 +53,8 @@ class SAESpec(SAEOptions):
         expansion_factor: used when d_sae is not given.
         lr: Adam learning rate (default: 2e-4 / sqrt(d_sae / 2**14)).
         name: export folder and TensorBoard prefix (default: <hook>-<architecture>-<d_sae>).
+        b_dec_init: b_dec at the start: "mean" of the first batch (Gao et al.'s recipe for model activations) or
+            "zeros" (SAELens's; better where most of the data's mean is features that fire, as in synthetic data).
     """
 
     hook_name: str = "blocks.0.hook_resid_post"
@@ -61,8 +63,11 @@ class SAESpec(SAEOptions):
     expansion_factor: float = 8.0
     lr: float | None = None
     name: str | None = None
+    b_dec_init: Literal["mean", "zeros"] = "mean"
 
     def __post_init__(self):
+        if self.b_dec_init not in ("mean", "zeros"):
+            raise SAELightningError(f"b_dec_init={self.b_dec_init!r} must be 'mean' or 'zeros'")
         if self.architecture not in ARCHITECTURES:
             raise SAELightningError(f"unknown SAE architecture {self.architecture!r}; "
                                     f"use one of {', '.join(ARCHITECTURES)}")
@@ -316,7 +321,8 @@ class SAEModule(pl.LightningModule):
         if not initialized:  # a host sync, once per SAE and run
             if self.trainer.strategy.reduce_boolean_decision(not bool(torch.isfinite(x).all()), all=False):
                 return  # never initialised from a bad batch: this step is skipped, the next good one initialises
-            sae.init_from_batch(x)
+            if self.specs[name].b_dec_init == "mean":
+                sae.init_from_batch(x)
             if dist.is_available() and dist.is_initialized():  # every rank starts from rank 0's init
                 for t in list(sae.parameters()) + list(sae.buffers()):
                     dist.broadcast(t.data, 0)

@@ -146,6 +146,20 @@ def test_sweep_trains_each_sae_as_if_alone():
     assert sweep.states["a"].initialized.item() and sweep.states["b"].initialized.item()
 
 
+def test_b_dec_starts_at_the_first_batch_mean_or_at_zero():
+    """b_dec_init "mean" (the default) sets b_dec to the first batch's mean; "zeros" (SAELens's) leaves it at 0.
+    A tiny lr keeps training from moving it further than 1e-6."""
+    batches = _batches(1)
+    mean = batches[0]["acts"][HOOK].mean(0)
+    specs = [{"hook_name": HOOK, "d_sae": 48, "k": 4, "name": "m", "lr": 1e-9},
+             {"hook_name": HOOK, "d_sae": 48, "k": 4, "name": "z", "lr": 1e-9, "b_dec_init": "zeros"}]
+    module = _fit(specs, batches)
+    torch.testing.assert_close(module.saes["m"].b_dec, mean, atol=1e-6, rtol=0)
+    torch.testing.assert_close(module.saes["z"].b_dec, torch.zeros(16), atol=1e-6, rtol=0)
+    with pytest.raises(SAELightningError, match="b_dec_init='median' must be 'mean' or 'zeros'"):
+        SAEModule(saes=[{"hook_name": HOOK, "d_sae": 48, "b_dec_init": "median"}], n_layer=2, d_model=16)
+
+
 def _optimizer_state(module) -> list[torch.Tensor]:
     optimizer = module.trainer.optimizers[0]
     return [t for group in optimizer.param_groups for p in group["params"] for t in optimizer.state[p].values()]
