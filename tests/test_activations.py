@@ -120,7 +120,8 @@ def _config(tmp_path, run, acts, **trainer):
     return path
 
 
-def test_every_architecture_trains_on_activations_resumes_bitwise_and_eval_reproduces_validation(acts_dir, tmp_path):
+def test_every_architecture_trains_on_activations_resumes_bitwise_and_eval_reproduces_validation(acts_dir, tmp_path,
+                                                                                                 capsys):
     assert main(["fit", "--config", str(_config(tmp_path, "whole", acts_dir))]) == 0
     parts = _config(tmp_path, "parts", acts_dir)
     assert main(["fit", "--config", str(parts), "--trainer.max_steps", "7"]) == 0
@@ -143,6 +144,16 @@ def test_every_architecture_trains_on_activations_resumes_bitwise_and_eval_repro
         for key in ("explained_variance", "mse", "l0", "cossim"):
             assert entry["metrics"][key] == pytest.approx(final[f"val/{key}"], rel=1e-4, abs=1e-6), (path.name, key)
         assert "ce_loss_score" not in entry["metrics"] and "mcc" not in entry["metrics"]
+    # an export whose activations have moved: one line naming the recorded path and the flag
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    cfg = json.loads((exports[0] / "cfg.json").read_text())
+    cfg["metadata"]["trained_on"]["activations"] = str(tmp_path / "gone")
+    (moved / "cfg.json").write_text(json.dumps(cfg))
+    (moved / "sae_weights.safetensors").write_bytes((exports[0] / "sae_weights.safetensors").read_bytes())
+    assert main(["eval", "--sae", str(moved), "--quiet"]) == 2
+    assert "which are not there now; pass --data DIR" in capsys.readouterr().err
+    assert main(["eval", "--sae", str(moved), "--data", str(acts_dir), "--tokens", "128", "--quiet"]) == 0
 
 
 def test_bad_activations_input_exits_2_and_writes_nothing(acts_dir, tmp_path, capsys):

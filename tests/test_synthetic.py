@@ -186,6 +186,10 @@ def test_every_architecture_trains_on_synthetic_data_and_eval_reproduces_validat
         for key in ("mcc", "classification/f1_score", "explained_variance", "shrinkage", "l0", "true_l0"):
             assert entry["metrics"][key] == pytest.approx(final[f"val/{key}"], rel=1e-4, abs=1e-6), (arch, key)
         assert len(entry["per_latent"]["f1_score"]) == 24
+    # `saelightning export --ckpt` rebuilds the module from the checkpoint (the source's hook widths included)
+    assert main(["export", "--ckpt", str(run), "--out", str(tmp_path / "again")]) == 0
+    again = json.loads((tmp_path / "again" / "topk" / "cfg.json").read_text())["metadata"]
+    assert again["trained_on"] == json.loads((run / "saes" / "topk" / "cfg.json").read_text())["metadata"]["trained_on"]
 
 
 def test_a_resumed_synthetic_fit_is_bitwise_the_uninterrupted_one(whole):
