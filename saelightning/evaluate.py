@@ -70,7 +70,7 @@ def encode_decode(sae, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     A training SAE works on x * input_scale (the data module's normalisation); its reconstruction
     is scaled back. Exported SAEs have input_scale 1 (folded into the weights), where this is exact.
     """
-    scale = getattr(sae, "input_scale", None)
+    scale = sae.input_scales() if hasattr(sae, "input_scales") else getattr(sae, "input_scale", None)
     if scale is None:
         f = sae.encode(x.to(sae.W_enc.dtype))
         return f, sae.decode(f).to(x.dtype)

@@ -57,7 +57,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stage", choices=["base", "chat"], default="base",
-                   help="base: tokenizer + base model (replaces --out); chat: fine-tune the base into chatsft_checkpoints")
+                   help="base: tokenizer + base model (replaces --out); chat: fine-tune the base into "
+                        "chatsft_checkpoints")
     return p.parse_args(argv)
 
 

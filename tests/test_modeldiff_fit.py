@@ -1,0 +1,123 @@
+"""A crosscoder trained end to end on two nanochat checkpoints of one run (data.models): aligned activations,
+export naming every model, the Δ histogram and class counts in TensorBoard, bitwise resume, and the one-line
+errors for models a crosscoder cannot read together."""
+
+import json
+import shutil
+
+import pytest
+import torch
+import yaml
+
+from saelightning.cli import main
+from saelightning.export import load_sae
+from saelightning.nanochat.tokenizer import save_tokenizer, train_tokenizer
+from tests.fixtures_data import TINY_VOCAB, tiny_texts
+from tests.fixtures_nanochat import FIXTURE_TAG, make_nanochat_checkpoint
+
+HOOK = "blocks.1.hook_resid_post"
+
+
+@pytest.fixture(scope="module")
+def two_stages(tmp_path_factory, nanochat_current_dir):
+    """The fixture's base dir with a second stage: chatsft_checkpoints/d2, another model of the same family."""
+    base = tmp_path_factory.mktemp("two_stages") / "nanochat"
+    shutil.copytree(nanochat_current_dir, base)
+    vocab = json.loads(next((base / "base_checkpoints" / FIXTURE_TAG).glob("meta_*.json")).read_text())
+    make_nanochat_checkpoint(base / "chatsft_checkpoints" / FIXTURE_TAG, "current", step=20, seed=1,
+                             vocab_size=vocab["model_config"]["vocab_size"])
+    return base
+
+
+def _config(tmp_path, base, shards, run="run", models=None, **trainer):
+    config = {
+        "seed_everything": 0,
+        "trainer": {"accelerator": "cpu", "max_steps": 6, "val_check_interval": 3, "log_every_n_steps": 2,
+                    "default_root_dir": str(tmp_path / run), "enable_progress_bar": False,
+                    "enable_model_summary": False, **trainer},
+        "model": {"saes": [{"hook_name": HOOK, "architecture": "crosscoder", "d_sae": 128, "k": 8, "name": "cc"},
+                           {"hook_name": f"chat/{HOOK}", "d_sae": 64, "k": 4, "name": "chat_sae"}],
+                  "warmup_steps": 3, "dead_window_tokens": 128},
+        "data": {"model": str(base), "data_dir": str(shards), "context_size": 32, "batch_size": 64,
+                 "model_batch_rows": 4, "buffer_tokens": 256, "num_workers": 1, "val_batches": 2, "scale_batches": 2,
+                 "models": models or [{"name": "base", "source": "base"}, {"name": "chat", "source": "sft"}]},
+        "checkpoint": {"every_n_train_steps": 2},
+    }
+    path = tmp_path / f"{run}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_crosscoder_fit_reads_both_models_and_exports_them(tmp_path, two_stages, tiny_shards_dir, monkeypatch):
+    from saelightning.nanochat.model import GPT
+
+    calls = []
+    original = GPT.run_with_cache
+
+    def counted(self, idx, names, *args, **kwargs):
+        calls.append((self.config.n_embd, tuple(names), idx.clone()))
+        return original(self, idx, names, *args, **kwargs)
+
+    monkeypatch.setattr(GPT, "run_with_cache", counted)
+    assert main(["fit", "--config", str(_config(tmp_path, two_stages, tiny_shards_dir))]) == 0
+    # the two models ran on the same token batches, one forward each per batch (the chat SAE shares chat's)
+    assert len(calls) % 2 == 0 and all(torch.equal(a[2], b[2]) for a, b in zip(calls[::2], calls[1::2]))
+    run = tmp_path / "run"
+    cc = load_sae(run / "saes" / "cc")
+    assert type(cc).__name__ == "CrossCoder" and cc.n_models == 2 and cc.d_model == 64
+    meta = json.loads((run / "saes" / "cc" / "cfg.json").read_text())
+    assert meta["n_models"] == 2 and meta["d_in"] == 64 and meta["architecture"] == "crosscoder"
+    meta = meta["metadata"]
+    assert meta["hook_name"] == HOOK
+    assert [(m["name"], m["stage"], m["step"]) for m in meta["models"]] == [("base", "base", 10), ("chat", "sft", 20)]
+    assert all(m["path"].endswith(f"{FIXTURE_TAG}") for m in meta["models"])
+    assert sum(meta["diff"]["class_counts"].values()) == 128 and "chat-only" in meta["diff"]["class_counts"]
+    assert len(meta["input_scale_folded"]) == 2  # each model normalised on its own
+    assert json.loads((run / "saes" / "chat_sae" / "cfg.json").read_text())["metadata"]["hook_name"] == f"chat/{HOOK}"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "lightning_logs" / "version_0")).Reload()
+    assert "cc/diff/relative_decoder_norm" in events.Tags()["histograms"]
+    counts = [events.Scalars(f"cc/diff/{c}")[-1].value for c in ("base-only", "chat-only", "shared", "other")]
+    assert sum(counts) == 128 and len(events.Scalars("cc/diff/shared")) == 2  # at each validation
+    assert events.Scalars("cc/val/explained_variance")
+
+
+@pytest.mark.slow  # three fits, ~25 s on the shared 2-core CPU
+def test_crosscoder_resume_is_bitwise_equal(tmp_path, two_stages, tiny_shards_dir):
+    whole = _config(tmp_path, two_stages, tiny_shards_dir, run="whole")
+    assert main(["fit", "--config", str(whole)]) == 0
+    parts = _config(tmp_path, two_stages, tiny_shards_dir, run="parts")
+    assert main(["fit", "--config", str(parts), "--trainer.max_steps", "4"]) == 0  # mid-buffer: 4 batches a fill
+    assert main(["fit", "--config", str(parts), "--ckpt_path", "last"]) == 0
+    a = torch.load(tmp_path / "whole" / "last.ckpt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "parts" / "last.ckpt", weights_only=True)["state_dict"]
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_models_a_crosscoder_cannot_read_together_get_one_line(tmp_path, two_stages, tiny_shards_dir, capsys):
+    wide = tmp_path / "wide"
+    shutil.copytree(two_stages, wide)
+    shutil.rmtree(wide / "chatsft_checkpoints")
+    make_nanochat_checkpoint(wide / "chatsft_checkpoints" / FIXTURE_TAG, "current", step=20, n_embd=128, n_head=4,
+                             vocab_size=json.loads(next((wide / "base_checkpoints" / FIXTURE_TAG).glob("meta_*.json"))
+                                                   .read_text())["model_config"]["vocab_size"])
+    # another run: its own tokenizer (the same vocabulary size, other merges)
+    other = tmp_path / "other"
+    save_tokenizer(train_tokenizer([t[::-1] for t in tiny_texts()], TINY_VOCAB), other / "tokenizer")
+    make_nanochat_checkpoint(other / "base_checkpoints" / FIXTURE_TAG, "current", vocab_size=TINY_VOCAB)
+    cases = {
+        "width (n_embd) 128 but 'base' has 64": _config(tmp_path, wide, tiny_shards_dir, run="a"),
+        "has another tokenizer than 'base'": _config(tmp_path, two_stages, tiny_shards_dir, run="b", models=[
+            {"name": "base"}, {"name": "chat", "path": str(other)}]),
+        "distinct names": _config(tmp_path, two_stages, tiny_shards_dir, run="c",
+                                  models=[{"name": "base"}, {"name": "base", "source": "sft"}]),
+    }
+    for fragment, cfg in cases.items():
+        capsys.readouterr()
+        assert main(["fit", "--config", str(cfg)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and fragment in err[0], err
+        assert not (tmp_path / cfg.stem).exists()  # nothing written
