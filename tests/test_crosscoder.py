@@ -3,11 +3,16 @@ penalty, and planted shared / model-exclusive features are recovered and classif
 planted Complete Shrinkage and Latent Decoupling."""
 
 import functools
+import json
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from saelightning.errors import SAELightningError
+from saelightning.evaluate import encode_decode
+from saelightning.export import load_dictionary_learning, load_sae, save_sae
 from saelightning.modeldiff import CLASS_NAMES, DiffThresholds, LatentScaling, classify, decoder_cosines, relative_norms
 from saelightning.saes import SAEConfig, build_sae
 from saelightning.saes.base import SAEOptions
@@ -224,3 +229,52 @@ def test_latent_scaling_flags_planted_complete_shrinkage_and_decoupling():
     assert abs(out["nu_reconstruction"][1] - 1) < 0.05 and abs(out["nu_error"][1]) < 0.05  # decoupling
     assert abs(out["nu_error"][12]) < 0.05 and abs(out["nu_reconstruction"][12]) < 0.05  # really B-only
     assert abs(out["beta_reconstruction"][1, 12] - 1) < 0.05  # B reconstructs its own latent
+
+
+@pytest.mark.parametrize("arch", ["crosscoder", "crosscoder_l1"])
+def test_export_round_trip_on_raw_activations(tmp_path, arch):
+    torch.manual_seed(4)
+    cc = _cc(arch, k=4).train()
+    with torch.no_grad():
+        cc.input_scale.copy_(torch.tensor([0.5, 2.0]))
+        cc.b_dec.normal_()
+    cc(torch.randn(64, 16) * cc.input_scales())  # a threshold for the BatchTopK one
+    cc.eval()
+    save_sae(cc, tmp_path / "cc", metadata={"hook_name": "blocks.0.hook_resid_post"})
+    loaded = load_sae(tmp_path / "cc")
+    raw = torch.randn(32, 16)
+    f, x_hat = encode_decode(cc, raw)
+    assert torch.allclose(loaded.encode(raw), f, atol=1e-5)
+    assert torch.allclose(loaded.decode(loaded.encode(raw)), x_hat, atol=1e-5)
+    assert torch.allclose(relative_norms(loaded), relative_norms(cc), atol=1e-6)  # Δ in the normalised units
+    with safe_open(str(tmp_path / "cc" / "sae_weights.safetensors"), "pt") as file:
+        shapes = {k: tuple(file.get_tensor(k).shape) for k in file.keys()}
+    want = {"encoder.weight": (2, 8, 32), "encoder.bias": (32,), "decoder.weight": (2, 32, 8), "decoder.bias": (2, 8),
+            "folded_scale": (2,)}
+    assert shapes == ({**want, "threshold": ()} if arch == "crosscoder" else want)
+
+
+def test_dictionary_learning_layout_loads_and_computes_their_latents(tmp_path):
+    """A crosscoder in science-of-finetuning's hub layout (config.json + model.safetensors): their encoder
+    f = ReLU(Σ_m x^m W^m + b), kept where f·Σ_m‖d^m‖ > threshold, x̂^m = f D^m + b^m."""
+    g = torch.Generator().manual_seed(0)
+    M, d, F = 2, 8, 24
+    tensors = {"encoder.weight": torch.randn(M, d, F, generator=g), "encoder.bias": torch.randn(F, generator=g) * 0.1,
+               "decoder.weight": torch.randn(M, F, d, generator=g) * 0.3,
+               "decoder.bias": torch.randn(M, d, generator=g),
+               "k": torch.tensor(4, dtype=torch.int32), "threshold": torch.tensor(1.5)}
+    (tmp_path / "hub").mkdir()
+    save_file(tensors, str(tmp_path / "hub" / "model.safetensors"))
+    (tmp_path / "hub" / "config.json").write_text(json.dumps({"activation_dim": d, "dict_size": F,
+                                                             "num_encoder_layers": M, "k": 4}))
+    cc = load_sae(tmp_path / "hub")
+    x = torch.randn(16, M, d, generator=g)
+    f = (torch.einsum("bmd,mdf->bf", x, tensors["encoder.weight"]) + tensors["encoder.bias"]).relu()
+    f = f * (f * tensors["decoder.weight"].norm(dim=2).sum(0) > 1.5)
+    x_hat = torch.einsum("bf,mfd->bmd", f, tensors["decoder.weight"]) + tensors["decoder.bias"]
+    assert torch.allclose(cc.encode(x), f, atol=1e-5)
+    assert torch.allclose(cc.per_model(cc.decode(cc.encode(x))), x_hat, atol=1e-5)
+    assert (f > 0).any() and (f == 0).any()
+    torch.save({**tensors, "threshold": torch.tensor(-1.0)}, tmp_path / "unset.pt")
+    with pytest.raises(SAELightningError, match="threshold"):
+        load_dictionary_learning(tmp_path / "unset.pt")
