@@ -11,6 +11,7 @@ import yaml
 
 from saelightning.cli import main
 from saelightning.export import load_sae
+from saelightning.modeldiff import relative_norms
 from saelightning.nanochat.tokenizer import save_tokenizer, train_tokenizer
 from tests.fixtures_data import TINY_VOCAB, tiny_texts
 from tests.fixtures_nanochat import FIXTURE_TAG, make_nanochat_checkpoint
@@ -48,7 +49,8 @@ def _config(tmp_path, base, shards, run="run", models=None, **trainer):
     return path
 
 
-def test_crosscoder_fit_reads_both_models_and_exports_them(tmp_path, two_stages, tiny_shards_dir, monkeypatch):
+def test_crosscoder_fit_reads_both_models_exports_them_and_diffs(tmp_path, two_stages, tiny_shards_dir, monkeypatch,
+                                                                  capsys):
     from saelightning.nanochat.model import GPT
 
     calls = []
@@ -81,6 +83,21 @@ def test_crosscoder_fit_reads_both_models_and_exports_them(tmp_path, two_stages,
     counts = [events.Scalars(f"cc/diff/{c}")[-1].value for c in ("base-only", "chat-only", "shared", "other")]
     assert sum(counts) == 128 and len(events.Scalars("cc/diff/shared")) == 2  # at each validation
     assert events.Scalars("cc/val/explained_variance")
+    # saelightning diff on the export: every latent, its Δ as the weights give it, both models' figures
+    report_file = tmp_path / "diff.json"
+    assert main(["diff", "--sae", str(run / "saes" / "cc"), "--tokens", "300", "--out", str(report_file),
+                 "--quiet"]) == 0
+    report = json.loads(report_file.read_text())
+    assert report["hook_name"] == HOOK and (report["a"], report["b"]) == ("base", "chat")
+    assert len(report["latents"]) == 128 and sum(report["class_counts"].values()) == 128
+    assert [round(lat["delta"], 5) for lat in report["latents"]] == [round(float(v), 5) for v in relative_norms(cc)]
+    assert set(report["explained_variance"]) == {"base", "chat"} and report["tokens_evaluated"] >= 300
+    fired = [lat for lat in report["latents"] if lat["density"]]
+    assert fired and all(len(lat["beta_error"]) == 2 and lat["nu_error"] is not None for lat in fired)
+    # an SAE is not a crosscoder: one line
+    capsys.readouterr()
+    assert main(["diff", "--sae", str(run / "saes" / "chat_sae")]) == 2
+    assert "not a crosscoder" in capsys.readouterr().err
 
 
 @pytest.mark.slow  # three fits, ~25 s on the shared 2-core CPU
