@@ -32,7 +32,7 @@ from saelightning.faults import stop_requested
 from saelightning.groundtruth import GroundTruthMetrics
 from saelightning.guard import NonFiniteGuard
 from saelightning.hooks import hook_width, parse_hook
-from saelightning.metrics import SAEMetrics, firing_counts
+from saelightning.metrics import ReconstructionMetrics, SAEMetrics, firing_counts
 from saelightning.modeldiff import DiffThresholds, class_counts, class_name, classify, relative_norms
 from saelightning.optim import SkipAdam, WarmupDecay, default_lr
 from saelightning.saes import ARCHITECTURES, SAEConfig, build_sae
@@ -279,6 +279,10 @@ class SAEModule(pl.LightningModule):
                                             for n, s in self.saes.items()})
         self.val_metrics = nn.ModuleDict({n: SAEMetrics(s.config.d_in, s.config.d_sae, spliced_eval)
                                           for n, s in self.saes.items()})
+        # a crosscoder's reconstruction of each of its models, logged as val/explained_variance/<model>, ...
+        self.model_metrics = nn.ModuleDict({
+            n: nn.ModuleList([ReconstructionMetrics(s.d_model) for _ in range(s.n_models)])
+            for n, s in self.saes.items() if self.is_crosscoder(n)})
         # against a synthetic source's true features (states are sums, not part of the checkpoint)
         self.truth_metrics = nn.ModuleDict({n: GroundTruthMetrics(s.config.d_sae) for n, s in self.saes.items()})
         self._truth_on = False  # this validation has true features to compare with
@@ -501,6 +505,9 @@ class SAEModule(pl.LightningModule):
                 x = self.sae_input(name, batch["acts"])
                 f, x_hat = encode_decode(sae, x)
                 self.val_metrics[name].update(x, x_hat, f)
+                for m, metric in enumerate(self.model_metrics[name] if name in self.model_metrics else []):
+                    block = slice(m * sae.d_model, (m + 1) * sae.d_model)
+                    metric.update(x[:, block], x_hat[:, block])
                 if self._truth_on:
                     self.truth_metrics[name].update(f, x, x_hat, batch["truth"])
             return
@@ -514,7 +521,8 @@ class SAEModule(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         stopped, self._val_stopped = self._val_stopped, False
         if self.trainer.strategy.reduce_boolean_decision(stopped, all=False):  # every rank drops it, or none
-            for metrics in list(self.val_metrics.values()) + list(self.truth_metrics.values()):
+            for metrics in list(self.val_metrics.values()) + list(self.truth_metrics.values()) + \
+                    [m for group in self.model_metrics.values() for m in group]:
                 metrics.reset()
             return
         for name in self.saes:
@@ -526,6 +534,10 @@ class SAEModule(pl.LightningModule):
                 self.truth_metrics[name].reset()
             if self.is_crosscoder(name):
                 values.update(self._log_diff(name))
+                for model_name, metric in zip(self.model_names, self.model_metrics[name]):
+                    values.update({f"{p}val/{k}/{model_name}": v.float() for k, v in metric.compute().items()
+                                   if k in ("explained_variance", "mse", "cossim")})
+                    metric.reset()
             self.log_dict(values, sync_dist=False)  # pooled over ranks by the metrics themselves
         self.last_val_step = self.global_step
 

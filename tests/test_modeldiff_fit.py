@@ -83,6 +83,7 @@ def test_crosscoder_fit_reads_both_models_exports_them_and_diffs(tmp_path, two_s
     counts = [events.Scalars(f"cc/diff/{c}")[-1].value for c in ("base-only", "chat-only", "shared", "other")]
     assert sum(counts) == 128 and len(events.Scalars("cc/diff/shared")) == 2  # at each validation
     assert events.Scalars("cc/val/explained_variance")
+    assert events.Scalars("cc/val/explained_variance/base") and events.Scalars("cc/val/explained_variance/chat")
     # saelightning diff on the export: every latent, its Δ as the weights give it, both models' figures
     report_file = tmp_path / "diff.json"
     assert main(["diff", "--sae", str(run / "saes" / "cc"), "--tokens", "300", "--out", str(report_file),
