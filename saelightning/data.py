@@ -59,7 +59,7 @@ from saelightning.synthetic import (
     load_or_build,
     read_model,
 )
-from saelightning.tokens import TokenBatches, val_batches
+from saelightning.tokens import ChatMix, TokenBatches, val_batches
 
 STATE_VERSION = 1
 
@@ -343,6 +343,12 @@ class ActivationDataModule(pl.LightningDataModule):
             are keyed "<name>/<hook>"; a crosscoder reads its hook in every model, an SAE names one ("chat/...").
             One tokenizer, one width and one vocabulary are required. The model options above then apply to the
             first model only where its entry leaves them out (context_size, compile_model apply to all).
+        chat: conversations mixed into the text (a chat model is diffed on the text it was tuned for): "demo" (the
+            stdlib docstring questions the demo's chat stage is tuned on) or a JSONL file, one conversation a line (a
+            list of {"role", "content"} turns). Rendered in nanochat's conversation format (its special tokens);
+            every tenth conversation is held out for validation (and eval / diff), the others are trained on.
+        chat_fraction: the share of the tokens that are conversations, in [0, 1) (0: text only). Exact in tokens:
+            a conversation is packed whenever the conversations' share so far is below it.
         synthetic: train on synthetic activations with known features (synthetic.py; hook name "synthetic"): its
             model is generated from its seed (or read from its file), the stream is generated as it is read, and
             validation (val_batches x batch_size held-out samples) adds the ground-truth metrics. The model and
@@ -355,7 +361,8 @@ class ActivationDataModule(pl.LightningDataModule):
                  buffer_tokens: int = 262144, num_workers: int = 1, val_batches: int = 4, scale_batches: int = 4,
                  normalize: bool = True, seed: int = 0, cache_dir: str | None = None,
                  max_buffer_bytes: int | None = None, compile_model: bool = False, activations: str | None = None,
-                 synthetic: SyntheticConfig | None = None, models: list[ModelSource] | None = None):
+                 synthetic: SyntheticConfig | None = None, models: list[ModelSource] | None = None,
+                 chat: str | None = None, chat_fraction: float = 0.0):
         super().__init__()
         for name, value in (("batch_size", batch_size), ("model_batch_rows", model_batch_rows),
                             ("val_batches", val_batches), ("scale_batches", scale_batches)):
@@ -372,6 +379,8 @@ class ActivationDataModule(pl.LightningDataModule):
         self.model_arg, self.era_arg, self.source, self.model_tag = model, era, source, model_tag
         self.data_dir, self.cache_dir = data_dir, cache_dir
         self.kind = self._kind(cache_dir, activations, synthetic)
+        self.chat, self.chat_fraction = self._check_chat(chat, chat_fraction, self.kind)
+        self._chat_mixes: dict[str, ChatMix | None] = {}
         self.nanochat = self.model = self.tokenizer = self.context_size = None
         self.activations_info: dict | None = None  # data.activations: the checked manifest
         self.synthetic_cfg: SyntheticConfig | None = None
@@ -410,6 +419,28 @@ class ActivationDataModule(pl.LightningDataModule):
                                     "model), the other trains without a model: set one of them to null")
         return "activations" if activations is not None else "synthetic" if synthetic is not None else \
             "cache" if cache_dir else "live"
+
+    @staticmethod
+    def _check_chat(chat, fraction, kind) -> tuple[str | None, float]:
+        if not 0.0 <= fraction < 1.0:
+            raise SAELightningError(f"data.chat_fraction={fraction} must be in [0, 1) (the share of the tokens that "
+                                    "are chat conversations)")
+        if fraction > 0 and chat is None:
+            raise SAELightningError(f"data.chat_fraction={fraction} but data.chat is null; give data.chat (a JSONL "
+                                    "file of conversations, or demo)")
+        if fraction > 0 and kind != "live":
+            raise SAELightningError("data.chat mixes conversations into the text the model reads; it cannot be "
+                                    "combined with data.cache_dir, data.activations or data.synthetic")
+        return chat, fraction
+
+    def chat_mix(self, split: str) -> ChatMix | None:
+        """data.chat's conversations of one split ("train" or "val"), rendered once; None without a mix."""
+        if self.chat_fraction == 0:
+            return None
+        if split not in self._chat_mixes:
+            self._chat_mixes[split] = ChatMix.render(self.tokenizer, resolve.conversations(self.chat),
+                                                     self.chat_fraction, split, self.seed, self.chat)
+        return self._chat_mixes[split]
 
     def _load_models(self, models, default_path, context_size, compile_model) -> None:
         """data.models: the first replaces the single model, the others run beside it on the same tokens."""
@@ -518,6 +549,8 @@ class ActivationDataModule(pl.LightningDataModule):
             return name if name == "demo" else str(Path(name).expanduser().absolute())
         out = {"model": where(self.model_arg), "step": self.nanochat.meta["step"], "era": self.era_arg,
                "source": self.source, "model_tag": self.model_tag, "data": where(str(self.data_dir))}
+        if self.chat_fraction > 0:
+            out["chat"], out["chat_fraction"] = where(self.chat), self.chat_fraction
         if self.sources:
             steps = [self.nanochat.meta["step"]] + [self.others[s.name].meta["step"] for s in self.sources[1:]]
             out["source"] = self.sources[0].source
@@ -637,7 +670,7 @@ class ActivationDataModule(pl.LightningDataModule):
     def _token_batches(self, paths, start=None) -> TokenBatches:
         rank, world = self._rank_world()
         return TokenBatches(paths, self.tokenizer, self.context_size, self.model_batch_rows, rank, world, self.seed,
-                            start)
+                            start, chat=self.chat_mix("train"))
 
     def _ensure_scales(self) -> None:
         """Estimate the normalisation constant per hook from the first batches of the train stream."""
@@ -733,7 +766,7 @@ class ActivationDataModule(pl.LightningDataModule):
             rank, world = self._rank_world()
             rows = self.val_batches * self.model_batch_rows
             self._val_tokens = list(val_batches(self._val_shard, self.tokenizer, self.context_size, rows,
-                                                self.model_batch_rows, rank, world))
+                                                self.model_batch_rows, rank, world, chat=self.chat_mix("val")))
             got = sum(len(t) for t in self._val_tokens)
             if rank == 0 and got * world < rows:
                 rank_zero_warn(f"saelightning: the val shard {self._val_shard} holds {got} rows of {self.context_size} "
@@ -775,7 +808,7 @@ class ActivationDataModule(pl.LightningDataModule):
         if self.kind == "synthetic":
             return "synthetic:" + self.synthetic_cfg.fingerprint()
         if self.cache_manifest is None:
-            return "live"
+            return "live" if self.chat_fraction == 0 else "live+chat:" + self.chat_mix("train").fingerprint()
         checksums = ",".join(s["sha256"] for s in self.cache_manifest["shards"])
         return "cache:" + hashlib.sha256(checksums.encode()).hexdigest()[:16]
 
@@ -794,8 +827,9 @@ class ActivationDataModule(pl.LightningDataModule):
                                         f"now {getattr(self, key)}; resume with the same value")
         if state.get("source", "live") != self._source():
             raise SAELightningError("the checkpoint's data position is in another source (live stream, a cache, "
-                                    "activations or a synthetic model, or another one of them); resume with the "
-                                    "data.cache_dir / data.activations / data.synthetic it was trained with")
+                                    "activations or a synthetic model, or another one of them, or another chat mix); "
+                                    "resume with the data.cache_dir / data.activations / data.synthetic / data.chat "
+                                    "and data.chat_fraction it was trained with")
         self.scales = state["scales"]
         self._start = state["positions"][rank]
 

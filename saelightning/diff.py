@@ -1,7 +1,8 @@
 """`saelightning diff`: what a crosscoder's latents are in each of its models (the report a researcher reads).
 
 Runs every model the crosscoder's cfg.json names on the same val rows (eval's: the first ceil(tokens / context)
-rows of the val shard), encodes their activations at its hook, and reports per latent: Δ (relative decoder norm)
+rows of the val shard, with the held-out chat conversations mixed in as the crosscoder was trained: data.chat),
+encodes their activations at its hook, and reports per latent: Δ (relative decoder norm)
 and the decoder cosine between models A and B, its class, its firing density and largest activation, and Latent
 Scaling's β (reconstruction and error, in every model) with the ratios ν (modeldiff.py); per model the explained
 variance of its reconstruction. JSON with --out (atomic), and a printed table.
@@ -35,7 +36,7 @@ from saelightning.modeldiff import (
 )
 from saelightning.progress import progress_bar
 from saelightning.saes.base import CROSSCODERS
-from saelightning.tokens import rows_for_tokens, val_batches
+from saelightning.tokens import REGIONS, ChatMix, chat_regions, rows_for_tokens, val_batches
 
 
 @dataclass
@@ -51,6 +52,9 @@ class DiffArgs:
         shared_halfwidth: |Δ − 0.5| ≤ this is shared.
         tokens: val tokens to run (the first ceil(tokens / context_size) rows of the val shard).
         data: parquet shard dir or "demo"; default: the shards the crosscoder was trained on.
+        chat: conversations mixed into the val text ("demo" or a JSONL file; its held-out tenth is read); default:
+            the data.chat the crosscoder was trained with.
+        chat_fraction: their share of the tokens, in [0, 1); default: the trained data.chat_fraction (0 without).
         batch_size: rows per forward.
         context_size: tokens per row; default: the training context size.
         top: latents of each exclusive class printed (by Δ; the JSON has every latent).
@@ -67,6 +71,8 @@ class DiffArgs:
     shared_halfwidth: float = 0.1
     tokens: int = 20_000
     data: str | None = None
+    chat: str | None = None
+    chat_fraction: float | None = None
     batch_size: int = 8
     context_size: int | None = None
     top: int = 10
@@ -123,12 +129,23 @@ def run_diff(args: DiffArgs) -> dict:
     tokenizer = models[0].tokenizer
     context = args.context_size or min(int(cc.metadata.get("context_size") or 256),
                                        min(m.model.config.sequence_len for m in models))
-    rows = list(val_batches(val_shard, tokenizer, context, rows_for_tokens(args.tokens, context), args.batch_size))
+    chat = args.chat if args.chat is not None else trained_on.get("chat")
+    fraction = args.chat_fraction if args.chat_fraction is not None else float(trained_on.get("chat_fraction") or 0)
+    if fraction > 0 and chat is None:
+        raise SAELightningError(f"--chat_fraction {fraction} but the crosscoder records no data.chat; pass --chat")
+    mix = ChatMix.render(tokenizer, resolve.conversations(chat), fraction, "val", source=chat) if fraction else None
+    rows = list(val_batches(val_shard, tokenizer, context, rows_for_tokens(args.tokens, context), args.batch_size,
+                            chat=mix))
     d_sae = cc.config.d_sae
     fired = torch.zeros(d_sae, dtype=torch.float64)
     max_act = torch.zeros(d_sae, dtype=torch.float64)
     recon = [ReconstructionMetrics(cc.d_model) for _ in models]
     n_tokens = 0
+    # where each latent fires: text, user turn, assistant turn, and on the chat markers (with a chat mix)
+    regions = chat_regions(torch.cat(rows), tokenizer) if mix is not None else None
+    fired_in = torch.zeros(d_sae, len(REGIONS) + 1, dtype=torch.float64)
+    tokens_in = torch.zeros(len(REGIONS) + 1, dtype=torch.float64)
+    row = 0
     with progress_bar(sum(r.numel() for r in rows), "diff", quiet=args.quiet) as bar, torch.no_grad():
         for batch in rows:
             batch = batch.to(device)
@@ -141,6 +158,12 @@ def run_diff(args: DiffArgs) -> dict:
             max_act = torch.maximum(max_act, f.max(0).values.double().cpu())
             for m, metric in enumerate(recon):
                 metric.update(x[:, m * cc.d_model:(m + 1) * cc.d_model], x_hat[:, m * cc.d_model:(m + 1) * cc.d_model])
+            if regions is not None:
+                region, marker = (r[row:row + len(batch)].reshape(-1)[keep.cpu()] for r in regions)
+                where = torch.cat([torch.nn.functional.one_hot(region, len(REGIONS)), marker[:, None].long()], 1)
+                fired_in += (f > 0).double().cpu().T @ where.double()
+                tokens_in += where.sum(0).double()
+            row += len(batch)
             n_tokens += x.shape[0]
             bar.update(batch.numel())
     beta = scaling.compute()
@@ -157,7 +180,8 @@ def run_diff(args: DiffArgs) -> dict:
                 "max_activation": num(max_act[i]),
                 "beta_reconstruction": [num(v) for v in beta["beta_reconstruction"][:, i]],
                 "beta_error": [num(v) for v in beta["beta_error"][:, i]],
-                "nu_reconstruction": num(beta["nu_reconstruction"][i]), "nu_error": num(beta["nu_error"][i])}
+                "nu_reconstruction": num(beta["nu_reconstruction"][i]), "nu_error": num(beta["nu_error"][i]),
+                **({"fires_on": dict(zip((*REGIONS, "chat_markers"), fired_in[i].long().tolist()))} if mix else {})}
                for i in range(d_sae)]
     report = {"sae": str(args.sae), "hook_name": hook, "models": infos, "a": pair[0], "b": pair[1],
               "data": str(data_dir), "context_size": context, "tokens_evaluated": n_tokens,
@@ -166,11 +190,37 @@ def run_diff(args: DiffArgs) -> dict:
               "explained_variance": {info["name"]: num(m.compute()["explained_variance"])
                                      for info, m in zip(infos, recon)},
               "latents": latents}
+    if mix is not None:
+        report["chat"] = {"chat": chat, "chat_fraction": fraction,
+                          "tokens_on": dict(zip((*REGIONS, "chat_markers"), tokens_in.long().tolist())),
+                          "by_class": _chat_by_class(latents, fired_in, pair)}
     if n_tokens < args.tokens:
         print(f"saelightning diff: the val shard ran out after {n_tokens} of {args.tokens} tokens", file=sys.stderr)
     if args.out:
         write_json(args.out, report, indent=1)
     return report
+
+
+CHAT_LATENT = 0.9  # a latent with this share of its firings on conversation tokens is a "chat latent"
+MARKER_LATENT = 0.5  # ... with this share on the chat markers, a "marker latent"
+
+
+def _chat_by_class(latents: list[dict], fired_in: torch.Tensor, pair) -> dict:
+    """Per class: the latents that fire, how many of them are chat latents and marker latents, and their firings'
+    share on conversation tokens (user and assistant turns) and on the chat markers."""
+    fired = fired_in[:, :len(REGIONS)].sum(1)
+    chat_share = fired_in[:, 1:len(REGIONS)].sum(1) / fired.clamp_min(1)
+    marker_share = fired_in[:, len(REGIONS)] / fired.clamp_min(1)
+    out = {}
+    for cls in (class_name(c, pair) for c in CLASS_NAMES):
+        idx = torch.tensor([lat["latent"] for lat in latents if lat["class"] == cls], dtype=torch.long)
+        idx = idx[fired[idx] > 0] if len(idx) else idx
+        firings = fired[idx].sum().item()
+        out[cls] = {"firing": len(idx), "chat_latents": int((chat_share[idx] >= CHAT_LATENT).sum()),
+                    "marker_latents": int((marker_share[idx] >= MARKER_LATENT).sum()),
+                    "chat_share": fired_in[idx, 1:len(REGIONS)].sum().item() / firings if firings else None,
+                    "marker_share": fired_in[idx, len(REGIONS)].sum().item() / firings if firings else None}
+    return out
 
 
 def _fmt(v, spec=".3f") -> str:
@@ -182,6 +232,16 @@ def format_report(report: dict, top: int = 10) -> str:
     lines = [f"{report['sae']} at {report['hook_name']}: {a} (A) vs {b} (B), {report['tokens_evaluated']} tokens",
              "classes: " + ", ".join(f"{k} {v}" for k, v in report["class_counts"].items()),
              "explained variance: " + ", ".join(f"{k} {_fmt(v)}" for k, v in report["explained_variance"].items())]
+    if "chat" in report:
+        on = report["chat"]["tokens_on"]
+        total = max(sum(on[r] for r in REGIONS), 1)
+        lines.append(f"chat mix: {on['user'] + on['assistant']} of {total} tokens in conversations "
+                     f"({on['chat_markers']} chat markers); per class, firing latents / chat latents (>= "
+                     f"{CHAT_LATENT:.0%} of firings in conversations) / marker latents (>= {MARKER_LATENT:.0%} on "
+                     "markers), share of firings in conversations / on markers:")
+        for cls, row in report["chat"]["by_class"].items():
+            lines.append(f"  {cls:>12}: {row['firing']} / {row['chat_latents']} / {row['marker_latents']}, "
+                         f"{_fmt(row['chat_share'])} / {_fmt(row['marker_share'])}")
     alive = [lat for lat in report["latents"] if lat["density"]]
     for cls, reverse in ((f"{b}-only", True), (f"{a}-only", False)):
         chosen = sorted((lat for lat in alive if lat["class"] == cls), key=lambda lat: lat["delta"], reverse=reverse)

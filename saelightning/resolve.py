@@ -6,13 +6,14 @@ its shards, and what a missing tokenizer or hook name means, so that every comma
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from saelightning.demo import DEMO_MODEL_DIR, ensure_demo_shards
+from saelightning.demo import DEMO_MODEL_DIR, demo_conversations, ensure_demo_shards
 from saelightning.errors import SAELightningError
 from saelightning.export import load_sae, read_metadata
 from saelightning.nanochat.checkpoint import Nanochat, load_nanochat
@@ -63,6 +64,32 @@ def data_dir(data: str | None, model: str) -> Path:
         if (base / name).is_dir():
             return base / name
     raise SAELightningError(f"no --data given and no base_data under {base}; pass --data DIR (parquet shards)")
+
+
+def conversations(chat: str) -> list[list[dict]]:
+    """data.chat: "demo" (the stdlib docstring questions the demo's chat stage is tuned on) or a JSONL file, one
+    conversation a line: a list of {"role": "user" | "assistant", "content": str} turns (nanochat's CustomJSON
+    format), or an object with that list under "messages"."""
+    if chat == "demo":
+        return demo_conversations()
+    path = Path(chat).expanduser()
+    if not path.is_file():
+        raise SAELightningError(f"data.chat {chat!r} is not a file; give a JSONL file of conversations or \"demo\"")
+    out = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise SAELightningError(f"{path}:{number} is not JSON ({exc.msg}); write one conversation a line") from None
+        turns = item.get("messages") if isinstance(item, dict) else item
+        if not (isinstance(turns, list) and turns and all(isinstance(t, dict) and isinstance(t.get("content"), str)
+                                                          for t in turns)):
+            raise SAELightningError(f"{path}:{number} is not a conversation; write a list of "
+                                    '{"role": "user"|"assistant", "content": "..."} turns')
+        out.append(turns)
+    return out
 
 
 def shards(data: str | os.PathLike) -> tuple[list[Path], Path]:

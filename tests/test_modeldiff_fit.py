@@ -30,7 +30,16 @@ def two_stages(tmp_path_factory, nanochat_current_dir):
     return base
 
 
-def _config(tmp_path, base, shards, run="run", models=None, **trainer):
+def _chat_file(tmp_path):
+    """Conversations in nanochat's CustomJSON lines, for data.chat."""
+    path = tmp_path / "chat.jsonl"
+    path.write_text("\n".join(json.dumps([{"role": "user", "content": f"what does f{i}() return?"},
+                                          {"role": "assistant", "content": f"f{i}() returns x + {i}"}])
+                              for i in range(50)))
+    return str(path)
+
+
+def _config(tmp_path, base, shards, run="run", models=None, chat=None, **trainer):
     config = {
         "seed_everything": 0,
         "trainer": {"accelerator": "cpu", "max_steps": 6, "val_check_interval": 3, "log_every_n_steps": 2,
@@ -41,7 +50,8 @@ def _config(tmp_path, base, shards, run="run", models=None, **trainer):
                   "warmup_steps": 3, "dead_window_tokens": 128},
         "data": {"model": str(base), "data_dir": str(shards), "context_size": 32, "batch_size": 64,
                  "model_batch_rows": 4, "buffer_tokens": 256, "num_workers": 1, "val_batches": 2, "scale_batches": 2,
-                 "models": models or [{"name": "base", "source": "base"}, {"name": "chat", "source": "sft"}]},
+                 "models": models or [{"name": "base", "source": "base"}, {"name": "chat", "source": "sft"}],
+                 **({"chat": chat, "chat_fraction": 0.25} if chat else {})},
         "checkpoint": {"every_n_train_steps": 2},
     }
     path = tmp_path / f"{run}.yaml"
@@ -61,7 +71,8 @@ def test_crosscoder_fit_reads_both_models_exports_them_and_diffs(tmp_path, two_s
         return original(self, idx, names, *args, **kwargs)
 
     monkeypatch.setattr(GPT, "run_with_cache", counted)
-    assert main(["fit", "--config", str(_config(tmp_path, two_stages, tiny_shards_dir))]) == 0
+    chat = _chat_file(tmp_path)
+    assert main(["fit", "--config", str(_config(tmp_path, two_stages, tiny_shards_dir, chat=chat))]) == 0
     # the two models ran on the same token batches, one forward each per batch (the chat SAE shares chat's)
     assert len(calls) % 2 == 0 and all(torch.equal(a[2], b[2]) for a, b in zip(calls[::2], calls[1::2]))
     run = tmp_path / "run"
@@ -73,6 +84,7 @@ def test_crosscoder_fit_reads_both_models_exports_them_and_diffs(tmp_path, two_s
     assert meta["hook_name"] == HOOK
     assert [(m["name"], m["stage"], m["step"]) for m in meta["models"]] == [("base", "base", 10), ("chat", "sft", 20)]
     assert all(m["path"].endswith(f"{FIXTURE_TAG}") for m in meta["models"])
+    assert (meta["trained_on"]["chat"], meta["trained_on"]["chat_fraction"]) == (chat, 0.25)
     assert sum(meta["diff"]["class_counts"].values()) == 128 and "chat-only" in meta["diff"]["class_counts"]
     assert len(meta["input_scale_folded"]) == 2  # each model normalised on its own
     assert json.loads((run / "saes" / "chat_sae" / "cfg.json").read_text())["metadata"]["hook_name"] == f"chat/{HOOK}"
@@ -95,6 +107,16 @@ def test_crosscoder_fit_reads_both_models_exports_them_and_diffs(tmp_path, two_s
     assert set(report["explained_variance"]) == {"base", "chat"} and report["tokens_evaluated"] >= 300
     fired = [lat for lat in report["latents"] if lat["density"]]
     assert fired and all(len(lat["beta_error"]) == 2 and lat["nu_error"] is not None for lat in fired)
+    # the val text mixes in the held-out conversations as trained; where each latent fires is counted
+    on = report["chat"]["tokens_on"]
+    assert report["chat"]["chat_fraction"] == 0.25 and on["assistant"] > 0 and on["user"] > 0
+    assert sum(on[r] for r in ("text", "user", "assistant")) == report["tokens_evaluated"]
+    assert 0 < on["chat_markers"] < on["user"] + on["assistant"]
+    for lat in report["latents"]:  # every firing is in one region
+        fires = sum(lat["fires_on"][r] for r in ("text", "user", "assistant"))
+        assert fires == round(lat["density"] * report["tokens_evaluated"]) and lat["fires_on"]["chat_markers"] <= fires
+    by_class = report["chat"]["by_class"]
+    assert sum(row["firing"] for row in by_class.values()) == len(fired)
     # an SAE is not a crosscoder: one line
     capsys.readouterr()
     assert main(["diff", "--sae", str(run / "saes" / "chat_sae")]) == 2
@@ -103,10 +125,13 @@ def test_crosscoder_fit_reads_both_models_exports_them_and_diffs(tmp_path, two_s
 
 @pytest.mark.slow  # three fits, ~25 s on the shared 2-core CPU
 def test_crosscoder_resume_is_bitwise_equal(tmp_path, two_stages, tiny_shards_dir):
-    whole = _config(tmp_path, two_stages, tiny_shards_dir, run="whole")
+    chat = _chat_file(tmp_path)  # the mixed stream's position (conversations taken, chat share) resumes too
+    whole = _config(tmp_path, two_stages, tiny_shards_dir, run="whole", chat=chat)
     assert main(["fit", "--config", str(whole)]) == 0
-    parts = _config(tmp_path, two_stages, tiny_shards_dir, run="parts")
+    parts = _config(tmp_path, two_stages, tiny_shards_dir, run="parts", chat=chat)
     assert main(["fit", "--config", str(parts), "--trainer.max_steps", "4"]) == 0  # mid-buffer: 4 batches a fill
+    # another chat mix is another stream: refused, in one line
+    assert main(["fit", "--config", str(parts), "--ckpt_path", "last", "--data.chat_fraction", "0.5"]) == 2
     assert main(["fit", "--config", str(parts), "--ckpt_path", "last"]) == 0
     a = torch.load(tmp_path / "whole" / "last.ckpt", weights_only=True)["state_dict"]
     b = torch.load(tmp_path / "parts" / "last.ckpt", weights_only=True)["state_dict"]
