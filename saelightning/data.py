@@ -381,6 +381,7 @@ class ActivationDataModule(pl.LightningDataModule):
         self.kind = self._kind(cache_dir, activations, synthetic)
         self.chat, self.chat_fraction = self._check_chat(chat, chat_fraction, self.kind)
         self._chat_mixes: dict[str, ChatMix | None] = {}
+        self._conversations: list[list[dict]] | None = None
         self.nanochat = self.model = self.tokenizer = self.context_size = None
         self.activations_info: dict | None = None  # data.activations: the checked manifest
         self.synthetic_cfg: SyntheticConfig | None = None
@@ -438,8 +439,10 @@ class ActivationDataModule(pl.LightningDataModule):
         if self.chat_fraction == 0:
             return None
         if split not in self._chat_mixes:
-            self._chat_mixes[split] = ChatMix.render(self.tokenizer, resolve.conversations(self.chat),
-                                                     self.chat_fraction, split, self.seed, self.chat)
+            if self._conversations is None:
+                self._conversations = resolve.conversations(self.chat)
+            self._chat_mixes[split] = ChatMix.render(self.tokenizer, self._conversations, self.chat_fraction, split,
+                                                     self.seed, self.chat)
         return self._chat_mixes[split]
 
     def _load_models(self, models, default_path, context_size, compile_model) -> None:

@@ -36,7 +36,7 @@ from saelightning.modeldiff import (
 )
 from saelightning.progress import progress_bar
 from saelightning.saes.base import CROSSCODERS
-from saelightning.tokens import REGIONS, ChatMix, chat_regions, rows_for_tokens, val_batches
+from saelightning.tokens import REGIONS, chat_regions, rows_for_tokens, val_batches
 
 
 @dataclass
@@ -129,11 +129,7 @@ def run_diff(args: DiffArgs) -> dict:
     tokenizer = models[0].tokenizer
     context = args.context_size or min(int(cc.metadata.get("context_size") or 256),
                                        min(m.model.config.sequence_len for m in models))
-    chat = args.chat if args.chat is not None else trained_on.get("chat")
-    fraction = args.chat_fraction if args.chat_fraction is not None else float(trained_on.get("chat_fraction") or 0)
-    if fraction > 0 and chat is None:
-        raise SAELightningError(f"--chat_fraction {fraction} but the crosscoder records no data.chat; pass --chat")
-    mix = ChatMix.render(tokenizer, resolve.conversations(chat), fraction, "val", source=chat) if fraction else None
+    mix = resolve.val_chat(tokenizer, [args.sae], args.chat, args.chat_fraction)
     rows = list(val_batches(val_shard, tokenizer, context, rows_for_tokens(args.tokens, context), args.batch_size,
                             chat=mix))
     d_sae = cc.config.d_sae
@@ -191,7 +187,7 @@ def run_diff(args: DiffArgs) -> dict:
                                      for info, m in zip(infos, recon)},
               "latents": latents}
     if mix is not None:
-        report["chat"] = {"chat": chat, "chat_fraction": fraction,
+        report["chat"] = {"chat": mix.source, "chat_fraction": mix.fraction,
                           "tokens_on": dict(zip((*REGIONS, "chat_markers"), tokens_in.long().tolist())),
                           "by_class": _chat_by_class(latents, fired_in, pair)}
     if n_tokens < args.tokens:

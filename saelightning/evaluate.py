@@ -187,6 +187,9 @@ class EvalArgs:
         tokens: token positions of the val shard to evaluate (the first ceil(tokens / context_size) rows).
         data: parquet shard dir (the last shard is val), or "demo"; default: the shards the SAEs were trained
             on (cfg.json), else the demo shards for the demo model, else $NANOCHAT_BASE_DIR/base_data[_climbmix].
+        chat: conversations mixed into the val rows ("demo" or a JSONL file; its held-out tenth); default: the
+            data.chat the SAEs were trained with, so that eval reads validation's rows.
+        chat_fraction: their share of the tokens, in [0, 1); default: the trained data.chat_fraction (0 without).
         batch_size: rows per forward.
         context_size: tokens per row; default: the SAEs' training context size.
         device: cpu or cuda; default: cuda when there is a GPU.
@@ -198,6 +201,8 @@ class EvalArgs:
     out: str | None = None
     tokens: int = 100_000
     data: str | None = None
+    chat: str | None = None
+    chat_fraction: float | None = None
     batch_size: int = 8
     context_size: int | None = None
     device: str | None = None
@@ -246,7 +251,9 @@ def run_eval(args: EvalArgs) -> dict:
         raise SAELightningError(f"--context_size must be in [2, {nc.model.config.sequence_len}], got {context}")
     data_dir = resolve.data_dir(data, model)
     _, val_shard = resolve.shards(data_dir)
-    rows = list(val_batches(val_shard, nc.tokenizer, context, rows_for_tokens(args.tokens, context), args.batch_size))
+    chat = resolve.val_chat(nc.tokenizer, args.sae, args.chat, args.chat_fraction)
+    rows = list(val_batches(val_shard, nc.tokenizer, context, rows_for_tokens(args.tokens, context), args.batch_size,
+                            chat=chat))
     evaluated = sum(r.numel() for r in rows)
     with progress_bar(evaluated, "eval", quiet=args.quiet) as bar:
         results = evaluate_saes(nc.model, groups, rows, nc.tokenizer.bos_id, progress=bar)

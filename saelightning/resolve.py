@@ -18,6 +18,7 @@ from saelightning.errors import SAELightningError
 from saelightning.export import load_sae, read_metadata
 from saelightning.nanochat.checkpoint import Nanochat, load_nanochat
 from saelightning.nanochat.shards import list_shards
+from saelightning.tokens import ChatMix
 
 
 def model_path(model: str) -> str:
@@ -90,6 +91,20 @@ def conversations(chat: str) -> list[list[dict]]:
                                     '{"role": "user"|"assistant", "content": "..."} turns')
         out.append(turns)
     return out
+
+
+def val_chat(tokenizer, sae_paths: Sequence, chat: str | None, fraction: float | None) -> ChatMix | None:
+    """The held-out conversations mixed into a command's val rows: --chat / --chat_fraction when given, else the
+    data.chat and data.chat_fraction the (first) SAE was trained with; None without a mix."""
+    recorded = _recorded(read_metadata(sae_paths[0])) if sae_paths else {}
+    chat = chat if chat is not None else recorded.get("chat")
+    fraction = fraction if fraction is not None else float(recorded.get("chat_fraction") or 0)
+    if not fraction:
+        return None
+    if chat is None:
+        raise SAELightningError(f"--chat_fraction {fraction} but the SAE records no data.chat; pass --chat (a JSONL "
+                                "file of conversations, or demo)")
+    return ChatMix.render(tokenizer, conversations(chat), fraction, "val", source=chat)
 
 
 def shards(data: str | os.PathLike) -> tuple[list[Path], Path]:

@@ -9,10 +9,11 @@ import pytest
 import torch
 import yaml
 
+from saelightning import resolve
 from saelightning.cli import main
 from saelightning.export import load_sae
 from saelightning.modeldiff import relative_norms
-from saelightning.nanochat.tokenizer import save_tokenizer, train_tokenizer
+from saelightning.nanochat.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 from tests.fixtures_data import TINY_VOCAB, tiny_texts
 from tests.fixtures_nanochat import FIXTURE_TAG, make_nanochat_checkpoint
 
@@ -117,6 +118,11 @@ def test_crosscoder_fit_reads_both_models_exports_them_and_diffs(tmp_path, two_s
         assert fires == round(lat["density"] * report["tokens_evaluated"]) and lat["fires_on"]["chat_markers"] <= fires
     by_class = report["chat"]["by_class"]
     assert sum(row["firing"] for row in by_class.values()) == len(fired)
+    # eval and diff read the recorded mix: the held-out tenth (5 of 50), at the trained share; a flag overrides it
+    tokenizer = load_tokenizer(two_stages / "tokenizer")
+    mix = resolve.val_chat(tokenizer, [run / "saes" / "cc"], None, None)
+    assert (mix.source, mix.fraction, len(mix.conversations)) == (chat, 0.25, 5)
+    assert resolve.val_chat(tokenizer, [run / "saes" / "cc"], None, 0.0) is None
     # an SAE is not a crosscoder: one line
     capsys.readouterr()
     assert main(["diff", "--sae", str(run / "saes" / "chat_sae")]) == 2
