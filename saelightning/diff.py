@@ -14,7 +14,6 @@ import math
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -81,32 +80,6 @@ class DiffArgs:
     quiet: bool = False
 
 
-def _load_models(cc, args: DiffArgs, device) -> tuple[list[dict], list]:
-    """The crosscoder's models (recorded, or --models), checked to be of the width it reads."""
-    recorded = cc.metadata.get("models") or []
-    if args.models is not None and len(args.models) != cc.n_models:
-        raise SAELightningError(f"--models gives {len(args.models)} model(s) but the crosscoder reads {cc.n_models}; "
-                                "give one checkpoint per model, in its order")
-    if args.models is None and len(recorded) != cc.n_models:
-        raise SAELightningError(f"{args.sae}'s cfg.json names no models (metadata.models); pass --models, one "
-                                "checkpoint dir per model in the crosscoder's order")
-    infos, loaded = [], []
-    for i in range(cc.n_models):
-        info = dict(recorded[i]) if i < len(recorded) else {"name": f"model{i}"}
-        path = args.models[i] if args.models is not None else info.get("path")
-        if args.models is None and not Path(path).exists():
-            raise SAELightningError(f"{args.sae} was trained on {info.get('name')!r} at {path}, which is not there "
-                                    "now; pass --models with where the models are now")
-        step = info.get("step") if args.models is None else None
-        nc = resolve.load_model(path, device=device, dtype=torch.float32, step=step, era=info.get("era"))
-        if nc.model.d_model != cc.d_model:
-            raise SAELightningError(f"model {path} has width {nc.model.d_model}, the crosscoder reads {cc.d_model}; "
-                                    "give the models it was trained on")
-        infos.append({**info, "path": str(path), "step": nc.meta["step"]})
-        loaded.append(nc)
-    return infos, loaded
-
-
 def run_diff(args: DiffArgs) -> dict:
     thresholds = DiffThresholds(args.exclusive, args.shared_halfwidth)
     if args.tokens < 2 or args.batch_size < 1 or args.top < 0:
@@ -119,7 +92,7 @@ def run_diff(args: DiffArgs) -> dict:
     hook = cc.metadata.get("hook_name")
     if not hook:
         raise SAELightningError(f"{args.sae}'s cfg.json names no hook_name; re-export the crosscoder")
-    infos, models = _load_models(cc, args, device)
+    infos, models = resolve.crosscoder_models(cc, args.sae, args.models, device)
     names = tuple(info["name"] for info in infos)
     pair = (names[args.a], names[args.b]) if max(args.a, args.b) < len(names) else names[:2]
     scaling = LatentScaling(cc, args.a, args.b)  # checks a and b

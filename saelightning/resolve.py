@@ -93,6 +93,33 @@ def conversations(chat: str) -> list[list[dict]]:
     return out
 
 
+def crosscoder_models(cc, sae_path, paths: Sequence | None, device=None) -> tuple[list[dict], list[Nanochat]]:
+    """The models a crosscoder reads, in its order: the ones its cfg.json records (name, path, step, era), or
+    `paths` (--models) where they moved; each checked to be of the width it reads."""
+    recorded = cc.metadata.get("models") or []
+    if paths is not None and len(paths) != cc.n_models:
+        raise SAELightningError(f"--models gives {len(paths)} model(s) but the crosscoder reads {cc.n_models}; "
+                                "give one checkpoint per model, in its order")
+    if paths is None and len(recorded) != cc.n_models:
+        raise SAELightningError(f"{sae_path}'s cfg.json names no models (metadata.models); pass --models, one "
+                                "checkpoint dir per model in the crosscoder's order")
+    infos, loaded = [], []
+    for i in range(cc.n_models):
+        info = dict(recorded[i]) if i < len(recorded) else {"name": f"model{i}"}
+        path = paths[i] if paths is not None else info.get("path")
+        if paths is None and not Path(path).exists():
+            raise SAELightningError(f"{sae_path} was trained on {info.get('name')!r} at {path}, which is not there "
+                                    "now; pass --models with where the models are now")
+        step = info.get("step") if paths is None else None
+        nc = load_model(path, device=device, dtype=torch.float32, step=step, era=info.get("era"))
+        if nc.model.d_model != cc.d_model:
+            raise SAELightningError(f"model {path} has width {nc.model.d_model}, the crosscoder reads {cc.d_model}; "
+                                    "give the models it was trained on")
+        infos.append({**info, "path": str(path), "step": nc.meta["step"]})
+        loaded.append(nc)
+    return infos, loaded
+
+
 def val_chat(tokenizer, sae_paths: Sequence, chat: str | None, fraction: float | None) -> ChatMix | None:
     """The held-out conversations mixed into a command's val rows: --chat / --chat_fraction when given, else the
     data.chat and data.chat_fraction the (first) SAE was trained with; None without a mix."""

@@ -14,6 +14,7 @@ from saelightning.cli import main
 from saelightning.export import load_sae
 from saelightning.modeldiff import relative_norms
 from saelightning.nanochat.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
+from saelightning.tokens import val_batches
 from tests.fixtures_data import TINY_VOCAB, tiny_texts
 from tests.fixtures_nanochat import FIXTURE_TAG, make_nanochat_checkpoint
 
@@ -123,6 +124,38 @@ def test_crosscoder_fit_reads_both_models_exports_them_and_diffs(tmp_path, two_s
     mix = resolve.val_chat(tokenizer, [run / "saes" / "cc"], None, None)
     assert (mix.source, mix.fraction, len(mix.conversations)) == (chat, 0.25, 5)
     assert resolve.val_chat(tokenizer, [run / "saes" / "cc"], None, 0.0) is None
+    # saelightning eval on the crosscoder: each model, its own reconstruction spliced into its own forward
+    eval_file = tmp_path / "eval.json"
+    assert main(["eval", "--sae", str(run / "saes" / "cc"), "--tokens", "300", "--out", str(eval_file),
+                 "--quiet"]) == 0
+    evaluated = json.loads(eval_file.read_text())
+    assert [e["hook_name"] for e in evaluated["saes"]] == [f"base/{HOOK}", f"chat/{HOOK}"]
+    assert evaluated["tokens_evaluated"] == 300 + (-300 % 32)
+    by_model = {e["model"]["name"]: e["metrics"] for e in evaluated["saes"]}
+    for name in ("base", "chat"):  # the same rows as diff's, the same reconstruction
+        assert by_model[name]["explained_variance"] == pytest.approx(report["explained_variance"][name], abs=1e-5)
+    rows = torch.cat(list(val_batches(resolve.shards(tiny_shards_dir)[1], tokenizer, 32, 10, 8, chat=mix)))
+    keep = rows != tokenizer.bos_id
+    scored = keep[:, :-1] & keep[:, 1:]
+    models = [resolve.load_model(str(two_stages), source=s, dtype=torch.float32).model for s in ("base", "sft")]
+    x = torch.cat([m.run_with_cache(rows, [HOOK])[HOOK][keep] for m in models], -1)
+    with torch.no_grad():
+        x_hat = cc.decode(cc.encode(x))
+    for i, (name, m) in enumerate(zip(("base", "chat"), models)):
+        own = x_hat[:, i * 64:(i + 1) * 64]
+
+        def spliced(h, own=own):
+            out = h.clone()
+            out[keep] = own
+            return out
+
+        with torch.no_grad():
+            ce = [torch.nn.functional.cross_entropy(logits[:, :-1][scored], rows[:, 1:][scored]).item()
+                  for logits in (m(rows), m(rows, hooks={HOOK: spliced}))]
+        assert by_model[name]["ce_loss_without_sae"] == pytest.approx(ce[0], rel=1e-5)
+        assert by_model[name]["ce_loss_with_sae"] == pytest.approx(ce[1], rel=1e-5)
+    assert by_model["base"]["ce_loss_without_sae"] != by_model["chat"]["ce_loss_without_sae"]
+    assert all(0 < by_model[n]["kl_div_with_sae"] and "kl_div_score" in by_model[n] for n in by_model)
     # an SAE is not a crosscoder: one line
     capsys.readouterr()
     assert main(["diff", "--sae", str(run / "saes" / "chat_sae")]) == 2
