@@ -20,6 +20,7 @@ import torch
 from saelightning import resolve
 from saelightning.atomic import write_json
 from saelightning.command import parse
+from saelightning.diffsite import Contexts, logit_effects, pick_latents, write_diff_site
 from saelightning.errors import SAELightningError
 from saelightning.evaluate import encode_decode
 from saelightning.export import load_sae
@@ -58,6 +59,9 @@ class DiffArgs:
         context_size: tokens per row; default: the training context size.
         top: latents of each exclusive class printed (by Δ; the JSON has every latent).
         out: also write the JSON report here.
+        site: also write a static site here (index.html by Δ, latents/<i>.html: each latent's top contexts on the
+            same text in every model side by side, and every model's logit effect).
+        site_latents: latents given a page: the ones furthest from Δ = 0.5.
         device: cpu or cuda; default: cuda when there is a GPU.
         quiet: no progress bar.
     """
@@ -76,14 +80,16 @@ class DiffArgs:
     context_size: int | None = None
     top: int = 10
     out: str | None = None
+    site: str | None = None
+    site_latents: int = 40
     device: str | None = None
     quiet: bool = False
 
 
 def run_diff(args: DiffArgs) -> dict:
     thresholds = DiffThresholds(args.exclusive, args.shared_halfwidth)
-    if args.tokens < 2 or args.batch_size < 1 or args.top < 0:
-        raise SAELightningError("--tokens must be >= 2, --batch_size >= 1 and --top >= 0")
+    if args.tokens < 2 or args.batch_size < 1 or args.top < 0 or args.site_latents < 1:
+        raise SAELightningError("--tokens must be >= 2, --batch_size >= 1, --top >= 0 and --site_latents >= 1")
     device = resolve.device(args.device)
     cc = load_sae(args.sae, device)
     if cc.config.architecture not in CROSSCODERS:
@@ -115,6 +121,8 @@ def run_diff(args: DiffArgs) -> dict:
     fired_in = torch.zeros(d_sae, len(REGIONS) + 1, dtype=torch.float64)
     tokens_in = torch.zeros(len(REGIONS) + 1, dtype=torch.float64)
     row = 0
+    gathered = Contexts(pick_latents(relative_norms(cc, args.a, args.b).cpu(), args.site_latents), cc.n_models) \
+        if args.site else None
     with progress_bar(sum(r.numel() for r in rows), "diff", quiet=args.quiet) as bar, torch.no_grad():
         for batch in rows:
             batch = batch.to(device)
@@ -123,6 +131,8 @@ def run_diff(args: DiffArgs) -> dict:
             x = torch.cat(acts, -1)
             f, x_hat = encode_decode(cc, x)
             scaling.update(x, f, x_hat)
+            if gathered is not None:
+                gathered.update(cc, batch, keep, x, f)
             fired += (f > 0).sum(0).double().cpu()
             max_act = torch.maximum(max_act, f.max(0).values.double().cpu())
             for m, metric in enumerate(recon):
@@ -165,6 +175,9 @@ def run_diff(args: DiffArgs) -> dict:
                           "by_class": _chat_by_class(latents, fired_in, pair)}
     if n_tokens < args.tokens:
         print(f"saelightning diff: the val shard ran out after {n_tokens} of {args.tokens} tokens", file=sys.stderr)
+    if gathered is not None:
+        effects = logit_effects(models, list(names), cc, hook, gathered.latents)
+        report["site"] = str(write_diff_site(args.site, report, gathered, effects, tokenizer.token_str))
     if args.out:
         write_json(args.out, report, indent=1)
     return report
@@ -235,4 +248,6 @@ def cli_main(argv: Sequence[str]) -> int:
     print(format_report(report, args.top))
     if args.out:
         print(f"report written to {args.out}")
+    if args.site:
+        print(f"site written to {report['site']}")
     return 0

@@ -3,6 +3,7 @@ export naming every model, the Δ histogram and class counts in TensorBoard, bit
 errors for models a crosscoder cannot read together."""
 
 import json
+import re
 import shutil
 
 import pytest
@@ -17,6 +18,7 @@ from saelightning.nanochat.tokenizer import load_tokenizer, save_tokenizer, trai
 from saelightning.tokens import val_batches
 from tests.fixtures_data import TINY_VOCAB, tiny_texts
 from tests.fixtures_nanochat import FIXTURE_TAG, make_nanochat_checkpoint
+from tests.test_browser import CHROMIUM, assert_clean, dump_dom
 
 HOOK = "blocks.1.hook_resid_post"
 
@@ -101,8 +103,20 @@ def test_crosscoder_fit_reads_both_models_exports_them_and_diffs(tmp_path, two_s
     # saelightning diff on the export: every latent, its Δ as the weights give it, both models' figures
     report_file = tmp_path / "diff.json"
     assert main(["diff", "--sae", str(run / "saes" / "cc"), "--tokens", "300", "--out", str(report_file),
-                 "--quiet"]) == 0
+                 "--site", str(tmp_path / "site"), "--site_latents", "5", "--quiet"]) == 0
     report = json.loads(report_file.read_text())
+    # its site: the 5 latents furthest from Δ = 0.5, each with both models' contexts and logit effects
+    pages = sorted((tmp_path / "site" / "latents").glob("*.html"))
+    far = sorted(range(128), key=lambda i: -abs(report["latents"][i]["delta"] - 0.5))[:5]
+    assert sorted(int(p.stem) for p in pages) == sorted(far)
+    index = (tmp_path / "site" / "index.html").read_text()
+    deltas = [report["latents"][int(i)]["delta"] for i in re.findall(r'href="latents/(\d+)\.html"', index)]
+    assert deltas == sorted(deltas, reverse=True) and len(deltas) == 5
+    if CHROMIUM is not None:
+        fired_page = next(p for p in pages if report["latents"][int(p.stem)]["density"])
+        dom = dump_dom(fired_page.as_uri(), tmp_path)
+        assert_clean(dom)
+        assert dom.count('<table class="context">') >= 1 and 'data-model="chat"' in dom
     assert report["hook_name"] == HOOK and (report["a"], report["b"]) == ("base", "chat")
     assert len(report["latents"]) == 128 and sum(report["class_counts"].values()) == 128
     assert [round(lat["delta"], 5) for lat in report["latents"]] == [round(float(v), 5) for v in relative_norms(cc)]
