@@ -14,7 +14,7 @@ from saelightning.errors import SAELightningError
 from saelightning.evaluate import encode_decode
 from saelightning.export import load_dictionary_learning, load_sae, save_sae
 from saelightning.modeldiff import CLASS_NAMES, DiffThresholds, LatentScaling, classify, decoder_cosines, relative_norms
-from saelightning.saes import SAEConfig, build_sae
+from saelightning.saes import OneModel, SAEConfig, build_sae
 from saelightning.saes.base import SAEOptions
 from saelightning.saes.topk import TopKSAE
 
@@ -278,3 +278,48 @@ def test_dictionary_learning_layout_loads_and_computes_their_latents(tmp_path):
     torch.save({**tensors, "threshold": torch.tensor(-1.0)}, tmp_path / "unset.pt")
     with pytest.raises(SAELightningError, match="threshold"):
         load_dictionary_learning(tmp_path / "unset.pt")
+
+
+def test_one_model_view_tracks_and_steers_a_latent_through_that_models_decoder(nanochat_current_dir):
+    from saelightning.nanochat.checkpoint import load_nanochat
+    from saelightning.runtime import InterpretableModel, Steer, dense_latents
+
+    nc = load_nanochat(nanochat_current_dir, device="cpu", dtype=torch.float32)
+    hook, d = "blocks.1.hook_resid_post", nc.model.d_model
+    torch.manual_seed(3)
+    cc = _cc("crosscoder_l1", d=d, d_sae=48).eval()
+    cc.metadata = {"models": [{"name": "base"}, {"name": "chat"}]}
+    with torch.no_grad():
+        cc.b_enc.normal_(0, 0.1)
+        cc.input_scale.copy_(torch.tensor([1.0, 0.5]))
+    view = OneModel(cc, "chat")
+    assert torch.equal(view.W_dec, cc.W_dec[:, d:]) and torch.equal(view.b_dec, cc.b_dec[d:])
+    im = InterpretableModel(nc, {hook: view})
+    idx = torch.tensor([[nc.tokenizer.bos_id, 5, 9, 17, 3, 11]])
+    keep = (idx != nc.tokenizer.bos_id).reshape(-1, 1)
+    with torch.no_grad():
+        x = nc.model.run_with_cache(idx, [hook])[hook].reshape(-1, d)
+        clean = nc.model(idx)
+        # tracking: the latents as this model's activation alone drives them (the base block reads zero)
+        with im.track(top_n=None) as trace:
+            im(idx)
+        values, indices = trace.latents(hook)
+        want = cc.encode(torch.cat([torch.zeros_like(x), x * 0.5], -1))
+        got = dense_latents(values, indices, 48).reshape(want.shape)
+        assert torch.allclose(got, want, atol=1e-6)
+        # steering latent 7 by +3: x + 3 d_7^chat / s_chat at every non-BOS position, the error term kept
+        added = x + keep * 3.0 * cc.W_dec[7, d:] / 0.5
+
+        def by_hand(h):
+            return added.view_as(h)
+
+        expected = nc.model(idx, hooks={hook: by_hand})
+        with im.steering([Steer(hook, 7, "add", 3.0)]):
+            steered = im(idx)
+        assert torch.allclose(steered, expected, atol=1e-5) and not torch.allclose(steered, clean, atol=1e-3)
+        with im.steering([Steer(hook, 7, "add", 0.0)]):  # a zero steer changes nothing: the error is kept
+            assert torch.allclose(im(idx), clean, atol=1e-5)
+    with pytest.raises(SAELightningError, match="no model named 'rl'; its models are"):
+        OneModel(cc, "rl")
+    with pytest.raises(SAELightningError, match="out of range"):
+        OneModel(cc, 2)

@@ -2,7 +2,7 @@
 
 from saelightning.saes.base import ARCHITECTURES, SAE, SAEConfig
 from saelightning.saes.batchtopk import BatchTopKSAE
-from saelightning.saes.crosscoder import CrossCoder, L1CrossCoder
+from saelightning.saes.crosscoder import CrossCoder, L1CrossCoder, OneModel
 from saelightning.saes.gated import GatedSAE
 from saelightning.saes.jumprelu import JumpReLUSAE
 from saelightning.saes.matryoshka import MatryoshkaSAE
@@ -27,4 +27,5 @@ def build_sae(config: SAEConfig) -> SAE:
 
 
 __all__ = ["ARCHITECTURES", "SAE", "SAEConfig", "build_sae", "SAE_CLASSES", "TopKSAE", "BatchTopKSAE",
-           "ReLUSAE", "GatedSAE", "JumpReLUSAE", "MatryoshkaSAE", "CrossCoder", "L1CrossCoder"]
+           "ReLUSAE", "GatedSAE", "JumpReLUSAE", "MatryoshkaSAE", "CrossCoder", "L1CrossCoder",
+           "OneModel"]

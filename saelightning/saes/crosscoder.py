@@ -21,6 +21,7 @@ import copy
 
 import torch
 
+from saelightning.errors import SAELightningError
 from saelightning.saes.base import SAE
 from saelightning.saes.batchtopk import BatchTopKSAE
 from saelightning.saes.relu import ReLUSAE
@@ -192,3 +193,50 @@ class L1CrossCoder(_CrossCoderParts, ReLUSAE):
         # the penalty needs its gradient to the decoder: the norms of the blocks as they are now
         blocks = self.W_dec.view(self.config.d_sae, self.n_models, self.d_model)
         return blocks.norm(dim=-1).sum(-1)
+
+
+class OneModel(torch.nn.Module):
+    """A crosscoder seen from one of its models, shaped as that model's SAE (for InterpretableModel, generate).
+
+    Decoding and steering go through model m's decoder block: latent i writes f_i d_i^m (+ b_dec^m), so an
+    InterpretableModel steer adds Δf · d_i^m to the model's own activation, its reconstruction error kept. The
+    crosscoder's latents read every model's activation, which one model's forward does not have: encode reads
+    x^m alone (the other models' blocks see zero), the part of the latents this model drives.
+    model: its index in the crosscoder, or its name in cfg.json's metadata.models.
+    """
+
+    def __init__(self, cc, model: int | str):
+        super().__init__()
+        names = [m.get("name") for m in (getattr(cc, "metadata", None) or {}).get("models") or []]
+        if isinstance(model, str):
+            if model not in names:
+                raise SAELightningError(f"the crosscoder has no model named {model!r}; its models are {names} "
+                                        f"(or give an index below {cc.n_models})")
+            model = names.index(model)
+        if not 0 <= model < cc.n_models:
+            raise SAELightningError(f"model index {model} is out of range: the crosscoder reads {cc.n_models} models")
+        self.cc, self.model_index, self.config = cc, model, cc.config
+        self.metadata = {**(getattr(cc, "metadata", None) or {}),
+                         "crosscoder_model": names[model] if model < len(names) else model}
+        self.input_scale = float(cc.input_scale[model])
+        self._block = slice(model * cc.d_model, (model + 1) * cc.d_model)
+
+    @property
+    def W_enc(self) -> torch.Tensor:
+        return self.cc.W_enc[self._block]
+
+    @property
+    def W_dec(self) -> torch.Tensor:
+        return self.cc.W_dec[:, self._block]
+
+    @property
+    def b_dec(self) -> torch.Tensor:
+        return self.cc.b_dec[self._block]
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        full = x.new_zeros(*x.shape[:-1], self.config.d_in)
+        full[..., self._block] = x
+        return self.cc.encode(full)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents.to(self.W_dec.dtype) @ self.W_dec + self.b_dec
