@@ -16,6 +16,7 @@ from saelightning.dashboards.stats import density_summary
 from saelightning.errors import SAELightningError
 from saelightning.export import save_sae
 from saelightning.metrics import log10_density
+from saelightning.modeldiff import diff_summary
 
 # --- resampling ---
 
@@ -97,7 +98,7 @@ class ResampleDeadLatents(pl.Callback):
             dead = pl_module.dead_mask(name).nonzero().flatten()
             if len(dead) == 0:
                 continue
-            x = _gather(acts[pl_module.specs[name].hook_name])
+            x = _gather(pl_module.sae_input(name, acts))
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
             resample(sae, dead, x, generator)
             reset_adam_rows(optimizer, sae, dead)
@@ -149,6 +150,10 @@ def export_module(pl_module, out_root: Path, step: int, metrics: dict | None = N
             "spec": {k: v for k, v in vars(spec).items()}, "final_metrics": mine, "final_metrics_step": metrics_step,
             "sparsity_tokens": density_tokens,  # the tokens sparsity.safetensors counts firings over
         }
+        if pl_module.is_crosscoder(name):  # every model it reads, its hook, and what Δ says of its latents
+            metadata["models"] = info.get("models")
+            names = tuple(m["name"] for m in info.get("models") or [])[:2] or None
+            metadata["diff"] = diff_summary(sae, pl_module.diff_thresholds, names)
         sparsity = log10_density(density) if torch.isfinite(density).all() else None
         try:
             paths.append(save_sae(sae, out_root / name, metadata=metadata, sparsity=sparsity))

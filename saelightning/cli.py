@@ -25,6 +25,7 @@ COMMANDS = {
     "validate": ("saelightning.train:cli_main", "run validation on a checkpoint (LightningCLI)"),
     "cache": ("saelightning.cache:cli_main", "compute activations once and store them on disk"),
     "eval": ("saelightning.evaluate:cli_main", "reconstruction and spliced CE/KL metrics of exported SAEs"),
+    "diff": ("saelightning.diff:cli_main", "model diffing with a crosscoder: Δ, classes, Latent Scaling per latent"),
     "viz": ("saelightning.dashboards:cli_main", "write static HTML feature dashboards"),
     "neuronpedia": ("saelightning.neuronpedia:cli_main", "write Neuronpedia batch JSON files"),
     "generate": ("saelightning.runtime:cli_main", "generate text with per-token features and steering"),

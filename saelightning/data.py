@@ -26,11 +26,13 @@ import ctypes
 import hashlib
 import math
 import os
+import re
 import signal
 import sys
 import weakref
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -57,7 +59,7 @@ from saelightning.synthetic import (
     load_or_build,
     read_model,
 )
-from saelightning.tokens import TokenBatches, val_batches
+from saelightning.tokens import ChatMix, TokenBatches, val_batches
 
 STATE_VERSION = 1
 
@@ -231,6 +233,76 @@ class ValBatches:
         return iter({"tokens": t} for t in self.batches)
 
 
+# --- several models on the same tokens (crosscoders) ---
+
+@dataclass
+class ModelSource:
+    """One of the models a crosscoder reads (data.models).
+
+    Args:
+        name: what the model is called in hook keys ("<name>/<hook>"), logs and exports (e.g. base, chat).
+        path: a nanochat checkpoint dir, model_XXXXXX.pt or base dir, or "demo" (default: data.model).
+        source: the stage folder of a base dir: base | mid | sft | rl.
+        step: the checkpoint step (default: the latest).
+        model_tag: the base dir's model folder (default: the deepest d*).
+        era: "original" | "current" to override the era detected from the checkpoint's keys.
+    """
+
+    name: str = "base"
+    path: str | None = None
+    source: str = "base"
+    step: int | None = None
+    model_tag: str | None = None
+    era: str | None = None
+
+
+MODEL_KEY = re.compile(r"^([A-Za-z0-9_\-]+)/(.+)$")
+
+
+def split_key(key: str) -> tuple[str | None, str]:
+    """"chat/blocks.2.hook_resid_post" -> ("chat", "blocks.2.hook_resid_post"); a plain hook -> (None, hook)."""
+    match = MODEL_KEY.match(key)
+    return (match.group(1), match.group(2)) if match else (None, key)
+
+
+def _as_source(value, index: int) -> ModelSource:
+    if isinstance(value, ModelSource):
+        return value
+    if isinstance(value, dict):
+        known = {f.name for f in fields(ModelSource)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise SAELightningError(f"data.models[{index}] has no field(s) {unknown}; its fields are {sorted(known)}")
+        return ModelSource(**value)
+    raise SAELightningError(f"data.models[{index}] must be a mapping of ModelSource fields, got {type(value).__name__}")
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """What makes two tokenizers the same: the split pattern, every merge and the special tokens."""
+    enc = tokenizer.encoding
+    digest = hashlib.sha256(enc._pat_str.encode())
+    for token, rank in sorted(enc._mergeable_ranks.items(), key=lambda kv: kv[1]):
+        digest.update(rank.to_bytes(4, "little") + token)
+    digest.update(repr(sorted(enc._special_tokens.items())).encode())
+    return digest.hexdigest()[:16]
+
+
+def check_same_family(loaded: list[tuple[str, object]]) -> None:
+    """Models a crosscoder can read together: one tokenizer, one width, one vocabulary (one-line errors)."""
+    (first, ref), rest = loaded[0], loaded[1:]
+    for name, other in rest:
+        for what, a, b in (("width (n_embd)", ref.model.d_model, other.model.d_model),
+                           ("vocabulary size", ref.model.config.vocab_size, other.model.config.vocab_size)):
+            if a != b:
+                raise SAELightningError(f"data.models: {name!r} ({other.meta['path']}) has {what} {b} but {first!r} "
+                                        f"has {a}; a crosscoder reads models of one family: give checkpoints of one "
+                                        "nanochat run (one tokenizer, one width)")
+        if tokenizer_fingerprint(ref.tokenizer) != tokenizer_fingerprint(other.tokenizer):
+            raise SAELightningError(f"data.models: {name!r} ({other.meta['path']}) has another tokenizer than "
+                                    f"{first!r}; the models must read the same tokens: give checkpoints of one "
+                                    "nanochat run (one tokenizer/ directory)")
+
+
 # --- the data module ---
 
 class ActivationDataModule(pl.LightningDataModule):
@@ -266,6 +338,17 @@ class ActivationDataModule(pl.LightningDataModule):
             dir is one): train on them without a model. Their held-out tail (the manifest's val_tokens, else
             val_batches x batch_size activations) is never trained on; validation reads its first val_batches x
             batch_size. The SAEs' hook names are the manifest's. The model and text options above are then not read.
+        models: two or more models run on the same token batches, for crosscoders (model diffing): each a
+            ModelSource (name, path, source, step, model_tag, era; path defaults to data.model). Their activations
+            are keyed "<name>/<hook>"; a crosscoder reads its hook in every model, an SAE names one ("chat/...").
+            One tokenizer, one width and one vocabulary are required. The model options above then apply to the
+            first model only where its entry leaves them out (context_size, compile_model apply to all).
+        chat: conversations mixed into the text (a chat model is diffed on the text it was tuned for): "demo" (the
+            stdlib docstring questions the demo's chat stage is tuned on) or a JSONL file, one conversation a line (a
+            list of {"role", "content"} turns). Rendered in nanochat's conversation format (its special tokens);
+            every tenth conversation is held out for validation (and eval / diff), the others are trained on.
+        chat_fraction: the share of the tokens that are conversations, in [0, 1) (0: text only). Exact in tokens:
+            a conversation is packed whenever the conversations' share so far is below it.
         synthetic: train on synthetic activations with known features (synthetic.py; hook name "synthetic"): its
             model is generated from its seed (or read from its file), the stream is generated as it is read, and
             validation (val_batches x batch_size held-out samples) adds the ground-truth metrics. The model and
@@ -278,7 +361,8 @@ class ActivationDataModule(pl.LightningDataModule):
                  buffer_tokens: int = 262144, num_workers: int = 1, val_batches: int = 4, scale_batches: int = 4,
                  normalize: bool = True, seed: int = 0, cache_dir: str | None = None,
                  max_buffer_bytes: int | None = None, compile_model: bool = False, activations: str | None = None,
-                 synthetic: SyntheticConfig | None = None):
+                 synthetic: SyntheticConfig | None = None, models: list[ModelSource] | None = None,
+                 chat: str | None = None, chat_fraction: float = 0.0):
         super().__init__()
         for name, value in (("batch_size", batch_size), ("model_batch_rows", model_batch_rows),
                             ("val_batches", val_batches), ("scale_batches", scale_batches)):
@@ -295,6 +379,9 @@ class ActivationDataModule(pl.LightningDataModule):
         self.model_arg, self.era_arg, self.source, self.model_tag = model, era, source, model_tag
         self.data_dir, self.cache_dir = data_dir, cache_dir
         self.kind = self._kind(cache_dir, activations, synthetic)
+        self.chat, self.chat_fraction = self._check_chat(chat, chat_fraction, self.kind)
+        self._chat_mixes: dict[str, ChatMix | None] = {}
+        self._conversations: list[list[dict]] | None = None
         self.nanochat = self.model = self.tokenizer = self.context_size = None
         self.activations_info: dict | None = None  # data.activations: the checked manifest
         self.synthetic_cfg: SyntheticConfig | None = None
@@ -308,6 +395,10 @@ class ActivationDataModule(pl.LightningDataModule):
             self.widths = {SYNTHETIC_HOOK: self.synthetic_cfg.d_in}
         else:
             self._load_nanochat(model, step, era, source, model_tag, context_size, compile_model)
+        self.sources: list[ModelSource] = []  # data.models (crosscoders): the models besides self.nanochat's
+        self.others: dict[str, object] = {}  # name -> Nanochat of every model after the first
+        if models:
+            self._load_models(models, model, context_size, compile_model)
         self.cache_manifest = read_manifest(cache_dir) if cache_dir else None
         self.hooks: list[str] = []  # set by setup() from the LightningModule's SAEs
         self.device = torch.device("cpu")
@@ -329,6 +420,76 @@ class ActivationDataModule(pl.LightningDataModule):
                                     "model), the other trains without a model: set one of them to null")
         return "activations" if activations is not None else "synthetic" if synthetic is not None else \
             "cache" if cache_dir else "live"
+
+    @staticmethod
+    def _check_chat(chat, fraction, kind) -> tuple[str | None, float]:
+        if not 0.0 <= fraction < 1.0:
+            raise SAELightningError(f"data.chat_fraction={fraction} must be in [0, 1) (the share of the tokens that "
+                                    "are chat conversations)")
+        if fraction > 0 and chat is None:
+            raise SAELightningError(f"data.chat_fraction={fraction} but data.chat is null; give data.chat (a JSONL "
+                                    "file of conversations, or demo)")
+        if fraction > 0 and kind != "live":
+            raise SAELightningError("data.chat mixes conversations into the text the model reads; it cannot be "
+                                    "combined with data.cache_dir, data.activations or data.synthetic")
+        return chat, fraction
+
+    def chat_mix(self, split: str) -> ChatMix | None:
+        """data.chat's conversations of one split ("train" or "val"), rendered once; None without a mix."""
+        if self.chat_fraction == 0:
+            return None
+        if split not in self._chat_mixes:
+            if self._conversations is None:
+                self._conversations = resolve.conversations(self.chat)
+            self._chat_mixes[split] = ChatMix.render(self.tokenizer, self._conversations, self.chat_fraction, split,
+                                                     self.seed, self.chat)
+        return self._chat_mixes[split]
+
+    def _load_models(self, models, default_path, context_size, compile_model) -> None:
+        """data.models: the first replaces the single model, the others run beside it on the same tokens."""
+        if self.model_free or self.cache_dir:
+            raise SAELightningError("data.models runs the models on text; it cannot be combined with data.cache_dir, "
+                                    "data.activations or data.synthetic")
+        sources = [_as_source(m, i) for i, m in enumerate(models)]
+        names = [s.name for s in sources]
+        if len(sources) < 2 or len(set(names)) != len(names) or not all(re.fullmatch(r"[A-Za-z0-9_\-]+", n)
+                                                                          for n in names):
+            raise SAELightningError(f"data.models needs two or more models with distinct names of letters, digits, _ "
+                                    f"and - (got {names}); a crosscoder diffs them")
+        loaded = []
+        for src in sources:
+            path = src.path or default_path
+            if path is None:
+                raise SAELightningError(f"data.models: {src.name!r} has no path and data.model is null; give its path")
+            loaded.append((src.name, resolve.load_model(path, step=src.step, era=src.era, source=src.source,
+                                                        model_tag=src.model_tag)))
+            src.path = path
+        check_same_family(loaded)
+        self.sources = sources
+        self.nanochat, self.era_arg, self.model_arg = loaded[0][1], sources[0].era, sources[0].path
+        self.model, self.tokenizer = self.nanochat.model, self.nanochat.tokenizer
+        self._run_with_cache = self.model.capturer(compile_model)
+        self.others = {name: nanochat for name, nanochat in loaded[1:]}
+        self._other_capture = {name: n.model.capturer(compile_model) for name, n in self.others.items()}
+        seq = min(n.model.config.sequence_len for _, n in loaded)
+        self.context_size = context_size or seq
+        if not 1 <= self.context_size <= seq:
+            raise SAELightningError(f"data.context_size={self.context_size} must be in [1, {seq}] (the models' "
+                                    "shortest sequence_len)")
+
+    @property
+    def model_names(self) -> list[str] | None:
+        """data.models' names (None: one model); the SAE module keys a crosscoder's input by them."""
+        return [s.name for s in self.sources] or None
+
+    def model_of(self, name: str | None):
+        """The nanochat model a hook key reads (the first model for a plain hook)."""
+        if name is None or (self.sources and name == self.sources[0].name):
+            return self.model
+        if name not in self.others:
+            raise SAELightningError(f"no model named {name!r} in data.models (they are {self.model_names}); "
+                                    "name one of them before the hook, as in base/blocks.2.hook_resid_post")
+        return self.others[name].model
 
     def _load_nanochat(self, model, step, era, source, model_tag, context_size, compile_model) -> None:
         if model is None:
@@ -367,8 +528,13 @@ class ActivationDataModule(pl.LightningDataModule):
             return {"path": None, "step": None, "era": None, "config": None, "context_size": None,
                     "trained_on": self.trained_on}
         meta = self.nanochat.meta
-        return {"path": meta["path"], "step": meta["step"], "era": meta["era"], "config": meta["model_config"],
+        info = {"path": meta["path"], "step": meta["step"], "era": meta["era"], "config": meta["model_config"],
                 "context_size": self.context_size, "trained_on": self.trained_on}
+        if self.sources:  # every model a crosscoder reads: what an export names
+            metas = [meta] + [self.others[s.name].meta for s in self.sources[1:]]
+            info["models"] = [{"name": s.name, "path": m["path"], "stage": s.source, "step": m["step"],
+                               "era": m["era"], "config": m["model_config"]} for s, m in zip(self.sources, metas)]
+        return info
 
     @property
     def trained_on(self) -> dict:
@@ -384,8 +550,16 @@ class ActivationDataModule(pl.LightningDataModule):
 
         def where(name: str) -> str:
             return name if name == "demo" else str(Path(name).expanduser().absolute())
-        return {"model": where(self.model_arg), "step": self.nanochat.meta["step"], "era": self.era_arg,
-                "source": self.source, "model_tag": self.model_tag, "data": where(str(self.data_dir))}
+        out = {"model": where(self.model_arg), "step": self.nanochat.meta["step"], "era": self.era_arg,
+               "source": self.source, "model_tag": self.model_tag, "data": where(str(self.data_dir))}
+        if self.chat_fraction > 0:
+            out["chat"], out["chat_fraction"] = where(self.chat), self.chat_fraction
+        if self.sources:
+            steps = [self.nanochat.meta["step"]] + [self.others[s.name].meta["step"] for s in self.sources[1:]]
+            out["source"] = self.sources[0].source
+            out["models"] = [{"name": s.name, "model": where(s.path), "source": s.source, "step": step,
+                              "model_tag": s.model_tag, "era": s.era} for s, step in zip(self.sources, steps)]
+        return out
 
     def _held_out_tokens(self) -> int:
         """Activations a validation reads (a model-free source): the first val_batches x batch_size held-out ones."""
@@ -399,7 +573,9 @@ class ActivationDataModule(pl.LightningDataModule):
                 raise SAELightningError(f"the activations of {where} have no hook {name!r} (they hold "
                                         f"{sorted(self.widths)}); set the SAE's hook_name to one of them")
             return self.widths[name]
-        return hook_width(name, self.n_layer, self.d_model)
+        model_name, hook = split_key(name)
+        model = self.model_of(model_name)
+        return hook_width(hook, model.n_layer, model.d_model)
 
     def buffer_peak_bytes(self, hooks: list[str]) -> int:
         """Peak bytes of the shuffle buffer: a refill's parts and their concatenation, fp32
@@ -435,7 +611,8 @@ class ActivationDataModule(pl.LightningDataModule):
             if self.model_free:
                 self.hook_width(name)
             else:
-                parse_hook(name, self.n_layer)
+                model_name, hook = split_key(name)
+                parse_hook(hook, self.model_of(model_name).n_layer)
         if self.cache_manifest is not None:
             check_cache(self.cache_manifest, {h: self.hook_width(h) for h in self.hooks}, self.model_info)
         if self.trainer is not None:
@@ -443,6 +620,8 @@ class ActivationDataModule(pl.LightningDataModule):
         self.check_memory(self.hooks)
         if self.model is not None:
             self.model.to(self.device)
+        for other in self.others.values():
+            other.model.to(self.device)
         if self.kind == "synthetic" and self.truth is None:
             self.truth = self._synthetic_model()
 
@@ -471,20 +650,30 @@ class ActivationDataModule(pl.LightningDataModule):
         return self._next_index == self._first_index and self._rank_world()[1] == 1
 
     @torch.no_grad()
-    def capture(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Activations at the hook points for a token batch: BOS positions dropped, scaled, fp32."""
+    def capture(self, tokens: torch.Tensor, scaled: bool = True) -> dict[str, torch.Tensor]:
+        """Activations at the hook points for a token batch: BOS positions dropped, scaled (unless scaled=False),
+        fp32. With data.models each model runs on the same tokens, up to its own deepest hook key."""
         tokens = tokens.to(self.device, non_blocking=True)
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+        by_model: dict[str | None, list[str]] = defaultdict(list)
+        for key in self.hooks:
+            by_model[split_key(key)[0] if self.sources else None].append(key)
+        cache = {}
         with autocast:
-            cache = self._run_with_cache(tokens, self.hooks)
+            for model_name, keys in by_model.items():
+                first = model_name is None or model_name == self.sources[0].name
+                run = self._run_with_cache if first else self._other_capture[model_name]
+                hooks = [split_key(k)[1] if self.sources else k for k in keys]
+                got = run(tokens, hooks)
+                cache.update({k: got[h] for k, h in zip(keys, hooks)})
         keep = tokens.reshape(-1) != self.tokenizer.bos_id
-        scales = self.scales or {}
+        scales = (self.scales or {}) if scaled else {}
         return {h: cache[h].reshape(-1, cache[h].shape[-1])[keep].float() * scales.get(h, 1.0) for h in self.hooks}
 
     def _token_batches(self, paths, start=None) -> TokenBatches:
         rank, world = self._rank_world()
         return TokenBatches(paths, self.tokenizer, self.context_size, self.model_batch_rows, rank, world, self.seed,
-                            start)
+                            start, chat=self.chat_mix("train"))
 
     def _ensure_scales(self) -> None:
         """Estimate the normalisation constant per hook from the first batches of the train stream."""
@@ -580,7 +769,7 @@ class ActivationDataModule(pl.LightningDataModule):
             rank, world = self._rank_world()
             rows = self.val_batches * self.model_batch_rows
             self._val_tokens = list(val_batches(self._val_shard, self.tokenizer, self.context_size, rows,
-                                                self.model_batch_rows, rank, world))
+                                                self.model_batch_rows, rank, world, chat=self.chat_mix("val")))
             got = sum(len(t) for t in self._val_tokens)
             if rank == 0 and got * world < rows:
                 rank_zero_warn(f"saelightning: the val shard {self._val_shard} holds {got} rows of {self.context_size} "
@@ -622,7 +811,7 @@ class ActivationDataModule(pl.LightningDataModule):
         if self.kind == "synthetic":
             return "synthetic:" + self.synthetic_cfg.fingerprint()
         if self.cache_manifest is None:
-            return "live"
+            return "live" if self.chat_fraction == 0 else "live+chat:" + self.chat_mix("train").fingerprint()
         checksums = ",".join(s["sha256"] for s in self.cache_manifest["shards"])
         return "cache:" + hashlib.sha256(checksums.encode()).hexdigest()[:16]
 
@@ -641,8 +830,9 @@ class ActivationDataModule(pl.LightningDataModule):
                                         f"now {getattr(self, key)}; resume with the same value")
         if state.get("source", "live") != self._source():
             raise SAELightningError("the checkpoint's data position is in another source (live stream, a cache, "
-                                    "activations or a synthetic model, or another one of them); resume with the "
-                                    "data.cache_dir / data.activations / data.synthetic it was trained with")
+                                    "activations or a synthetic model, or another one of them, or another chat mix); "
+                                    "resume with the data.cache_dir / data.activations / data.synthetic / data.chat "
+                                    "and data.chat_fraction it was trained with")
         self.scales = state["scales"]
         self._start = state["positions"][rank]
 

@@ -140,6 +140,38 @@ def docstring_entries(text: str, module: str) -> list[str]:
     return [e for e in entries if e]
 
 
+def docstring_questions(text: str, module: str) -> list[list[dict]]:
+    """Conversations built offline from one stdlib module: for each public top-level function with a docstring,
+    the user asks what module.name(signature) does and the assistant answers with the docstring's first paragraph."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tree = ast.parse(text)
+    except (SyntaxError, ValueError):
+        return []
+    out = []
+    for node in tree.body:
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or node.name.startswith("_"):
+            continue
+        doc = ast.get_docstring(node)
+        answer = " ".join(doc.split("\n\n")[0].split()) if doc else ""
+        if answer:
+            out.append([{"role": "user", "content": f"What does {module}.{_signature(node)} do?"},
+                        {"role": "assistant", "content": answer}])
+    return out
+
+
+def demo_conversations(root: str | os.PathLike | None = None) -> list[list[dict]]:
+    """Every docstring question of the standard library (sorted by file), as nanochat conversations."""
+    base = Path(root or sysconfig.get_paths()["stdlib"])
+    out = []
+    for path in stdlib_files(base):
+        text = _read_source(path)
+        if text:
+            out += docstring_questions(text, _module_name(path.relative_to(base)))
+    return out
+
+
 def _module_name(relative: Path) -> str:
     parts = list(relative.with_suffix("").parts)
     if parts[-1] == "__init__":

@@ -29,6 +29,7 @@ from saelightning.heldout import run_eval as run_heldout_eval
 from saelightning.hooks import hook_width, parse_hook
 from saelightning.metrics import SAEMetrics, weight_metrics
 from saelightning.progress import progress_bar
+from saelightning.saes.base import CROSSCODERS
 from saelightning.tokens import rows_for_tokens, val_batches
 
 
@@ -70,7 +71,7 @@ def encode_decode(sae, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     A training SAE works on x * input_scale (the data module's normalisation); its reconstruction
     is scaled back. Exported SAEs have input_scale 1 (folded into the weights), where this is exact.
     """
-    scale = getattr(sae, "input_scale", None)
+    scale = sae.input_scales() if hasattr(sae, "input_scales") else getattr(sae, "input_scale", None)
     if scale is None:
         f = sae.encode(x.to(sae.W_enc.dtype))
         return f, sae.decode(f).to(x.dtype)
@@ -146,6 +147,64 @@ def evaluate_batch(model, saes, tokens: torch.Tensor, bos_id: int, metrics: Mapp
         del ablated
 
 
+def _replace_hook(keep: torch.Tensor, x_hat: torch.Tensor):
+    """A model hook putting the given reconstruction x_hat [N, d] at the kept positions (BOS keeps x)."""
+    def hook(x):
+        out = x.clone()
+        out[keep] = x_hat.to(x.dtype)
+        return out
+
+    return hook
+
+
+@torch.no_grad()
+def evaluate_crosscoder_batch(models: Sequence, cc, hook: str, tokens: torch.Tensor, bos_id: int,
+                              metrics: Sequence[SAEMetrics], spliced: bool = True) -> None:
+    """Update each model's SAEMetrics (d_in = one model's width) with a crosscoder on one batch of token rows.
+
+    models: the crosscoder's M nanochat models, in its order, on one device. The latents read every model's
+    clean activation at `hook`; model m's metrics compare x^m with its own reconstruction x̂^m, and with
+    spliced=True model m runs clean, zero-ablated at the hook and with x^m replaced by x̂^m (3 forwards each).
+    """
+    if tokens.dim() != 2 or tokens.shape[1] < 2:
+        raise SAELightningError(f"tokens must be [batch, context >= 2], got shape {tuple(tokens.shape)}")
+    for model in models:
+        parse_hook(hook, model.n_layer)
+        if hook_width(hook, model.n_layer, model.d_model) != cc.d_model:
+            raise SAELightningError(f"the crosscoder reads {cc.d_model} wide activations per model, {hook!r} is "
+                                    f"{hook_width(hook, model.n_layer, model.d_model)} wide; give its models")
+    keep = tokens != bos_id
+    x = torch.cat([model.run_with_cache(tokens, [hook])[hook][keep].float() for model in models], -1)
+    f, x_hat = encode_decode(cc, x)
+    d = cc.d_model
+    mask = keep[:, :-1] & keep[:, 1:]
+    targets = tokens[:, 1:][mask]
+    for i, (model, m) in enumerate(zip(models, metrics)):
+        own = x_hat[:, i * d:(i + 1) * d]
+        m.update(x[:, i * d:(i + 1) * d], own, f)
+        if spliced:
+            clean = _log_probs(model(tokens), mask)
+            ablated = _log_probs(model(tokens, hooks={hook: splice_hook(None, keep)}), mask)
+            lp = _log_probs(model(tokens, hooks={hook: _replace_hook(keep, own)}), mask)
+            m.spliced.update(clean, lp, ablated, targets)
+
+
+def evaluate_crosscoder(models: Sequence, cc, hook: str, batches, bos_id: int, progress=None,
+                        spliced: bool = True) -> list[tuple[dict, torch.Tensor]]:
+    """evaluate_crosscoder_batch over token batches: [(metrics, feature density) per model]."""
+    device = next(models[0].parameters()).device
+    metrics = [SAEMetrics(cc.d_model, cc.config.d_sae, spliced).to(device) for _ in models]
+    seen = False
+    for batch in batches:
+        evaluate_crosscoder_batch(models, cc, hook, batch.to(device), bos_id, metrics, spliced)
+        seen = True
+        if progress is not None:
+            progress.update(batch.numel())
+    if not seen:
+        raise SAELightningError("the val shard gave no token rows; give more data or a smaller --context-size")
+    return [(scores(m), m.feature_density().cpu()) for m in metrics]
+
+
 def scores(metrics: SAEMetrics) -> dict[str, float]:
     """The metrics as plain numbers (n_tokens an int); an error when no token was evaluated."""
     values = {k: float(v) for k, v in metrics.compute().items()}
@@ -180,13 +239,19 @@ class EvalArgs:
     """Reconstruction metrics and spliced CE/KL scores of exported SAEs on the val shard.
 
     Args:
-        sae: exported SAE directories (SAELens layout); each names its hook point in cfg.json metadata.
+        sae: exported SAE directories (SAELens layout); each names its hook point in cfg.json metadata. Or one
+            crosscoder: every model it reads is evaluated, each with its own reconstruction spliced in.
+        models: a crosscoder's models (checkpoint dirs, in its order) where they moved; default: the ones its
+            cfg.json records.
         model: nanochat checkpoint dir or base dir, or "demo" for the bundled model; default: the one the SAEs'
             cfg.json records (the model and step they were trained on).
         out: also write the report as JSON here (written atomically); the table is printed either way.
         tokens: token positions of the val shard to evaluate (the first ceil(tokens / context_size) rows).
         data: parquet shard dir (the last shard is val), or "demo"; default: the shards the SAEs were trained
             on (cfg.json), else the demo shards for the demo model, else $NANOCHAT_BASE_DIR/base_data[_climbmix].
+        chat: conversations mixed into the val rows ("demo" or a JSONL file; its held-out tenth); default: the
+            data.chat the SAEs were trained with, so that eval reads validation's rows.
+        chat_fraction: their share of the tokens, in [0, 1); default: the trained data.chat_fraction (0 without).
         batch_size: rows per forward.
         context_size: tokens per row; default: the SAEs' training context size.
         device: cpu or cuda; default: cuda when there is a GPU.
@@ -195,9 +260,12 @@ class EvalArgs:
 
     sae: list[str]
     model: str | None = None
+    models: list[str] | None = None
     out: str | None = None
     tokens: int = 100_000
     data: str | None = None
+    chat: str | None = None
+    chat_fraction: float | None = None
     batch_size: int = 8
     context_size: int | None = None
     device: str | None = None
@@ -237,16 +305,24 @@ def run_eval(args: EvalArgs) -> dict:
     if args.model is None and recorded_source(args.sae) is not None:  # trained on activations or synthetic data
         return run_heldout_eval(args, encode_decode)
     device = resolve.device(args.device)
+    groups, where = resolve.load_saes(args.sae, device)
+    crosscoders = [p for p, (hook, i) in zip(args.sae, where) if groups[hook][i].config.architecture in CROSSCODERS]
+    if crosscoders:
+        if len(args.sae) > 1:
+            raise SAELightningError(f"{crosscoders[0]} is a crosscoder; evaluate it alone (one --sae), it runs its "
+                                    "own models")
+        return _run_crosscoder_eval(args, groups[where[0][0]][0], where[0][0], device)
     model, load, data = resolve.sources(args.sae, args.model, args.data)
     nc = resolve.load_model(model, device=device, dtype=torch.float32, **load)
-    groups, where = resolve.load_saes(args.sae, device)
     check_saes(nc.model, groups)
     context = args.context_size or _default_context(groups, nc.model)
     if not 2 <= context <= nc.model.config.sequence_len:
         raise SAELightningError(f"--context_size must be in [2, {nc.model.config.sequence_len}], got {context}")
     data_dir = resolve.data_dir(data, model)
     _, val_shard = resolve.shards(data_dir)
-    rows = list(val_batches(val_shard, nc.tokenizer, context, rows_for_tokens(args.tokens, context), args.batch_size))
+    chat = resolve.val_chat(nc.tokenizer, args.sae, args.chat, args.chat_fraction)
+    rows = list(val_batches(val_shard, nc.tokenizer, context, rows_for_tokens(args.tokens, context), args.batch_size,
+                            chat=chat))
     evaluated = sum(r.numel() for r in rows)
     with progress_bar(evaluated, "eval", quiet=args.quiet) as bar:
         results = evaluate_saes(nc.model, groups, rows, nc.tokenizer.bos_id, progress=bar)
@@ -261,6 +337,36 @@ def run_eval(args: EvalArgs) -> dict:
         entries.append({"path": str(path), "hook_name": hook, "metrics": metrics,
                         "feature_density": density.tolist()})
     report = {"model": resolve.model_path(model), "data": str(data_dir), "context_size": context,
+              "tokens_requested": args.tokens, "tokens_evaluated": evaluated, "saes": entries}
+    if args.out:
+        write_json(args.out, report, indent=2)
+    return report
+
+
+def _run_crosscoder_eval(args: EvalArgs, cc, hook: str, device) -> dict:
+    """`saelightning eval` on one crosscoder: every model's figures on the same val rows (model m spliced with x̂^m)."""
+    infos, models = resolve.crosscoder_models(cc, args.sae[0], args.models, device)
+    trained_on = cc.metadata.get("trained_on") or {}
+    data_dir = resolve.data_dir(args.data if args.data is not None else trained_on.get("data"), infos[0]["path"])
+    _, val_shard = resolve.shards(data_dir)
+    tokenizer = models[0].tokenizer
+    shortest = min(m.model.config.sequence_len for m in models)
+    context = args.context_size or min(int(cc.metadata.get("context_size") or 256), shortest)
+    if not 2 <= context <= shortest:
+        raise SAELightningError(f"--context_size must be in [2, {shortest}], got {context}")
+    chat = resolve.val_chat(tokenizer, args.sae, args.chat, args.chat_fraction)
+    rows = list(val_batches(val_shard, tokenizer, context, rows_for_tokens(args.tokens, context), args.batch_size,
+                            chat=chat))
+    evaluated = sum(r.numel() for r in rows)
+    with progress_bar(evaluated, "eval", quiet=args.quiet) as bar:
+        results = evaluate_crosscoder([m.model for m in models], cc, hook, rows, tokenizer.bos_id, progress=bar)
+    if evaluated < args.tokens:
+        print(f"saelightning eval: the val shard ran out after {evaluated} of {args.tokens} tokens; "
+              "the report covers those", file=sys.stderr)
+    entries = [{"path": str(args.sae[0]), "hook_name": f"{info['name']}/{hook}", "model": info,
+                "metrics": metrics, "feature_density": density.tolist()}
+               for info, (metrics, density) in zip(infos, results)]
+    report = {"model": [info["path"] for info in infos], "data": str(data_dir), "context_size": context,
               "tokens_requested": args.tokens, "tokens_evaluated": evaluated, "saes": entries}
     if args.out:
         write_json(args.out, report, indent=2)

@@ -9,6 +9,14 @@
 So SAELens (SAE.load_from_disk), SAEBench and SAEDashboard read our SAEs as they are, and load_sae
 reads SAELens-written directories of the architectures we have (standard, topk, jumprelu, gated).
 Exported SAEs work on raw activations: save_sae folds the training input scale into the weights.
+
+A crosscoder (architecture crosscoder / crosscoder_l1) has no SAELens layout: its cfg.json has d_in (one model's
+width) and n_models, and its tensors take the names and shapes of science-of-finetuning's dictionary_learning
+CrossCoder state dict: encoder.weight [M, d_in, d_sae], encoder.bias [d_sae], decoder.weight [M, d_sae, d_in],
+decoder.bias [M, d_in], threshold (0-dim: f_i·Σ_m‖d_i^m‖ > threshold at inference; the BatchTopK one only),
+and folded_scale [M] (each model's normalisation constant, folded into the weights: decoder norms times it are the
+normalised norms Δ is read in). load_dictionary_learning reads their own checkpoints (config.json +
+model.safetensors, as their hub upload writes, or a torch state dict file).
 """
 
 import json
@@ -21,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from saelightning.atomic import atomic_dir
 from saelightning.errors import SAELightningError
 from saelightning.saes import SAE, SAEConfig, build_sae
-from saelightning.saes.base import DTYPES
+from saelightning.saes.base import CROSSCODERS, DTYPES
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -30,7 +38,8 @@ SPARSITY_FILE = "sparsity.safetensors"
 # would drop the nested metadata. This marks the format version we write, not a SAELens install.
 SAELENS_FORMAT_VERSION = "6.0.0"
 # SAELens architecture name on disk -> ours (batchtopk and matryoshka are written as jumprelu)
-FROM_SAELENS = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "gated": "gated"}
+FROM_SAELENS = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "gated": "gated",
+                "crosscoder": "crosscoder", "crosscoder_l1": "crosscoder_l1"}
 
 
 def save_sae(sae: SAE, out_dir, metadata: dict | None = None, sparsity: torch.Tensor | None = None) -> Path:
@@ -47,19 +56,20 @@ def save_sae(sae: SAE, out_dir, metadata: dict | None = None, sparsity: torch.Te
         if not bool(torch.isfinite(tensor).all()):
             raise SAELightningError(f"SAE tensor {name} has NaN/inf values; refusing to export "
                                     "(train with a lower lr or resume from an earlier checkpoint)")
-    cfg_text = _cfg_json(folded, float(sae.input_scale), metadata)
+    scale = sae.input_scale.tolist()  # a crosscoder: one per model
+    cfg_text = _cfg_json(folded, scale, metadata)
     extra = {} if sparsity is None else {SPARSITY_FILE: {"sparsity": _check_sparsity(sparsity, sae.config.d_sae)}}
     _write_dir_atomically(out_dir, cfg_text, tensors, extra)
     return out_dir
 
 
-def _cfg_json(sae: SAE, input_scale: float, metadata: dict | None) -> str:
+def _cfg_json(sae: SAE, input_scale, metadata: dict | None) -> str:
     meta = {"sae_lens_version": SAELENS_FORMAT_VERSION, **sae.metadata, **(metadata or {})}
     meta["saelightning_architecture"] = sae.config.architecture
     meta["saelightning_config"] = sae.config_dict()
     meta["input_scale_folded"] = input_scale  # raw activations were multiplied by this in training
     cfg = {
-        "d_in": sae.config.d_in,
+        "d_in": sae.config.d_in // sae.config.n_models,
         "d_sae": sae.config.d_sae,
         "dtype": sae.config.dtype,
         "device": "cpu",
@@ -70,6 +80,8 @@ def _cfg_json(sae: SAE, input_scale: float, metadata: dict | None) -> str:
         **sae.saelens_cfg(),
         "architecture": sae.saelens_architecture(),
     }
+    if sae.config.architecture in CROSSCODERS:
+        cfg["apply_b_dec_to_input"] = False  # the export's encoder bias has b_dec folded in
     try:
         return json.dumps(_jsonable(cfg), indent=2, allow_nan=False)
     except (TypeError, ValueError) as err:
@@ -122,12 +134,67 @@ def load_sae(path, device=None, trainable: bool = False) -> SAE:
     if not path.is_dir():
         raise SAELightningError(f"no SAE directory at {path}; pass a directory with {CFG_FILE} and {WEIGHTS_FILE} "
                                 "(as save_sae writes)")
+    if not (path / CFG_FILE).exists() and (path / "config.json").exists() and (path / "model.safetensors").exists():
+        sae = load_dictionary_learning(path, device)  # science-of-finetuning's crosscoder layout
+        sae.requires_grad_(trainable)
+        return sae
     cfg = _upgrade_pre6(_read_cfg(path / CFG_FILE))
     sae = build_sae(_config_from_cfg(cfg, path / CFG_FILE))
     tensors = _read_tensors(path / WEIGHTS_FILE)
     sae.load_saelens_tensors(_check_tensors(tensors, sae, path / WEIGHTS_FILE))
     sae.metadata = dict(cfg["metadata"]) if isinstance(cfg.get("metadata"), dict) else {}
     sae.eval().requires_grad_(trainable)
+    return sae.to(device) if device is not None else sae
+
+
+def load_dictionary_learning(path, device=None) -> SAE:
+    """A crosscoder saved by science-of-finetuning's dictionary_learning (BatchTopKCrossCoder or CrossCoder), as a
+    saelightning crosscoder that computes the same latents and reconstructions.
+
+    path: a directory with config.json and model.safetensors (their Hugging Face upload), or a state dict file
+    (torch.save of the module: loaded with weights_only=True, its config taken from the tensors' shapes and a
+    config.json beside it when there is one). Keys: encoder.weight [M, d, F], encoder.bias [F], decoder.weight
+    [M, F, d], decoder.bias [M, d], and for BatchTopK k and threshold (f_i·Σ_m‖d_i^m‖ > threshold; a threshold
+    below 0, never set, is refused: that crosscoder has no inference rule but a batch's top k).
+    """
+    path = Path(path)
+    cfg_file = (path if path.is_dir() else path.parent) / "config.json"
+    cfg = _read_cfg(cfg_file) if cfg_file.is_file() else {}
+    if path.is_dir():
+        weights = path / "model.safetensors"
+        tensors = _read_tensors(weights)
+    else:
+        weights = path
+        try:
+            tensors = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise SAELightningError(f"cannot read {path} as a dictionary_learning state dict ({err}); "
+                                    "give its directory (config.json + model.safetensors) or the .pt file") from None
+    tensors = {k.removeprefix("_orig_mod."): v for k, v in tensors.items() if k != "_hub_mixin_config"}
+    need = ("encoder.weight", "encoder.bias", "decoder.weight", "decoder.bias")
+    missing = [k for k in need if k not in tensors]
+    if missing or tensors["encoder.weight"].dim() != 3:
+        raise SAELightningError(f"{weights} is not a dictionary_learning CrossCoder (it lacks {missing or need}, with "
+                                "encoder.weight [M, d, F]); load an SAE directory with load_sae instead")
+    M, d, F = tensors["encoder.weight"].shape
+    batch_topk = "threshold" in tensors or "k" in tensors or "k" in cfg
+    if batch_topk:
+        k = int(tensors["k"]) if "k" in tensors else int(cfg["k"])
+        threshold = tensors.get("threshold")
+        if threshold is None or threshold.numel() != 1 or float(threshold) < 0:
+            raise SAELightningError(f"{weights}: its BatchTopK threshold is {threshold!r}, not one number >= 0 "
+                                    "(never set, or per layer); saelightning reads crosscoders with one threshold")
+        config = SAEConfig(architecture="crosscoder", d_in=M * d, d_sae=F, n_models=M, k=k)
+    else:
+        config = SAEConfig(architecture="crosscoder_l1", d_in=M * d, d_sae=F, n_models=M)
+    sae = build_sae(config)
+    ours = {name: tensors[name].float() for name in need}
+    ours["folded_scale"] = torch.ones(M)
+    if batch_topk:
+        ours["threshold"] = tensors["threshold"].float().reshape(())
+    sae.load_saelens_tensors(_check_tensors(ours, sae, weights))
+    sae.metadata = {"loaded_from": str(path), "dictionary_learning_config": cfg}
+    sae.eval().requires_grad_(False)
     return sae.to(device) if device is not None else sae
 
 
@@ -190,6 +257,10 @@ def _config_from_cfg(cfg: dict, file: Path) -> SAEConfig:
     if missing:
         raise SAELightningError(f"{file} lacks the key(s) {', '.join(missing)}; re-export the SAE")
     arch = cfg["architecture"]
+    if arch == "crosscoder" and cfg.get("k") is None:
+        missing.append("k")
+    if missing:
+        raise SAELightningError(f"{file} lacks the key(s) {', '.join(missing)}; re-export the SAE")
     if arch not in FROM_SAELENS:
         raise SAELightningError(f"{file}: unknown SAE architecture {arch!r}; "
                                 f"saelightning reads {', '.join(FROM_SAELENS)}")
@@ -203,8 +274,13 @@ def _config_from_cfg(cfg: dict, file: Path) -> SAEConfig:
         raise SAELightningError(f"{file}: dtype {cfg.get('dtype')!r} is not supported; use one of {', '.join(DTYPES)}")
     fields = {"architecture": FROM_SAELENS[arch], "d_in": cfg["d_in"], "d_sae": cfg["d_sae"], "dtype": dtype,
               "apply_b_dec_to_input": bool(cfg.get("apply_b_dec_to_input", True))}
-    if arch == "topk":
+    if arch in ("topk", "crosscoder"):
         fields["k"] = cfg["k"]
+    if arch in CROSSCODERS:
+        n = cfg.get("n_models")
+        if not isinstance(n, int) or n < 2:
+            raise SAELightningError(f"{file}: a crosscoder's n_models must be an integer >= 2, got {n!r}; re-export it")
+        fields.update(d_in=cfg["d_in"] * n, n_models=n, apply_b_dec_to_input=False)
     try:
         return SAEConfig(**fields)
     except SAELightningError as err:

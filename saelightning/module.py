@@ -32,13 +32,15 @@ from saelightning.faults import stop_requested
 from saelightning.groundtruth import GroundTruthMetrics
 from saelightning.guard import NonFiniteGuard
 from saelightning.hooks import hook_width, parse_hook
-from saelightning.metrics import SAEMetrics, firing_counts
+from saelightning.metrics import ReconstructionMetrics, SAEMetrics, firing_counts
+from saelightning.modeldiff import DiffThresholds, class_counts, class_name, classify, relative_norms
 from saelightning.optim import SkipAdam, WarmupDecay, default_lr
 from saelightning.saes import ARCHITECTURES, SAEConfig, build_sae
-from saelightning.saes.base import SAEOptions
+from saelightning.saes.base import CROSSCODERS, SAEOptions
 
 _NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
-Architecture = Literal["topk", "batchtopk", "relu", "gated", "jumprelu", "matryoshka"]  # = saes.ARCHITECTURES
+Architecture = Literal["topk", "batchtopk", "relu", "gated", "jumprelu", "matryoshka", "crosscoder",
+                       "crosscoder_l1"]  # = saes.ARCHITECTURES
 
 
 @dataclass
@@ -47,8 +49,10 @@ class SAESpec(SAEOptions):
 
     Args:
         hook_name: the hook point it reads (TransformerLens-style name, e.g. blocks.3.hook_resid_post; with
-            data.activations a hook its manifest lists, with data.synthetic "synthetic").
-        architecture: topk | batchtopk | relu | gated | jumprelu | matryoshka.
+            data.activations a hook its manifest lists, with data.synthetic "synthetic"; with data.models an SAE
+            names its model, chat/blocks.3.hook_resid_post, and a crosscoder reads the hook in every model).
+        architecture: topk | batchtopk | relu | gated | jumprelu | matryoshka | crosscoder (BatchTopK, M models)
+            | crosscoder_l1.
         d_sae: number of latents (default: expansion_factor x d_in).
         expansion_factor: used when d_sae is not given.
         lr: Adam learning rate (default: 2e-4 / sqrt(d_sae / 2**14)).
@@ -82,6 +86,16 @@ class SAESpec(SAEOptions):
         self.check_options_apply(self.architecture)
 
 
+def _thresholds(value) -> DiffThresholds:
+    if value is None:
+        return DiffThresholds()
+    if isinstance(value, DiffThresholds):
+        return value
+    if isinstance(value, dict):
+        return DiffThresholds(**value)
+    raise SAELightningError(f"model.diff_thresholds must be a mapping (exclusive, shared_halfwidth), got {value!r}")
+
+
 def _as_spec(spec) -> SAESpec:
     if isinstance(spec, SAESpec):
         return spec
@@ -97,7 +111,9 @@ def _as_spec(spec) -> SAESpec:
 
 
 def _width(hook: str, n_layer: int, d_model: int, hook_widths: dict[str, int] | None) -> int:
-    """The width of the hook an SAE reads: a model-free source's, else the nanochat model's (its grammar checked)."""
+    """The width of the hook an SAE reads: a model-free source's, else the nanochat model's (its grammar checked;
+    the models of data.models have one width)."""
+    hook = hook.split("/", 1)[1] if "/" in hook and not hook_widths else hook
     if hook_widths:
         if hook not in hook_widths:
             raise SAELightningError(f"the training activations have no hook {hook!r} (they hold "
@@ -107,10 +123,28 @@ def _width(hook: str, n_layer: int, d_model: int, hook_widths: dict[str, int] | 
     return hook_width(hook, n_layer, d_model)
 
 
-def build_from_spec(spec: SAESpec, d_in: int):
-    """An SAE (untrained) for a spec at a hook point of width d_in."""
+def build_from_spec(spec: SAESpec, d_in: int, n_models: int = 1):
+    """An SAE (untrained) for a spec at a hook point of width d_in (a crosscoder: of each of its n_models models;
+    expansion_factor counts one model's width)."""
     d_sae = spec.d_sae if spec.d_sae is not None else max(1, int(round(spec.expansion_factor * d_in)))
-    return build_sae(SAEConfig(architecture=spec.architecture, d_in=d_in, d_sae=d_sae, **spec.given_options()))
+    return build_sae(SAEConfig(architecture=spec.architecture, d_in=d_in * n_models, d_sae=d_sae, n_models=n_models,
+                               **spec.given_options()))
+
+
+def input_keys(spec: SAESpec, model_names: list[str] | None) -> list[str]:
+    """The activation keys an SAE reads: its hook; a crosscoder's hook in each model ("<model>/<hook>")."""
+    if spec.architecture not in CROSSCODERS:
+        if model_names and "/" not in spec.hook_name:
+            raise SAELightningError(f"with data.models, an SAE names the model it reads: {model_names[0]}/"
+                                    f"{spec.hook_name} (the models are {', '.join(model_names)})")
+        return [spec.hook_name]
+    if not model_names:
+        raise SAELightningError(f"a {spec.architecture} reads two or more models: list them in data.models "
+                                "(e.g. [{name: base, source: base}, {name: chat, source: sft}])")
+    if "/" in spec.hook_name:
+        raise SAELightningError(f"a crosscoder reads its hook in every model: give hook_name without a model "
+                                f"({spec.hook_name.split('/', 1)[1]}, not {spec.hook_name})")
+    return [f"{m}/{spec.hook_name}" for m in model_names]
 
 
 class SAEState(nn.Module):
@@ -195,14 +229,18 @@ class SAEModule(pl.LightningModule):
             counted in details/nonfinite_skipped); this many in a row stop the run with an error.
         spliced_eval: at each validation, also splice every SAE into the frozen model on the val tokens and
             log ce_loss_score, kl_div_score and the CE/KL they come from (1 + #hooks + #SAEs model forwards
-            per val batch).
+            per val batch). Not with data.models (crosscoders): their validation gives the reconstruction figures.
+        model_names: the names of data.models (linked from data; None: one model).
+        diff_thresholds: a crosscoder's Δ classes (modeldiff.DiffThresholds: exclusive, shared_halfwidth), logged
+            at each validation (diff/*) and written into its export.
     """
 
     def __init__(self, saes: list[SAESpec] | None = None, n_layer: int = 0, d_model: int = 0,
                  model_info: dict | None = None, warmup_steps: int = 1000, decay_steps: int = 0,
                  lr_end_factor: float = 0.0, betas: tuple[float, float] = (0.9, 0.999), eps: float = 6.25e-10,
                  grad_clip: float | None = 1.0, dead_window_tokens: int = 10_000_000, max_nonfinite_steps: int = 10,
-                 spliced_eval: bool = True, hook_widths: dict[str, int] | None = None):
+                 spliced_eval: bool = True, hook_widths: dict[str, int] | None = None,
+                 model_names: list[str] | None = None, diff_thresholds: DiffThresholds | None = None):
         super().__init__()
         specs = [_as_spec(s) for s in (saes or [SAESpec()])]
         if not hook_widths and (n_layer < 1 or d_model < 1):
@@ -214,19 +252,26 @@ class SAEModule(pl.LightningModule):
             "model_info": model_info or {}, "warmup_steps": warmup_steps, "decay_steps": decay_steps,
             "lr_end_factor": lr_end_factor, "betas": list(betas), "eps": eps, "grad_clip": grad_clip,
             "dead_window_tokens": dead_window_tokens, "max_nonfinite_steps": max_nonfinite_steps,
-            "spliced_eval": spliced_eval,
+            "spliced_eval": spliced_eval, "model_names": list(model_names) if model_names else None,
+            "diff_thresholds": dataclasses.asdict(_thresholds(diff_thresholds)),
         })
+        self.model_names = list(model_names) if model_names else None
+        self.diff_thresholds = _thresholds(diff_thresholds)
+        self.keys: dict[str, list[str]] = {}  # each SAE's input keys (a crosscoder: its hook in each model)
         self.model_info = model_info or {}
         self.saes, self.states = nn.ModuleDict(), nn.ModuleDict()
         self.specs: dict[str, SAESpec] = {}
         for spec in specs:
-            sae = build_from_spec(spec, _width(spec.hook_name, n_layer, d_model, hook_widths))
+            keys = input_keys(spec, self.model_names)
+            n_models = len(keys) if spec.architecture in CROSSCODERS else 1
+            sae = build_from_spec(spec, _width(keys[0], n_layer, d_model, hook_widths), n_models)
             default = f"{re.sub(r'[^A-Za-z0-9_-]', '_', spec.hook_name)}-{spec.architecture}-{sae.config.d_sae}"
             name = spec.name or default
             if not _NAME.match(name) or name in self.saes:
                 raise SAELightningError(f"SAE name {name!r} is invalid or repeated; "
                                         "use unique names of letters, digits, _ and -")
             self.saes[name], self.specs[name], self.states[name] = sae, spec, SAEState(sae.config.d_sae)
+            self.keys[name] = keys
         self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long))  # SAE training tokens, all ranks
         self.guard = NonFiniteGuard(max_nonfinite_steps)
         self._initialized: set[str] = set()  # SAEs known initialised (read from the buffer once, not every step)
@@ -234,6 +279,10 @@ class SAEModule(pl.LightningModule):
                                             for n, s in self.saes.items()})
         self.val_metrics = nn.ModuleDict({n: SAEMetrics(s.config.d_in, s.config.d_sae, spliced_eval)
                                           for n, s in self.saes.items()})
+        # a crosscoder's reconstruction of each of its models, logged as val/explained_variance/<model>, ...
+        self.model_metrics = nn.ModuleDict({
+            n: nn.ModuleList([ReconstructionMetrics(s.d_model) for _ in range(s.n_models)])
+            for n, s in self.saes.items() if self.is_crosscoder(n)})
         # against a synthetic source's true features (states are sums, not part of the checkpoint)
         self.truth_metrics = nn.ModuleDict({n: GroundTruthMetrics(s.config.d_sae) for n, s in self.saes.items()})
         self._truth_on = False  # this validation has true features to compare with
@@ -247,7 +296,21 @@ class SAEModule(pl.LightningModule):
 
     @property
     def hook_names(self) -> list[str]:
-        return list(dict.fromkeys(s.hook_name for s in self.specs.values()))
+        """The activation keys the SAEs read (what the data module captures)."""
+        return list(dict.fromkeys(k for keys in self.keys.values() for k in keys))
+
+    def sae_input(self, name: str, acts: dict[str, torch.Tensor]) -> torch.Tensor:
+        """SAE `name`'s input from a batch's activations: its hook's, or a crosscoder's models side by side."""
+        keys = self.keys[name]
+        return acts[keys[0]] if len(keys) == 1 else torch.cat([acts[k] for k in keys], -1)
+
+    def sae_scale(self, name: str, scales: dict) -> torch.Tensor:
+        """SAE `name`'s input scale: one constant, or one per model for a crosscoder."""
+        values = [float(scales[k]) for k in self.keys[name]]
+        return torch.tensor(values[0] if len(values) == 1 else values, dtype=torch.float32)
+
+    def is_crosscoder(self, name: str) -> bool:
+        return self.specs[name].architecture in CROSSCODERS
 
     def prefix(self, name: str) -> str:
         return f"{name}/" if len(self.saes) > 1 else ""
@@ -313,8 +376,8 @@ class SAEModule(pl.LightningModule):
 
     # --- training ---
 
-    def _prepare(self, name: str, sae, x: torch.Tensor, scale: float) -> None:
-        sae.input_scale.fill_(scale)
+    def _prepare(self, name: str, sae, x: torch.Tensor, scale: torch.Tensor) -> None:
+        sae.input_scale.copy_(scale)
         if name in self._initialized:
             return
         initialized = self.states[name].initialized
@@ -344,16 +407,15 @@ class SAEModule(pl.LightningModule):
         self.guard.start(acts, self.saes)
         total, outputs = 0.0, {}
         for name, sae in self.saes.items():
-            spec = self.specs[name]
-            x = acts[spec.hook_name]
-            self._prepare(name, sae, x, batch["scales"][spec.hook_name])
+            x = self.sae_input(name, acts)
+            self._prepare(name, sae, x, self.sae_scale(name, batch["scales"]))
             sae.set_training_step(self.global_step)
             # k-sparse SAEs hand back (values, indices): nothing in a training step needs dense latents
             sparse = {"sparse": True} if sae.sparse_forward else {}
             outputs[name] = (x, *sae(x, dead_mask=self.dead_mask(name), **sparse))
             total = total + outputs[name][-1]["loss"]
         good = self.guard.agree(total, self._sum_over_ranks, self.saes)
-        n_tokens = acts[self.hook_names[0]].shape[0]
+        n_tokens = next(iter(acts.values())).shape[0]
         # SAE training tokens of this step over all ranks (0 if skipped)
         step_tokens = good * self.world_batch(n_tokens)
         log_now = self._should_log()
@@ -366,7 +428,7 @@ class SAEModule(pl.LightningModule):
             if window_ends:
                 self.states[name].close_window()
             if log_metrics:  # like SAELens: train metrics of the logged step's batch (the rest would cost every step)
-                scale = float(batch["scales"][self.specs[name].hook_name])
+                scale = sae.input_scales().to(x.device)
                 self.train_metrics[name].update(x.detach() / scale, x_hat.detach() / scale, latents.detach())
                 self._log_train(name, losses)
         if window_ends:
@@ -435,27 +497,32 @@ class SAEModule(pl.LightningModule):
             self._val_stopped = True
             return
         data = self.trainer.datamodule
+        if "acts" not in batch and self.model_names:  # data.models: every model on the val tokens, unspliced
+            batch = {**batch, "acts": data.capture(batch["tokens"].to(self.device), scaled=False)}
         if "acts" in batch:
             for name, sae in self.saes.items():
-                hook = self.specs[name].hook_name
-                sae.input_scale.fill_(data.scales[hook])
-                x = batch["acts"][hook]
+                sae.input_scale.copy_(self.sae_scale(name, data.scales))
+                x = self.sae_input(name, batch["acts"])
                 f, x_hat = encode_decode(sae, x)
                 self.val_metrics[name].update(x, x_hat, f)
+                for m, metric in enumerate(self.model_metrics[name] if name in self.model_metrics else []):
+                    block = slice(m * sae.d_model, (m + 1) * sae.d_model)
+                    metric.update(x[:, block], x_hat[:, block])
                 if self._truth_on:
                     self.truth_metrics[name].update(f, x, x_hat, batch["truth"])
             return
         groups = self.groups()
         metrics = {hook: [self.val_metrics[n] for n in self.saes if self.specs[n].hook_name == hook] for hook in groups}
         for name, sae in self.saes.items():
-            sae.input_scale.fill_(data.scales[self.specs[name].hook_name])
+            sae.input_scale.copy_(self.sae_scale(name, data.scales))
         evaluate_batch(data.model, groups, batch["tokens"].to(self.device), data.tokenizer.bos_id, metrics,
                        spliced=self.hparams.get("spliced_eval", True))
 
     def on_validation_epoch_end(self) -> None:
         stopped, self._val_stopped = self._val_stopped, False
         if self.trainer.strategy.reduce_boolean_decision(stopped, all=False):  # every rank drops it, or none
-            for metrics in list(self.val_metrics.values()) + list(self.truth_metrics.values()):
+            for metrics in list(self.val_metrics.values()) + list(self.truth_metrics.values()) + \
+                    [m for group in self.model_metrics.values() for m in group]:
                 metrics.reset()
             return
         for name in self.saes:
@@ -465,5 +532,22 @@ class SAEModule(pl.LightningModule):
             if self._truth_on:  # mcc, uniqueness, classification/*, shrinkage, dead_latents, true_l0
                 values.update({f"{p}val/{k}": v.float() for k, v in self.truth_metrics[name].compute().items()})
                 self.truth_metrics[name].reset()
+            if self.is_crosscoder(name):
+                values.update(self._log_diff(name))
+                for model_name, metric in zip(self.model_names, self.model_metrics[name]):
+                    values.update({f"{p}val/{k}/{model_name}": v.float() for k, v in metric.compute().items()
+                                   if k in ("explained_variance", "mse", "cossim")})
+                    metric.reset()
             self.log_dict(values, sync_dist=False)  # pooled over ranks by the metrics themselves
         self.last_val_step = self.global_step
+
+    def _log_diff(self, name: str) -> dict[str, torch.Tensor]:
+        """A crosscoder's Δ between its first two models: the histogram (TensorBoard) and the class counts."""
+        sae, p = self.saes[name], self.prefix(name)
+        delta = relative_norms(sae, 0, 1)
+        for experiment in (getattr(lg, "experiment", None) for lg in (self.loggers if self._trainer else [])):
+            if self.trainer.is_global_zero and hasattr(experiment, "add_histogram"):
+                experiment.add_histogram(f"{p}diff/relative_decoder_norm", delta.cpu(), self.global_step)
+        counts = class_counts(classify(delta, self.diff_thresholds))
+        names = tuple(self.model_names[:2])
+        return {f"{p}diff/{class_name(k, names)}": torch.tensor(float(v)) for k, v in counts.items()}

@@ -6,17 +6,19 @@ its shards, and what a missing tokenizer or hook name means, so that every comma
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from saelightning.demo import DEMO_MODEL_DIR, ensure_demo_shards
+from saelightning.demo import DEMO_MODEL_DIR, demo_conversations, ensure_demo_shards
 from saelightning.errors import SAELightningError
 from saelightning.export import load_sae, read_metadata
 from saelightning.nanochat.checkpoint import Nanochat, load_nanochat
 from saelightning.nanochat.shards import list_shards
+from saelightning.tokens import ChatMix
 
 
 def model_path(model: str) -> str:
@@ -63,6 +65,73 @@ def data_dir(data: str | None, model: str) -> Path:
         if (base / name).is_dir():
             return base / name
     raise SAELightningError(f"no --data given and no base_data under {base}; pass --data DIR (parquet shards)")
+
+
+def conversations(chat: str) -> list[list[dict]]:
+    """data.chat: "demo" (the stdlib docstring questions the demo's chat stage is tuned on) or a JSONL file, one
+    conversation a line: a list of {"role": "user" | "assistant", "content": str} turns (nanochat's CustomJSON
+    format), or an object with that list under "messages"."""
+    if chat == "demo":
+        return demo_conversations()
+    path = Path(chat).expanduser()
+    if not path.is_file():
+        raise SAELightningError(f"data.chat {chat!r} is not a file; give a JSONL file of conversations or \"demo\"")
+    out = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise SAELightningError(f"{path}:{number} is not JSON ({exc.msg}); write one conversation a line") from None
+        turns = item.get("messages") if isinstance(item, dict) else item
+        if not (isinstance(turns, list) and turns and all(isinstance(t, dict) and isinstance(t.get("content"), str)
+                                                          for t in turns)):
+            raise SAELightningError(f"{path}:{number} is not a conversation; write a list of "
+                                    '{"role": "user"|"assistant", "content": "..."} turns')
+        out.append(turns)
+    return out
+
+
+def crosscoder_models(cc, sae_path, paths: Sequence | None, device=None) -> tuple[list[dict], list[Nanochat]]:
+    """The models a crosscoder reads, in its order: the ones its cfg.json records (name, path, step, era), or
+    `paths` (--models) where they moved; each checked to be of the width it reads."""
+    recorded = cc.metadata.get("models") or []
+    if paths is not None and len(paths) != cc.n_models:
+        raise SAELightningError(f"--models gives {len(paths)} model(s) but the crosscoder reads {cc.n_models}; "
+                                "give one checkpoint per model, in its order")
+    if paths is None and len(recorded) != cc.n_models:
+        raise SAELightningError(f"{sae_path}'s cfg.json names no models (metadata.models); pass --models, one "
+                                "checkpoint dir per model in the crosscoder's order")
+    infos, loaded = [], []
+    for i in range(cc.n_models):
+        info = dict(recorded[i]) if i < len(recorded) else {"name": f"model{i}"}
+        path = paths[i] if paths is not None else info.get("path")
+        if paths is None and not Path(path).exists():
+            raise SAELightningError(f"{sae_path} was trained on {info.get('name')!r} at {path}, which is not there "
+                                    "now; pass --models with where the models are now")
+        step = info.get("step") if paths is None else None
+        nc = load_model(path, device=device, dtype=torch.float32, step=step, era=info.get("era"))
+        if nc.model.d_model != cc.d_model:
+            raise SAELightningError(f"model {path} has width {nc.model.d_model}, the crosscoder reads {cc.d_model}; "
+                                    "give the models it was trained on")
+        infos.append({**info, "path": str(path), "step": nc.meta["step"]})
+        loaded.append(nc)
+    return infos, loaded
+
+
+def val_chat(tokenizer, sae_paths: Sequence, chat: str | None, fraction: float | None) -> ChatMix | None:
+    """The held-out conversations mixed into a command's val rows: --chat / --chat_fraction when given, else the
+    data.chat and data.chat_fraction the (first) SAE was trained with; None without a mix."""
+    recorded = _recorded(read_metadata(sae_paths[0])) if sae_paths else {}
+    chat = chat if chat is not None else recorded.get("chat")
+    fraction = fraction if fraction is not None else float(recorded.get("chat_fraction") or 0)
+    if not fraction:
+        return None
+    if chat is None:
+        raise SAELightningError(f"--chat_fraction {fraction} but the SAE records no data.chat; pass --chat (a JSONL "
+                                "file of conversations, or demo)")
+    return ChatMix.render(tokenizer, conversations(chat), fraction, "val", source=chat)
 
 
 def shards(data: str | os.PathLike) -> tuple[list[Path], Path]:

@@ -73,6 +73,10 @@ def _hook_widths(data: ActivationDataModule) -> dict | None:
     return data.hook_widths
 
 
+def _model_names(data: ActivationDataModule) -> list | None:
+    return data.model_names
+
+
 class SaveConfigAtStart(SaveConfigCallback):
     """LightningCLI's config.yaml, written when training (or validation) starts rather than at setup: after
     the checkpoint is restored, so a resume that fails leaves no empty TensorBoard version behind."""
@@ -169,7 +173,7 @@ class SAELightningCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         for target, fn in (("model.n_layer", _n_layer), ("model.d_model", _d_model), ("model.model_info", _model_info),
-                           ("model.hook_widths", _hook_widths)):
+                           ("model.hook_widths", _hook_widths), ("model.model_names", _model_names)):
             parser.link_arguments("data", target, compute_fn=fn, apply_on="instantiate")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         # last.ckpt is always the newest state (no last-v1.ckpt beside it when a resumed run changes the interval)

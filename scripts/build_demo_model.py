@@ -10,6 +10,13 @@ Optimizer: AdamW only (nanochat uses Muon for the matrices; AdamW is enough at t
 
     python scripts/build_demo_model.py            # about 10 minutes on 2 cores
     python scripts/build_demo_model.py --steps 20 --max-docs 300 --out /tmp/demo   # smoke test
+
+`--stage chat` adds a chat stage to an existing build: chatsft_checkpoints/d4/, fine-tuned from the latest base
+checkpoint on conversations built offline from the standard library (a question about a function, answered
+with its docstring's first paragraph: saelightning.demo.demo_conversations) in nanochat's chat format, the loss
+on the assistant's tokens only (nanochat's SFT mask). Every tenth conversation is held out for the val loss.
+
+    python scripts/build_demo_model.py --stage chat --steps 150 --lr 1e-3 --warmup 10
 """
 
 from __future__ import annotations
@@ -25,8 +32,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from saelightning.demo import DEMO_MODEL_DIR, ensure_demo_shards
-from saelightning.nanochat.checkpoint import save_nanochat_checkpoint
+from saelightning.demo import DEMO_MODEL_DIR, demo_conversations, ensure_demo_shards
+from saelightning.nanochat.checkpoint import load_nanochat, save_nanochat_checkpoint
 from saelightning.nanochat.model import GPT, GPTConfig
 from saelightning.nanochat.shards import TextStream, list_shards
 from saelightning.nanochat.tokenizer import save_tokenizer, train_tokenizer
@@ -49,6 +56,9 @@ def parse_args(argv=None):
                    help="val tokens scored for val bpb (the whole shard if fewer)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stage", choices=["base", "chat"], default="base",
+                   help="base: tokenizer + base model (replaces --out); chat: fine-tune the base into "
+                        "chatsft_checkpoints")
     return p.parse_args(argv)
 
 
@@ -96,7 +106,7 @@ def batch(stream: torch.Tensor, batch_size: int, seq_len: int, gen: torch.Genera
 
 def loss_fn(model: GPT, x: torch.Tensor, y: torch.Tensor, reduction="mean") -> torch.Tensor:
     logits = model(x)
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction=reduction)
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction=reduction, ignore_index=-1)
 
 
 @torch.no_grad()
@@ -146,9 +156,93 @@ def dir_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
+def chat_stream(tokenizer, conversations) -> torch.Tensor:
+    """Rendered conversations back to back as one stream [2, n]: token ids, and the SFT target mask."""
+    ids, mask = [], []
+    for conversation in conversations:
+        i, m = tokenizer.render_conversation(conversation)
+        ids += i
+        mask += m
+    return torch.tensor([ids, mask], dtype=torch.int32)
+
+
+def chat_batch(stream: torch.Tensor, batch_size: int, seq_len: int, gen: torch.Generator):
+    """Random windows; targets outside the assistant's turns are -1 (ignored by the loss)."""
+    starts = torch.randint(0, stream.shape[1] - seq_len - 1, (batch_size,), generator=gen).tolist()
+    rows = torch.stack([stream[:, s : s + seq_len + 1] for s in starts]).long()
+    return rows[:, 0, :-1], torch.where(rows[:, 1, 1:] > 0, rows[:, 0, 1:], -1)
+
+
+@torch.no_grad()
+def chat_val_loss(model: GPT, stream: torch.Tensor, seq_len: int) -> float:
+    """Mean loss on the assistant tokens of the held-out conversations (consecutive windows)."""
+    model.eval()
+    total, count = 0.0, 0
+    for s in range(0, stream.shape[1] - seq_len - 1, seq_len * 8):
+        starts = range(s, min(s + seq_len * 8, stream.shape[1] - seq_len - 1), seq_len)
+        rows = torch.stack([stream[:, t : t + seq_len + 1] for t in starts]).long()
+        y = torch.where(rows[:, 1, 1:] > 0, rows[:, 0, 1:], -1)
+        total += loss_fn(model, rows[:, 0, :-1], y, reduction="sum").item()
+        count += int((y >= 0).sum())
+    model.train()
+    return total / count
+
+
+def build_chat(args) -> int:
+    """The chat stage: fine-tune the latest base checkpoint of args.out on the stdlib docstring conversations."""
+    t_start = time.time()
+    model, tokenizer, meta = load_nanochat(args.out, dtype=torch.float32)
+    model.train().requires_grad_(True)
+    conversations = demo_conversations()
+    train_c = [c for i, c in enumerate(conversations) if i % 10]
+    val_c = conversations[::10]
+    train_s, val_s = chat_stream(tokenizer, train_c), chat_stream(tokenizer, val_c)
+    print(f"{len(train_c)} train / {len(val_c)} val conversations, {train_s.shape[1]} / {val_s.shape[1]} tokens "
+          f"({int(train_s[1].sum())} / {int(val_s[1].sum())} assistant tokens)", flush=True)
+    before = chat_val_loss(model, val_s, args.seq_len)
+    opt = make_optimizer(model, args.lr)
+    gen = torch.Generator().manual_seed(args.seed)
+    ema, t0 = None, time.time()
+    for step in range(args.steps):
+        for g in opt.param_groups:
+            g["lr"] = g["base_lr"] * lr_factor(step, args.steps, args.warmup)
+        x, y = chat_batch(train_s, args.batch_size, args.seq_len, gen)
+        loss = loss_fn(model, x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
+        if step % 25 == 0 or step == args.steps - 1:
+            print(f"step {step:5d}/{args.steps} loss {loss.item():.4f} (ema {ema:.4f}) {time.time() - t0:6.0f}s",
+                  flush=True)
+    train_time = time.time() - t0
+    after = chat_val_loss(model, val_s, args.seq_len)
+    tag = Path(meta["path"]).parent.name if Path(meta["path"]).is_file() else Path(meta["path"]).name
+    extra = {"source": {"stage": "base", "tag": tag, "step": meta["step"]}, "train_loss": ema,
+             "val_loss_assistant_before": before, "val_loss_assistant": after, "training_seconds": round(train_time, 1),
+             "training_tokens": args.steps * args.batch_size * args.seq_len, "conversations": len(train_c),
+             "user_config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                             if k not in ("out", "cache_dir")}}
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    config = {**dataclasses.asdict(model.config)}
+    out = save_nanochat_checkpoint(args.out / "chatsft_checkpoints" / tag, args.steps, state, config, extra_meta=extra)
+    print(f"val loss on the assistant's tokens: {before:.4f} (base) -> {after:.4f} (chat); "
+          f"{train_time:.0f}s training, {time.time() - t_start:.0f}s total; wrote {out}")
+    prompt = tokenizer.render_conversation([{"role": "user", "content": "What does os.path.join(a, *p) do?"}])[0]
+    prompt.append(tokenizer.encode_special("<|assistant_start|>"))
+    reply = [step[0] for step in model.eval().generate(prompt, max_tokens=40, temperature=0.0)]
+    print("greedy reply:", repr(tokenizer.decode(reply)))
+    if dir_size(args.out) > 2 * MAX_BYTES:
+        raise SystemExit(f"{args.out} is over {2 * MAX_BYTES} bytes")
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.stage == "chat":
+        return build_chat(args)
     torch.manual_seed(args.seed)
     t_start = time.time()
 

@@ -108,3 +108,41 @@ def test_committed_demo_model_loads():
         logits = nc.model(ids[:, :-1])
     loss = F.cross_entropy(logits[0], ids[0, 1:]).item()
     assert loss < 0.6 * math.log(4096)
+
+
+def test_docstring_questions_and_the_chat_format():
+    from saelightning.demo import docstring_questions
+    from saelightning.nanochat.checkpoint import load_nanochat
+
+    text = 'def join(a, *p):\n    """Join two paths.\n\n    More text."""\n\ndef _private():\n    """No."""\n'
+    assert docstring_questions(text, "posixpath") == [[
+        {"role": "user", "content": "What does posixpath.join(a, *p) do?"},
+        {"role": "assistant", "content": "Join two paths."}]]
+    tok = load_nanochat(DEMO_MODEL_DIR).tokenizer
+    ids, mask = tok.render_conversation(docstring_questions(text, "posixpath")[0])
+    special = {name: tok.encode_special(f"<|{name}|>") for name in
+               ("bos", "user_start", "user_end", "assistant_start", "assistant_end")}
+    assert ids[:2] == [special["bos"], special["user_start"]] and ids[-1] == special["assistant_end"]
+    start = ids.index(special["assistant_start"])
+    # the SFT mask: the assistant's text and its end token, nothing of the user's turn
+    assert mask == [0] * (start + 1) + [1] * (len(ids) - start - 1)
+    assert tok.decode(ids[start + 1:-1]) == "Join two paths."
+
+
+def test_committed_chat_stage_loads_and_answers_in_the_chat_format():
+    from saelightning.nanochat.checkpoint import load_nanochat
+
+    chat = load_nanochat(DEMO_MODEL_DIR, source="sft")
+    base = load_nanochat(DEMO_MODEL_DIR)
+    assert chat.meta["source"] == {"stage": "base", "tag": "d4", "step": base.meta["step"]}
+    assert chat.model.config == base.model.config
+    assert chat.meta["val_loss_assistant"] < chat.meta["val_loss_assistant_before"]
+    # after <|assistant_start|> the chat model puts far more mass on ending a reply than the base model does
+    ids, _ = chat.tokenizer.render_conversation([{"role": "user", "content": "What does os.getcwd() do?"},
+                                                 {"role": "assistant", "content": "Return the current directory."}])
+    x = torch.tensor([ids[:-1]])
+    end = ids[-1]
+    with torch.no_grad():
+        p_chat = chat.model(x)[0, -1].softmax(-1)[end]
+        p_base = base.model(x)[0, -1].softmax(-1)[end]
+    assert p_chat > 10 * p_base

@@ -12,6 +12,7 @@ from saelightning import export
 from saelightning.errors import SAELightningError
 from saelightning.export import load_sae, load_sparsity, save_sae
 from saelightning.saes import ARCHITECTURES, SAEConfig, build_sae
+from saelightning.saes.base import CROSSCODERS
 
 pytestmark = pytest.mark.numerics  # fp32 results compared across code paths: also run under other CPU kernels
 
@@ -24,6 +25,8 @@ SAELENS_NAMES = {
     "matryoshka": ("jumprelu", {"W_enc", "b_enc", "W_dec", "b_dec", "threshold"}),
     "gated": ("gated", {"W_enc", "b_gate", "b_mag", "r_mag", "W_dec", "b_dec"}),
 }
+
+SAE_ARCHITECTURES = [a for a in ARCHITECTURES if a not in CROSSCODERS]  # crosscoders: tests/test_crosscoder.py
 
 
 def trained_like(arch, scale=1.0):
@@ -65,7 +68,7 @@ def test_batch_topk_exports_as_jumprelu_with_its_threshold(tmp_path, arch):
     assert torch.equal(loaded.encode(x), sae.encode(x))  # sae is in eval mode: the threshold path
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("arch", SAE_ARCHITECTURES)
 def test_cfg_and_tensors_follow_the_saelens_layout(tmp_path, arch):
     save_sae(trained_like(arch), tmp_path / "sae", metadata={"hook_name": "blocks.0.hook_mlp_out"})
     cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
@@ -90,7 +93,7 @@ def test_cfg_and_tensors_follow_the_saelens_layout(tmp_path, arch):
     assert not (tmp_path / "sae" / "sparsity.safetensors").exists()
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("arch", SAE_ARCHITECTURES)
 def test_export_folds_the_input_scale(tmp_path, arch):
     sae = trained_like(arch, scale=4.0)
     save_sae(sae, tmp_path / "sae")
@@ -240,8 +243,8 @@ BAD = {
     "corrupt": (_garbage, "truncated or corrupt"),
     "invalid json": (lambda p: (p / "cfg.json").write_text("{not json"), "not valid JSON"),
     "shape mismatch": (lambda p: _edit_cfg(p, d_in=D_IN + 1), "shape .* but cfg.json implies"),
-    "unknown architecture": (lambda p: _edit_cfg(p, architecture="crosscoder"),
-                             "unknown SAE architecture 'crosscoder'"),
+    "unknown architecture": (lambda p: _edit_cfg(p, architecture="transcoder"),
+                             "unknown SAE architecture 'transcoder'"),
     "missing d_sae": (lambda p: _edit_cfg(p, d_sae=None), "lacks the key\\(s\\) d_sae"),
     "missing k": (lambda p: _edit_cfg(p, k=None), "lacks the key\\(s\\) k"),
     "bad k": (lambda p: _edit_cfg(p, k=D_SAE), "k=32 must be smaller"),

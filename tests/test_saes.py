@@ -6,12 +6,15 @@ import torch
 
 from saelightning.errors import SAELightningError
 from saelightning.saes import ARCHITECTURES, SAEConfig, build_sae
+from saelightning.saes.base import CROSSCODERS
 from saelightning.saes.jumprelu import JumpReLUSTE, StepSTE
 from saelightning.saes.sparse import dense_decode, sparse_decode, sparse_decode_ragged
 
 pytestmark = pytest.mark.numerics  # fp32 results compared across code paths: also run under other CPU kernels
 
 D_IN, D_SAE, K = 16, 64, 4
+
+SAE_ARCHITECTURES = [a for a in ARCHITECTURES if a not in CROSSCODERS]  # crosscoders: tests/test_crosscoder.py
 
 
 @pytest.fixture(autouse=True)
@@ -75,7 +78,7 @@ def test_config_defaults_per_architecture():
     assert torch.equal(relu.W_enc, relu.W_dec.T)
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("arch", SAE_ARCHITECTURES)
 def test_shapes_dtypes_and_losses(arch):
     sae = make(arch)
     x = torch.randn(32, D_IN)
@@ -104,7 +107,7 @@ def test_topk_has_exactly_k_active_and_batchtopk_k_times_batch():
     assert (latents > 0).sum(-1).float().std() > 0  # the count varies per token
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("arch", SAE_ARCHITECTURES)
 def test_encode_decode_round_trip_matches_forward(arch):
     sae = make(arch).eval()
     x = torch.randn(24, D_IN)
@@ -144,7 +147,7 @@ def test_relu_decoder_is_not_normalised():
             and not torch.allclose(norms, torch.full((D_SAE,), 0.1)))
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("arch", SAE_ARCHITECTURES)
 def test_gradients_reach_every_parameter(arch):
     sae = make(arch).train()
     x = torch.randn(128, D_IN) * 2
@@ -281,7 +284,7 @@ def test_ragged_sparse_decode_equals_dense_product():
     assert torch.allclose(sparse_decode_ragged(values, columns, offsets, W), latents @ W, atol=1e-12)
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("arch", SAE_ARCHITECTURES)
 def test_fold_input_scale_gives_same_latents_on_raw_inputs(arch):
     sae = make(arch).eval()
     with torch.no_grad():
@@ -324,7 +327,7 @@ def planted_batch(gen, atoms, n, active=3):
     return (mask * (torch.rand(n, atoms.shape[0], generator=gen) + 0.5)) @ atoms
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("arch", SAE_ARCHITECTURES)
 def test_recovers_planted_sparse_dictionary(arch):
     gen = torch.Generator().manual_seed(1)
     atoms = torch.randn(32, 32, generator=gen)

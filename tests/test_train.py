@@ -201,13 +201,22 @@ def test_two_process_ddp_fit_on_cpu_resumes_bitwise(tmp_path, nanochat_current_d
         assert torch.equal(a[key], b[key]), key
 
 
-def test_eval_on_the_export_reproduces_the_logged_validation(tmp_path, nanochat_current_dir, tiny_shards_dir):
+@pytest.mark.parametrize("chat", [False, True], ids=["text", "chat_mix"])
+def test_eval_on_the_export_reproduces_the_logged_validation(tmp_path, nanochat_current_dir, tiny_shards_dir, chat):
     """Validation and `saelightning eval` read the same val rows and share every metric's definition: eval on
     the exported SAE, over validation's token count in its batches, gives the logged val/* figures. They differ
     only by the scale folded into the exported weights (s·x·W vs x·(s·W): a reordering of d_in-long fp32
-    sums, ~d_in·2^-24 relative) and by the fp32 the logger stores."""
+    sums, ~d_in·2^-24 relative) and by the fp32 the logger stores. With data.chat the val rows mix in the held-out
+    conversations, and eval reads the mix the export records."""
     cfg = _config(tmp_path, nanochat_current_dir, tiny_shards_dir, run="agree", max_steps=10)
-    assert main(["fit", "--config", str(cfg)]) == 0
+    mix = []
+    if chat:
+        conversations = tmp_path / "chat.jsonl"
+        conversations.write_text("\n".join(json.dumps([{"role": "user", "content": f"what is {i}?"},
+                                                       {"role": "assistant", "content": f"{i} is a number"}])
+                                           for i in range(40)))
+        mix = ["--data.chat", str(conversations), "--data.chat_fraction", "0.4"]
+    assert main(["fit", "--config", str(cfg), *mix]) == 0
     (export,) = (tmp_path / "agree" / "saes").iterdir()
     logged = json.loads((export / "cfg.json").read_text())["metadata"]["final_metrics"]
     val_tokens = 2 * 4 * 32  # data.val_batches x data.model_batch_rows x context_size

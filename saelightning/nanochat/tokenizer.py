@@ -85,6 +85,22 @@ class Tokenizer:
                 f"{name!r} is not a special token of this tokenizer; it has {sorted(self._enc.special_tokens_set)}"
             ) from None
 
+    def render_conversation(self, messages: list[dict]) -> tuple[list[int], list[int]]:
+        """nanochat's chat format: <|bos|>, then each turn as <|user_start|> text <|user_end|> or
+        <|assistant_start|> text <|assistant_end|>. Returns (ids, mask), mask 1 on the tokens an SFT loss trains
+        on (the assistant's text and its <|assistant_end|>), as nanochat's render_conversation marks them."""
+        ids, mask = [self._bos], [0]
+        for message in messages:
+            role = message.get("role")
+            if role not in ("user", "assistant"):
+                raise SAELightningError(f"a conversation turn has role {role!r}; use 'user' or 'assistant'")
+            start, end = self.encode_special(f"<|{role}_start|>"), self.encode_special(f"<|{role}_end|>")
+            text = self._enc.encode_ordinary(message.get("content", ""))
+            train = int(role == "assistant")
+            ids += [start, *text, end]
+            mask += [0] + [train] * (len(text) + 1)
+        return ids, mask
+
     def decode(self, ids: Iterable[int]) -> str:
         return self._enc.decode([int(i) for i in ids])
 

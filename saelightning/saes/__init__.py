@@ -2,6 +2,7 @@
 
 from saelightning.saes.base import ARCHITECTURES, SAE, SAEConfig
 from saelightning.saes.batchtopk import BatchTopKSAE
+from saelightning.saes.crosscoder import CrossCoder, L1CrossCoder, OneModel
 from saelightning.saes.gated import GatedSAE
 from saelightning.saes.jumprelu import JumpReLUSAE
 from saelightning.saes.matryoshka import MatryoshkaSAE
@@ -15,6 +16,8 @@ SAE_CLASSES: dict[str, type[SAE]] = {
     "gated": GatedSAE,
     "jumprelu": JumpReLUSAE,
     "matryoshka": MatryoshkaSAE,
+    "crosscoder": CrossCoder,
+    "crosscoder_l1": L1CrossCoder,
 }
 
 
@@ -24,4 +27,5 @@ def build_sae(config: SAEConfig) -> SAE:
 
 
 __all__ = ["ARCHITECTURES", "SAE", "SAEConfig", "build_sae", "SAE_CLASSES", "TopKSAE", "BatchTopKSAE",
-           "ReLUSAE", "GatedSAE", "JumpReLUSAE", "MatryoshkaSAE"]
+           "ReLUSAE", "GatedSAE", "JumpReLUSAE", "MatryoshkaSAE", "CrossCoder", "L1CrossCoder",
+           "OneModel"]

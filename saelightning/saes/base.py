@@ -20,8 +20,9 @@ from torch import nn
 from saelightning.errors import SAELightningError
 from saelightning.saes.sparse import dense_to_sparse
 
-ARCHITECTURES = ("topk", "batchtopk", "relu", "gated", "jumprelu", "matryoshka")
-TOPK_STYLE = ("topk", "batchtopk", "matryoshka")  # k-sparse: sparse decode, AuxK, unit-norm decoder
+ARCHITECTURES = ("topk", "batchtopk", "relu", "gated", "jumprelu", "matryoshka", "crosscoder", "crosscoder_l1")
+TOPK_STYLE = ("topk", "batchtopk", "matryoshka", "crosscoder")  # k-sparse: sparse decode, AuxK
+CROSSCODERS = ("crosscoder", "crosscoder_l1")  # M models -> one latent space (saes/crosscoder.py)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
@@ -31,6 +32,8 @@ ARCHITECTURE_OPTIONS = {
     "batchtopk": ("k", "k_aux", "aux_coefficient", "threshold_ema"),
     "matryoshka": ("k", "k_aux", "aux_coefficient", "threshold_ema", "matryoshka_prefixes"),
     "relu": ("l1_coefficient", "l1_warmup_steps"),
+    "crosscoder": ("k", "k_aux", "aux_coefficient", "threshold_ema"),
+    "crosscoder_l1": ("l1_coefficient", "l1_warmup_steps"),
     "gated": ("l1_coefficient", "l1_warmup_steps"),
     "jumprelu": ("l0_coefficient", "l1_warmup_steps", "sparsity_penalty", "tanh_scale", "preact_coefficient",
                  "threshold_init", "bandwidth"),
@@ -48,10 +51,10 @@ class SAEOptions:
     """An SAE's architecture options; None means the architecture's default (the value in brackets).
 
     Args:
-        k: topk: active latents per token; batchtopk/matryoshka: mean active per token [32].
+        k: topk: active latents per token; batchtopk/matryoshka/crosscoder: mean active per token [32].
         k_aux: AuxK: dead latents that reconstruct the residual [d_in // 2].
         aux_coefficient: AuxK loss weight (Gao et al. 2024) [1/32].
-        l1_coefficient: relu, gated: lambda of the decoder-norm weighted L1 penalty [5.0].
+        l1_coefficient: relu, gated, crosscoder_l1: lambda of the decoder-norm weighted L1 penalty [5.0].
         l1_warmup_steps: relu, gated, jumprelu: the penalty's lambda ramps linearly from 0 over these steps [1000].
         l0_coefficient: jumprelu: lambda of the L0 (or tanh) penalty [1.0].
         sparsity_penalty: jumprelu: "l0" (step, Gemma Scope) or "tanh" (Anthropic 2025) [l0].
@@ -59,12 +62,14 @@ class SAEOptions:
         preact_coefficient: jumprelu: Anthropic's pre-activation loss reviving dead latents; 0 = off [0.0].
         threshold_init: jumprelu: initial per-latent threshold theta [0.01].
         bandwidth: jumprelu: width epsilon of the straight-through rectangle kernel [0.05].
-        threshold_ema: batchtopk/matryoshka: EMA decay of the inference threshold, after a (1+n)/(10+n)
+        threshold_ema: batchtopk/matryoshka/crosscoder: EMA decay of the inference threshold, after a (1+n)/(10+n)
             warm-up [0.99].
         matryoshka_prefixes: matryoshka: nested dictionary sizes ending at d_sae [d_sae/16, /8, /4, /2, 1].
-        normalize_decoder: unit-norm decoder rows [per architecture: all but relu and tanh-jumprelu].
-        decoder_init_norm: decoder row norm at init [1 with unit-norm rows, else 0.1].
-        apply_b_dec_to_input: subtract b_dec before encoding (SAELens's key of that name) [true].
+        normalize_decoder: unit-norm decoder rows [per architecture: all but relu, tanh-jumprelu and the
+            crosscoders, whose per-model decoder norms are what model diffing reads].
+        decoder_init_norm: decoder row norm at init (a crosscoder: each model's part of the row) [1 with unit-norm
+            rows, else 0.1].
+        apply_b_dec_to_input: subtract b_dec before encoding (SAELens's key of that name) [true; crosscoders false].
         dtype: parameter dtype [float32].
     """
 
@@ -107,18 +112,26 @@ class SAEOptions:
 class SAEConfig(SAEOptions):
     """The whole configuration of one SAE: its architecture, sizes and options (None resolved to the defaults)."""
 
-    architecture: str = "topk"  # one of topk, batchtopk, relu, gated, jumprelu, matryoshka
-    d_in: int = 768  # width of the hooked activation
+    architecture: str = "topk"  # one of ARCHITECTURES
+    d_in: int = 768  # width of the hooked activation (a crosscoder: of its M models' activations side by side)
     d_sae: int = 16384  # number of latents (dictionary size)
+    n_models: int = 1  # a crosscoder: the models it reads (d_in = n_models x one model's width)
 
     def __post_init__(self):
+        if self.apply_b_dec_to_input is None and self.architecture in CROSSCODERS:
+            self.apply_b_dec_to_input = False  # Anthropic's and science-of-finetuning's crosscoders encode x itself
         for name, value in OPTION_DEFAULTS.items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
         if self.architecture not in ARCHITECTURES:
             _bad(f"unknown SAE architecture {self.architecture!r}; use one of {', '.join(ARCHITECTURES)}")
-        for name in ("d_in", "d_sae"):
+        for name in ("d_in", "d_sae", "n_models"):
             _positive_int(name, getattr(self, name))
+        if self.architecture in CROSSCODERS and (self.n_models < 2 or self.d_in % self.n_models):
+            _bad(f"a {self.architecture} reads n_models >= 2 models of one width (d_in = n_models x width); "
+                 f"got n_models={self.n_models}, d_in={self.d_in}: give the data module two or more models")
+        if self.architecture not in CROSSCODERS and self.n_models != 1:
+            _bad(f"n_models={self.n_models} applies to crosscoders only; use architecture crosscoder or crosscoder_l1")
         if self.architecture in TOPK_STYLE:
             _positive_int("k", self.k)
             if self.k >= self.d_sae:
@@ -166,12 +179,14 @@ class SAEConfig(SAEOptions):
         # paper keeps unit norms (a free decoder scale lets its gate and auxiliary loss drift apart)
         if self.architecture == "jumprelu":
             return self.sparsity_penalty == "l0"
-        return self.architecture != "relu"
+        return self.architecture not in ("relu", *CROSSCODERS)
 
     @property
     def init_norm(self) -> float:
         if self.decoder_init_norm is not None:
             return self.decoder_init_norm
+        # a crosscoder's too: each model's part of a row starts at 0.1, so the part of a model a latent is not
+        # in starts small (from norm 1, BatchTopK left some A-only planted features at Δ ≈ 0.2: test_crosscoder)
         return 1.0 if self.unit_norm_decoder else 0.1
 
     @property
@@ -313,6 +328,10 @@ class SAE(nn.Module):
         self.b_enc[indices] = 0.0
 
     # ---- input scale -------------------------------------------------------------------------
+    def input_scales(self) -> torch.Tensor:
+        """The training scale s of the input (0-dim; a crosscoder: one per channel): it reads s·x."""
+        return self.input_scale
+
     @torch.no_grad()
     def fold_input_scale(self) -> "SAE":
         """A copy that works on raw activations: it computes the same latents on x as self on s·x."""
