@@ -18,7 +18,16 @@ import torch
 from torch import nn
 
 from saelightning.errors import SAELightningError
-from saelightning.saes.sparse import dense_to_sparse
+from saelightning.saes.latent import (
+    LATENT_AXES,
+    LatentShard,
+    all_gather_cat,
+    copy_to_shards,
+    gather_dense,
+    gather_sparse,
+    sum_partials,
+)
+from saelightning.saes.sparse import SparseLatents, dense_to_sparse
 
 ARCHITECTURES = ("topk", "batchtopk", "relu", "gated", "jumprelu", "matryoshka")
 TOPK_STYLE = ("topk", "batchtopk", "matryoshka")  # k-sparse: sparse decode, AuxK, unit-norm decoder
@@ -211,6 +220,100 @@ class SAE(nn.Module):
         self.register_buffer("input_scale", torch.ones((), dtype=torch.float32))
         self.metadata: dict = {}
         self.training_step = 0
+        self.shard: LatentShard | None = None  # set by shard_latents: this rank holds a part of the latents
+
+    # ---- latent parallelism (saes/latent.py) -------------------------------------------------
+    sharded_architecture = True  # False where the architecture has no latent-sharded forward
+
+    @torch.no_grad()
+    def shard_latents(self, shard: LatentShard) -> None:
+        """Keep only this rank's latents (W_enc columns, b_enc, W_dec rows, thresholds); the rest is freed."""
+        if not self.sharded_architecture:
+            _bad(f"the {self.config.architecture} SAE has no latent-sharded form; train it replicated (its spec's "
+                 "shard_latents: false) or choose topk, batchtopk, matryoshka, relu or jumprelu")
+        keep = slice(shard.offset, shard.offset + shard.d_local)
+        for name, axis in LATENT_AXES.items():
+            param = getattr(self, name, None)
+            if isinstance(param, nn.Parameter) and param.dim() > axis and param.shape[axis] == self.config.d_sae:
+                param.data = param.data.narrow(axis, keep.start, shard.d_local).clone()
+        self.shard = shard
+
+    def sharded_names(self) -> list[str]:
+        """The parameters that hold only this rank's latents (empty when unsharded)."""
+        if self.shard is None:
+            return []
+        return [n for n, axis in LATENT_AXES.items() if isinstance(getattr(self, n, None), nn.Parameter)
+                and getattr(self, n).dim() > axis]
+
+    def _encoder_shift(self) -> torch.Tensor:
+        """b_dec as the encoder sees it: sharded, every shard's gradient into it is summed."""
+        return self.b_dec if self.shard is None else copy_to_shards(self.b_dec, self.shard)
+
+    def _latent_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """A sum over latents (a partial reconstruction, a penalty) completed over the shards."""
+        return t if self.shard is None else sum_partials(t, self.shard)
+
+    def _local_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Dense latents as this rank decodes them: its own columns of global [N, d_sae] ones."""
+        if self.shard is not None and latents.shape[-1] == self.config.d_sae:
+            return latents.narrow(-1, self.shard.offset, self.shard.d_local)
+        return latents
+
+    def _gathered_dense(self, latents: torch.Tensor) -> torch.Tensor:
+        """Dense latents over all d_sae latents from this rank's (an evaluation's encode)."""
+        return latents if self.shard is None else gather_dense(latents, self.shard)
+
+    def shard_firing_counts(self, latents) -> torch.Tensor:
+        """Tokens in which each of this rank's latents fired ([d_local], float64) from a training forward's latents
+        (dense local ones, or sparse ones of own entries with global indices)."""
+        if not isinstance(latents, SparseLatents):
+            return (latents != 0).sum(0).to(torch.float64)
+        if self.shard is None:
+            return latents.firing_counts()
+        local, mine = self.shard.own(latents.indices)
+        fired = ((latents.values != 0) & mine).flatten().to(torch.float64)
+        return fired.new_zeros(self.shard.d_local).index_add_(0, local.flatten(), fired)
+
+    def full_latents(self, latents):
+        """A training forward's latents over all d_sae latents (gathered from the shards: for metrics)."""
+        if self.shard is None:
+            return latents
+        if not isinstance(latents, SparseLatents):
+            return gather_dense(latents, self.shard)
+        values, indices, rows = gather_sparse(latents.values, latents.indices, latents.rows, self.shard)
+        return SparseLatents(values, indices, self.config.d_sae, rows, latents.n_rows)
+
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        """clip_grad_norm_ over this SAE's parameters; sharded, the norm is over all shards (replicated
+        parameters counted once)."""
+        params = [p for p in self.parameters() if p.grad is not None]
+        if self.shard is None:
+            return nn.utils.clip_grad_norm_(params, max_norm)
+        sharded = {id(getattr(self, n)) for n in self.sharded_names()}
+        squares = [p.grad.float().pow(2).sum() for p in params]
+        local = sum((s for p, s in zip(params, squares) if id(p) in sharded), torch.zeros(()))
+        replicated = sum((s for p, s in zip(params, squares) if id(p) not in sharded), torch.zeros(()))
+        total = (sum_partials(local.detach(), self.shard) + replicated).sqrt()
+        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        for p in params:
+            p.grad.mul_(coef.to(p.grad.dtype))
+        return total
+
+    @torch.no_grad()
+    def gathered(self) -> "SAE":
+        """The whole SAE (every shard's latents, in order) as an ordinary unsharded copy on every rank."""
+        if self.shard is None:
+            return self
+        shard, self.shard = self.shard, None
+        try:
+            whole = copy.deepcopy(self)
+        finally:
+            self.shard = shard
+        for name in LATENT_AXES:
+            param = getattr(whole, name, None)
+            if isinstance(param, nn.Parameter) and param.dim() > LATENT_AXES[name]:
+                param.data = all_gather_cat(param.data, shard, LATENT_AXES[name])
+        return whole
 
     # ---- encode / decode -------------------------------------------------------------------
     def _check_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -226,9 +329,11 @@ class SAE(nn.Module):
     @property
     def encoder_shift(self) -> torch.Tensor | None:
         """b_dec where the encoder subtracts it from x (the sparse encoder's backward gives it its gradient)."""
-        return self.b_dec if self.config.apply_b_dec_to_input else None
+        return self._encoder_shift() if self.config.apply_b_dec_to_input else None
 
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
+        if self.shard is not None and self.config.apply_b_dec_to_input:
+            return (self._check_input(x) - self._encoder_shift()) @ self.W_enc + self.b_enc
         return self.centered(x) @ self.W_enc + self.b_enc
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -242,7 +347,7 @@ class SAE(nn.Module):
         return values.reshape(*latents.shape[:-1], -1), indices.reshape(*latents.shape[:-1], -1)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return latents.to(self.W_dec.dtype) @ self.W_dec + self.b_dec
+        return self._latent_sum(self._local_latents(latents).to(self.W_dec.dtype) @ self.W_dec) + self.b_dec
 
     def forward(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None):
         raise NotImplementedError

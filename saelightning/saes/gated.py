@@ -15,6 +15,7 @@ from saelightning.saes.base import SAE
 
 class GatedSAE(SAE):
     has_b_enc = False
+    sharded_architecture = False  # its gate and magnitude paths are not split over latent shards
 
     def __init__(self, config):
         super().__init__(config)

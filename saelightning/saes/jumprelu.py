@@ -61,7 +61,7 @@ class JumpReLUSAE(SAE):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         pre = self.pre_acts(x)
         # ReLU(z) · 1[z > θ], exactly SAELens's JumpReLU (equal to z · 1[z > θ] for θ ≥ 0)
-        return pre.relu() * (pre > self.threshold).to(pre.dtype)
+        return self._gathered_dense(pre.relu() * (pre > self.threshold).to(pre.dtype))
 
     def forward(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None):
         pre = self.pre_acts(x)
@@ -71,14 +71,15 @@ class JumpReLUSAE(SAE):
         losses = self.reconstruction_stats(x, x_hat)
         norms = self.decoder_norms()
         if self.config.sparsity_penalty == "l0":
-            penalty = losses["l0_loss"] = StepSTE.apply(pre, self.threshold, bandwidth).sum(-1).mean()
+            penalty = losses["l0_loss"] = self._latent_sum(StepSTE.apply(pre, self.threshold, bandwidth).sum(-1)).mean()
         else:
-            penalty = losses["tanh_loss"] = torch.tanh(self.config.tanh_scale * latents * norms).sum(-1).mean()
+            penalty = losses["tanh_loss"] = self._latent_sum(
+                torch.tanh(self.config.tanh_scale * latents * norms).sum(-1)).mean()
         lam = self.config.l0_coefficient * self.penalty_scale()
         losses["loss"] = losses["sse"] + lam * penalty
         if self.config.preact_coefficient > 0:
             # pushes latents that never clear θ back up towards it (Anthropic, January 2025)
-            losses["preact_loss"] = ((self.threshold - pre).relu() * norms).sum(-1).mean()
+            losses["preact_loss"] = self._latent_sum(((self.threshold - pre).relu() * norms).sum(-1)).mean()
             losses["loss"] = losses["loss"] + self.config.preact_coefficient * losses["preact_loss"]
         return x_hat, latents, losses
 

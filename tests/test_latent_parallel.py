@@ -1,0 +1,142 @@
+"""Latent parallelism (saes/latent.py): an SAE whose latents are split over gloo processes trains the same SAE as
+one process holding them all.
+
+The tolerance, from the numerics: the sharded step computes the same products as the unsharded one; what
+changes is the order of a few sums: the decode adds the k (or N·k) chosen rows in another grouping (partials
+per shard, then the all-reduce), the encoder's [N, d_in] x [d_in, d_sae/n] product may be blocked differently
+from the whole one, and the gradient's sums over the N tokens follow. Each such sum of length L is within
+2·L·u (u = 2^-24) of the other order, relative to the size of its terms; `depth` of them in a row (encode,
+decode, loss, and the three backward products) compound that. An Adam step moves a parameter by about lr·m/√v,
+whose relative error is the gradient's, so after `steps` steps the parameters differ by at most
+steps · lr · 2·depth·L·u (with L the longest sum) from that, plus the same relative error on their size; the
+unit-norm projection and the moments add nothing of their own order. A real mistake (a wrong winner, a shard's
+partial missing, a gradient counted twice) moves parameters by ~lr per step: 10^4 times more.
+"""
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from saelightning.errors import SAELightningError
+from saelightning.optim import SkipAdam
+from saelightning.saes import SAEConfig, build_sae
+from saelightning.saes.latent import LatentShard
+from tests.numerics import UNIT_ROUNDOFF
+from tests.test_metrics import _free_port
+
+D_IN, D_SAE, N, STEPS, LR = 16, 64, 32, 6, 1e-3
+CASES = {
+    "topk": {"architecture": "topk", "k": 4},
+    "topk_rescaled": {"architecture": "topk", "k": 4, "normalize_decoder": False},
+    "batchtopk": {"architecture": "batchtopk", "k": 4},
+    "matryoshka": {"architecture": "matryoshka", "k": 4, "matryoshka_prefixes": [8, 24, 64]},
+    "relu": {"architecture": "relu", "l1_coefficient": 0.5, "l1_warmup_steps": 0},
+    "jumprelu": {"architecture": "jumprelu", "l0_coefficient": 0.1, "l1_warmup_steps": 0},
+}
+DEAD = torch.arange(D_SAE) % 3 == 0  # a third of the latents dead: AuxK across shards
+
+
+def _data(step: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(100 + step)
+    return torch.randn(N, D_IN, generator=g) * 2 + 0.5
+
+
+def _train(sae, dead: torch.Tensor) -> list[torch.Tensor]:
+    """STEPS steps as the SAE module takes them: forward, backward, the decoder-gradient projection, clipping,
+    SkipAdam, renormalisation. Returns the losses (the same on every rank of a group)."""
+    optimizer = SkipAdam([{"params": list(sae.parameters()), "lr": LR, "name": "sae"}], eps=6.25e-10)
+    sae.init_from_batch(_data(-1))
+    losses = []
+    for step in range(STEPS):
+        sae.set_training_step(step)
+        kwargs = {"sparse": True} if sae.sparse_forward else {}
+        _, _, out = sae(_data(step), dead_mask=dead, **kwargs)
+        optimizer.zero_grad()
+        out["loss"].backward()
+        sae.before_optimizer_step()
+        sae.clip_grad_norm(10.0)
+        optimizer.step()
+        sae.after_optimizer_step()
+        losses.append(out["loss"].detach())
+    return losses
+
+
+def _build(case: str):
+    torch.manual_seed(0)
+    return build_sae(SAEConfig(d_in=D_IN, d_sae=D_SAE, **CASES[case]))
+
+
+def _worker(rank, world, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    for case in CASES:
+        sae = _build(case)
+        shard = LatentShard(None, rank, world, D_SAE)
+        sae.shard_latents(shard)
+        assert sae.W_enc.shape == (D_IN, D_SAE // world) and sae.W_dec.shape == (D_SAE // world, D_IN)
+        losses = _train(sae, DEAD[shard.offset:shard.offset + shard.d_local])
+        whole = sae.gathered()
+        sae.eval()
+        x = _data(99)
+        eval_latents = sae.encode(x)  # evaluation: global latents, a collective decode
+        torch.save({"state": {k: v.clone() for k, v in whole.state_dict().items()}, "losses": losses,
+                    "latents": eval_latents, "x_hat": sae.decode(eval_latents).detach()},
+                   os.path.join(out_dir, f"{case}-{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def _tolerance(param: torch.Tensor) -> float:
+    depth, longest = 6, max(D_IN, N, D_SAE)
+    relative = 2 * depth * longest * UNIT_ROUNDOFF
+    return STEPS * LR * relative + relative * float(param.detach().abs().max())
+
+
+@pytest.fixture(scope="module")
+def two_shards(tmp_path_factory):
+    out = tmp_path_factory.mktemp("latent2")
+    mp.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    return out
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_two_latent_shards_train_the_same_sae_as_one_process(two_shards, case):
+    sae = _build(case)
+    want_losses = _train(sae, DEAD)
+    sae.eval()
+    x = _data(99)
+    want_latents = sae.encode(x)
+    want = sae.state_dict()
+    for rank in (0, 1):
+        got = torch.load(two_shards / f"{case}-{rank}.pt", weights_only=True)
+        assert got["state"].keys() == want.keys()
+        for key, value in want.items():
+            if value.is_floating_point():
+                torch.testing.assert_close(got["state"][key], value, rtol=0, atol=_tolerance(value), msg=key)
+            else:
+                assert torch.equal(got["state"][key], value), key
+        for got_loss, want_loss in zip(got["losses"], want_losses):
+            torch.testing.assert_close(got_loss, want_loss, rtol=_tolerance(torch.ones(())), atol=0)
+        # the gathered evaluation latents and their decode are the unsharded SAE's (same active set)
+        assert torch.equal(got["latents"] != 0, want_latents != 0)
+        torch.testing.assert_close(got["latents"], want_latents, rtol=0, atol=_tolerance(want_latents))
+        torch.testing.assert_close(got["x_hat"], sae.decode(want_latents).detach(), rtol=0,
+                                   atol=_tolerance(x) * 10)
+    # the two ranks hold the same replicated state and gather the same whole SAE
+    a = torch.load(two_shards / f"{case}-0.pt", weights_only=True)["state"]
+    b = torch.load(two_shards / f"{case}-1.pt", weights_only=True)["state"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_d_sae_that_does_not_split_evenly_is_refused():
+    with pytest.raises(SAELightningError, match="does not split into 3 equal latent shards"):
+        LatentShard(None, 0, 3, 64)
+
+
+def test_gated_is_refused_with_the_way_out():
+    sae = build_sae(SAEConfig(architecture="gated", d_in=D_IN, d_sae=D_SAE))
+    with pytest.raises(SAELightningError, match="shard_latents: false"):
+        sae.shard_latents(LatentShard(None, 0, 2, D_SAE))
