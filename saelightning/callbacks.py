@@ -83,6 +83,12 @@ class ResampleDeadLatents(pl.Callback):
         self.every_n_steps, self.until_step, self.seed = every_n_steps, until_step, seed
         self.history: list[dict] = []  # {"step", "sae", "resampled"}
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self.every_n_steps and pl_module.sharded:
+            raise SAELightningError(f"resample.every_n_steps={self.every_n_steps} with latent-sharded SAEs "
+                                    f"({', '.join(pl_module.sharded)}): resampling is not sharded; set it to 0 (the "
+                                    "TopK family's AuxK revives dead latents) or give those SAEs shard_latents: false")
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
         if not self.every_n_steps or step % self.every_n_steps or step > self.until_step:
@@ -127,19 +133,22 @@ def export_dir(trainer) -> Path:
 
 
 def export_module(pl_module, out_root: Path, step: int, metrics: dict | None = None,
-                  metrics_step: int | None = None) -> list[Path]:
+                  metrics_step: int | None = None, write: bool = True) -> list[Path]:
     """save_sae every SAE of the module to out_root/<name>/ (SAELens layout, weights on raw activations).
 
     metrics: the latest logged scalars; metrics_step: the global step of the validation that gave their
-    val/* figures (recorded as final_metrics_step: the weights are those of `step`).
+    val/* figures (recorded as final_metrics_step: the weights are those of `step`). A latent-sharded SAE is
+    gathered whole first (every rank calls this; only those with `write` write).
     """
     paths = []
-    for name, sae in pl_module.saes.items():
+    for name in pl_module.saes:
+        sae, density, density_tokens = pl_module.whole(name)
+        if not write:
+            continue
         spec, info = pl_module.specs[name], pl_module.model_info
         prefix = pl_module.prefix(name)
         mine = ({k[len(prefix):]: v for k, v in (metrics or {}).items() if k.startswith(prefix)} if prefix
                 else dict(metrics or {}))
-        density, density_tokens = pl_module.states[name].latest_density()
         metadata = {
             "model_name": "nanochat", "hook_name": spec.hook_name, "context_size": info.get("context_size"),
             "model": {k: info.get(k) for k in ("path", "step", "era", "config")}, "sae_name": name,
@@ -178,11 +187,16 @@ class ExportSAEs(pl.Callback):
         self.enabled = enabled
         self.last_export: list[Path] = []
 
-    @rank_zero_only
     def _export(self, trainer, pl_module) -> None:
-        if self.enabled and trainer.global_step > 0:
-            self.last_export = export_module(pl_module, export_dir(trainer), trainer.global_step,
-                                             _scalar_metrics(trainer), pl_module.last_val_step)
+        if not (self.enabled and trainer.global_step > 0):
+            return
+        if not trainer.is_global_zero and not pl_module.sharded:
+            return
+        # sharded SAEs are gathered on every rank (a collective); rank 0 writes
+        paths = export_module(pl_module, export_dir(trainer), trainer.global_step, _scalar_metrics(trainer),
+                              pl_module.last_val_step, write=trainer.is_global_zero)
+        if trainer.is_global_zero:
+            self.last_export = paths
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         self._export(trainer, pl_module)

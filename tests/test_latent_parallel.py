@@ -14,18 +14,28 @@ partial missing, a gradient counted twice) moves parameters by ~lr per step: 10^
 """
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import yaml
 
+from saelightning import load_sae
+from saelightning.cli import main
 from saelightning.errors import SAELightningError
 from saelightning.optim import SkipAdam
+from saelightning.parallel import gather_shards
 from saelightning.saes import SAEConfig, build_sae
 from saelightning.saes.latent import LatentShard
 from tests.numerics import UNIT_ROUNDOFF
 from tests.test_metrics import _free_port
+from tests.test_synthetic import TINY
+
+ROOT = Path(__file__).resolve().parent.parent
 
 D_IN, D_SAE, N, STEPS, LR = 16, 64, 32, 6, 1e-3
 CASES = {
@@ -140,3 +150,92 @@ def test_gated_is_refused_with_the_way_out():
     sae = build_sae(SAEConfig(architecture="gated", d_in=D_IN, d_sae=D_SAE))
     with pytest.raises(SAELightningError, match="shard_latents: false"):
         sae.shard_latents(LatentShard(None, 0, 2, D_SAE))
+
+
+# --- through Lightning: `saelightning fit` under LatentParallelStrategy (gloo on CPU) ---
+
+FIT_STEPS = 6
+FIT_SAES = [{"hook_name": "synthetic", "architecture": "topk", "d_sae": 24, "k": 3, "name": "topk"},
+            {"hook_name": "synthetic", "architecture": "batchtopk", "d_sae": 24, "k": 3, "name": "batchtopk"},
+            # a sweep may mix: this one is held whole by every rank of the latent group
+            {"hook_name": "synthetic", "architecture": "relu", "d_sae": 24, "name": "relu", "shard_latents": False}]
+
+
+def _fit_config(tmp_path, run, latent=None, saes=FIT_SAES, **trainer):
+    strategy = {} if latent is None else {
+        "strategy": {"class_path": "saelightning.parallel.LatentParallelStrategy",
+                     "init_args": {"latent_parallel_size": latent, "process_group_backend": "gloo"}},
+        "devices": trainer.pop("devices", latent)}
+    config = {
+        "seed_everything": 0,
+        "trainer": {"accelerator": "cpu", "max_steps": FIT_STEPS, "val_check_interval": 3, "log_every_n_steps": 2,
+                    "default_root_dir": str(tmp_path / run), "enable_progress_bar": False,
+                    "enable_model_summary": False, **strategy, **trainer},
+        "model": {"saes": saes, "warmup_steps": 2, "dead_window_tokens": 128},
+        "data": {"synthetic": {**TINY, "file": str(tmp_path / "model.safetensors")}, "batch_size": 64,
+                 "buffer_tokens": 256, "num_workers": 0, "val_batches": 2, "scale_batches": 2},
+        "checkpoint": {"every_n_train_steps": 2},
+        "resample": {"every_n_steps": 0},
+    }
+    path = tmp_path / f"{run}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _fit(cfg, *extra, timeout=300):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, "-m", "saelightning", "fit", "--config", str(cfg), *extra], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def _whole_state(ckpt: Path) -> dict:
+    checkpoint = torch.load(ckpt, weights_only=True)
+    if "latent_shards" in checkpoint:
+        return gather_shards(ckpt, checkpoint["state_dict"], checkpoint["latent_shards"])
+    return checkpoint["state_dict"]
+
+
+def _fit_tolerance(value: torch.Tensor) -> float:
+    # as _tolerance, for the fit's sums (d_in 12, 64 tokens, 24 latents) and its FIT_STEPS steps at the default
+    # lr 2e-4 / sqrt(24 / 2^14) ~ 5.2e-3
+    relative = 2 * 6 * 64 * UNIT_ROUNDOFF
+    return FIT_STEPS * 5.3e-3 * relative + relative * float(value.abs().max())
+
+
+@pytest.fixture(scope="module")
+def one_process_fit(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("lp_one")
+    assert main(["fit", "--config", str(_fit_config(tmp, "one"))]) == 0
+    return tmp / "one"
+
+
+@pytest.mark.slow
+def test_two_process_latent_parallel_fit_equals_one_process_and_exports_one_sae(tmp_path, one_process_fit):
+    _fit(_fit_config(tmp_path, "two", latent=2))
+    run = tmp_path / "two"
+    checkpoint = torch.load(run / "last.ckpt", weights_only=True)
+    assert checkpoint["latent_shards"] == {"size": 2, "step": FIT_STEPS}
+    assert "saes.topk.W_enc" not in checkpoint["state_dict"]  # the shards are beside it, each written once
+    assert sorted(p.name for p in run.glob("last.ckpt.*")) == [f"last.ckpt.step{FIT_STEPS}.shard{r}of2" for r in (0, 1)]
+    shard = torch.load(run / f"last.ckpt.step{FIT_STEPS}.shard1of2", weights_only=True)
+    assert shard["state_dict"]["saes.topk.W_dec"].shape == (12, 12)  # 24 latents / 2, d_in 12
+    assert shard["optimizer_state"]  # and their Adam moments
+    want, got = _whole_state(one_process_fit / "last.ckpt"), _whole_state(run / "last.ckpt")
+    assert want.keys() == got.keys()
+    for key, value in want.items():
+        if value.is_floating_point():
+            torch.testing.assert_close(got[key], value, rtol=0, atol=_fit_tolerance(value), msg=key)
+        else:
+            assert torch.equal(got[key], value), key
+    # the export is one ordinary SAE per name, equal to the one-process run's
+    for name in ("topk", "batchtopk", "relu"):
+        a, b = load_sae(one_process_fit / "saes" / name), load_sae(run / "saes" / name)
+        assert b.W_enc.shape == (12, 24)
+        for key in ("W_enc", "W_dec", "b_enc", "b_dec"):
+            torch.testing.assert_close(getattr(b, key), getattr(a, key), rtol=0,
+                                       atol=_fit_tolerance(getattr(a, key)) * 4, msg=f"{name}.{key}")
+    # `saelightning export --ckpt` gathers the shards into the same files
+    out = tmp_path / "exported"
+    assert main(["export", "--ckpt", str(run / "last.ckpt"), "--out", str(out)]) == 0
+    assert torch.equal(load_sae(out / "topk").W_dec, load_sae(run / "saes" / "topk").W_dec)
