@@ -14,6 +14,7 @@ partial missing, a gradient counted twice) moves parameters by ~lr per step: 10^
 """
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -28,9 +29,10 @@ from saelightning import load_sae
 from saelightning.cli import main
 from saelightning.errors import SAELightningError
 from saelightning.optim import SkipAdam
-from saelightning.parallel import gather_shards
+from saelightning.parallel import LatentParallelStrategy, gather_shards
 from saelightning.saes import SAEConfig, build_sae
 from saelightning.saes.latent import LatentShard
+from tests.announce import wait_for
 from tests.numerics import UNIT_ROUNDOFF
 from tests.test_metrics import _free_port
 from tests.test_synthetic import TINY
@@ -239,3 +241,56 @@ def test_two_process_latent_parallel_fit_equals_one_process_and_exports_one_sae(
     out = tmp_path / "exported"
     assert main(["export", "--ckpt", str(run / "last.ckpt"), "--out", str(out)]) == 0
     assert torch.equal(load_sae(out / "topk").W_dec, load_sae(run / "saes" / "topk").W_dec)
+
+
+@pytest.mark.slow
+def test_four_processes_as_a_2x2_mesh_equal_two_process_ddp(tmp_path):
+    """2 data x 2 latent ranks train what 2 data-parallel ranks do with whole SAEs (the same batches per data rank;
+    DDP averages the data ranks' gradients in both). Not the 1-process run: each rank's fvu is normalised by its
+    own batch's variance, so the average of two halves' gradients is not the whole batch's."""
+    _fit(_fit_config(tmp_path, "ddp", devices=2, strategy="ddp", num_nodes=1), timeout=500)
+    _fit(_fit_config(tmp_path, "mesh", latent=2, devices=4), timeout=500)
+    want, got = _whole_state(tmp_path / "ddp" / "last.ckpt"), _whole_state(tmp_path / "mesh" / "last.ckpt")
+    assert torch.load(tmp_path / "mesh" / "last.ckpt", weights_only=True)["latent_shards"]["size"] == 2
+    for key, value in want.items():
+        if value.is_floating_point():
+            torch.testing.assert_close(got[key], value, rtol=0, atol=_fit_tolerance(value), msg=key)
+        else:
+            assert torch.equal(got[key], value), key
+
+
+@pytest.mark.slow
+def test_sigkill_of_a_latent_parallel_run_then_resume_is_bitwise_equal(tmp_path):
+    whole = _fit_config(tmp_path, "whole", latent=2)
+    _fit(whole)
+    held = _fit_config(tmp_path, "parts", latent=2)
+    config = yaml.safe_load(held.read_text())
+    config["trainer"]["callbacks"] = [{"class_path": "tests.announce.Announce",
+                                       "init_args": {"marker": str(tmp_path / "parts.reached"),
+                                                     "event": "train_batch_start", "step": 5}}]
+    held = held.with_name("parts-announce.yaml")
+    held.write_text(yaml.safe_dump(config))
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "saelightning", "fit", "--config", str(held)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    assert wait_for(proc, tmp_path / "parts.reached") == 5
+    os.killpg(proc.pid, signal.SIGKILL)  # every rank at once
+    proc.communicate(timeout=60)
+    assert torch.load(tmp_path / "parts" / "last.ckpt", weights_only=True)["global_step"] == 4
+    _fit(_fit_config(tmp_path, "parts", latent=2), "--ckpt_path", "last")
+    a, b = _whole_state(tmp_path / "whole" / "last.ckpt"), _whole_state(tmp_path / "parts" / "last.ckpt")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    wa = torch.load(tmp_path / "whole" / f"last.ckpt.step{FIT_STEPS}.shard1of2", weights_only=True)
+    wb = torch.load(tmp_path / "parts" / f"last.ckpt.step{FIT_STEPS}.shard1of2", weights_only=True)
+    for index, moments in wa["optimizer_state"].items():  # the shards' Adam moments too
+        for key, value in moments.items():
+            assert torch.equal(value, wb["optimizer_state"][index][key]), (index, key)
+
+
+def test_latent_parallel_size_must_be_a_positive_integer():
+    strategy = LatentParallelStrategy(latent_parallel_size=2)
+    with pytest.raises(SAELightningError, match="positive integer"):
+        LatentParallelStrategy(latent_parallel_size=0)
+    assert strategy.latent_parallel_size == 2
