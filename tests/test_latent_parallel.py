@@ -31,7 +31,7 @@ from saelightning.errors import SAELightningError
 from saelightning.optim import SkipAdam
 from saelightning.parallel import LatentParallelStrategy, gather_shards
 from saelightning.saes import SAEConfig, build_sae
-from saelightning.saes.latent import LatentShard
+from saelightning.saes.latent import CollectiveCounter, LatentShard, communication_per_step
 from tests.announce import wait_for
 from tests.numerics import UNIT_ROUNDOFF
 from tests.test_metrics import _free_port
@@ -81,22 +81,24 @@ def _build(case: str):
     return build_sae(SAEConfig(d_in=D_IN, d_sae=D_SAE, **CASES[case]))
 
 
-def _worker(rank, world, port, out_dir):
+def _worker(rank, world, port, out_dir, cases=tuple(CASES)):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
-    for case in CASES:
+    for case in cases:
         sae = _build(case)
         shard = LatentShard(None, rank, world, D_SAE)
         sae.shard_latents(shard)
         assert sae.W_enc.shape == (D_IN, D_SAE // world) and sae.W_dec.shape == (D_SAE // world, D_IN)
-        losses = _train(sae, DEAD[shard.offset:shard.offset + shard.d_local])
+        with CollectiveCounter() as counted:  # the bytes of the STEPS training steps, as they are sent
+            losses = _train(sae, DEAD[shard.offset:shard.offset + shard.d_local])
+        traffic = torch.tensor([counted.gathered, counted.reduced, counted.broadcast])
         whole = sae.gathered()
         sae.eval()
         x = _data(99)
         eval_latents = sae.encode(x)  # evaluation: global latents, a collective decode
         torch.save({"state": {k: v.clone() for k, v in whole.state_dict().items()}, "losses": losses,
-                    "latents": eval_latents, "x_hat": sae.decode(eval_latents).detach()},
+                    "traffic": traffic, "latents": eval_latents, "x_hat": sae.decode(eval_latents).detach()},
                    os.path.join(out_dir, f"{case}-{rank}.pt"))
     dist.destroy_process_group()
 
@@ -141,6 +143,28 @@ def test_two_latent_shards_train_the_same_sae_as_one_process(two_shards, case):
     a = torch.load(two_shards / f"{case}-0.pt", weights_only=True)["state"]
     b = torch.load(two_shards / f"{case}-1.pt", weights_only=True)["state"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _traffic_equals_the_formula(out, case, world):
+    gathered, reduced = communication_per_step(_build(case).config, world, N)
+    for rank in range(world):
+        got = torch.load(out / f"{case}-{rank}.pt", weights_only=True)["traffic"].tolist()
+        assert got == [STEPS * gathered, STEPS * reduced, 0], (case, rank)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_the_bytes_a_sharded_step_sends_equal_the_formula(two_shards, case):
+    """CollectiveCounter counts the all-gathers and all-reduces as they are called; the README's formula
+    (communication_per_step) predicts them exactly: a collective more, or a tensor larger, fails."""
+    _traffic_equals_the_formula(two_shards, case, 2)
+
+
+@pytest.mark.slow
+def test_the_bytes_on_four_latent_shards_equal_the_formula(tmp_path):
+    cases = ("topk", "batchtopk", "matryoshka", "jumprelu")
+    mp.spawn(_worker, args=(4, _free_port(), str(tmp_path), cases), nprocs=4, join=True)
+    for case in cases:
+        _traffic_equals_the_formula(tmp_path, case, 4)
 
 
 def test_a_d_sae_that_does_not_split_evenly_is_refused():

@@ -142,3 +142,95 @@ def gather_sparse(values: torch.Tensor, indices: torch.Tensor, rows: torch.Tenso
             rows = torch.cat([rows, rows.new_zeros(shape)], axis)
     return (all_gather_cat(values, shard, axis), all_gather_cat(indices, shard, axis),
             None if rows is None else all_gather_cat(rows, shard, axis))
+
+
+# --- what a step communicates: counted (CollectiveCounter) and predicted (communication_per_step) ---
+
+class CollectiveCounter:
+    """Counts the bytes of every torch.distributed all_gather, all_reduce and broadcast called while it is active
+    (`with CollectiveCounter() as c: ...`), by wrapping those functions: whatever calls them (this module, DDP's
+    Python side excepted: its C++ reducer does not go through them) is counted as it happens.
+
+    `gathered`: bytes this rank receives from all-gathers ((size - 1) x its own input); `reduced`: bytes this rank
+    puts into all-reduces (its tensor's size); `broadcast`: bytes of broadcasts; `calls`: (op, dtype, shape, group
+    size) per call. Collectives over a group of one rank move nothing and are not counted."""
+
+    _OPS = ("all_gather", "all_reduce", "broadcast")
+
+    def __init__(self):
+        self.gathered = self.reduced = self.broadcast = 0
+        self.calls: list[tuple[str, torch.dtype, tuple[int, ...], int]] = []
+        self._saved: dict = {}
+
+    def wire_bytes(self, size: int) -> float:
+        """Bytes each rank receives with ring algorithms: an all-reduce of b bytes over `size` ranks is a
+        reduce-scatter and an all-gather, 2·(size - 1)/size · b."""
+        return self.gathered + self.broadcast + 2 * (size - 1) / size * self.reduced
+
+    def _record(self, op: str, tensor: torch.Tensor, group) -> None:
+        size = dist.get_world_size(group)
+        if size == 1:
+            return
+        nbytes = tensor.numel() * tensor.element_size()
+        self.calls.append((op, tensor.dtype, tuple(tensor.shape), size))
+        if op == "all_gather":
+            self.gathered += (size - 1) * nbytes
+        elif op == "all_reduce":
+            self.reduced += nbytes
+        else:
+            self.broadcast += nbytes
+
+    def __enter__(self) -> "CollectiveCounter":
+        for op in self._OPS:
+            self._saved[op] = original = getattr(dist, op)
+
+            def counted(*args, _op=op, _original=original, **kwargs):
+                tensor = args[1] if _op == "all_gather" else args[0]
+                # the group is the third argument of all three (all_gather's list, all_reduce's op, broadcast's src)
+                self._record(_op, tensor, kwargs.get("group", args[2] if len(args) > 2 else None))
+                return _original(*args, **kwargs)
+
+            setattr(dist, op, counted)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for op, original in self._saved.items():
+            setattr(dist, op, original)
+        self._saved = {}
+
+
+def communication_per_step(config, size: int, tokens: int, dead_mask: bool = True,
+                           value_bytes: int = 4) -> tuple[int, int]:
+    """(gathered, reduced) bytes of one training step of a latent-sharded SAE (an SAEConfig) on each of the `size`
+    ranks of its latent group, for `tokens` tokens per group and the SAE's values of `value_bytes` (4: fp32),
+    as CollectiveCounter counts them: gathered = received from all-gathers, reduced = put into all-reduces. With a
+    dead mask (the trainer always passes one) the AuxK candidates and ê are communicated even when none is dead.
+
+    - TopK: the local top k per token, (value, ranking, int64 index): (n-1)·N·k'·(2v + 8), k' = min(k, d_sae/n);
+    - BatchTopK, Matryoshka: each shard's top k·N values: (n-1)·v·min(k·N, N·d_sae/n);
+    - AuxK (TopK family, with a mask): (n-1)·N·k_aux'·(2v + 8), k_aux' = min(k_aux, d_sae/n), and ê [N, d_in];
+    - the decode: x̂ [N, d_in] (Matryoshka: one [N, d_in] per prefix band); ReLU/JumpReLU: their per-token penalty
+      [N] (and JumpReLU's pre-activation loss);
+    - backward: b_dec's gradient [d_in] once per sparse encode that reads it (BatchTopK/Matryoshka: the kept latents
+      and AuxK's); the gradient clip's squared norm (one fp32 scalar)."""
+    n, d_in, v = size, config.d_in, value_bytes
+    d_local = config.d_sae // n
+    arch = config.architecture
+    gathered, reduced, encodes = 0, v * tokens * d_in, 1
+    if arch == "topk":
+        gathered += (n - 1) * tokens * min(config.k, d_local) * (2 * v + 8)
+    elif arch in ("batchtopk", "matryoshka"):
+        gathered += (n - 1) * v * min(config.k * tokens, tokens * d_local)
+        if arch == "matryoshka":
+            reduced *= len(config.prefixes)
+    elif arch in ("relu", "jumprelu"):
+        reduced += v * tokens * (2 if arch == "jumprelu" and config.preact_coefficient > 0 else 1)
+    else:
+        raise SAELightningError(f"the {arch} SAE has no latent-sharded form; nothing to count")
+    if dead_mask and arch in ("topk", "batchtopk", "matryoshka"):
+        gathered += (n - 1) * tokens * min(config.k_aux_resolved, config.d_sae, d_local) * (2 * v + 8)
+        reduced += v * tokens * d_in
+        encodes += arch != "topk"
+    if config.apply_b_dec_to_input:
+        reduced += encodes * v * d_in
+    return gathered, reduced + 4
