@@ -2,10 +2,10 @@
 latent-parallel degree n (n processes, one latent group).
 
     python benchmarks/latent_parallel.py [--sizes 1 2 4] [--d-in 256] [--d-sae 65536] [--k 32] [--batch 1024]
-        [--steps 3] [--dead 0.25] [--threads 1] [--arch topk]
+        [--steps 3] [--dead 0.25] [--threads 1] [--arch topk] [--whole-init]
     python benchmarks/latent_parallel.py --model   # the step at scale: d_sae 1M/4M/16M on 8 x H100 (no run)
 
-Each process builds the same SAE (seed 0) and keeps its shard (n = 1: the ordinary unsharded SAE), then takes one
+Each process draws its shard of the same SAE (seed 0; n = 1: the ordinary unsharded SAE), then takes one
 warm-up step and --steps timed steps of what SAEModule does per batch: forward (sparse, AuxK over the --dead
 fraction of latents), backward, the decoder-gradient projection, the clip over all shards, SkipAdam, the decoder
 renormalisation. Every rank draws the same batch (a latent group reads the same tokens).
@@ -15,9 +15,10 @@ Per rank it reports:
 - SAE state: the bytes of this rank's parameters, their gradients and Adam moments, counted from the tensors;
 - peak: the process's peak resident set (getrusage ru_maxrss) minus its resident set just before the SAE is built
   (after torch and the process group are up): what the SAE, its optimizer, the step's activations and the
-  communication buffers took at their high-water mark, start-up included. Not tracemalloc (it sees Python's
-  allocations, not torch's CPU allocator) and torch has no allocator statistics on CPU; RSS counts the pages the
-  tensors touch, which is what a rank needs;
+  communication buffers took at their high-water mark, start-up included; "start-up peak" is the same mark
+  taken once the SAE is built, before its first step (--whole-init: every rank draws the whole SAE and cuts it).
+  Not tracemalloc (it sees Python's allocations, not torch's CPU allocator) and torch has no allocator
+  statistics on CPU; RSS counts the pages the tensors touch, which is what a rank needs;
 - gathered / reduced: bytes per step counted by CollectiveCounter (saes/latent.py), which wraps
   torch.distributed's all_gather / all_reduce / broadcast as they are called: received from all-gathers, put into
   all-reduces; "formula" is communication_per_step's prediction (the README's), and "=" says they are equal;
@@ -82,12 +83,14 @@ def _step(sae, x, optimizer, dead) -> None:
     sae.after_optimizer_step()
 
 
-def _build(config: SAEConfig, shard: LatentShard | None, batch: int, dead: float):
+def _build(config: SAEConfig, shard: LatentShard | None, batch: int, dead: float, whole_init: bool = False):
     """The SAE (seed 0; this rank's shard), a batch, SkipAdam, and the dead mask of this rank's latents."""
     torch.manual_seed(0)
-    sae = build_sae(config)
-    if shard is not None:
+    if whole_init and shard is not None:  # the whole SAE drawn, then cut (a module built outside deferred_sae_init)
+        sae = build_sae(config)
         sae.shard_latents(shard)
+    else:
+        sae = build_sae(config, shard)  # only this rank's latents, as the trainer draws them
     x = torch.randn(batch, config.d_in, generator=torch.Generator().manual_seed(1))
     sae.init_from_batch(x)
     optimizer = SkipAdam([{"params": list(sae.parameters()), "lr": 1e-4, "name": "sae"}], eps=6.25e-10)
@@ -107,7 +110,8 @@ def _worker(rank: int, size: int, port: int, args: dict, out: str) -> None:
     tiny = replace(config, d_sae=8 * size, k=2)  # one step of a tiny SAE first: the libraries' kernels load
     _step(*_build(tiny, shard and LatentShard(None, rank, size, tiny.d_sae), args["batch"], args["dead"]))
     baseline = _rss_bytes()
-    sae, x, optimizer, dead = _build(config, shard, args["batch"], args["dead"])
+    sae, x, optimizer, dead = _build(config, shard, args["batch"], args["dead"], args["whole_init"])
+    startup = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
     _step(sae, x, optimizer, dead)  # warm-up: allocates the gradients and Adam's moments
     times = []
     with CollectiveCounter() as counter:
@@ -118,7 +122,7 @@ def _worker(rank: int, size: int, port: int, args: dict, out: str) -> None:
             _step(sae, x, optimizer, dead)
             times.append(time.perf_counter() - start)
         sent = _wchar() - sent
-    result = {"ms": statistics.median(times) * 1e3, "state": state_bytes(sae, optimizer),
+    result = {"ms": statistics.median(times) * 1e3, "state": state_bytes(sae, optimizer), "startup": startup,
               "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline,
               "gathered": counter.gathered / args["steps"], "reduced": counter.reduced / args["steps"],
               "broadcast": counter.broadcast / args["steps"], "sent": sent / args["steps"]}
@@ -229,6 +233,8 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--dead", type=float, default=0.25, help="fraction of latents marked dead (AuxK)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    p.add_argument("--whole-init", action="store_true",
+                   help="draw the whole SAE on every rank and cut it (as a module built outside deferred_sae_init)")
     p.add_argument("--model", action="store_true", help="print the model of the step at scale (8 x H100) only")
     a = p.parse_args()
     if a.model:
@@ -238,10 +244,11 @@ def main() -> int:
     config = SAEConfig(architecture=a.arch, d_in=a.d_in, d_sae=a.d_sae, k=a.k, l1_warmup_steps=0)
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, gloo; "
           f"{a.arch} d_in {a.d_in} d_sae {a.d_sae} k {a.k}, batch {a.batch} tokens, dead {a.dead:.0%}, "
-          f"{a.threads} thread(s) per process, median of {a.steps} steps, load average {os.getloadavg()[0]:.1f}")
-    print("| n | ms/step | SAE state / rank (MB) | peak / rank (MB) | gathered (B) | reduced (B) | formula (B) | = "
-          "| sent (B) | ring (B) |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|")
+          f"{a.threads} thread(s) per process, median of {a.steps} steps, load average {os.getloadavg()[0]:.1f}, "
+          f"{'whole SAE drawn then cut' if a.whole_init else 'each rank draws its shard'}")
+    print("| n | ms/step | SAE state / rank (MB) | start-up peak / rank (MB) | peak / rank (MB) | gathered (B) | "
+          "reduced (B) | formula (B) | = | sent (B) | ring (B) |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|")
     for size in a.sizes:
         results = run(size, args)
         worst = max(results, key=lambda r: r["peak"])
@@ -250,8 +257,10 @@ def main() -> int:
         equal = "yes" if counted == {(gathered, reduced)} else f"no: {sorted(counted)}"
         ring = gathered + 2 * (size - 1) / size * reduced
         sent = statistics.mean(r["sent"] for r in results)
+        startup = max(r["startup"] for r in results)
         print(f"| {size} | {statistics.median(r['ms'] for r in results):,.0f} | {worst['state'] / 2**20:,.1f} | "
-              f"{worst['peak'] / 2**20:,.0f} | {results[0]['gathered']:,.0f} | {results[0]['reduced']:,.0f} | "
+              f"{startup / 2**20:,.0f} | {worst['peak'] / 2**20:,.0f} | {results[0]['gathered']:,.0f} | "
+              f"{results[0]['reduced']:,.0f} | "
               f"{gathered:,} + {reduced:,} | {equal} | {sent:,.0f} | {ring:,.0f} |", flush=True)
     return 0
 

@@ -13,6 +13,8 @@ activations; a synthetic source adds the metrics against its true features (grou
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import math
 import re
@@ -178,6 +180,22 @@ def upgrade_state_dict(state: dict) -> dict:
     return out
 
 
+_DEFER_INIT = contextvars.ContextVar("saelightning_defer_sae_init", default=False)
+
+
+@contextlib.contextmanager
+def deferred_sae_init():
+    """SAEModules built inside draw no SAE weights: their SAEs are shapes on the meta device, and configure_model
+    draws them from the random state the module was built in, under the latent_parallel strategy each rank only
+    its latent shard (the same numbers as those rows of the whole init; no rank ever holds the whole SAE). The
+    CLI builds its module so under that strategy."""
+    token = _DEFER_INIT.set(True)
+    try:
+        yield
+    finally:
+        _DEFER_INIT.reset(token)
+
+
 class SAEModule(pl.LightningModule):
     """Trains the SAEs in `saes` on the activation stream of ActivationDataModule.
 
@@ -223,8 +241,11 @@ class SAEModule(pl.LightningModule):
         self.model_info = model_info or {}
         self.saes, self.states = nn.ModuleDict(), nn.ModuleDict()
         self.specs: dict[str, SAESpec] = {}
+        # deferred_sae_init: where the SAEs' draws start (configure_model makes them); None: drawn here
+        self._init_rng = torch.get_rng_state() if _DEFER_INIT.get() else None
         for spec in specs:
-            sae = build_from_spec(spec, _width(spec.hook_name, n_layer, d_model, hook_widths))
+            with torch.device("meta") if self._init_rng is not None else contextlib.nullcontext():
+                sae = build_from_spec(spec, _width(spec.hook_name, n_layer, d_model, hook_widths))
             default = f"{re.sub(r'[^A-Za-z0-9_-]', '_', spec.hook_name)}-{spec.architecture}-{sae.config.d_sae}"
             name = spec.name or default
             if not _NAME.match(name) or name in self.saes:
@@ -287,14 +308,31 @@ class SAEModule(pl.LightningModule):
 
     def configure_model(self) -> None:
         """Under the latent_parallel strategy, keep this rank's shard of each SAE whose spec shards latents (and
-        its trackers); Lightning calls this once the process groups exist, before a checkpoint is restored."""
+        its trackers); Lightning calls this once the process groups exist, before a checkpoint is restored. SAEs
+        deferred by deferred_sae_init are drawn here: only the shard where there is one."""
         strategy = self._trainer.strategy if self._trainer is not None else None
-        if getattr(strategy, "latent_parallel_size", 1) == 1:
+        latent = getattr(strategy, "latent_parallel_size", 1) > 1
+        if self._init_rng is not None:
+            self._draw_saes(strategy if latent else None)
+        if not latent:
             return
         for name, sae in self.saes.items():
             if self.specs[name].shard_latents and sae.shard is None:
                 sae.shard_latents(strategy.latent_shard(sae.config.d_sae))
                 self.states[name] = SAEState(sae.shard.d_local).to(sae.W_enc.device)
+
+    def _draw_saes(self, strategy) -> None:
+        """The deferred SAEs, in order, from the random state of construction (then where the whole draws leave
+        it), on the CPU as an undeferred module draws them; each shard-latents SAE only its shard under `strategy`."""
+        rng, self._init_rng = self._init_rng, None
+        torch.set_rng_state(rng)
+        for name, sae in self.saes.items():
+            shard = strategy.latent_shard(sae.config.d_sae) if strategy is not None and \
+                self.specs[name].shard_latents else None
+            with torch.device("cpu"):
+                self.saes[name] = build_sae(sae.config, shard)
+                if shard is not None:
+                    self.states[name] = SAEState(shard.d_local)
 
     @property
     def sharded(self) -> list[str]:

@@ -28,10 +28,12 @@ import yaml
 from saelightning import load_sae
 from saelightning.cli import main
 from saelightning.errors import SAELightningError
+from saelightning.module import SAEModule, deferred_sae_init
 from saelightning.optim import SkipAdam
 from saelightning.parallel import LatentParallelStrategy, gather_shards
 from saelightning.saes import SAEConfig, build_sae
-from saelightning.saes.latent import CollectiveCounter, LatentShard, communication_per_step
+from saelightning.saes.base import normal_rows
+from saelightning.saes.latent import LATENT_AXES, CollectiveCounter, LatentShard, communication_per_step
 from tests.announce import wait_for
 from tests.numerics import UNIT_ROUNDOFF
 from tests.test_metrics import _free_port
@@ -97,8 +99,9 @@ def _worker(rank, world, port, out_dir, cases=tuple(CASES)):
         sae.eval()
         x = _data(99)
         eval_latents = sae.encode(x)  # evaluation: global latents, a collective decode
+        x_hat = sae.decode(eval_latents).detach()
         torch.save({"state": {k: v.clone() for k, v in whole.state_dict().items()}, "losses": losses,
-                    "traffic": traffic, "latents": eval_latents, "x_hat": sae.decode(eval_latents).detach()},
+                    "traffic": traffic, "latents": eval_latents, "x_hat": x_hat},
                    os.path.join(out_dir, f"{case}-{rank}.pt"))
     dist.destroy_process_group()
 
@@ -318,3 +321,88 @@ def test_latent_parallel_size_must_be_a_positive_integer():
     with pytest.raises(SAELightningError, match="positive integer"):
         LatentParallelStrategy(latent_parallel_size=0)
     assert strategy.latent_parallel_size == 2
+
+
+# --- start-up memory: each rank draws only its shard, the same numbers as those rows of the whole init ---
+
+@pytest.mark.parametrize("rows, cols", [(64, 16), (64, 12), (24, 12), (100, 37), (33, 1), (7, 3), (3, 5), (90, 7)])
+def test_normal_rows_are_the_rows_of_one_draw_and_leave_the_generator_where_it_does(rows, cols):
+    for parts in (1, 2, 3):
+        size = rows // parts
+        for part in range(parts):
+            torch.manual_seed(5)
+            whole, after = torch.randn(rows, cols), torch.randn(3)
+            torch.manual_seed(5)
+            # chunks of a few rows: many draws, a last one merged when it would be under 16 values
+            got = normal_rows(rows, cols, part * size, size, chunk=48)
+            assert torch.equal(got, whole[part * size:(part + 1) * size]), (rows, cols, parts, part)
+            assert torch.equal(torch.randn(3), after)
+
+
+def _slice(key: str, whole: torch.Tensor, shard: LatentShard) -> torch.Tensor:
+    axis = LATENT_AXES.get(key)
+    if axis is None or whole.dim() <= axis:
+        return whole
+    return whole.narrow(axis, shard.offset, shard.d_local)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_shard_drawn_alone_equals_those_rows_of_the_whole_init(case):
+    config = _build(case).config
+    for size in (2, 4):
+        for rank in range(size):
+            torch.manual_seed(0)
+            whole, after = build_sae(config).state_dict(), torch.randn(3)
+            torch.manual_seed(0)
+            shard = LatentShard(None, rank, size, D_SAE)
+            part = build_sae(config, shard)
+            assert torch.equal(torch.randn(3), after)  # the next SAE of a sweep draws what it drew before
+            assert part.shard is shard and part.W_enc.shape == (D_IN, D_SAE // size)
+            got = part.state_dict()
+            assert got.keys() == whole.keys()
+            for key, value in whole.items():
+                assert torch.equal(got[key], _slice(key, value, shard)), (case, size, rank, key)
+
+
+def test_a_gated_shard_is_refused_at_construction():
+    with pytest.raises(SAELightningError, match="shard_latents: false"):
+        build_sae(SAEConfig(architecture="gated", d_in=D_IN, d_sae=D_SAE), LatentShard(None, 0, 2, D_SAE))
+
+
+class _LatentRank:
+    """The two things configure_model reads of a LatentParallelStrategy: its size and this rank's shard."""
+
+    def __init__(self, rank, size):
+        self.rank, self.latent_parallel_size = rank, size
+
+    def latent_shard(self, d_sae):
+        return LatentShard(None, self.rank, self.latent_parallel_size, d_sae)
+
+
+def test_a_deferred_module_draws_in_configure_model_what_an_undeferred_one_draws_in_init():
+    specs = [{"hook_name": "blocks.0.hook_resid_post", "architecture": "topk", "d_sae": 64, "k": 4, "name": "a"},
+             {"hook_name": "blocks.0.hook_resid_post", "architecture": "relu", "d_sae": 32, "name": "b",
+              "shard_latents": False},
+             {"hook_name": "blocks.0.hook_resid_post", "architecture": "jumprelu", "d_sae": 48, "name": "c"}]
+    specs_d_sae = {s["name"]: s["d_sae"] for s in specs}
+    torch.manual_seed(0)
+    want, after = SAEModule(saes=specs, n_layer=2, d_model=16).state_dict(), torch.randn(3)
+    for rank in (None, 0, 1):
+        torch.manual_seed(0)
+        with deferred_sae_init():
+            module = SAEModule(saes=specs, n_layer=2, d_model=16)
+        assert module.saes["a"].W_enc.is_meta  # nothing drawn yet
+        module._trainer = None if rank is None else type("Trainer", (), {"strategy": _LatentRank(rank, 2)})()
+        module.configure_model()
+        assert torch.equal(torch.randn(3), after)
+        got = module.state_dict()
+        assert got.keys() == want.keys()
+        for key, value in want.items():
+            part, name = key.split(".")[:2] if "." in key else (key, None)
+            if rank is not None and part == "saes" and name != "b":  # this rank's latents of a sharded SAE
+                expect = _slice(key.rsplit(".", 1)[-1], value, LatentShard(None, rank, 2, specs_d_sae[name]))
+            elif rank is not None and part == "states" and name != "b" and value.dim() == 1:
+                expect = value[:value.shape[0] // 2]  # its fresh trackers (constant: any half)
+            else:
+                expect = value
+            assert got[key].shape == expect.shape and torch.equal(got[key].nan_to_num(), expect.nan_to_num()), key

@@ -188,6 +188,30 @@ class SAEConfig(SAEOptions):
         return self.k_aux if self.k_aux is not None else max(1, self.d_in // 2)
 
 
+def normal_rows(rows: int, cols: int, start: int, count: int, chunk: int = 1 << 22) -> torch.Tensor:
+    """Rows [start, start + count) of torch.randn(rows, cols) (float32, CPU, the default generator), holding at most
+    about `chunk` values beside them. torch's CPU sampler draws one uniform per value in order and maps each
+    aligned block of 16 to normals, then redraws the last 16 when the size is not a multiple of 16; so draws of
+    whole blocks (and a last one of at least 16 values) give the same numbers as one draw and leave the generator
+    where it leaves it (tests/test_latent_parallel.py checks it on shapes with and without a remainder). Under
+    another default device (meta, a GPU) it is the slice of one draw there, as before."""
+    if torch.get_default_device().type != "cpu":
+        return torch.randn(rows, cols, dtype=torch.float32).narrow(0, start, count).clone()
+    step = 16 // math.gcd(cols, 16)  # rows per whole number of 16-value blocks
+    per = max(step, chunk // max(cols, 1) // step * step)
+    bounds = list(range(0, rows, per))
+    if len(bounds) > 1 and (rows - bounds[-1]) * cols < 16:
+        bounds.pop()  # a last draw under 16 values would take another path: it joins the one before
+    out = torch.empty(count, cols, dtype=torch.float32)
+    for i, lo in enumerate(bounds):
+        hi = bounds[i + 1] if i + 1 < len(bounds) else rows
+        block = torch.randn(hi - lo, cols, dtype=torch.float32)
+        a, b = max(lo, start), min(hi, start + count)
+        if a < b:
+            out[a - start:b - start] = block[a - lo:b - lo]
+    return out
+
+
 def _bad(message: str):
     raise SAELightningError(message)
 
@@ -205,32 +229,46 @@ class SAE(nn.Module):
     # buffers that a training forward updates (BatchTopK's threshold EMA): a step the trainer skips puts them back
     step_buffers: tuple[str, ...] = ()
 
-    def __init__(self, config: SAEConfig):
+    def __init__(self, config: SAEConfig, shard: LatentShard | None = None):
+        """A fresh SAE; with `shard`, only that rank's latents, equal to the same rows of the whole SAE's init
+        (the generator is drawn as for the whole one and left where it leaves it) without ever holding it."""
         super().__init__()
         self.config = config
+        if shard is not None and not self.sharded_architecture:
+            self._refuse_sharding()
         dtype = DTYPES[config.dtype]
-        W_dec = torch.randn(config.d_sae, config.d_in, dtype=torch.float32)
+        start, count = (0, config.d_sae) if shard is None else (shard.offset, shard.d_local)
+        W_dec = normal_rows(config.d_sae, config.d_in, start, count)
         W_dec = W_dec / W_dec.norm(dim=1, keepdim=True) * config.init_norm
         self.W_dec = nn.Parameter(W_dec.to(dtype))
         self.W_enc = nn.Parameter(W_dec.T.clone().to(dtype))  # W_enc = W_decᵀ at init
         if self.has_b_enc:
-            self.b_enc = nn.Parameter(torch.zeros(config.d_sae, dtype=dtype))
+            self.b_enc = nn.Parameter(torch.zeros(count, dtype=dtype))
         self.b_dec = nn.Parameter(torch.zeros(config.d_in, dtype=dtype))
         # the trainer's fitted input scale s (so E||s·x||² = d_in); a buffer, so checkpoints keep it
         self.register_buffer("input_scale", torch.ones((), dtype=torch.float32))
         self.metadata: dict = {}
         self.training_step = 0
-        self.shard: LatentShard | None = None  # set by shard_latents: this rank holds a part of the latents
+        # this rank's part of the latents (None: all of them); set here or by shard_latents
+        self.shard: LatentShard | None = shard
 
     # ---- latent parallelism (saes/latent.py) -------------------------------------------------
     sharded_architecture = True  # False where the architecture has no latent-sharded forward
+
+    def _refuse_sharding(self):
+        _bad(f"the {self.config.architecture} SAE has no latent-sharded form; train it replicated (its spec's "
+             "shard_latents: false) or choose topk, batchtopk, matryoshka, relu or jumprelu")
+
+    @property
+    def d_latents(self) -> int:
+        """The latents this SAE holds: d_sae, or its shard's d_sae / n."""
+        return self.config.d_sae if self.shard is None else self.shard.d_local
 
     @torch.no_grad()
     def shard_latents(self, shard: LatentShard) -> None:
         """Keep only this rank's latents (W_enc columns, b_enc, W_dec rows, thresholds); the rest is freed."""
         if not self.sharded_architecture:
-            _bad(f"the {self.config.architecture} SAE has no latent-sharded form; train it replicated (its spec's "
-                 "shard_latents: false) or choose topk, batchtopk, matryoshka, relu or jumprelu")
+            self._refuse_sharding()
         keep = slice(shard.offset, shard.offset + shard.d_local)
         for name, axis in LATENT_AXES.items():
             param = getattr(self, name, None)

@@ -28,8 +28,8 @@ from saelightning.saes.topk import TopKSAE
 class BatchTopKSAE(TopKSAE):
     step_buffers = ("threshold", "threshold_updates")
 
-    def __init__(self, config):
-        super().__init__(config)
+    def __init__(self, config, shard=None):
+        super().__init__(config, shard)
         self.register_buffer("threshold", torch.zeros((), dtype=torch.float32))
         self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.long))
 

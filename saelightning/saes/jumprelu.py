@@ -54,9 +54,9 @@ class JumpReLUSTE(torch.autograd.Function):
 
 
 class JumpReLUSAE(SAE):
-    def __init__(self, config):
-        super().__init__(config)
-        self.threshold = nn.Parameter(torch.full((config.d_sae,), config.threshold_init, dtype=self.W_enc.dtype))
+    def __init__(self, config, shard=None):
+        super().__init__(config, shard)
+        self.threshold = nn.Parameter(torch.full((self.d_latents,), config.threshold_init, dtype=self.W_enc.dtype))
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         pre = self.pre_acts(x)

@@ -12,8 +12,8 @@ from saelightning.saes.batchtopk import BatchTopKSAE
 
 
 class MatryoshkaSAE(BatchTopKSAE):
-    def __init__(self, config):
-        super().__init__(config)
+    def __init__(self, config, shard=None):
+        super().__init__(config, shard)
         # on the SAE's device from the start: a per-step torch.tensor(list, device="cuda") is a host copy
         self.register_buffer("prefix_ends", torch.tensor(config.prefixes), persistent=False)
 
