@@ -16,11 +16,15 @@ from saelightning.dashboards.stats import density_summary
 from saelightning.errors import SAELightningError
 from saelightning.export import save_sae
 from saelightning.metrics import log10_density
+from saelightning.saes.latent import LATENT_AXES, all_gather_cat
 
 # --- resampling ---
 
-def _latent_axis(name: str, param: torch.Tensor, d_sae: int) -> int | None:
-    """Which axis of a parameter indexes latents (None: it has none)."""
+def _latent_axis(name: str, param: torch.Tensor, sae) -> int | None:
+    """Which axis of a parameter indexes latents (None: it has none); a latent-sharded SAE's are named."""
+    if sae.shard is not None:
+        return LATENT_AXES[name] if name in sae.sharded_names() else None
+    d_sae = sae.config.d_sae
     if param.dim() == 1:
         return 0 if param.shape[0] == d_sae else None
     if name.startswith("W_dec"):
@@ -29,10 +33,11 @@ def _latent_axis(name: str, param: torch.Tensor, d_sae: int) -> int | None:
 
 
 def reset_adam_rows(optimizer: torch.optim.Optimizer, sae, latents: torch.Tensor) -> int:
-    """Zero the Adam moments of exactly the given latents' rows/columns in every parameter of `sae`."""
+    """Zero the Adam moments of exactly the given latents' rows/columns (this rank's indices when sharded) in every
+    parameter of `sae`."""
     touched = 0
     for name, param in sae.named_parameters():
-        axis = _latent_axis(name, param, sae.config.d_sae)
+        axis = _latent_axis(name, param, sae)
         state = optimizer.state.get(param, {})
         if axis is None or not state:
             continue
@@ -43,27 +48,39 @@ def reset_adam_rows(optimizer: torch.optim.Optimizer, sae, latents: torch.Tensor
 
 
 @torch.no_grad()
-def resample(sae, latents: torch.Tensor, x: torch.Tensor, generator: torch.Generator) -> None:
+def resample(sae, latents: torch.Tensor, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Anthropic's procedure: sample inputs with probability ∝ squared reconstruction error; the dead decoder
-    row becomes the normalised sample, the encoder column the sample x 0.2 x mean alive encoder norm, bias 0."""
+    row becomes the normalised sample, the encoder column the sample x 0.2 x mean alive encoder norm, bias 0.
+
+    A latent-sharded SAE (a collective over its latent group, every rank with the same `latents`, global indices,
+    and the same x): each rank rewrites the latents it holds, from the same samples, with the mean over the alive
+    columns of every shard. Returns the indices rewritten here (local ones when sharded)."""
     x_hat = sae.decode(sae.encode(x))  # not forward: it may update running statistics
     loss = (x - x_hat).pow(2).sum(-1).double()
     probs = loss / loss.sum() if loss.sum() > 0 else torch.full_like(loss, 1 / len(loss))
     picks = torch.multinomial(probs.cpu(), len(latents), replacement=len(latents) > len(loss), generator=generator)
     samples = x[picks.to(x.device)]
     directions = samples / samples.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+    norms = sae.W_enc.norm(dim=0)
+    if sae.shard is not None:  # every column's norm (d_sae values), so the mean is the unsharded one
+        norms = all_gather_cat(norms, sae.shard, 0)
     alive = torch.ones(sae.config.d_sae, dtype=torch.bool, device=x.device)
     alive[latents] = False
-    enc_norm = sae.W_enc[:, alive].norm(dim=0).mean() if alive.any() else torch.tensor(1.0, device=x.device)
-    sae.reinit_latents(latents, directions * 0.2 * enc_norm, directions)
+    enc_norm = norms[alive].mean() if alive.any() else torch.tensor(1.0, device=x.device)
+    here = latents
+    if sae.shard is not None:
+        local, mine = sae.shard.own(latents)
+        here, directions = local[mine], directions[mine]
+    sae.reinit_latents(here, directions * 0.2 * enc_norm, directions)
+    return here
 
 
-def _gather(x: torch.Tensor) -> torch.Tensor:
-    """The rows of every rank, in rank order (the same tensor on all ranks)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+def _gather(x: torch.Tensor, group=None) -> torch.Tensor:
+    """The rows of every rank (of `group`; None: all), in rank order (the same tensor on all of them)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
         return x
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.contiguous())
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, x.contiguous(), group=group)
     return torch.cat(parts)
 
 
@@ -83,12 +100,6 @@ class ResampleDeadLatents(pl.Callback):
         self.every_n_steps, self.until_step, self.seed = every_n_steps, until_step, seed
         self.history: list[dict] = []  # {"step", "sae", "resampled"}
 
-    def on_train_start(self, trainer, pl_module) -> None:
-        if self.every_n_steps and pl_module.sharded:
-            raise SAELightningError(f"resample.every_n_steps={self.every_n_steps} with latent-sharded SAEs "
-                                    f"({', '.join(pl_module.sharded)}): resampling is not sharded; set it to 0 (the "
-                                    "TopK family's AuxK revives dead latents) or give those SAEs shard_latents: false")
-
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
         if not self.every_n_steps or step % self.every_n_steps or step > self.until_step:
@@ -100,14 +111,18 @@ class ResampleDeadLatents(pl.Callback):
         """Resample every SAE's dead latents from this batch (all ranks'); returns {name: count}."""
         counts = {}
         for name, sae in pl_module.saes.items():
-            dead = pl_module.dead_mask(name).nonzero().flatten()
+            mask = pl_module.dead_mask(name)
+            if sae.shard is not None:  # the whole SAE's dead latents, the same on every rank of the latent group
+                mask = all_gather_cat(mask.to(torch.uint8), sae.shard, 0).bool()
+            dead = mask.nonzero().flatten()
             if len(dead) == 0:
                 continue
-            x = _gather(acts[pl_module.specs[name].hook_name])
+            # the batches of the data-parallel ranks (a latent group's ranks read the same one)
+            x = _gather(acts[pl_module.specs[name].hook_name], pl_module._data_group())
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-            resample(sae, dead, x, generator)
-            reset_adam_rows(optimizer, sae, dead)
-            pl_module.since_fired(name)[dead] = 0  # give them a full window before judging again
+            here = resample(sae, dead, x, generator)
+            reset_adam_rows(optimizer, sae, here)
+            pl_module.since_fired(name)[here] = 0  # give them a full window before judging again
             self.history.append({"step": step, "sae": name, "resampled": len(dead)})
             counts[name] = len(dead)
         return counts

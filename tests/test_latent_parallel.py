@@ -26,6 +26,7 @@ import torch.multiprocessing as mp
 import yaml
 
 from saelightning import load_sae
+from saelightning.callbacks import resample
 from saelightning.cli import main
 from saelightning.errors import SAELightningError
 from saelightning.module import SAEModule, deferred_sae_init
@@ -83,6 +84,16 @@ def _build(case: str):
     return build_sae(SAEConfig(d_in=D_IN, d_sae=D_SAE, **CASES[case]))
 
 
+def _resample(sae) -> dict:
+    """DEAD's latents resampled as the resample callback does (training mode, a fixed generator): the whole SAE."""
+    sae.train()
+    here = resample(sae, DEAD.nonzero().flatten(), _data(50), torch.Generator().manual_seed(3))
+    if sae.shard is not None:  # this rank rewrote exactly its own dead latents
+        assert torch.equal(here + sae.shard.offset, DEAD.nonzero().flatten()[sae.shard.own(
+            DEAD.nonzero().flatten())[1]])
+    return {k: v.clone() for k, v in sae.gathered().state_dict().items()}
+
+
 def _worker(rank, world, port, out_dir, cases=tuple(CASES)):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -100,8 +111,9 @@ def _worker(rank, world, port, out_dir, cases=tuple(CASES)):
         x = _data(99)
         eval_latents = sae.encode(x)  # evaluation: global latents, a collective decode
         x_hat = sae.decode(eval_latents).detach()
+        resampled = _resample(sae)
         torch.save({"state": {k: v.clone() for k, v in whole.state_dict().items()}, "losses": losses,
-                    "traffic": traffic, "latents": eval_latents, "x_hat": x_hat},
+                    "traffic": traffic, "latents": eval_latents, "x_hat": x_hat, "resampled": resampled},
                    os.path.join(out_dir, f"{case}-{rank}.pt"))
     dist.destroy_process_group()
 
@@ -146,6 +158,28 @@ def test_two_latent_shards_train_the_same_sae_as_one_process(two_shards, case):
     a = torch.load(two_shards / f"{case}-0.pt", weights_only=True)["state"]
     b = torch.load(two_shards / f"{case}-1.pt", weights_only=True)["state"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_resampling_a_sharded_sae_rewrites_what_resampling_it_whole_does(two_shards, case):
+    """The same samples (the same x, the decode's reordered sums change no pick but at a uniform within ~1e-6 of a
+    boundary), the same rows and columns, and the mean alive encoder norm over every shard's columns: equal."""
+    sae = _build(case)
+    _train(sae, DEAD)
+    sae.eval()
+    want = _resample(sae)
+    trained = _build(case)
+    _train(trained, DEAD)
+    before = trained.state_dict()
+    for rank in (0, 1):
+        got = torch.load(two_shards / f"{case}-{rank}.pt", weights_only=True)
+        for key, value in want.items():
+            # rewritten: the dead latents' W_dec rows exactly (normalised samples), the rest as after training
+            if key == "W_dec":
+                assert torch.equal(got["resampled"][key][DEAD], value[DEAD]), key
+                assert not torch.equal(value[DEAD], before[key][DEAD])
+            if value.is_floating_point():
+                torch.testing.assert_close(got["resampled"][key], value, rtol=0, atol=_tolerance(value), msg=key)
 
 
 def _traffic_equals_the_formula(out, case, world):
@@ -314,6 +348,35 @@ def test_sigkill_of_a_latent_parallel_run_then_resume_is_bitwise_equal(tmp_path)
     for index, moments in wa["optimizer_state"].items():  # the shards' Adam moments too
         for key, value in moments.items():
             assert torch.equal(value, wb["optimizer_state"][index][key]), (index, key)
+
+
+@pytest.mark.slow
+def test_resampling_under_two_latent_shards_equals_resampling_in_one_process(tmp_path):
+    """Dead latents resampled every 2 steps: the sharded fit rewrites the latents the one-process fit does (the same
+    picks from the same batch), so the two runs stay equal within the fit's tolerance."""
+    runs = {}
+    for run, latent in (("one", None), ("two", 2)):
+        # wide and k = 1: most latents die within a window of one step
+        saes = [{**spec, "d_sae": 96, "k": 1} if "k" in spec else spec for spec in FIT_SAES]
+        cfg = _fit_config(tmp_path, run, latent=latent, saes=saes)
+        config = yaml.safe_load(cfg.read_text())
+        config["model"]["dead_window_tokens"] = 64
+        config["resample"] = {"every_n_steps": 2, "until_step": FIT_STEPS, "seed": 0}
+        cfg.write_text(yaml.safe_dump(config))
+        if latent is None:
+            assert main(["fit", "--config", str(cfg)]) == 0
+        else:
+            _fit(cfg)
+        ckpt = tmp_path / run / "last.ckpt"
+        runs[run] = (_whole_state(ckpt),
+                     torch.load(ckpt, weights_only=True)["callbacks"]["ResampleDeadLatents"]["history"])
+    (want, want_history), (got, got_history) = runs["one"], runs["two"]
+    assert got_history == want_history and any(h["resampled"] for h in want_history), want_history
+    for key, value in want.items():
+        if value.is_floating_point():
+            torch.testing.assert_close(got[key], value, rtol=0, atol=_fit_tolerance(value), msg=key)
+        else:
+            assert torch.equal(got[key], value), key
 
 
 def test_latent_parallel_size_must_be_a_positive_integer():
