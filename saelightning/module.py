@@ -39,6 +39,7 @@ from saelightning.optim import SkipAdam, WarmupDecay, default_lr
 from saelightning.saes import ARCHITECTURES, SAEConfig, build_sae
 from saelightning.saes.base import SAEOptions
 from saelightning.saes.latent import all_gather_cat, sum_partials
+from saelightning.saes.sparse import SparseLatents
 
 _NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
 Architecture = Literal["topk", "batchtopk", "relu", "gated", "jumprelu", "matryoshka"]  # = saes.ARCHITECTURES
@@ -566,8 +567,9 @@ class SAEModule(pl.LightningModule):
                 x = batch["acts"][hook]
                 f, x_hat = encode_decode(sae, x)
                 self.val_metrics[name].update(x, x_hat, f)
-                if self._truth_on:
-                    self.truth_metrics[name].update(f, x, x_hat, batch["truth"])
+                if self._truth_on:  # (a synthetic source's small SAEs: dense latents for the matching)
+                    self.truth_metrics[name].update(f.dense() if isinstance(f, SparseLatents) else f, x, x_hat,
+                                                    batch["truth"])
             return
         groups = self.groups()
         metrics = {hook: [self.val_metrics[n] for n in self.saes if self.specs[n].hook_name == hook] for hook in groups}

@@ -29,12 +29,14 @@ from saelightning import load_sae
 from saelightning.callbacks import resample
 from saelightning.cli import main
 from saelightning.errors import SAELightningError
+from saelightning.evaluate import encode_decode
 from saelightning.module import SAEModule, deferred_sae_init
 from saelightning.optim import SkipAdam
 from saelightning.parallel import LatentParallelStrategy, gather_shards
 from saelightning.saes import SAEConfig, build_sae
 from saelightning.saes.base import normal_rows
 from saelightning.saes.latent import LATENT_AXES, CollectiveCounter, LatentShard, communication_per_step
+from saelightning.saes.sparse import SparseLatents
 from tests.announce import wait_for
 from tests.numerics import UNIT_ROUNDOFF
 from tests.test_metrics import _free_port
@@ -111,9 +113,13 @@ def _worker(rank, world, port, out_dir, cases=tuple(CASES)):
         x = _data(99)
         eval_latents = sae.encode(x)  # evaluation: global latents, a collective decode
         x_hat = sae.decode(eval_latents).detach()
+        f, f_x_hat = encode_decode(sae, x)  # validation's path: sparse latents, nothing [N, d_sae] wide
+        assert isinstance(f, SparseLatents) and f.values.shape[-1] < D_SAE
+        evaluated = {"f": f.dense(), "x_hat": f_x_hat}
         resampled = _resample(sae)
         torch.save({"state": {k: v.clone() for k, v in whole.state_dict().items()}, "losses": losses,
-                    "traffic": traffic, "latents": eval_latents, "x_hat": x_hat, "resampled": resampled},
+                    "traffic": traffic, "latents": eval_latents, "x_hat": x_hat, "resampled": resampled,
+                    "evaluated": evaluated},
                    os.path.join(out_dir, f"{case}-{rank}.pt"))
     dist.destroy_process_group()
 
@@ -154,6 +160,11 @@ def test_two_latent_shards_train_the_same_sae_as_one_process(two_shards, case):
         torch.testing.assert_close(got["latents"], want_latents, rtol=0, atol=_tolerance(want_latents))
         torch.testing.assert_close(got["x_hat"], sae.decode(want_latents).detach(), rtol=0,
                                    atol=_tolerance(x) * 10)
+        # and validation's sparse path gives the same latents and reconstruction as the unsharded SAE's
+        want_f, want_x_hat = encode_decode(sae, x)
+        assert torch.equal(got["evaluated"]["f"] != 0, want_f != 0)
+        torch.testing.assert_close(got["evaluated"]["f"], want_f, rtol=0, atol=_tolerance(want_f))
+        torch.testing.assert_close(got["evaluated"]["x_hat"], want_x_hat, rtol=0, atol=_tolerance(x) * 10)
     # the two ranks hold the same replicated state and gather the same whole SAE
     a = torch.load(two_shards / f"{case}-0.pt", weights_only=True)["state"]
     b = torch.load(two_shards / f"{case}-1.pt", weights_only=True)["state"]
@@ -298,6 +309,15 @@ def test_two_process_latent_parallel_fit_equals_one_process_and_exports_one_sae(
         for key in ("W_enc", "W_dec", "b_enc", "b_dec"):
             torch.testing.assert_close(getattr(b, key), getattr(a, key), rtol=0,
                                        atol=_fit_tolerance(getattr(a, key)) * 4, msg=f"{name}.{key}")
+    # validation ran the sharded SAEs on sparse latents: the same figures as the one-process run's (the weights
+    # differ by ~1e-5 relative, which moves these continuous means by as much; counts are exact)
+    for name in ("topk", "batchtopk", "relu"):
+        a, b = load_sae(one_process_fit / "saes" / name), load_sae(run / "saes" / name)
+        want_m, got_m = a.metadata["final_metrics"], b.metadata["final_metrics"]
+        val = [k for k in want_m if k.startswith("val/")]
+        assert val and set(val) <= set(got_m), name
+        for key in val:
+            assert abs(got_m[key] - want_m[key]) <= 1e-4 * max(1.0, abs(want_m[key])), (name, key)
     # `saelightning export --ckpt` gathers the shards into the same files
     out = tmp_path / "exported"
     assert main(["export", "--ckpt", str(run / "last.ckpt"), "--out", str(out)]) == 0

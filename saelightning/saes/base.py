@@ -387,6 +387,20 @@ class SAE(nn.Module):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self._latent_sum(self._local_latents(latents).to(self.W_dec.dtype) @ self.W_dec) + self.b_dec
 
+    def _local_encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Evaluation's latents of this rank's latents only ([..., d_latents]; the architectures that shard)."""
+        raise NotImplementedError
+
+    def encode_decode_sparse(self, x: torch.Tensor) -> tuple[SparseLatents, torch.Tensor]:
+        """(latents, x̂) of a latent-sharded SAE for evaluation, x [N, d_in], without [N, d_sae] on any rank: each
+        rank's nonzero latents (global indices) gathered as SparseLatents of N·(n·the largest local count) entries
+        (padding values 0, which do not fire), x̂ from this rank's latents summed over the shards."""
+        local = self._local_encode(x)
+        x_hat = self.decode(local)
+        values, indices = dense_to_sparse(local.detach())
+        values, indices, _ = gather_sparse(values, indices + self.shard.offset, None, self.shard)
+        return SparseLatents(values, indices, self.config.d_sae), x_hat
+
     def forward(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None):
         raise NotImplementedError
 

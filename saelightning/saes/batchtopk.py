@@ -44,8 +44,14 @@ class BatchTopKSAE(TopKSAE):
             return self._gathered_dense(local).reshape(*pre.shape[:-1], -1)
         return self._gathered_dense(self._threshold_acts(pre))
 
+    def _local_encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self._threshold_acts(self.pre_acts(x))  # evaluation's latents (the JumpReLU form)
+
     def encode_sparse(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return SAE.encode_sparse(self, x)
+
+    def encode_decode_sparse(self, x: torch.Tensor):
+        return SAE.encode_decode_sparse(self, x)
 
     def _threshold_acts(self, pre: torch.Tensor) -> torch.Tensor:
         # same as SAELens's JumpReLU: ReLU(z) · 1[z > θ]

@@ -59,9 +59,12 @@ class JumpReLUSAE(SAE):
         self.threshold = nn.Parameter(torch.full((self.d_latents,), config.threshold_init, dtype=self.W_enc.dtype))
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self._gathered_dense(self._local_encode(x))
+
+    def _local_encode(self, x: torch.Tensor) -> torch.Tensor:
         pre = self.pre_acts(x)
         # ReLU(z) · 1[z > θ], exactly SAELens's JumpReLU (equal to z · 1[z > θ] for θ ≥ 0)
-        return self._gathered_dense(pre.relu() * (pre > self.threshold).to(pre.dtype))
+        return pre.relu() * (pre > self.threshold).to(pre.dtype)
 
     def forward(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None):
         pre = self.pre_acts(x)

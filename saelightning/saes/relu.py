@@ -12,7 +12,10 @@ from saelightning.saes.base import SAE
 
 class ReLUSAE(SAE):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return self._gathered_dense(self.pre_acts(x).relu())
+        return self._gathered_dense(self._local_encode(x))
+
+    def _local_encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pre_acts(x).relu()
 
     def forward(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None):
         latents = self.pre_acts(x).relu()  # latent-sharded: this rank's latents only

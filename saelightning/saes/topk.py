@@ -42,6 +42,11 @@ class TopKSAE(SAE):
             return pre
         return pre * self.W_dec.detach().norm(dim=1).to(pre.dtype)
 
+    def encode_decode_sparse(self, x: torch.Tensor):
+        """Evaluation of a latent-sharded TopK SAE: the global winners (the same on every rank, [N, k]) and x̂."""
+        values, indices = self.encode_sparse(x)
+        return SparseLatents(values, indices, self.config.d_sae), self.decode_sparse(values, indices)
+
     def decode_sparse(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """x̂ from (values, indices) [..., m] by gathering the m active decoder rows per token."""
         lead = values.shape[:-1]
