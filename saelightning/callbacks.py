@@ -55,7 +55,7 @@ def resample(sae, latents: torch.Tensor, x: torch.Tensor, generator: torch.Gener
     A latent-sharded SAE (a collective over its latent group, every rank with the same `latents`, global indices,
     and the same x): each rank rewrites the latents it holds, from the same samples, with the mean over the alive
     columns of every shard. Returns the indices rewritten here (local ones when sharded)."""
-    x_hat = sae.decode(sae.encode(x))  # not forward: it may update running statistics
+    x_hat = sae.reconstruct(x)  # not forward: it may update running statistics
     loss = (x - x_hat).pow(2).sum(-1).double()
     probs = loss / loss.sum() if loss.sum() > 0 else torch.full_like(loss, 1 / len(loss))
     picks = torch.multinomial(probs.cpu(), len(latents), replacement=len(latents) > len(loss), generator=generator)

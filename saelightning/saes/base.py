@@ -391,6 +391,13 @@ class SAE(nn.Module):
         """Evaluation's latents of this rank's latents only ([..., d_latents]; the architectures that shard)."""
         raise NotImplementedError
 
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """x̂ = decode(encode(x)) without side effects (no running statistics move); latent-sharded, from this
+        rank's latents summed over the shards, never [N, d_sae]."""
+        if self.shard is None:
+            return self.decode(self.encode(x))
+        return self.decode(self._local_encode(x))
+
     def encode_decode_sparse(self, x: torch.Tensor) -> tuple[SparseLatents, torch.Tensor]:
         """(latents, x̂) of a latent-sharded SAE for evaluation, x [N, d_in], without [N, d_sae] on any rank: each
         rank's nonzero latents (global indices) gathered as SparseLatents of N·(n·the largest local count) entries

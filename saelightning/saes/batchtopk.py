@@ -34,24 +34,29 @@ class BatchTopKSAE(TopKSAE):
         self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.long))
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        pre = self.pre_acts(x)
-        if self.training:
-            flat = pre.reshape(-1, pre.shape[-1])
-            if self.shard is None:
-                return self._batch_topk(flat).reshape(pre.shape)
-            rows, columns, _, _ = self._batch_topk_sharded(flat.detach())
-            local = torch.zeros_like(flat).index_put((rows, columns), flat[rows, columns].relu())
-            return self._gathered_dense(local).reshape(*pre.shape[:-1], -1)
-        return self._gathered_dense(self._threshold_acts(pre))
+        if self.training and self.shard is None:
+            pre = self.pre_acts(x)
+            return self._batch_topk(pre.reshape(-1, pre.shape[-1])).reshape(pre.shape)
+        return self._gathered_dense(self._local_encode(x))
 
     def _local_encode(self, x: torch.Tensor) -> torch.Tensor:
-        return self._threshold_acts(self.pre_acts(x))  # evaluation's latents (the JumpReLU form)
+        """This rank's latents: in training the batch-wide top k·N (over every shard), else the JumpReLU form."""
+        pre = self.pre_acts(x)
+        if not self.training:
+            return self._threshold_acts(pre)
+        flat = pre.reshape(-1, pre.shape[-1])
+        rows, columns, _, _ = self._batch_topk_sharded(flat.detach())
+        local = torch.zeros_like(flat).index_put((rows, columns), flat[rows, columns].relu())
+        return local.reshape(pre.shape)
 
     def encode_sparse(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return SAE.encode_sparse(self, x)
 
     def encode_decode_sparse(self, x: torch.Tensor):
         return SAE.encode_decode_sparse(self, x)
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        return SAE.reconstruct(self, x)
 
     def _threshold_acts(self, pre: torch.Tensor) -> torch.Tensor:
         # same as SAELens's JumpReLU: ReLU(z) · 1[z > θ]

@@ -42,6 +42,11 @@ class TopKSAE(SAE):
             return pre
         return pre * self.W_dec.detach().norm(dim=1).to(pre.dtype)
 
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        if self.shard is None:
+            return SAE.reconstruct(self, x)
+        return self.decode_sparse(*self.encode_sparse(x))
+
     def encode_decode_sparse(self, x: torch.Tensor):
         """Evaluation of a latent-sharded TopK SAE: the global winners (the same on every rank, [N, k]) and x̂."""
         values, indices = self.encode_sparse(x)
