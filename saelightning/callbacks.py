@@ -17,11 +17,15 @@ from saelightning.errors import SAELightningError
 from saelightning.export import save_sae
 from saelightning.metrics import log10_density
 from saelightning.modeldiff import diff_summary
+from saelightning.saes.latent import LATENT_AXES, all_gather_cat
 
 # --- resampling ---
 
-def _latent_axis(name: str, param: torch.Tensor, d_sae: int) -> int | None:
-    """Which axis of a parameter indexes latents (None: it has none)."""
+def _latent_axis(name: str, param: torch.Tensor, sae) -> int | None:
+    """Which axis of a parameter indexes latents (None: it has none); a latent-sharded SAE's are named."""
+    if sae.shard is not None:
+        return LATENT_AXES[name] if name in sae.sharded_names() else None
+    d_sae = sae.config.d_sae
     if param.dim() == 1:
         return 0 if param.shape[0] == d_sae else None
     if name.startswith("W_dec"):
@@ -30,10 +34,11 @@ def _latent_axis(name: str, param: torch.Tensor, d_sae: int) -> int | None:
 
 
 def reset_adam_rows(optimizer: torch.optim.Optimizer, sae, latents: torch.Tensor) -> int:
-    """Zero the Adam moments of exactly the given latents' rows/columns in every parameter of `sae`."""
+    """Zero the Adam moments of exactly the given latents' rows/columns (this rank's indices when sharded) in every
+    parameter of `sae`."""
     touched = 0
     for name, param in sae.named_parameters():
-        axis = _latent_axis(name, param, sae.config.d_sae)
+        axis = _latent_axis(name, param, sae)
         state = optimizer.state.get(param, {})
         if axis is None or not state:
             continue
@@ -44,27 +49,39 @@ def reset_adam_rows(optimizer: torch.optim.Optimizer, sae, latents: torch.Tensor
 
 
 @torch.no_grad()
-def resample(sae, latents: torch.Tensor, x: torch.Tensor, generator: torch.Generator) -> None:
+def resample(sae, latents: torch.Tensor, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Anthropic's procedure: sample inputs with probability ∝ squared reconstruction error; the dead decoder
-    row becomes the normalised sample, the encoder column the sample x 0.2 x mean alive encoder norm, bias 0."""
-    x_hat = sae.decode(sae.encode(x))  # not forward: it may update running statistics
+    row becomes the normalised sample, the encoder column the sample x 0.2 x mean alive encoder norm, bias 0.
+
+    A latent-sharded SAE (a collective over its latent group, every rank with the same `latents`, global indices,
+    and the same x): each rank rewrites the latents it holds, from the same samples, with the mean over the alive
+    columns of every shard. Returns the indices rewritten here (local ones when sharded)."""
+    x_hat = sae.reconstruct(x)  # not forward: it may update running statistics
     loss = (x - x_hat).pow(2).sum(-1).double()
     probs = loss / loss.sum() if loss.sum() > 0 else torch.full_like(loss, 1 / len(loss))
     picks = torch.multinomial(probs.cpu(), len(latents), replacement=len(latents) > len(loss), generator=generator)
     samples = x[picks.to(x.device)]
     directions = samples / samples.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+    norms = sae.W_enc.norm(dim=0)
+    if sae.shard is not None:  # every column's norm (d_sae values), so the mean is the unsharded one
+        norms = all_gather_cat(norms, sae.shard, 0)
     alive = torch.ones(sae.config.d_sae, dtype=torch.bool, device=x.device)
     alive[latents] = False
-    enc_norm = sae.W_enc[:, alive].norm(dim=0).mean() if alive.any() else torch.tensor(1.0, device=x.device)
-    sae.reinit_latents(latents, directions * 0.2 * enc_norm, directions)
+    enc_norm = norms[alive].mean() if alive.any() else torch.tensor(1.0, device=x.device)
+    here = latents
+    if sae.shard is not None:
+        local, mine = sae.shard.own(latents)
+        here, directions = local[mine], directions[mine]
+    sae.reinit_latents(here, directions * 0.2 * enc_norm, directions)
+    return here
 
 
-def _gather(x: torch.Tensor) -> torch.Tensor:
-    """The rows of every rank, in rank order (the same tensor on all ranks)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+def _gather(x: torch.Tensor, group=None) -> torch.Tensor:
+    """The rows of every rank (of `group`; None: all), in rank order (the same tensor on all of them)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
         return x
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.contiguous())
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, x.contiguous(), group=group)
     return torch.cat(parts)
 
 
@@ -95,14 +112,18 @@ class ResampleDeadLatents(pl.Callback):
         """Resample every SAE's dead latents from this batch (all ranks'); returns {name: count}."""
         counts = {}
         for name, sae in pl_module.saes.items():
-            dead = pl_module.dead_mask(name).nonzero().flatten()
+            mask = pl_module.dead_mask(name)
+            if sae.shard is not None:  # the whole SAE's dead latents, the same on every rank of the latent group
+                mask = all_gather_cat(mask.to(torch.uint8), sae.shard, 0).bool()
+            dead = mask.nonzero().flatten()
             if len(dead) == 0:
                 continue
-            x = _gather(pl_module.sae_input(name, acts))
+            # the batches of the data-parallel ranks (a latent group's ranks read the same one)
+            x = _gather(pl_module.sae_input(name, acts), pl_module._data_group())
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-            resample(sae, dead, x, generator)
-            reset_adam_rows(optimizer, sae, dead)
-            pl_module.since_fired(name)[dead] = 0  # give them a full window before judging again
+            here = resample(sae, dead, x, generator)
+            reset_adam_rows(optimizer, sae, here)
+            pl_module.since_fired(name)[here] = 0  # give them a full window before judging again
             self.history.append({"step": step, "sae": name, "resampled": len(dead)})
             counts[name] = len(dead)
         return counts
@@ -128,19 +149,22 @@ def export_dir(trainer) -> Path:
 
 
 def export_module(pl_module, out_root: Path, step: int, metrics: dict | None = None,
-                  metrics_step: int | None = None) -> list[Path]:
+                  metrics_step: int | None = None, write: bool = True) -> list[Path]:
     """save_sae every SAE of the module to out_root/<name>/ (SAELens layout, weights on raw activations).
 
     metrics: the latest logged scalars; metrics_step: the global step of the validation that gave their
-    val/* figures (recorded as final_metrics_step: the weights are those of `step`).
+    val/* figures (recorded as final_metrics_step: the weights are those of `step`). A latent-sharded SAE is
+    gathered whole first (every rank calls this; only those with `write` write).
     """
     paths = []
-    for name, sae in pl_module.saes.items():
+    for name in pl_module.saes:
+        sae, density, density_tokens = pl_module.whole(name)
+        if not write:
+            continue
         spec, info = pl_module.specs[name], pl_module.model_info
         prefix = pl_module.prefix(name)
         mine = ({k[len(prefix):]: v for k, v in (metrics or {}).items() if k.startswith(prefix)} if prefix
                 else dict(metrics or {}))
-        density, density_tokens = pl_module.states[name].latest_density()
         metadata = {
             "model_name": "nanochat", "hook_name": spec.hook_name, "context_size": info.get("context_size"),
             "model": {k: info.get(k) for k in ("path", "step", "era", "config")}, "sae_name": name,
@@ -183,11 +207,16 @@ class ExportSAEs(pl.Callback):
         self.enabled = enabled
         self.last_export: list[Path] = []
 
-    @rank_zero_only
     def _export(self, trainer, pl_module) -> None:
-        if self.enabled and trainer.global_step > 0:
-            self.last_export = export_module(pl_module, export_dir(trainer), trainer.global_step,
-                                             _scalar_metrics(trainer), pl_module.last_val_step)
+        if not (self.enabled and trainer.global_step > 0):
+            return
+        if not trainer.is_global_zero and not pl_module.sharded:
+            return
+        # sharded SAEs are gathered on every rank (a collective); rank 0 writes
+        paths = export_module(pl_module, export_dir(trainer), trainer.global_step, _scalar_metrics(trainer),
+                              pl_module.last_val_step, write=trainer.is_global_zero)
+        if trainer.is_global_zero:
+            self.last_export = paths
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         self._export(trainer, pl_module)

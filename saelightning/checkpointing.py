@@ -22,6 +22,7 @@ from saelightning.callbacks import export_module
 from saelightning.command import parse
 from saelightning.errors import SAELightningError
 from saelightning.module import SAEModule
+from saelightning.parallel import gather_shards
 
 _STEP = re.compile(r"step=(\d+)")
 
@@ -100,6 +101,8 @@ def export_checkpoint(ckpt_path, out_root) -> list[Path]:
     except (KeyError, TypeError, AttributeError):
         raise SAELightningError(f"{path} holds no SAEModule state; "
                                 "pass a .ckpt written by `saelightning fit`") from None
+    if checkpoint.get("latent_shards"):  # a latent-parallel run: its shard files beside it, gathered whole
+        state = gather_shards(path, state, checkpoint["latent_shards"])
     module = SAEModule(**hparams)
     module.load_state_dict(state)
     return export_module(module, Path(out_root), checkpoint.get("global_step", 0),

@@ -629,7 +629,7 @@ class ActivationDataModule(pl.LightningDataModule):
         """The synthetic model on the training device. Rank 0 reads it from its file, or builds it and writes the
         file; under DDP the other ranks then read that file, so every rank has the same model."""
         cfg = self.synthetic_cfg
-        rank, world = self._rank_world()
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
         distributed = world > 1 and dist.is_available() and dist.is_initialized()
         model = load_or_build(cfg, self.device) if rank == 0 else None
         if distributed:
@@ -640,7 +640,12 @@ class ActivationDataModule(pl.LightningDataModule):
         return model.to(self.device)
 
     def _rank_world(self) -> tuple[int, int]:
+        """This rank's data-parallel rank and size: under the latent_parallel strategy the ranks of a latent group
+        read the same batches."""
         if self.trainer is not None:
+            strategy = self.trainer.strategy
+            if hasattr(strategy, "data_parallel_size"):
+                return strategy.data_parallel_rank, strategy.data_parallel_size
             return self.trainer.global_rank, self.trainer.world_size
         return 0, 1
 
@@ -795,9 +800,11 @@ class ActivationDataModule(pl.LightningDataModule):
     def state_dict(self) -> dict:
         mine = self._my_position()
         rank, world = self._rank_world()
-        if world > 1 and dist.is_available() and dist.is_initialized():
-            positions = [None] * world
+        everyone = self.trainer.world_size if self.trainer is not None else 1
+        if everyone > 1 and dist.is_available() and dist.is_initialized():
+            positions = [None] * everyone
             dist.all_gather_object(positions, mine)  # rank 0 writes the checkpoint: it needs every rank's
+            positions = positions[::everyone // world]  # one per data rank (a latent group's ranks read alike)
         else:
             positions = [mine]
         return {"version": STATE_VERSION, "scales": self.scales, "positions": positions, "seed": self.seed,

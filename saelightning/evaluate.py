@@ -72,6 +72,9 @@ def encode_decode(sae, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     is scaled back. Exported SAEs have input_scale 1 (folded into the weights), where this is exact.
     """
     scale = sae.input_scales() if hasattr(sae, "input_scales") else getattr(sae, "input_scale", None)
+    if getattr(sae, "shard", None) is not None:  # latent-sharded (training): sparse latents, never [N, d_sae]
+        f, x_hat = sae.encode_decode_sparse(x.to(sae.W_enc.dtype) * scale.to(sae.W_enc.dtype))
+        return f, (x_hat / scale.to(x_hat.dtype)).to(x.dtype)
     if scale is None:
         f = sae.encode(x.to(sae.W_enc.dtype))
         return f, sae.decode(f).to(x.dtype)

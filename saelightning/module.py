@@ -13,6 +13,8 @@ activations; a synthetic source adds the metrics against its true features (grou
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import math
 import re
@@ -32,11 +34,13 @@ from saelightning.faults import stop_requested
 from saelightning.groundtruth import GroundTruthMetrics
 from saelightning.guard import NonFiniteGuard
 from saelightning.hooks import hook_width, parse_hook
-from saelightning.metrics import ReconstructionMetrics, SAEMetrics, firing_counts
+from saelightning.metrics import ReconstructionMetrics, SAEMetrics
 from saelightning.modeldiff import DiffThresholds, class_counts, class_name, classify, relative_norms
 from saelightning.optim import SkipAdam, WarmupDecay, default_lr
 from saelightning.saes import ARCHITECTURES, SAEConfig, build_sae
 from saelightning.saes.base import CROSSCODERS, SAEOptions
+from saelightning.saes.latent import all_gather_cat, sum_partials
+from saelightning.saes.sparse import SparseLatents
 
 _NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
 Architecture = Literal["topk", "batchtopk", "relu", "gated", "jumprelu", "matryoshka", "crosscoder",
@@ -59,6 +63,8 @@ class SAESpec(SAEOptions):
         name: export folder and TensorBoard prefix (default: <hook>-<architecture>-<d_sae>).
         b_dec_init: b_dec at the start: "mean" of the first batch (Gao et al.'s recipe for model activations) or
             "zeros" (SAELens's; better where most of the data's mean is features that fire, as in synthetic data).
+        shard_latents: under the latent_parallel strategy, split this SAE's latents over the latent group (false:
+            every rank of the group holds it whole, as under DDP); no effect under other strategies.
     """
 
     hook_name: str = "blocks.0.hook_resid_post"
@@ -68,6 +74,7 @@ class SAESpec(SAEOptions):
     lr: float | None = None
     name: str | None = None
     b_dec_init: Literal["mean", "zeros"] = "mean"
+    shard_latents: bool = True
 
     def __post_init__(self):
         if self.b_dec_init not in ("mean", "zeros"):
@@ -208,6 +215,22 @@ def upgrade_state_dict(state: dict) -> dict:
     return out
 
 
+_DEFER_INIT = contextvars.ContextVar("saelightning_defer_sae_init", default=False)
+
+
+@contextlib.contextmanager
+def deferred_sae_init():
+    """SAEModules built inside draw no SAE weights: their SAEs are shapes on the meta device, and configure_model
+    draws them from the random state the module was built in, under the latent_parallel strategy each rank only
+    its latent shard (the same numbers as those rows of the whole init; no rank ever holds the whole SAE). The
+    CLI builds its module so under that strategy."""
+    token = _DEFER_INIT.set(True)
+    try:
+        yield
+    finally:
+        _DEFER_INIT.reset(token)
+
+
 class SAEModule(pl.LightningModule):
     """Trains the SAEs in `saes` on the activation stream of ActivationDataModule.
 
@@ -261,10 +284,13 @@ class SAEModule(pl.LightningModule):
         self.model_info = model_info or {}
         self.saes, self.states = nn.ModuleDict(), nn.ModuleDict()
         self.specs: dict[str, SAESpec] = {}
+        # deferred_sae_init: where the SAEs' draws start (configure_model makes them); None: drawn here
+        self._init_rng = torch.get_rng_state() if _DEFER_INIT.get() else None
         for spec in specs:
             keys = input_keys(spec, self.model_names)
             n_models = len(keys) if spec.architecture in CROSSCODERS else 1
-            sae = build_from_spec(spec, _width(keys[0], n_layer, d_model, hook_widths), n_models)
+            with torch.device("meta") if self._init_rng is not None else contextlib.nullcontext():
+                sae = build_from_spec(spec, _width(keys[0], n_layer, d_model, hook_widths), n_models)
             default = f"{re.sub(r'[^A-Za-z0-9_-]', '_', spec.hook_name)}-{spec.architecture}-{sae.config.d_sae}"
             name = spec.name or default
             if not _NAME.match(name) or name in self.saes:
@@ -326,7 +352,7 @@ class SAEModule(pl.LightningModule):
         return self.states[name].density
 
     def world_batch(self, batch_tokens: int) -> int:
-        return batch_tokens * (self.trainer.world_size if self._trainer is not None else 1)
+        return batch_tokens * self._data_parallel_size()  # the ranks of a latent group read the same batch
 
     @property
     def nonfinite_skipped(self) -> torch.Tensor:
@@ -341,6 +367,93 @@ class SAEModule(pl.LightningModule):
 
     def on_train_start(self) -> None:
         self.start_step = self.global_step
+
+    # --- latent parallelism (parallel.LatentParallelStrategy) ---
+
+    def configure_model(self) -> None:
+        """Under the latent_parallel strategy, keep this rank's shard of each SAE whose spec shards latents (and
+        its trackers); Lightning calls this once the process groups exist, before a checkpoint is restored. SAEs
+        deferred by deferred_sae_init are drawn here: only the shard where there is one."""
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        latent = getattr(strategy, "latent_parallel_size", 1) > 1
+        if self._init_rng is not None:
+            self._draw_saes(strategy if latent else None)
+        if not latent:
+            return
+        for name, sae in self.saes.items():
+            if self.specs[name].shard_latents and sae.shard is None:
+                sae.shard_latents(strategy.latent_shard(sae.config.d_sae))
+                self.states[name] = SAEState(sae.shard.d_local).to(sae.W_enc.device)
+
+    def _draw_saes(self, strategy) -> None:
+        """The deferred SAEs, in order, from the random state of construction (then where the whole draws leave
+        it), on the CPU as an undeferred module draws them; each shard-latents SAE only its shard under `strategy`."""
+        rng, self._init_rng = self._init_rng, None
+        torch.set_rng_state(rng)
+        for name, sae in self.saes.items():
+            shard = strategy.latent_shard(sae.config.d_sae) if strategy is not None and \
+                self.specs[name].shard_latents else None
+            with torch.device("cpu"):
+                self.saes[name] = build_sae(sae.config, shard)
+                if shard is not None:
+                    self.states[name] = SAEState(shard.d_local)
+
+    @property
+    def sharded(self) -> list[str]:
+        return [name for name, sae in self.saes.items() if sae.shard is not None]
+
+    def _data_group(self):
+        """The process group whose ranks read different batches (None: all ranks)."""
+        return getattr(self._trainer.strategy, "data_group", None) if self._trainer is not None else None
+
+    def _data_parallel_size(self) -> int:
+        if self._trainer is None:
+            return 1
+        return getattr(self.trainer.strategy, "data_parallel_size", self.trainer.world_size)
+
+    def _shard_keys(self, name: str) -> list[str]:
+        sae = self.saes[name]
+        return [f"saes.{name}.{p}" for p in sae.sharded_names()] + \
+            [f"states.{name}.{b}" for b in ("since_fired", "density", "window")]
+
+    def split_latent_shards(self, checkpoint: dict) -> dict | None:
+        """Take this rank's sharded tensors (parameters, their Adam state, per-latent trackers) out of a checkpoint
+        dict; None when no SAE is sharded."""
+        if not self.sharded:
+            return None
+        state = checkpoint["state_dict"]
+        tensors = {key: state.pop(key) for name in self.sharded for key in self._shard_keys(name)}
+        moments = {}
+        for opt_state in checkpoint.get("optimizer_states", []):
+            for index in self._sharded_param_indices():
+                if index in opt_state["state"]:
+                    moments[index] = opt_state["state"].pop(index)
+        return {"state_dict": tensors, "optimizer_state": moments}
+
+    def merge_latent_shards(self, checkpoint: dict, shard: dict) -> None:
+        checkpoint["state_dict"].update(shard["state_dict"])
+        for opt_state in checkpoint.get("optimizer_states", []):
+            opt_state["state"].update(shard["optimizer_state"])
+
+    def _sharded_param_indices(self) -> list[int]:
+        """Indices, in the optimizer's state, of the sharded parameters (configure_optimizers' order)."""
+        out, index = [], 0
+        for sae in self.saes.values():
+            sharded = {id(getattr(sae, n)) for n in sae.sharded_names()}
+            for param in sae.parameters():
+                if id(param) in sharded:
+                    out.append(index)
+                index += 1
+        return out
+
+    def whole(self, name: str):
+        """(the whole SAE, its latest density and the tokens it counts) for the export; a collective over the
+        latent group for a sharded SAE (every rank calls it, in the same order)."""
+        sae, state = self.saes[name], self.states[name]
+        density, tokens = state.latest_density()
+        if sae.shard is None:
+            return sae, density, tokens
+        return sae.gathered(), all_gather_cat(density.contiguous(), sae.shard, 0), tokens
 
     # --- optimisation ---
 
@@ -364,7 +477,7 @@ class SAEModule(pl.LightningModule):
         each SAE's skip flag (gradients are synced by now, so every rank flags the same). No host sync."""
         for name, sae in self.saes.items():
             clip = self.hparams.grad_clip * sae.grad_clip_scale() if self.hparams.grad_clip else math.inf
-            flag = self.guard.gradient_flag(name, nn.utils.clip_grad_norm_(sae.parameters(), clip))
+            flag = self.guard.gradient_flag(name, sae.clip_grad_norm(clip))
             if isinstance(optimizer, SkipAdam):
                 optimizer.skip[name] = flag
         self.guard.count_gradient_skips()
@@ -387,16 +500,22 @@ class SAEModule(pl.LightningModule):
             if self.specs[name].b_dec_init == "mean":
                 sae.init_from_batch(x)
             if dist.is_available() and dist.is_initialized():  # every rank starts from rank 0's init
+                sharded = {id(getattr(sae, n)) for n in sae.sharded_names()}
+                group = self._data_group()
                 for t in list(sae.parameters()) + list(sae.buffers()):
-                    dist.broadcast(t.data, 0)
+                    if id(t) in sharded:  # a shard: from the first rank of this rank's data group
+                        dist.broadcast(t.data, dist.get_global_rank(group, 0), group=group)
+                    else:
+                        dist.broadcast(t.data, 0)
             initialized.fill_(True)
         self._initialized.add(name)
 
-    def _sum_over_ranks(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum over ranks, in place, with one all-reduce. Not Lightning's strategy.reduce: it puts a barrier
-        first, and an NCCL barrier makes the host wait for the GPU. Every rank calls this in the same order."""
+    def _sum_over_ranks(self, tensor: torch.Tensor, group=None) -> torch.Tensor:
+        """Sum over ranks (of `group`; None: all), in place, with one all-reduce. Not Lightning's strategy.reduce:
+        it puts a barrier first, and an NCCL barrier makes the host wait for the GPU. Every rank calls this in the
+        same order."""
         if self._trainer is not None and self.trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
         return tensor
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -423,13 +542,15 @@ class SAEModule(pl.LightningModule):
         steps_per_window = max(1, math.ceil(self.hparams.dead_window_tokens / self.world_batch(n_tokens)))
         window_ends = (self.global_step + 1) % steps_per_window == 0  # a fixed step count, so ranks agree
         for name, (x, x_hat, latents, losses) in outputs.items():
-            counts = self._sum_over_ranks(firing_counts(latents) * good)  # the same tracker on every rank
+            # the same tracker on every rank of a data group (over its own latents when sharded)
+            counts = self._sum_over_ranks(self.saes[name].shard_firing_counts(latents) * good, self._data_group())
             self.states[name].track(counts, step_tokens)
             if window_ends:
                 self.states[name].close_window()
             if log_metrics:  # like SAELens: train metrics of the logged step's batch (the rest would cost every step)
-                scale = sae.input_scales().to(x.device)
-                self.train_metrics[name].update(x.detach() / scale, x_hat.detach() / scale, latents.detach())
+                scale = self.saes[name].input_scales().to(x.device)
+                full = self.saes[name].full_latents(latents).detach()  # gathered from the shards
+                self.train_metrics[name].update(x.detach() / scale, x_hat.detach() / scale, full)
                 self._log_train(name, losses)
         if window_ends:
             self.density_step = self.global_step
@@ -449,7 +570,11 @@ class SAEModule(pl.LightningModule):
         for key in ("explained_variance", "mse", "l0", "l1"):
             values[f"{p}metrics/{key}"] = computed[key]
         shown = {f"{p}losses/overall_loss", f"{p}metrics/explained_variance", f"{p}metrics/l0"}  # in the fit bar
-        values[f"{p}sparsity/dead_fraction"] = self.dead_mask(name).float().mean()
+        dead = self.dead_mask(name).float().mean()
+        sae = self.saes[name]
+        if sae.shard is not None:  # equal shards: the mean of the shards' fractions
+            dead = sum_partials(dead, sae.shard) / sae.shard.size
+        values[f"{p}sparsity/dead_fraction"] = dead
         group = next(g for g in self.optimizers().optimizer.param_groups if g["name"] == name)
         values[f"{p}details/current_learning_rate"] = torch.tensor(group["lr"])
         metrics.reset()
@@ -485,7 +610,7 @@ class SAEModule(pl.LightningModule):
         self._truth_on = truth is not None
         if self._truth_on:  # each latent's best-matched true feature, from the decoder as it is now
             for name, sae in self.saes.items():
-                self.truth_metrics[name].set_dictionary(sae.W_dec, truth.features)
+                self.truth_metrics[name].set_dictionary(sae.gathered().W_dec, truth.features)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         """The same evaluation as `saelightning eval` (evaluate_batch on the same val rows): the training SAEs
@@ -508,8 +633,9 @@ class SAEModule(pl.LightningModule):
                 for m, metric in enumerate(self.model_metrics[name] if name in self.model_metrics else []):
                     block = slice(m * sae.d_model, (m + 1) * sae.d_model)
                     metric.update(x[:, block], x_hat[:, block])
-                if self._truth_on:
-                    self.truth_metrics[name].update(f, x, x_hat, batch["truth"])
+                if self._truth_on:  # (a synthetic source's small SAEs: dense latents for the matching)
+                    self.truth_metrics[name].update(f.dense() if isinstance(f, SparseLatents) else f, x, x_hat,
+                                                    batch["truth"])
             return
         groups = self.groups()
         metrics = {hook: [self.val_metrics[n] for n in self.saes if self.specs[n].hook_name == hook] for hook in groups}

@@ -14,10 +14,12 @@ named). config.yaml goes into the log dir only once training starts.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
+import pydoc
 import re
 import sys
 import warnings
@@ -44,7 +46,8 @@ from saelightning.checkpointing import AtomicCheckpointIO, check_checkpoint, ste
 from saelightning.data import ActivationDataModule
 from saelightning.errors import SAELightningError, one_line
 from saelightning.faults import Preemption
-from saelightning.module import SAEModule, SAESpec
+from saelightning.module import SAEModule, SAESpec, deferred_sae_init
+from saelightning.parallel import LatentParallelStrategy
 
 TRAINER_DEFAULTS = {
     "default_root_dir": "checkpoints/run",
@@ -168,6 +171,15 @@ def check_writable(folder: Path) -> None:
                                 "set trainer.default_root_dir to a writable folder")
 
 
+def _is_latent_parallel(strategy) -> bool:
+    """Whether trainer.strategy (a name, a {class_path, init_args} or an instance) is LatentParallelStrategy."""
+    if isinstance(strategy, LatentParallelStrategy):
+        return True
+    path = strategy.get("class_path") if hasattr(strategy, "get") else strategy
+    found = pydoc.locate(path) if isinstance(path, str) else None
+    return isinstance(found, type) and issubclass(found, LatentParallelStrategy)
+
+
 class SAELightningCLI(LightningCLI):
     resume: dict | None = None  # the checkpoint's step and log version, when fit resumes one
 
@@ -217,6 +229,12 @@ class SAELightningCLI(LightningCLI):
                     f"the run dir {run_dir} already holds a run ({held}); resume it with --ckpt_path last, train "
                     f"a new one with --run_name NAME (into {run_dir.parent}/NAME) or another trainer.default_root_dir, "
                     f"or delete {run_dir}")
+
+    def instantiate_classes(self) -> None:
+        # under the latent_parallel strategy each rank draws only its shards of the SAEs (in configure_model)
+        strategy = self._get(self.config, "trainer", default={}).get("strategy")
+        with deferred_sae_init() if _is_latent_parallel(strategy) else contextlib.nullcontext():
+            super().instantiate_classes()
 
     def instantiate_trainer(self, **kwargs):
         # the data module checks its buffer against memory at setup; this runs the same check before the trainer

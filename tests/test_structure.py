@@ -8,7 +8,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "saelightning"
 # the modules every other one may use, and that import none of the training or command modules
 LEAVES = {"errors", "atomic", "tokens", "resolve", "export", "metrics", "command", "hooks", "demo", "modeldiff"}
 TRAINING_AND_COMMANDS = {"train", "module", "data", "callbacks", "checkpointing", "faults", "cache", "evaluate",
-                         "runtime", "neuronpedia", "dashboards", "cli", "guard", "optim", "probe", "diff"}
+                         "runtime", "neuronpedia", "dashboards", "cli", "guard", "optim", "probe", "diff",
+                         "parallel"}
 
 
 def _name(path: Path) -> str:

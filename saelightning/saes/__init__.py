@@ -5,6 +5,7 @@ from saelightning.saes.batchtopk import BatchTopKSAE
 from saelightning.saes.crosscoder import CrossCoder, L1CrossCoder, OneModel
 from saelightning.saes.gated import GatedSAE
 from saelightning.saes.jumprelu import JumpReLUSAE
+from saelightning.saes.latent import LatentShard
 from saelightning.saes.matryoshka import MatryoshkaSAE
 from saelightning.saes.relu import ReLUSAE
 from saelightning.saes.topk import TopKSAE
@@ -21,9 +22,10 @@ SAE_CLASSES: dict[str, type[SAE]] = {
 }
 
 
-def build_sae(config: SAEConfig) -> SAE:
-    """A freshly initialised SAE of config.architecture (the config was validated on construction)."""
-    return SAE_CLASSES[config.architecture](config)
+def build_sae(config: SAEConfig, shard: LatentShard | None = None) -> SAE:
+    """A freshly initialised SAE of config.architecture (the config was validated on construction); with a latent
+    shard, only that rank's latents (the same numbers as those rows of the whole SAE's init)."""
+    return SAE_CLASSES[config.architecture](config, shard)
 
 
 __all__ = ["ARCHITECTURES", "SAE", "SAEConfig", "build_sae", "SAE_CLASSES", "TopKSAE", "BatchTopKSAE",

@@ -18,7 +18,16 @@ import torch
 from torch import nn
 
 from saelightning.errors import SAELightningError
-from saelightning.saes.sparse import dense_to_sparse
+from saelightning.saes.latent import (
+    LATENT_AXES,
+    LatentShard,
+    all_gather_cat,
+    copy_to_shards,
+    gather_dense,
+    gather_sparse,
+    sum_partials,
+)
+from saelightning.saes.sparse import SparseLatents, dense_to_sparse
 
 ARCHITECTURES = ("topk", "batchtopk", "relu", "gated", "jumprelu", "matryoshka", "crosscoder", "crosscoder_l1")
 TOPK_STYLE = ("topk", "batchtopk", "matryoshka", "crosscoder")  # k-sparse: sparse decode, AuxK
@@ -194,6 +203,30 @@ class SAEConfig(SAEOptions):
         return self.k_aux if self.k_aux is not None else max(1, self.d_in // 2)
 
 
+def normal_rows(rows: int, cols: int, start: int, count: int, chunk: int = 1 << 22) -> torch.Tensor:
+    """Rows [start, start + count) of torch.randn(rows, cols) (float32, CPU, the default generator), holding at most
+    about `chunk` values beside them. torch's CPU sampler draws one uniform per value in order and maps each
+    aligned block of 16 to normals, then redraws the last 16 when the size is not a multiple of 16; so draws of
+    whole blocks (and a last one of at least 16 values) give the same numbers as one draw and leave the generator
+    where it leaves it (tests/test_latent_parallel.py checks it on shapes with and without a remainder). Under
+    another default device (meta, a GPU) it is the slice of one draw there, as before."""
+    if torch.get_default_device().type != "cpu":
+        return torch.randn(rows, cols, dtype=torch.float32).narrow(0, start, count).clone()
+    step = 16 // math.gcd(cols, 16)  # rows per whole number of 16-value blocks
+    per = max(step, chunk // max(cols, 1) // step * step)
+    bounds = list(range(0, rows, per))
+    if len(bounds) > 1 and (rows - bounds[-1]) * cols < 16:
+        bounds.pop()  # a last draw under 16 values would take another path: it joins the one before
+    out = torch.empty(count, cols, dtype=torch.float32)
+    for i, lo in enumerate(bounds):
+        hi = bounds[i + 1] if i + 1 < len(bounds) else rows
+        block = torch.randn(hi - lo, cols, dtype=torch.float32)
+        a, b = max(lo, start), min(hi, start + count)
+        if a < b:
+            out[a - start:b - start] = block[a - lo:b - lo]
+    return out
+
+
 def _bad(message: str):
     raise SAELightningError(message)
 
@@ -211,21 +244,129 @@ class SAE(nn.Module):
     # buffers that a training forward updates (BatchTopK's threshold EMA): a step the trainer skips puts them back
     step_buffers: tuple[str, ...] = ()
 
-    def __init__(self, config: SAEConfig):
+    def __init__(self, config: SAEConfig, shard: LatentShard | None = None):
+        """A fresh SAE; with `shard`, only that rank's latents, equal to the same rows of the whole SAE's init
+        (the generator is drawn as for the whole one and left where it leaves it) without ever holding it."""
         super().__init__()
         self.config = config
+        if shard is not None and not self.sharded_architecture:
+            self._refuse_sharding()
         dtype = DTYPES[config.dtype]
-        W_dec = torch.randn(config.d_sae, config.d_in, dtype=torch.float32)
+        start, count = (0, config.d_sae) if shard is None else (shard.offset, shard.d_local)
+        W_dec = normal_rows(config.d_sae, config.d_in, start, count)
         W_dec = W_dec / W_dec.norm(dim=1, keepdim=True) * config.init_norm
         self.W_dec = nn.Parameter(W_dec.to(dtype))
         self.W_enc = nn.Parameter(W_dec.T.clone().to(dtype))  # W_enc = W_decᵀ at init
         if self.has_b_enc:
-            self.b_enc = nn.Parameter(torch.zeros(config.d_sae, dtype=dtype))
+            self.b_enc = nn.Parameter(torch.zeros(count, dtype=dtype))
         self.b_dec = nn.Parameter(torch.zeros(config.d_in, dtype=dtype))
         # the trainer's fitted input scale s (so E||s·x||² = d_in); a buffer, so checkpoints keep it
         self.register_buffer("input_scale", torch.ones((), dtype=torch.float32))
         self.metadata: dict = {}
         self.training_step = 0
+        # this rank's part of the latents (None: all of them); set here or by shard_latents
+        self.shard: LatentShard | None = shard
+
+    # ---- latent parallelism (saes/latent.py) -------------------------------------------------
+    sharded_architecture = True  # False where the architecture has no latent-sharded forward
+
+    def _refuse_sharding(self):
+        _bad(f"the {self.config.architecture} SAE has no latent-sharded form; train it replicated (its spec's "
+             "shard_latents: false) or choose topk, batchtopk, matryoshka, relu or jumprelu")
+
+    @property
+    def d_latents(self) -> int:
+        """The latents this SAE holds: d_sae, or its shard's d_sae / n."""
+        return self.config.d_sae if self.shard is None else self.shard.d_local
+
+    @torch.no_grad()
+    def shard_latents(self, shard: LatentShard) -> None:
+        """Keep only this rank's latents (W_enc columns, b_enc, W_dec rows, thresholds); the rest is freed."""
+        if not self.sharded_architecture:
+            self._refuse_sharding()
+        keep = slice(shard.offset, shard.offset + shard.d_local)
+        for name, axis in LATENT_AXES.items():
+            param = getattr(self, name, None)
+            if isinstance(param, nn.Parameter) and param.dim() > axis and param.shape[axis] == self.config.d_sae:
+                param.data = param.data.narrow(axis, keep.start, shard.d_local).clone()
+        self.shard = shard
+
+    def sharded_names(self) -> list[str]:
+        """The parameters that hold only this rank's latents (empty when unsharded)."""
+        if self.shard is None:
+            return []
+        return [n for n, axis in LATENT_AXES.items() if isinstance(getattr(self, n, None), nn.Parameter)
+                and getattr(self, n).dim() > axis]
+
+    def _encoder_shift(self) -> torch.Tensor:
+        """b_dec as the encoder sees it: sharded, every shard's gradient into it is summed."""
+        return self.b_dec if self.shard is None else copy_to_shards(self.b_dec, self.shard)
+
+    def _latent_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """A sum over latents (a partial reconstruction, a penalty) completed over the shards."""
+        return t if self.shard is None else sum_partials(t, self.shard)
+
+    def _local_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Dense latents as this rank decodes them: its own columns of global [N, d_sae] ones."""
+        if self.shard is not None and latents.shape[-1] == self.config.d_sae:
+            return latents.narrow(-1, self.shard.offset, self.shard.d_local)
+        return latents
+
+    def _gathered_dense(self, latents: torch.Tensor) -> torch.Tensor:
+        """Dense latents over all d_sae latents from this rank's (an evaluation's encode)."""
+        return latents if self.shard is None else gather_dense(latents, self.shard)
+
+    def shard_firing_counts(self, latents) -> torch.Tensor:
+        """Tokens in which each of this rank's latents fired ([d_local], float64) from a training forward's latents
+        (dense local ones, or sparse ones of own entries with global indices)."""
+        if not isinstance(latents, SparseLatents):
+            return (latents != 0).sum(0).to(torch.float64)
+        if self.shard is None:
+            return latents.firing_counts()
+        local, mine = self.shard.own(latents.indices)
+        fired = ((latents.values != 0) & mine).flatten().to(torch.float64)
+        return fired.new_zeros(self.shard.d_local).index_add_(0, local.flatten(), fired)
+
+    def full_latents(self, latents):
+        """A training forward's latents over all d_sae latents (gathered from the shards: for metrics)."""
+        if self.shard is None:
+            return latents
+        if not isinstance(latents, SparseLatents):
+            return gather_dense(latents, self.shard)
+        values, indices, rows = gather_sparse(latents.values, latents.indices, latents.rows, self.shard)
+        return SparseLatents(values, indices, self.config.d_sae, rows, latents.n_rows)
+
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        """clip_grad_norm_ over this SAE's parameters; sharded, the norm is over all shards (replicated
+        parameters counted once)."""
+        params = [p for p in self.parameters() if p.grad is not None]
+        if self.shard is None:
+            return nn.utils.clip_grad_norm_(params, max_norm)
+        sharded = {id(getattr(self, n)) for n in self.sharded_names()}
+        squares = [p.grad.float().pow(2).sum() for p in params]
+        local = sum((s for p, s in zip(params, squares) if id(p) in sharded), torch.zeros(()))
+        replicated = sum((s for p, s in zip(params, squares) if id(p) not in sharded), torch.zeros(()))
+        total = (sum_partials(local.detach(), self.shard) + replicated).sqrt()
+        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        for p in params:
+            p.grad.mul_(coef.to(p.grad.dtype))
+        return total
+
+    @torch.no_grad()
+    def gathered(self) -> "SAE":
+        """The whole SAE (every shard's latents, in order) as an ordinary unsharded copy on every rank."""
+        if self.shard is None:
+            return self
+        shard, self.shard = self.shard, None
+        try:
+            whole = copy.deepcopy(self)
+        finally:
+            self.shard = shard
+        for name in LATENT_AXES:
+            param = getattr(whole, name, None)
+            if isinstance(param, nn.Parameter) and param.dim() > LATENT_AXES[name]:
+                param.data = all_gather_cat(param.data, shard, LATENT_AXES[name])
+        return whole
 
     # ---- encode / decode -------------------------------------------------------------------
     def _check_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -241,9 +382,11 @@ class SAE(nn.Module):
     @property
     def encoder_shift(self) -> torch.Tensor | None:
         """b_dec where the encoder subtracts it from x (the sparse encoder's backward gives it its gradient)."""
-        return self.b_dec if self.config.apply_b_dec_to_input else None
+        return self._encoder_shift() if self.config.apply_b_dec_to_input else None
 
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
+        if self.shard is not None and self.config.apply_b_dec_to_input:
+            return (self._check_input(x) - self._encoder_shift()) @ self.W_enc + self.b_enc
         return self.centered(x) @ self.W_enc + self.b_enc
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -257,7 +400,28 @@ class SAE(nn.Module):
         return values.reshape(*latents.shape[:-1], -1), indices.reshape(*latents.shape[:-1], -1)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return latents.to(self.W_dec.dtype) @ self.W_dec + self.b_dec
+        return self._latent_sum(self._local_latents(latents).to(self.W_dec.dtype) @ self.W_dec) + self.b_dec
+
+    def _local_encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Evaluation's latents of this rank's latents only ([..., d_latents]; the architectures that shard)."""
+        raise NotImplementedError
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """x̂ = decode(encode(x)) without side effects (no running statistics move); latent-sharded, from this
+        rank's latents summed over the shards, never [N, d_sae]."""
+        if self.shard is None:
+            return self.decode(self.encode(x))
+        return self.decode(self._local_encode(x))
+
+    def encode_decode_sparse(self, x: torch.Tensor) -> tuple[SparseLatents, torch.Tensor]:
+        """(latents, x̂) of a latent-sharded SAE for evaluation, x [N, d_in], without [N, d_sae] on any rank: each
+        rank's nonzero latents (global indices) gathered as SparseLatents of N·(n·the largest local count) entries
+        (padding values 0, which do not fire), x̂ from this rank's latents summed over the shards."""
+        local = self._local_encode(x)
+        x_hat = self.decode(local)
+        values, indices = dense_to_sparse(local.detach())
+        values, indices, _ = gather_sparse(values, indices + self.shard.offset, None, self.shard)
+        return SparseLatents(values, indices, self.config.d_sae), x_hat
 
     def forward(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None):
         raise NotImplementedError

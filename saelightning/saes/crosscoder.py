@@ -31,6 +31,8 @@ from saelightning.saes.sparse import SparseLatents, batch_topk_ragged, gather_en
 class _CrossCoderParts:
     """What both crosscoders add to their SAE class: the per-model blocks, scales and decoder norms."""
 
+    sharded_architecture = False  # the per-model blocks and code norms have no latent-sharded form yet
+
     config: object
     W_enc: torch.Tensor
     W_dec: torch.Tensor
@@ -134,8 +136,8 @@ class CrossCoder(_CrossCoderParts, BatchTopKSAE):
     """The BatchTopK crosscoder (architecture "crosscoder"): the k·N largest f_i c_i of a batch while training,
     f_i c_i > θ at inference, AuxK for dead latents; the sparse training path of BatchTopK (no dense latents)."""
 
-    def __init__(self, config):
-        super().__init__(config)
+    def __init__(self, config, shard=None):
+        super().__init__(config, shard)  # a shard is refused: sharded_architecture is False
         self._init_blocks()
 
     def _threshold_acts(self, pre: torch.Tensor) -> torch.Tensor:
@@ -185,8 +187,8 @@ class L1CrossCoder(_CrossCoderParts, ReLUSAE):
     """The L1 crosscoder (architecture "crosscoder_l1", Anthropic 2024): ReLU latents, loss
     Σ_m ‖x^m − x̂^m‖² + λ Σ_i f_i Σ_m ‖d_i^m‖ with λ warmed up linearly."""
 
-    def __init__(self, config):
-        super().__init__(config)
+    def __init__(self, config, shard=None):
+        super().__init__(config, shard)  # a shard is refused: sharded_architecture is False
         self._init_blocks()
 
     def decoder_norms(self) -> torch.Tensor:

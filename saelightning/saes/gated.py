@@ -15,9 +15,10 @@ from saelightning.saes.base import SAE
 
 class GatedSAE(SAE):
     has_b_enc = False
+    sharded_architecture = False  # its gate and magnitude paths are not split over latent shards
 
-    def __init__(self, config):
-        super().__init__(config)
+    def __init__(self, config, shard=None):
+        super().__init__(config, shard)
         dtype = self.W_enc.dtype
         self.b_gate = nn.Parameter(torch.zeros(config.d_sae, dtype=dtype))
         self.b_mag = nn.Parameter(torch.zeros(config.d_sae, dtype=dtype))

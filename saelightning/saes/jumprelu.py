@@ -54,11 +54,14 @@ class JumpReLUSTE(torch.autograd.Function):
 
 
 class JumpReLUSAE(SAE):
-    def __init__(self, config):
-        super().__init__(config)
-        self.threshold = nn.Parameter(torch.full((config.d_sae,), config.threshold_init, dtype=self.W_enc.dtype))
+    def __init__(self, config, shard=None):
+        super().__init__(config, shard)
+        self.threshold = nn.Parameter(torch.full((self.d_latents,), config.threshold_init, dtype=self.W_enc.dtype))
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self._gathered_dense(self._local_encode(x))
+
+    def _local_encode(self, x: torch.Tensor) -> torch.Tensor:
         pre = self.pre_acts(x)
         # ReLU(z) · 1[z > θ], exactly SAELens's JumpReLU (equal to z · 1[z > θ] for θ ≥ 0)
         return pre.relu() * (pre > self.threshold).to(pre.dtype)
@@ -71,14 +74,15 @@ class JumpReLUSAE(SAE):
         losses = self.reconstruction_stats(x, x_hat)
         norms = self.decoder_norms()
         if self.config.sparsity_penalty == "l0":
-            penalty = losses["l0_loss"] = StepSTE.apply(pre, self.threshold, bandwidth).sum(-1).mean()
+            penalty = losses["l0_loss"] = self._latent_sum(StepSTE.apply(pre, self.threshold, bandwidth).sum(-1)).mean()
         else:
-            penalty = losses["tanh_loss"] = torch.tanh(self.config.tanh_scale * latents * norms).sum(-1).mean()
+            penalty = losses["tanh_loss"] = self._latent_sum(
+                torch.tanh(self.config.tanh_scale * latents * norms).sum(-1)).mean()
         lam = self.config.l0_coefficient * self.penalty_scale()
         losses["loss"] = losses["sse"] + lam * penalty
         if self.config.preact_coefficient > 0:
             # pushes latents that never clear θ back up towards it (Anthropic, January 2025)
-            losses["preact_loss"] = ((self.threshold - pre).relu() * norms).sum(-1).mean()
+            losses["preact_loss"] = self._latent_sum(((self.threshold - pre).relu() * norms).sum(-1)).mean()
             losses["loss"] = losses["loss"] + self.config.preact_coefficient * losses["preact_loss"]
         return x_hat, latents, losses
 

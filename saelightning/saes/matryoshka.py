@@ -12,8 +12,8 @@ from saelightning.saes.batchtopk import BatchTopKSAE
 
 
 class MatryoshkaSAE(BatchTopKSAE):
-    def __init__(self, config):
-        super().__init__(config)
+    def __init__(self, config, shard=None):
+        super().__init__(config, shard)
         # on the SAE's device from the start: a per-step torch.tensor(list, device="cuda") is a host copy
         self.register_buffer("prefix_ends", torch.tensor(config.prefixes), persistent=False)
 
@@ -40,6 +40,7 @@ class MatryoshkaSAE(BatchTopKSAE):
         n, n_bands = latents.shape[0], len(self.prefix_ends)
         key = latents.rows * n_bands + torch.searchsorted(self.prefix_ends, latents.indices, right=True)
         offsets = torch.searchsorted(key, torch.arange(n * n_bands, device=key.device, dtype=key.dtype))
-        bands = F.embedding_bag(latents.indices, self.W_dec, offsets,
+        bands = F.embedding_bag(self._local_columns(latents.indices), self.W_dec, offsets,
                                 per_sample_weights=latents.values.to(self.W_dec.dtype), mode="sum")
-        return bands.view(n, n_bands, -1).cumsum(1) + self.b_dec
+        # latent-sharded: each rank's bands from its own latents, summed over the shards (one all-reduce)
+        return self._latent_sum(bands).view(n, n_bands, -1).cumsum(1) + self.b_dec

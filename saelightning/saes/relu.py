@@ -12,13 +12,16 @@ from saelightning.saes.base import SAE
 
 class ReLUSAE(SAE):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self._gathered_dense(self._local_encode(x))
+
+    def _local_encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.pre_acts(x).relu()
 
     def forward(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None):
-        latents = self.encode(x)
+        latents = self.pre_acts(x).relu()  # latent-sharded: this rank's latents only
         x_hat = self.decode(latents)
         losses = self.reconstruction_stats(x, x_hat)
-        losses["l1_loss"] = (latents * self.decoder_norms()).sum(-1).mean()
+        losses["l1_loss"] = self._latent_sum((latents * self.decoder_norms()).sum(-1)).mean()
         lam = self.config.l1_coefficient * self.penalty_scale()
         losses["loss"] = losses["sse"] + lam * losses["l1_loss"]
         return x_hat, latents, losses

@@ -8,6 +8,7 @@ export folds the norms into the encoder, so the exported SAE is an ordinary unit
 import torch
 
 from saelightning.saes.base import SAE
+from saelightning.saes.latent import global_topk
 from saelightning.saes.sparse import SparseLatents, gather_encode, sparse_decode, topk_sparse
 
 
@@ -24,6 +25,11 @@ class TopKSAE(SAE):
 
     def encode_sparse(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         pre = self.pre_acts(x)
+        if self.shard is not None:  # the global top k from every shard's candidates (global indices)
+            lead = pre.shape[:-1]
+            pre = pre.reshape(-1, pre.shape[-1])
+            values, _, indices = global_topk(self._ranking(pre), pre, self.config.k, self.shard)
+            return values.relu().reshape(*lead, -1), indices.reshape(*lead, -1)
         if self.config.unit_norm_decoder:
             return topk_sparse(pre, self.config.k)
         indices = self._ranking(pre).topk(self.config.k, dim=-1, sorted=False).indices
@@ -36,15 +42,31 @@ class TopKSAE(SAE):
             return pre
         return pre * self.W_dec.detach().norm(dim=1).to(pre.dtype)
 
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        if self.shard is None:
+            return SAE.reconstruct(self, x)
+        return self.decode_sparse(*self.encode_sparse(x))
+
+    def encode_decode_sparse(self, x: torch.Tensor):
+        """Evaluation of a latent-sharded TopK SAE: the global winners (the same on every rank, [N, k]) and x̂."""
+        values, indices = self.encode_sparse(x)
+        return SparseLatents(values, indices, self.config.d_sae), self.decode_sparse(values, indices)
+
     def decode_sparse(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """x̂ from (values, indices) [..., m] by gathering the m active decoder rows per token."""
         lead = values.shape[:-1]
-        flat = sparse_decode(values.reshape(-1, values.shape[-1]), indices.reshape(-1, indices.shape[-1]), self.W_dec)
+        values, indices = values.reshape(-1, values.shape[-1]), indices.reshape(-1, indices.shape[-1])
+        if self.shard is not None:  # global indices: this rank decodes its own, the shards' parts are summed
+            indices, mine = self.shard.own(indices)
+            values = values * mine
+        flat = self._latent_sum(sparse_decode(values, indices, self.W_dec))
         return flat.reshape(*lead, -1) + self.b_dec
 
     sparse_forward = True  # forward(..., sparse=True) returns SparseLatents (the trainer never needs dense ones)
 
     def forward(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None, sparse: bool = False):
+        if self.shard is not None:
+            return self._forward_sharded(x, dead_mask, sparse)
         x = self._check_input(x)
         x_c = x - self.b_dec if self.config.apply_b_dec_to_input else x
         k = self.config.k
@@ -69,6 +91,56 @@ class TopKSAE(SAE):
         latents = SparseLatents(values, indices, self.config.d_sae)
         return x_hat, (latents if sparse else latents.dense()), losses
 
+    def _forward_sharded(self, x: torch.Tensor, dead_mask: torch.Tensor | None, sparse: bool):
+        """forward on this rank's latents: the global top k from the gathered local candidates, this rank's winners
+        encoded (sparse backward) and decoded, the partial reconstructions summed. Returns this rank's own entries
+        with global indices (full_latents gathers them all)."""
+        x = self._check_input(x)
+        x_c = x - self.b_dec if self.config.apply_b_dec_to_input else x
+        k = self.config.k
+        with torch.no_grad():
+            pre = torch.addmm(self.b_enc, x_c, self.W_enc)
+            ranking = self._ranking(pre)
+            _, _, winners = global_topk(ranking, pre, k, self.shard)
+            chosen, mine = self.shard.own(winners)
+            aux_indices, aux_weight, any_dead = self._aux_sharded(ranking, dead_mask)
+        weight = mine.to(pre.dtype)
+        if aux_indices is not None:
+            chosen = torch.cat([chosen, aux_indices], 1)
+            weight = torch.cat([weight, aux_weight], 1)
+        gathered = gather_encode(pre, x_c, self.W_enc, self.b_enc, chosen, self.encoder_shift).relu() * weight
+        values = gathered[:, :k]
+        x_hat = self._latent_sum(sparse_decode(values, chosen[:, :k], self.W_dec)) + self.b_dec
+        losses = self.reconstruction_stats(x, x_hat)
+        if aux_indices is None:
+            losses["auxk_loss"] = x_hat.new_zeros(()).float()
+        else:
+            e_hat = self._latent_sum(sparse_decode(gathered[:, k:], aux_indices, self.W_dec))
+            losses["auxk_loss"] = self._auxk_loss(x, x_hat, e_hat) * any_dead
+        losses["loss"] = losses["fvu"] + self.config.aux_coefficient * losses["auxk_loss"]
+        latents = SparseLatents(values.detach(), winners, self.config.d_sae)
+        return x_hat, (latents if sparse else self.full_latents(latents).dense()), losses
+
+    @torch.no_grad()
+    def _aux_sharded(self, ranking: torch.Tensor, dead_mask: torch.Tensor | None):
+        """The global top k_aux dead latents per row from every shard's local top k_aux dead ones: (this rank's
+        local indices, a 0/1 weight: 1 where the latent is dead and this rank's, 1 if any latent is dead), or
+        Nones without a mask."""
+        if dead_mask is None:
+            return None, None, None
+        dead = dead_mask.to(ranking.device)
+        k_aux = min(self.config.k_aux_resolved, self.config.d_sae)
+        masked = ranking.masked_fill(~dead, float("-inf"))
+        # live candidates are -inf and weighted 0: no host sync for the dead count, as on CUDA unsharded
+        _, scores, winners = global_topk(masked, masked, k_aux, self.shard)
+        local, mine = self.shard.own(winners)
+        dead_picks = torch.isfinite(scores)
+        return local, (mine & dead_picks).to(ranking.dtype), dead_picks.any().to(ranking.dtype)
+
+    def _auxk_loss(self, x, x_hat, e_hat):
+        e = (x - x_hat).detach()
+        return (e_hat - e).float().pow(2).sum() / (e - e.mean(0)).float().pow(2).sum().clamp_min(1e-12)
+
     def _aux_indices(self, pre: torch.Tensor, dead_mask: torch.Tensor | None, sync_free: bool | None = None):
         """Top k_aux dead latents per row (None when none is dead) and a 0/1 weight on their values."""
         if dead_mask is None:
@@ -92,9 +164,7 @@ class TopKSAE(SAE):
         The gradient reaches only the dead latents' encoder and decoder (e is detached), which pulls
         them towards directions the live latents miss.
         """
-        e = (x - x_hat).detach()
-        e_hat = sparse_decode(values, indices, self.W_dec)
-        return (e_hat - e).float().pow(2).sum() / (e - e.mean(0)).float().pow(2).sum().clamp_min(1e-12)
+        return self._auxk_loss(x, x_hat, sparse_decode(values, indices, self.W_dec))
 
     def saelens_architecture(self) -> str:
         return "topk"
