@@ -148,8 +148,8 @@ def gather_sparse(values: torch.Tensor, indices: torch.Tensor, rows: torch.Tenso
 
 class CollectiveCounter:
     """Counts the bytes of every torch.distributed all_gather, all_reduce and broadcast called while it is active
-    (`with CollectiveCounter() as c: ...`), by wrapping those functions: whatever calls them (this module, DDP's
-    Python side excepted: its C++ reducer does not go through them) is counted as it happens.
+    (`with CollectiveCounter() as c: ...`), by wrapping those functions: every call through torch.distributed is
+    counted as it happens (DDP's gradient all-reduce, which its C++ reducer makes, is not).
 
     `gathered`: bytes this rank receives from all-gathers ((size - 1) x its own input); `reduced`: bytes this rank
     puts into all-reduces (its tensor's size); `broadcast`: bytes of broadcasts; `calls`: (op, dtype, shape, group
@@ -161,11 +161,6 @@ class CollectiveCounter:
         self.gathered = self.reduced = self.broadcast = 0
         self.calls: list[tuple[str, torch.dtype, tuple[int, ...], int]] = []
         self._saved: dict = {}
-
-    def wire_bytes(self, size: int) -> float:
-        """Bytes each rank receives with ring algorithms: an all-reduce of b bytes over `size` ranks is a
-        reduce-scatter and an all-gather, 2·(size - 1)/size · b."""
-        return self.gathered + self.broadcast + 2 * (size - 1) / size * self.reduced
 
     def _record(self, op: str, tensor: torch.Tensor, group) -> None:
         size = dist.get_world_size(group)
