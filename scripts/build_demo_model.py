@@ -126,21 +126,24 @@ def val_bpb(model: GPT, val: torch.Tensor, token_bytes: torch.Tensor, seq_len: i
     return nats / (math.log(2) * nbytes)
 
 
-def train(model, train_tokens, args) -> tuple[float, int]:
+def train(model, stream, args, make_batch=None, every: int = 50) -> tuple[float, int]:
+    """AdamW steps on batches drawn from `stream` by `make_batch` (default: plain next-token batches); the
+    final loss EMA and the tokens trained on."""
+    make_batch = make_batch or batch
     opt = make_optimizer(model, args.lr)
     gen = torch.Generator().manual_seed(args.seed)
     ema, t0 = None, time.time()
     for step in range(args.steps):
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * lr_factor(step, args.steps, args.warmup)
-        x, y = batch(train_tokens, args.batch_size, args.seq_len, gen)
+        x, y = make_batch(stream, args.batch_size, args.seq_len, gen)
         loss = loss_fn(model, x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
-        if step % 50 == 0 or step == args.steps - 1:
+        if step % every == 0 or step == args.steps - 1:
             print(f"step {step:5d}/{args.steps} loss {loss.item():.4f} (ema {ema:.4f}) {time.time() - t0:6.0f}s",
                   flush=True)
     return ema, args.steps * args.batch_size * args.seq_len
@@ -200,22 +203,8 @@ def build_chat(args) -> int:
     print(f"{len(train_c)} train / {len(val_c)} val conversations, {train_s.shape[1]} / {val_s.shape[1]} tokens "
           f"({int(train_s[1].sum())} / {int(val_s[1].sum())} assistant tokens)", flush=True)
     before = chat_val_loss(model, val_s, args.seq_len)
-    opt = make_optimizer(model, args.lr)
-    gen = torch.Generator().manual_seed(args.seed)
-    ema, t0 = None, time.time()
-    for step in range(args.steps):
-        for g in opt.param_groups:
-            g["lr"] = g["base_lr"] * lr_factor(step, args.steps, args.warmup)
-        x, y = chat_batch(train_s, args.batch_size, args.seq_len, gen)
-        loss = loss_fn(model, x, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
-        if step % 25 == 0 or step == args.steps - 1:
-            print(f"step {step:5d}/{args.steps} loss {loss.item():.4f} (ema {ema:.4f}) {time.time() - t0:6.0f}s",
-                  flush=True)
+    t0 = time.time()
+    ema, _ = train(model, train_s, args, chat_batch, every=25)
     train_time = time.time() - t0
     after = chat_val_loss(model, val_s, args.seq_len)
     tag = Path(meta["path"]).parent.name if Path(meta["path"]).is_file() else Path(meta["path"]).name
