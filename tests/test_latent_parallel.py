@@ -452,6 +452,16 @@ def test_a_gated_shard_is_refused_at_construction():
         build_sae(SAEConfig(architecture="gated", d_in=D_IN, d_sae=D_SAE), LatentShard(None, 0, 2, D_SAE))
 
 
+@pytest.mark.parametrize("architecture", ["crosscoder", "crosscoder_l1"])
+def test_a_crosscoder_is_refused_sharding_and_builds_whole(architecture):
+    config = SAEConfig(architecture=architecture, d_in=2 * D_IN, d_sae=D_SAE, n_models=2)
+    assert build_sae(config).W_dec.shape == (D_SAE, 2 * D_IN)  # the shard argument every class takes, left None
+    with pytest.raises(SAELightningError, match="crosscoder.*shard_latents: false"):
+        build_sae(config, LatentShard(None, 0, 2, D_SAE))
+    with pytest.raises(SAELightningError, match="shard_latents: false"):
+        build_sae(config).shard_latents(LatentShard(None, 0, 2, D_SAE))
+
+
 class _LatentRank:
     """The two things configure_model reads of a LatentParallelStrategy: its size and this rank's shard."""
 
