@@ -18,15 +18,8 @@ from saelightning.saes import OneModel, SAEConfig, build_sae
 from saelightning.saes.base import SAEOptions
 from saelightning.saes.topk import TopKSAE
 
-pytestmark = pytest.mark.numerics  # fp32 results compared across code paths: also run under other CPU kernels
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# fp32 results compared across code paths: also run under other CPU kernels; one torch thread (small ops)
+pytestmark = [pytest.mark.numerics, pytest.mark.usefixtures("one_thread")]
 
 
 def _cc(arch="crosscoder", M=2, d=8, d_sae=32, **kw):

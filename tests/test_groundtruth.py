@@ -147,30 +147,25 @@ def test_a_planted_dictionary_scores_perfectly_in_any_order():
     assert mcc(sae.W_dec * signs[:, None], model.features) == pytest.approx(1.0, abs=1e-6)
 
 
-def test_a_planted_dictionary_is_recovered_by_training():
+def test_a_planted_dictionary_is_recovered_by_training(one_thread):  # 400 tiny steps: one thread
     """A BatchTopK SAE of twice the dictionary's size, trained from a random init on the planted model's samples,
     puts a latent on every true direction: each of the 8 features is some latent's best match (uniqueness 8 / 16)
     and the matched pairs' |cos| average over 0.95 (4 seeds gave 0.964-0.981)."""
     model = _planted_model()
     torch.manual_seed(0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # 400 tiny steps: threads only wait on each other (15x slower on a busy 2-core box)
     sae = build_sae(SAEConfig(architecture="batchtopk", d_in=16, d_sae=16, k=2))
     before = _evaluate(sae, model)["mcc"]
     optimizer = torch.optim.Adam(sae.parameters(), lr=3e-3)
-    try:
-        for step in range(400):
-            x, _ = model.block(1, 0, step, 256)
-            if step == 0:
-                sae.init_from_batch(x)
-            loss = sae(x)[2]["loss"]
-            optimizer.zero_grad()
-            loss.backward()
-            sae.before_optimizer_step()
-            optimizer.step()
-            sae.after_optimizer_step()
-    finally:
-        torch.set_num_threads(threads)
+    for step in range(400):
+        x, _ = model.block(1, 0, step, 256)
+        if step == 0:
+            sae.init_from_batch(x)
+        loss = sae(x)[2]["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        sae.before_optimizer_step()
+        optimizer.step()
+        sae.after_optimizer_step()
     after = _evaluate(sae.eval(), model)
     assert before < 0.7 and after["mcc"] > 0.95, (before, after)
     assert after["uniqueness"] == 0.5  # (some of the 8 spare latents may die)

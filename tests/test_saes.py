@@ -10,20 +10,12 @@ from saelightning.saes.base import CROSSCODERS
 from saelightning.saes.jumprelu import JumpReLUSTE, StepSTE
 from saelightning.saes.sparse import dense_decode, sparse_decode, sparse_decode_ragged
 
-pytestmark = pytest.mark.numerics  # fp32 results compared across code paths: also run under other CPU kernels
+# fp32 results compared across code paths: also run under other CPU kernels; one torch thread (small ops)
+pytestmark = [pytest.mark.numerics, pytest.mark.usefixtures("one_thread")]
 
 D_IN, D_SAE, K = 16, 64, 4
 
 SAE_ARCHITECTURES = [a for a in ARCHITECTURES if a not in CROSSCODERS]  # crosscoders: tests/test_crosscoder.py
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # small ops: two OpenMP threads on a shared 2-core machine only add barrier waits
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make(arch, **kw):
