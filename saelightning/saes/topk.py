@@ -64,16 +64,21 @@ class TopKSAE(SAE):
 
     sparse_forward = True  # forward(..., sparse=True) returns SparseLatents (the trainer never needs dense ones)
 
+    def _training_pre_acts(self, x: torch.Tensor):
+        """(x checked, the encoder's input x_c, the pre-activations, what the top k is taken of), the products without
+        autograd: the dense product is only read at the selected entries, and gather_encode gives their gradient."""
+        x = self._check_input(x)
+        x_c = x - self.b_dec if self.config.apply_b_dec_to_input else x
+        with torch.no_grad():
+            pre = torch.addmm(self.b_enc, x_c, self.W_enc)
+            return x, x_c, pre, self._ranking(pre)
+
     def forward(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None, sparse: bool = False):
         if self.shard is not None:
             return self._forward_sharded(x, dead_mask, sparse)
-        x = self._check_input(x)
-        x_c = x - self.b_dec if self.config.apply_b_dec_to_input else x
+        x, x_c, pre, ranking = self._training_pre_acts(x)
         k = self.config.k
-        # the dense product is only read at the selected entries: gather_encode gives the gradient
         with torch.no_grad():
-            pre = torch.addmm(self.b_enc, x_c, self.W_enc)
-            ranking = self._ranking(pre)
             indices = ranking.topk(k, dim=-1, sorted=False).indices
             aux_indices, aux_weight = self._aux_indices(ranking, dead_mask)
         chosen = indices if aux_indices is None else torch.cat([indices, aux_indices], 1)
@@ -95,12 +100,9 @@ class TopKSAE(SAE):
         """forward on this rank's latents: the global top k from the gathered local candidates, this rank's winners
         encoded (sparse backward) and decoded, the partial reconstructions summed. Returns this rank's own entries
         with global indices (full_latents gathers them all)."""
-        x = self._check_input(x)
-        x_c = x - self.b_dec if self.config.apply_b_dec_to_input else x
+        x, x_c, pre, ranking = self._training_pre_acts(x)
         k = self.config.k
         with torch.no_grad():
-            pre = torch.addmm(self.b_enc, x_c, self.W_enc)
-            ranking = self._ranking(pre)
             _, _, winners = global_topk(ranking, pre, k, self.shard)
             chosen, mine = self.shard.own(winners)
             aux_indices, aux_weight, any_dead = self._aux_sharded(ranking, dead_mask)
