@@ -153,7 +153,16 @@ def our_scores(paths: list[Path], model, block: int, tokens: int) -> list[dict]:
     return [{k: r["metrics"][k] for k in KEYS} for r in results["synthetic"]]
 
 
-def _fit(a, config: dict, out: Path, steps: int, block: int) -> float:
+def _run(cmd: list[str], env: dict | None = None) -> str:
+    """Run a phase in a subprocess (this tree on its PYTHONPATH); the last line it prints, or its error's tail."""
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env or dict(os.environ, PYTHONPATH=str(ROOT)))
+    if done.returncode:
+        raise SystemExit(done.stderr[-3000:])
+    lines = done.stdout.strip().splitlines()
+    return lines[-1] if lines else ""
+
+
+def _fit(a, config: dict, out: Path, steps: int) -> float:
     """`saelightning fit` of the config (written to out/config.yaml) into out/ours; its wall seconds (cached)."""
     timing = out / "ours_seconds.json"
     if not timing.is_file():  # a run dir of an earlier call is reused (each part of the benchmark is cached)
@@ -163,9 +172,7 @@ def _fit(a, config: dict, out: Path, steps: int, block: int) -> float:
                "--trainer.enable_progress_bar", "false"]
         env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), PYTHONPATH=str(ROOT))
         start = time.perf_counter()
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        if done.returncode:
-            raise SystemExit(done.stderr[-3000:])
+        _run(cmd, env)
         timing.write_text(json.dumps(time.perf_counter() - start))
     return json.loads(timing.read_text())
 
@@ -186,10 +193,7 @@ def _saelens(a, spec: dict, seed: int, model_file: str, out: Path, steps: int, b
                "--threads", str(a.threads), "--seed", str(seed)]
         if spec.get("matryoshka_prefixes"):
             sub += ["--prefixes", *map(str, spec["matryoshka_prefixes"])]
-        done = subprocess.run(sub, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
-        if done.returncode:
-            raise SystemExit(done.stderr[-3000:])
-        cached.write_text(done.stdout.strip().splitlines()[-1])
+        cached.write_text(_run(sub))
     return json.loads(cached.read_text()), sae_dir
 
 
@@ -197,10 +201,7 @@ def _saelens_scores_of_ours(a, paths: list[Path], model_file: str, block: int, e
     """Our exports scored by SAELens's eval_sae_on_synthetic_data in its venv (never cached: ours may be new)."""
     sub = [a.saelens_python, __file__, "--phase", "saelens-eval", "--model-file", model_file, "--batch", str(block),
            "--eval-tokens", str(eval_tokens), "--threads", str(a.threads), "--ours", *map(str, paths)]
-    done = subprocess.run(sub, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    if done.returncode:
-        raise SystemExit(done.stderr[-3000:])
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return json.loads(_run(sub))
 
 
 def _row(name: str, m: dict, check: dict | None = None) -> str:
@@ -260,7 +261,7 @@ def main() -> int:
                 specs.append({**spec, "name": f"{spec['name']}_s{i}"})
                 replicas[spec["name"]].append(f"{spec['name']}_s{i}")
     config["model"]["saes"] = specs
-    seconds = _fit(a, config, out, steps, block)
+    seconds = _fit(a, config, out, steps)
     exports = {s["name"]: out / "ours" / "saes" / s["name"] for s in specs}
     model_file = json.loads((exports[specs[0]["name"]] / "cfg.json").read_text())["metadata"]["trained_on"][
         "synthetic"]
