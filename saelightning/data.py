@@ -393,6 +393,8 @@ class ActivationDataModule(pl.LightningDataModule):
         elif self.kind == "synthetic":
             self.synthetic_cfg = _as_synthetic(synthetic)
             self.widths = {SYNTHETIC_HOOK: self.synthetic_cfg.d_in}
+        elif models:  # _load_models loads each of data.models (data.model is only their default path)
+            self._train_shards, self._val_shard = resolve.shards(self.data_dir)  # a bad data dir fails here
         else:
             self._load_nanochat(model, step, era, source, model_tag, context_size, compile_model)
         self.sources: list[ModelSource] = []  # data.models (crosscoders): the models besides self.nanochat's
