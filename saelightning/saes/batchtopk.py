@@ -85,21 +85,24 @@ class BatchTopKSAE(TopKSAE):
             self._update_threshold(values.detach())
         return pre, SparseLatents(values, columns, self.config.d_sae, rows, pre.shape[0]), offsets
 
-    def _aux(self, x, x_hat, pre, dead_mask) -> torch.Tensor:
+    def _aux(self, x, y, x_hat, pre, dead_mask) -> torch.Tensor:
         """AuxK from the top k_aux dead latents per token (TopK's sparse path); 0 when none is dead."""
         aux_indices, aux_weight = self._aux_indices(pre, dead_mask)
         if aux_indices is None:
             return x_hat.new_zeros(()).float()
         values = gather_encode(pre, self.centered(x), self.W_enc, self.b_enc, aux_indices,
                                self.encoder_shift).relu() * aux_weight
-        aux = self._auxk_from(x, x_hat, values, aux_indices)
+        aux = self._auxk_from(y, x_hat, values, aux_indices)
         return aux * aux_weight.amax() if torch.is_tensor(aux_weight) else aux
 
-    def forward(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None, sparse: bool = False):
+    def forward(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None, sparse: bool = False,
+                target: torch.Tensor | None = None):
+        y = self.target_of(self._check_input(x), target)
         pre, latents, offsets = self.sparse_latents(x)
-        x_hat = sparse_decode_ragged(latents.values, latents.indices, offsets, self.W_dec) + self.b_dec
-        losses = self.reconstruction_stats(x, x_hat)
-        losses["auxk_loss"] = self._aux(x, x_hat, pre, dead_mask)
+        x_hat = self.with_skip(sparse_decode_ragged(latents.values, latents.indices, offsets, self.W_dec) + self.b_dec,
+                               self._check_input(x))
+        losses = self.reconstruction_stats(y, x_hat)
+        losses["auxk_loss"] = self._aux(x, y, x_hat, pre, dead_mask)
         losses["loss"] = losses["fvu"] + self.config.aux_coefficient * losses["auxk_loss"]
         return x_hat, (latents if sparse else latents.dense()), losses
 

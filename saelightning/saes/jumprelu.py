@@ -63,12 +63,13 @@ class JumpReLUSAE(SAE):
         # ReLU(z) · 1[z > θ], exactly SAELens's JumpReLU (equal to z · 1[z > θ] for θ ≥ 0)
         return pre.relu() * (pre > self.threshold).to(pre.dtype)
 
-    def forward(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None, target: torch.Tensor | None = None):
+        y = self.target_of(self._check_input(x), target)
         pre = self.pre_acts(x)
         bandwidth = self.config.bandwidth
         latents = JumpReLUSTE.apply(pre, self.threshold, bandwidth)
-        x_hat = self.decode(latents)
-        losses = self.reconstruction_stats(x, x_hat)
+        x_hat = self.output(latents, self._check_input(x))
+        losses = self.reconstruction_stats(y, x_hat)
         norms = self.decoder_norms()
         if self.config.sparsity_penalty == "l0":
             penalty = losses["l0_loss"] = StepSTE.apply(pre, self.threshold, bandwidth).sum(-1).mean()

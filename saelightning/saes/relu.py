@@ -14,10 +14,11 @@ class ReLUSAE(SAE):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.pre_acts(x).relu()
 
-    def forward(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None, target: torch.Tensor | None = None):
+        y = self.target_of(self._check_input(x), target)
         latents = self.encode(x)
-        x_hat = self.decode(latents)
-        losses = self.reconstruction_stats(x, x_hat)
+        x_hat = self.output(latents, self._check_input(x))
+        losses = self.reconstruction_stats(y, x_hat)
         losses["l1_loss"] = (latents * self.decoder_norms()).sum(-1).mean()
         lam = self.config.l1_coefficient * self.penalty_scale()
         losses["loss"] = losses["sse"] + lam * losses["l1_loss"]

@@ -44,8 +44,10 @@ class TopKSAE(SAE):
 
     sparse_forward = True  # forward(..., sparse=True) returns SparseLatents (the trainer never needs dense ones)
 
-    def forward(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None, sparse: bool = False):
+    def forward(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None, sparse: bool = False,
+                target: torch.Tensor | None = None):
         x = self._check_input(x)
+        y = self.target_of(x, target)
         x_c = x - self.b_dec if self.config.apply_b_dec_to_input else x
         k = self.config.k
         # the dense product is only read at the selected entries: gather_encode gives the gradient
@@ -58,12 +60,12 @@ class TopKSAE(SAE):
         # one sparse backward for both
         gathered = gather_encode(pre, x_c, self.W_enc, self.b_enc, chosen, self.encoder_shift).relu()
         values = gathered[:, :k]
-        x_hat = sparse_decode(values, indices, self.W_dec) + self.b_dec
-        losses = self.reconstruction_stats(x, x_hat)
+        x_hat = self.with_skip(sparse_decode(values, indices, self.W_dec) + self.b_dec, x)
+        losses = self.reconstruction_stats(y, x_hat)
         if aux_indices is None:
             losses["auxk_loss"] = x_hat.new_zeros(()).float()
         else:
-            aux = self._auxk_from(x, x_hat, gathered[:, k:] * aux_weight, aux_indices)
+            aux = self._auxk_from(y, x_hat, gathered[:, k:] * aux_weight, aux_indices)
             losses["auxk_loss"] = aux * aux_weight.amax() if torch.is_tensor(aux_weight) else aux  # 0 when none is dead
         losses["loss"] = losses["fvu"] + self.config.aux_coefficient * losses["auxk_loss"]
         latents = SparseLatents(values, indices, self.config.d_sae)
@@ -87,7 +89,8 @@ class TopKSAE(SAE):
         return dead[picked], 1.0
 
     def _auxk_from(self, x, x_hat, values, indices):
-        """AuxK: reconstruct the residual e = x - x̂ from the top k_aux dead latents, ||e - ê||² / ||e - mean e||².
+        """AuxK: reconstruct the residual e = x - x̂ (x the target: a transcoder's y) from the top k_aux dead latents,
+        ||e - ê||² / ||e - mean e||².
 
         The gradient reaches only the dead latents' encoder and decoder (e is detached), which pulls
         them towards directions the live latents miss.
