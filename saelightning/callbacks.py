@@ -43,19 +43,24 @@ def reset_adam_rows(optimizer: torch.optim.Optimizer, sae, latents: torch.Tensor
 
 
 @torch.no_grad()
-def resample(sae, latents: torch.Tensor, x: torch.Tensor, generator: torch.Generator) -> None:
+def resample(sae, latents: torch.Tensor, x: torch.Tensor, generator: torch.Generator,
+             y: torch.Tensor | None = None) -> None:
     """Anthropic's procedure: sample inputs with probability ∝ squared reconstruction error; the dead decoder
-    row becomes the normalised sample, the encoder column the sample x 0.2 x mean alive encoder norm, bias 0."""
-    x_hat = sae.decode(sae.encode(x))  # not forward: it may update running statistics
-    loss = (x - x_hat).pow(2).sum(-1).double()
+    row becomes the normalised sample, the encoder column the sample x 0.2 x mean alive encoder norm, bias 0.
+    A transcoder (y: its targets) is scored on y, and its decoder row is the sampled token's y, normalised."""
+    y = x if y is None else y
+    x_hat = sae.output(sae.encode(x), x)  # not forward: it may update running statistics
+    loss = (y - x_hat).pow(2).sum(-1).double()
     probs = loss / loss.sum() if loss.sum() > 0 else torch.full_like(loss, 1 / len(loss))
     picks = torch.multinomial(probs.cpu(), len(latents), replacement=len(latents) > len(loss), generator=generator)
-    samples = x[picks.to(x.device)]
-    directions = samples / samples.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+    picks = picks.to(x.device)
+
+    def unit(rows):
+        return rows / rows.norm(dim=-1, keepdim=True).clamp_min(1e-8)
     alive = torch.ones(sae.config.d_sae, dtype=torch.bool, device=x.device)
     alive[latents] = False
     enc_norm = sae.W_enc[:, alive].norm(dim=0).mean() if alive.any() else torch.tensor(1.0, device=x.device)
-    sae.reinit_latents(latents, directions * 0.2 * enc_norm, directions)
+    sae.reinit_latents(latents, unit(x[picks]) * 0.2 * enc_norm, unit(y[picks]))
 
 
 def _gather(x: torch.Tensor) -> torch.Tensor:
@@ -98,8 +103,9 @@ class ResampleDeadLatents(pl.Callback):
             if len(dead) == 0:
                 continue
             x = _gather(acts[pl_module.specs[name].hook_name])
+            y = _gather(acts[pl_module.target_hook(name)]) if sae.config.is_transcoder else None
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-            resample(sae, dead, x, generator)
+            resample(sae, dead, x, generator, y)
             reset_adam_rows(optimizer, sae, dead)
             pl_module.since_fired(name)[dead] = 0  # give them a full window before judging again
             self.history.append({"step": step, "sae": name, "resampled": len(dead)})
@@ -142,6 +148,7 @@ def export_module(pl_module, out_root: Path, step: int, metrics: dict | None = N
         density, density_tokens = pl_module.states[name].latest_density()
         metadata = {
             "model_name": "nanochat", "hook_name": spec.hook_name, "context_size": info.get("context_size"),
+            **({"hook_name_out": spec.hook_name_out} if spec.hook_name_out else {}),
             "model": {k: info.get(k) for k in ("path", "step", "era", "config")}, "sae_name": name,
             "trained_on": info.get("trained_on"),
             "training_steps": step, "training_tokens": int(pl_module.tokens_seen),

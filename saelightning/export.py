@@ -31,6 +31,13 @@ SPARSITY_FILE = "sparsity.safetensors"
 SAELENS_FORMAT_VERSION = "6.0.0"
 # SAELens architecture name on disk -> ours (batchtopk and matryoshka are written as jumprelu)
 FROM_SAELENS = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "gated": "gated"}
+# a transcoder's name on disk, by the SAE's exported name and whether it has W_skip: SAELens 6's Transcoder,
+# SkipTranscoder, JumpReLUTranscoder and JumpReLUSkipTranscoder; it has no TopK transcoder, so ours are named
+# topk_transcoder / topk_skip_transcoder (the same keys plus k) and only saelightning reads them
+TRANSCODER_NAMES = {("standard", False): "transcoder", ("standard", True): "skip_transcoder",
+                    ("jumprelu", False): "jumprelu_transcoder", ("jumprelu", True): "jumprelu_skip_transcoder",
+                    ("topk", False): "topk_transcoder", ("topk", True): "topk_skip_transcoder"}
+FROM_TRANSCODER = {name: (arch, skip) for (arch, skip), name in TRANSCODER_NAMES.items()}
 
 
 def save_sae(sae: SAE, out_dir, metadata: dict | None = None, sparsity: torch.Tensor | None = None) -> Path:
@@ -70,6 +77,11 @@ def _cfg_json(sae: SAE, input_scale: float, metadata: dict | None) -> str:
         **sae.saelens_cfg(),
         "architecture": sae.saelens_architecture(),
     }
+    if sae.config.is_transcoder:  # SAELens's TranscoderConfig keys; hook_name_out also in metadata, as it reads it
+        cfg["architecture"] = TRANSCODER_NAMES[(cfg["architecture"], bool(sae.config.skip_connection))]
+        cfg["d_out"] = sae.config.d_out
+        if meta.get("hook_name_out"):
+            cfg["hook_name_out"] = meta["hook_name_out"]
     try:
         return json.dumps(_jsonable(cfg), indent=2, allow_nan=False)
     except (TypeError, ValueError) as err:
@@ -127,6 +139,8 @@ def load_sae(path, device=None, trainable: bool = False) -> SAE:
     tensors = _read_tensors(path / WEIGHTS_FILE)
     sae.load_saelens_tensors(_check_tensors(tensors, sae, path / WEIGHTS_FILE))
     sae.metadata = dict(cfg["metadata"]) if isinstance(cfg.get("metadata"), dict) else {}
+    if sae.config.is_transcoder and cfg.get("hook_name_out") and not sae.metadata.get("hook_name_out"):
+        sae.metadata["hook_name_out"] = cfg["hook_name_out"]  # SAELens 6.0-6.x kept it at the top level
     sae.eval().requires_grad_(trainable)
     return sae.to(device) if device is not None else sae
 
@@ -184,15 +198,17 @@ def _upgrade_pre6(cfg: dict) -> dict:
 
 
 def _config_from_cfg(cfg: dict, file: Path) -> SAEConfig:
-    missing = [key for key in ("d_in", "d_sae", "architecture") if key not in cfg]
-    if cfg.get("architecture") == "topk" and cfg.get("k") is None:
+    arch, skip, transcoder = cfg.get("architecture"), False, cfg.get("architecture") in FROM_TRANSCODER
+    if transcoder:
+        arch, skip = FROM_TRANSCODER[arch]
+    missing = [key for key in ("d_in", "d_sae", "architecture") + (("d_out",) if transcoder else ()) if key not in cfg]
+    if arch == "topk" and cfg.get("k") is None:
         missing.append("k")
     if missing:
         raise SAELightningError(f"{file} lacks the key(s) {', '.join(missing)}; re-export the SAE")
-    arch = cfg["architecture"]
     if arch not in FROM_SAELENS:
         raise SAELightningError(f"{file}: unknown SAE architecture {arch!r}; "
-                                f"saelightning reads {', '.join(FROM_SAELENS)}")
+                                f"saelightning reads {', '.join(list(FROM_SAELENS) + list(FROM_TRANSCODER))}")
     for key, allowed in (("normalize_activations", ("none", None, False)), ("reshape_activations", ("none", None)),
                          ("rescale_acts_by_decoder_norm", (False, None))):
         if cfg.get(key) not in allowed:
@@ -202,7 +218,9 @@ def _config_from_cfg(cfg: dict, file: Path) -> SAEConfig:
     if dtype not in DTYPES:
         raise SAELightningError(f"{file}: dtype {cfg.get('dtype')!r} is not supported; use one of {', '.join(DTYPES)}")
     fields = {"architecture": FROM_SAELENS[arch], "d_in": cfg["d_in"], "d_sae": cfg["d_sae"], "dtype": dtype,
-              "apply_b_dec_to_input": bool(cfg.get("apply_b_dec_to_input", True))}
+              "apply_b_dec_to_input": bool(cfg.get("apply_b_dec_to_input", not transcoder))}
+    if transcoder:
+        fields.update(d_out=cfg["d_out"], skip_connection=skip)
     if arch == "topk":
         fields["k"] = cfg["k"]
     try:

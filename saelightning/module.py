@@ -31,7 +31,7 @@ from saelightning.evaluate import encode_decode, evaluate_batch
 from saelightning.faults import stop_requested
 from saelightning.groundtruth import GroundTruthMetrics
 from saelightning.guard import NonFiniteGuard
-from saelightning.hooks import hook_width, parse_hook
+from saelightning.hooks import forward_position, hook_width, parse_hook
 from saelightning.metrics import SAEMetrics, firing_counts
 from saelightning.optim import SkipAdam, WarmupDecay, default_lr
 from saelightning.saes import ARCHITECTURES, SAEConfig, build_sae
@@ -55,6 +55,8 @@ class SAESpec(SAEOptions):
         name: export folder and TensorBoard prefix (default: <hook>-<architecture>-<d_sae>).
         b_dec_init: b_dec at the start: "mean" of the first batch (Gao et al.'s recipe for model activations) or
             "zeros" (SAELens's; better where most of the data's mean is features that fire, as in synthetic data).
+        hook_name_out: a transcoder's output hook: it reads hook_name and predicts this activation of the same
+            tokens (e.g. blocks.2.hook_mlp_in -> blocks.2.hook_mlp_out); null: an SAE, reconstructing hook_name.
     """
 
     hook_name: str = "blocks.0.hook_resid_post"
@@ -64,8 +66,15 @@ class SAESpec(SAEOptions):
     lr: float | None = None
     name: str | None = None
     b_dec_init: Literal["mean", "zeros"] = "mean"
+    hook_name_out: str | None = None
 
     def __post_init__(self):
+        if self.hook_name_out is not None and self.hook_name_out == self.hook_name:
+            raise SAELightningError(f"hook_name_out equals hook_name ({self.hook_name}): a transcoder predicts another "
+                                    "hook point; drop hook_name_out to train an SAE")
+        if self.skip_connection and self.hook_name_out is None:
+            raise SAELightningError("skip_connection applies to transcoders only; set hook_name_out "
+                                    "(e.g. blocks.2.hook_mlp_out) or drop skip_connection")
         if self.b_dec_init not in ("mean", "zeros"):
             raise SAELightningError(f"b_dec_init={self.b_dec_init!r} must be 'mean' or 'zeros'")
         if self.architecture not in ARCHITECTURES:
@@ -107,10 +116,22 @@ def _width(hook: str, n_layer: int, d_model: int, hook_widths: dict[str, int] | 
     return hook_width(hook, n_layer, d_model)
 
 
-def build_from_spec(spec: SAESpec, d_in: int):
-    """An SAE (untrained) for a spec at a hook point of width d_in."""
+def build_from_spec(spec: SAESpec, d_in: int, d_out: int | None = None):
+    """An SAE (untrained) for a spec at a hook point of width d_in; a transcoder writing width d_out."""
     d_sae = spec.d_sae if spec.d_sae is not None else max(1, int(round(spec.expansion_factor * d_in)))
-    return build_sae(SAEConfig(architecture=spec.architecture, d_in=d_in, d_sae=d_sae, **spec.given_options()))
+    sae = build_sae(SAEConfig(architecture=spec.architecture, d_in=d_in, d_sae=d_sae, d_out=d_out,
+                              **spec.given_options()))
+    if spec.hook_name_out is not None:  # where its output goes: spliced eval and the export read it
+        sae.metadata["hook_name_out"] = spec.hook_name_out
+    return sae
+
+
+def _check_order(spec: SAESpec, n_layer: int) -> None:
+    """A transcoder's output hook must come after its input hook in the forward (it replaces what follows)."""
+    if spec.hook_name_out is not None and forward_position(spec.hook_name_out, n_layer) <= \
+            forward_position(spec.hook_name, n_layer):
+        raise SAELightningError(f"hook_name_out {spec.hook_name_out} comes before hook_name {spec.hook_name} in the "
+                                "forward; a transcoder predicts a later activation from an earlier one")
 
 
 class SAEState(nn.Module):
@@ -220,7 +241,10 @@ class SAEModule(pl.LightningModule):
         self.saes, self.states = nn.ModuleDict(), nn.ModuleDict()
         self.specs: dict[str, SAESpec] = {}
         for spec in specs:
-            sae = build_from_spec(spec, _width(spec.hook_name, n_layer, d_model, hook_widths))
+            d_out = None if spec.hook_name_out is None else _width(spec.hook_name_out, n_layer, d_model, hook_widths)
+            if d_out is not None and not hook_widths:
+                _check_order(spec, n_layer)
+            sae = build_from_spec(spec, _width(spec.hook_name, n_layer, d_model, hook_widths), d_out)
             default = f"{re.sub(r'[^A-Za-z0-9_-]', '_', spec.hook_name)}-{spec.architecture}-{sae.config.d_sae}"
             name = spec.name or default
             if not _NAME.match(name) or name in self.saes:
@@ -230,9 +254,10 @@ class SAEModule(pl.LightningModule):
         self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long))  # SAE training tokens, all ranks
         self.guard = NonFiniteGuard(max_nonfinite_steps)
         self._initialized: set[str] = set()  # SAEs known initialised (read from the buffer once, not every step)
-        self.train_metrics = nn.ModuleDict({n: SAEMetrics(s.config.d_in, s.config.d_sae, False)
+        # a transcoder's metrics are of its output (what it predicts), width d_out
+        self.train_metrics = nn.ModuleDict({n: SAEMetrics(s.config.out_width, s.config.d_sae, False)
                                             for n, s in self.saes.items()})
-        self.val_metrics = nn.ModuleDict({n: SAEMetrics(s.config.d_in, s.config.d_sae, spliced_eval)
+        self.val_metrics = nn.ModuleDict({n: SAEMetrics(s.config.out_width, s.config.d_sae, spliced_eval)
                                           for n, s in self.saes.items()})
         # against a synthetic source's true features (states are sums, not part of the checkpoint)
         self.truth_metrics = nn.ModuleDict({n: GroundTruthMetrics(s.config.d_sae) for n, s in self.saes.items()})
@@ -247,7 +272,13 @@ class SAEModule(pl.LightningModule):
 
     @property
     def hook_names(self) -> list[str]:
-        return list(dict.fromkeys(s.hook_name for s in self.specs.values()))
+        """Every hook point the SAEs read or (transcoders) predict: one model forward captures them all."""
+        return list(dict.fromkeys(h for s in self.specs.values() for h in (s.hook_name, s.hook_name_out) if h))
+
+    def target_hook(self, name: str) -> str:
+        """The hook whose activations SAE `name` is scored against: its output hook, or the one it reads."""
+        spec = self.specs[name]
+        return spec.hook_name_out or spec.hook_name
 
     def prefix(self, name: str) -> str:
         return f"{name}/" if len(self.saes) > 1 else ""
@@ -313,16 +344,19 @@ class SAEModule(pl.LightningModule):
 
     # --- training ---
 
-    def _prepare(self, name: str, sae, x: torch.Tensor, scale: float) -> None:
-        sae.input_scale.fill_(scale)
+    def _prepare(self, name: str, sae, x: torch.Tensor, scales: dict, y: torch.Tensor) -> None:
+        sae.input_scale.fill_(scales[self.specs[name].hook_name])
+        if sae.config.is_transcoder:
+            sae.output_scale.fill_(scales[self.target_hook(name)])
         if name in self._initialized:
             return
         initialized = self.states[name].initialized
         if not initialized:  # a host sync, once per SAE and run
-            if self.trainer.strategy.reduce_boolean_decision(not bool(torch.isfinite(x).all()), all=False):
+            bad = not bool(torch.isfinite(x).all() & torch.isfinite(y).all())
+            if self.trainer.strategy.reduce_boolean_decision(bad, all=False):
                 return  # never initialised from a bad batch: this step is skipped, the next good one initialises
             if self.specs[name].b_dec_init == "mean":
-                sae.init_from_batch(x)
+                sae.init_from_batch(y)  # b_dec is in the output space: the mean of what the SAE writes
             if dist.is_available() and dist.is_initialized():  # every rank starts from rank 0's init
                 for t in list(sae.parameters()) + list(sae.buffers()):
                     dist.broadcast(t.data, 0)
@@ -345,12 +379,14 @@ class SAEModule(pl.LightningModule):
         total, outputs = 0.0, {}
         for name, sae in self.saes.items():
             spec = self.specs[name]
-            x = acts[spec.hook_name]
-            self._prepare(name, sae, x, batch["scales"][spec.hook_name])
+            x, y = acts[spec.hook_name], acts[self.target_hook(name)]
+            self._prepare(name, sae, x, batch["scales"], y)
             sae.set_training_step(self.global_step)
             # k-sparse SAEs hand back (values, indices): nothing in a training step needs dense latents
-            sparse = {"sparse": True} if sae.sparse_forward else {}
-            outputs[name] = (x, *sae(x, dead_mask=self.dead_mask(name), **sparse))
+            extra = {"sparse": True} if sae.sparse_forward else {}
+            if sae.config.is_transcoder:
+                extra["target"] = y
+            outputs[name] = (y, *sae(x, dead_mask=self.dead_mask(name), **extra))
             total = total + outputs[name][-1]["loss"]
         good = self.guard.agree(total, self._sum_over_ranks, self.saes)
         n_tokens = acts[self.hook_names[0]].shape[0]
@@ -366,7 +402,7 @@ class SAEModule(pl.LightningModule):
             if window_ends:
                 self.states[name].close_window()
             if log_metrics:  # like SAELens: train metrics of the logged step's batch (the rest would cost every step)
-                scale = float(batch["scales"][self.specs[name].hook_name])
+                scale = float(batch["scales"][self.target_hook(name)])
                 self.train_metrics[name].update(x.detach() / scale, x_hat.detach() / scale, latents.detach())
                 self._log_train(name, losses)
         if window_ends:
@@ -438,19 +474,24 @@ class SAEModule(pl.LightningModule):
         if "acts" in batch:
             for name, sae in self.saes.items():
                 hook = self.specs[name].hook_name
-                sae.input_scale.fill_(data.scales[hook])
-                x = batch["acts"][hook]
+                self._fill_scales(name, sae, data.scales)
+                x, y = batch["acts"][hook], batch["acts"][self.target_hook(name)]
                 f, x_hat = encode_decode(sae, x)
-                self.val_metrics[name].update(x, x_hat, f)
+                self.val_metrics[name].update(y, x_hat, f)
                 if self._truth_on:
                     self.truth_metrics[name].update(f, x, x_hat, batch["truth"])
             return
         groups = self.groups()
         metrics = {hook: [self.val_metrics[n] for n in self.saes if self.specs[n].hook_name == hook] for hook in groups}
         for name, sae in self.saes.items():
-            sae.input_scale.fill_(data.scales[self.specs[name].hook_name])
+            self._fill_scales(name, sae, data.scales)
         evaluate_batch(data.model, groups, batch["tokens"].to(self.device), data.tokenizer.bos_id, metrics,
                        spliced=self.hparams.get("spliced_eval", True))
+
+    def _fill_scales(self, name: str, sae, scales: dict) -> None:
+        sae.input_scale.fill_(scales[self.specs[name].hook_name])
+        if sae.config.is_transcoder:
+            sae.output_scale.fill_(scales[self.target_hook(name)])
 
     def on_validation_epoch_end(self) -> None:
         stopped, self._val_stopped = self._val_stopped, False
