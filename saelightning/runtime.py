@@ -209,6 +209,11 @@ class InterpretableModel:
             if hook in out:
                 raise SAELightningError(f"two SAEs on {hook!r}; an InterpretableModel takes one SAE per hook point")
             parse_hook(hook, self.model.n_layer)
+            if getattr(getattr(sae, "config", None), "is_transcoder", False):
+                # its decoder writes another hook point: steering at the hook it reads would add the wrong vectors
+                raise SAELightningError(f"the SAE for {hook!r} is a transcoder (it predicts "
+                                        f"{sae.metadata.get('hook_name_out')}); InterpretableModel tracks and steers "
+                                        "SAEs only: evaluate transcoders with saelightning eval")
             width = hook_width(hook, self.model.n_layer, self.model.d_model)
             if sae.W_dec.shape[1] != width:
                 raise SAELightningError(f"SAE for {hook!r} has d_in={sae.W_dec.shape[1]} but the hook's width "

@@ -9,7 +9,7 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from saelightning import load_nanochat
+from saelightning import InterpretableModel, load_nanochat
 from saelightning.cli import main
 from saelightning.demo import DEMO_MODEL_DIR
 from saelightning.errors import SAELightningError
@@ -449,3 +449,10 @@ def test_a_spec_whose_output_hook_comes_first_or_is_its_input_is_refused():
         SAESpec(hook_name=HOOK_IN, skip_connection=True)
     with pytest.raises(SAELightningError, match="architecture 'gated' has no transcoder form"):
         SAEModule([SAESpec(hook_name=HOOK_IN, hook_name_out=HOOK_OUT, architecture="gated")], n_layer=4, d_model=128)
+
+
+def test_interpretable_model_refuses_a_transcoder_in_one_line():
+    nc = load_nanochat(DEMO_MODEL_DIR)
+    with pytest.raises(SAELightningError, match="is a transcoder \\(it predicts blocks.1.hook_mlp_out\\)") as err:
+        InterpretableModel(nc.model, {HOOK_IN: _demo_transcoder()})
+    assert "\n" not in str(err.value)
