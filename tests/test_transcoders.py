@@ -2,6 +2,10 @@
 the input/output scale folding, config checks; training, export and spliced eval on the demo model further down."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -456,3 +460,24 @@ def test_interpretable_model_refuses_a_transcoder_in_one_line():
     with pytest.raises(SAELightningError, match="is a transcoder \\(it predicts blocks.1.hook_mlp_out\\)") as err:
         InterpretableModel(nc.model, {HOOK_IN: _demo_transcoder()})
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.slow
+def test_two_process_ddp_transcoder_fit_on_cpu_resumes_bitwise(tmp_path, tiny_shards_dir):
+    """Under DDP every rank captures both hooks of its own stream; the ranks stay identical and a resume is exact."""
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+
+    def fit(run, *extra):
+        cfg = _fit_config(tmp_path, tiny_shards_dir, run, [TRANSCODER], max_steps=6)
+        cmd = [sys.executable, "-m", "saelightning", "fit", "--config", str(cfg), "--trainer.strategy", "ddp",
+               "--trainer.devices", "2", *extra]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return torch.load(tmp_path / run / "last.ckpt", weights_only=True)
+
+    whole = fit("whole")
+    assert whole["state_dict"]["tokens_seen"].item() == 6 * 64 * 2
+    fit("parts", "--trainer.max_steps", "4")
+    parts = fit("parts", "--ckpt_path", "last")
+    for key in whole["state_dict"]:
+        assert torch.equal(whole["state_dict"][key], parts["state_dict"][key]), key

@@ -322,6 +322,14 @@ class SAE(nn.Module):
             "fvu": err.sum() / total_variance,  # normalised MSE, the TopK recipes' loss
         }
 
+    # the reconstruction term of the loss: "sse" (E||x - x̂||², the L1/L0 recipes) or "fvu" (the TopK family)
+    reconstruction_loss = "sse"
+
+    def sparsity_penalty(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The loss's terms beside the reconstruction, from a forward's losses: its penalty (with its coefficient
+        and warm-up) or auxiliary loss. loss = losses[reconstruction_loss] + sparsity_penalty(losses)."""
+        raise NotImplementedError
+
     def grad_clip_scale(self) -> float:
         """How big this SAE's loss is against E||x - x̂||² (SAELens's scale, in which a gradient clip is given).
 

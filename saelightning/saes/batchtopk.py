@@ -103,7 +103,7 @@ class BatchTopKSAE(TopKSAE):
                                self._check_input(x))
         losses = self.reconstruction_stats(y, x_hat)
         losses["auxk_loss"] = self._aux(x, y, x_hat, pre, dead_mask)
-        losses["loss"] = losses["fvu"] + self.config.aux_coefficient * losses["auxk_loss"]
+        losses["loss"] = losses["fvu"] + self.sparsity_penalty(losses)
         return x_hat, (latents if sparse else latents.dense()), losses
 
     # exported as JumpReLU: every latent's threshold is the learned batch threshold

@@ -72,16 +72,21 @@ class JumpReLUSAE(SAE):
         losses = self.reconstruction_stats(y, x_hat)
         norms = self.decoder_norms()
         if self.config.sparsity_penalty == "l0":
-            penalty = losses["l0_loss"] = StepSTE.apply(pre, self.threshold, bandwidth).sum(-1).mean()
+            losses["l0_loss"] = StepSTE.apply(pre, self.threshold, bandwidth).sum(-1).mean()
         else:
-            penalty = losses["tanh_loss"] = torch.tanh(self.config.tanh_scale * latents * norms).sum(-1).mean()
-        lam = self.config.l0_coefficient * self.penalty_scale()
-        losses["loss"] = losses["sse"] + lam * penalty
+            losses["tanh_loss"] = torch.tanh(self.config.tanh_scale * latents * norms).sum(-1).mean()
         if self.config.preact_coefficient > 0:
             # pushes latents that never clear θ back up towards it (Anthropic, January 2025)
             losses["preact_loss"] = ((self.threshold - pre).relu() * norms).sum(-1).mean()
-            losses["loss"] = losses["loss"] + self.config.preact_coefficient * losses["preact_loss"]
+        losses["loss"] = losses["sse"] + self.sparsity_penalty(losses)
         return x_hat, latents, losses
+
+    def sparsity_penalty(self, losses: dict) -> torch.Tensor:
+        lam = self.config.l0_coefficient * self.penalty_scale()
+        penalty = lam * losses["l0_loss" if self.config.sparsity_penalty == "l0" else "tanh_loss"]
+        if self.config.preact_coefficient > 0:
+            penalty = penalty + self.config.preact_coefficient * losses["preact_loss"]
+        return penalty
 
     @torch.no_grad()
     def after_optimizer_step(self, skipped: torch.Tensor | None = None) -> None:

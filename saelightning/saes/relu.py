@@ -20,9 +20,11 @@ class ReLUSAE(SAE):
         x_hat = self.output(latents, self._check_input(x))
         losses = self.reconstruction_stats(y, x_hat)
         losses["l1_loss"] = (latents * self.decoder_norms()).sum(-1).mean()
-        lam = self.config.l1_coefficient * self.penalty_scale()
-        losses["loss"] = losses["sse"] + lam * losses["l1_loss"]
+        losses["loss"] = losses["sse"] + self.sparsity_penalty(losses)
         return x_hat, latents, losses
+
+    def sparsity_penalty(self, losses: dict) -> torch.Tensor:
+        return self.config.l1_coefficient * self.penalty_scale() * losses["l1_loss"]
 
     def saelens_architecture(self) -> str:
         return "standard"

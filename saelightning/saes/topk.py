@@ -12,6 +12,10 @@ from saelightning.saes.sparse import SparseLatents, gather_encode, sparse_decode
 
 
 class TopKSAE(SAE):
+    reconstruction_loss = "fvu"
+
+    def sparsity_penalty(self, losses: dict) -> torch.Tensor:
+        return self.config.aux_coefficient * losses["auxk_loss"]  # no penalty: AuxK for dead latents
     def grad_clip_scale(self) -> float:
         # the loss is the normalised MSE (fvu), about E||x - x̂||² / d_in at E||x||² = d_in: without this a
         # clip of 1 never bites, where in SAELens's units it bites on most steps (and helps: BENCHMARKS.md)
@@ -67,7 +71,7 @@ class TopKSAE(SAE):
         else:
             aux = self._auxk_from(y, x_hat, gathered[:, k:] * aux_weight, aux_indices)
             losses["auxk_loss"] = aux * aux_weight.amax() if torch.is_tensor(aux_weight) else aux  # 0 when none is dead
-        losses["loss"] = losses["fvu"] + self.config.aux_coefficient * losses["auxk_loss"]
+        losses["loss"] = losses["fvu"] + self.sparsity_penalty(losses)
         latents = SparseLatents(values, indices, self.config.d_sae)
         return x_hat, (latents if sparse else latents.dense()), losses
 
