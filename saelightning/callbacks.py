@@ -14,8 +14,9 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from saelightning.dashboards.stats import density_summary
 from saelightning.errors import SAELightningError
-from saelightning.export import save_sae
+from saelightning.export import save_clt, save_sae
 from saelightning.metrics import log10_density
+from saelightning.saes.clt import CrossLayerTranscoder
 
 # --- resampling ---
 
@@ -88,6 +89,12 @@ class ResampleDeadLatents(pl.Callback):
         self.every_n_steps, self.until_step, self.seed = every_n_steps, until_step, seed
         self.history: list[dict] = []  # {"step", "sae", "resampled"}
 
+    def on_fit_start(self, trainer, pl_module) -> None:
+        clts = [n for n, s in pl_module.saes.items() if isinstance(s, CrossLayerTranscoder)]
+        if self.every_n_steps and clts:
+            raise SAELightningError(f"resampling does not apply to the cross-layer transcoder(s) {clts}; "
+                                    "set resample.every_n_steps: 0")
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
         if not self.every_n_steps or step % self.every_n_steps or step > self.until_step:
@@ -158,7 +165,8 @@ def export_module(pl_module, out_root: Path, step: int, metrics: dict | None = N
         }
         sparsity = log10_density(density) if torch.isfinite(density).all() else None
         try:
-            paths.append(save_sae(sae, out_root / name, metadata=metadata, sparsity=sparsity))
+            save = save_clt if isinstance(sae, CrossLayerTranscoder) else save_sae
+            paths.append(save(sae, out_root / name, metadata=metadata, sparsity=sparsity))
         except SAELightningError as e:  # e.g. NaN weights: nothing of this SAE was written
             raise SAELightningError(f"SAE {name!r} at step {step} not exported: {e}") from None
     return paths

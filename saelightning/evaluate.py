@@ -33,6 +33,7 @@ from saelightning.heldout import run_eval as run_heldout_eval
 from saelightning.hooks import forward_position, hook_width, parse_hook
 from saelightning.metrics import SAEMetrics, weight_metrics
 from saelightning.progress import progress_bar
+from saelightning.saes.clt import CrossLayerTranscoder, n_latents, out_width
 from saelightning.tokens import rows_for_tokens, val_batches
 
 
@@ -51,7 +52,10 @@ def as_sae_groups(saes) -> dict[str, list]:
 
 
 def output_hook(sae, hook: str) -> str:
-    """Where an SAE's output goes: a transcoder's hook_name_out (its metadata), else the hook it reads."""
+    """Where an SAE's output goes: a transcoder's hook_name_out (its metadata), else the hook it reads (a
+    cross-layer transcoder: its last output hook; it writes every MLP output of its span)."""
+    if isinstance(sae, CrossLayerTranscoder):
+        return sae.metadata["hook_names_out"][-1]
     if not sae.config.is_transcoder:
         return hook
     out = sae.metadata.get("hook_name_out")
@@ -67,6 +71,9 @@ def check_saes(model, groups: Mapping[str, Sequence]) -> None:
         parse_hook(hook, model.n_layer)  # raises with the list of valid names
         width = hook_width(hook, model.n_layer, model.d_model)
         for sae in group:
+            if isinstance(sae, CrossLayerTranscoder):
+                _check_clt(model, hook, sae)
+                continue
             d_in = sae.W_enc.shape[0]
             if d_in != width:
                 raise SAELightningError(
@@ -75,6 +82,58 @@ def check_saes(model, groups: Mapping[str, Sequence]) -> None:
             out = output_hook(sae, hook)
             if out != hook:
                 _check_transcoder_out(model, hook, out, sae.W_dec.shape[1])
+
+
+def _check_clt(model, hook: str, clt) -> None:
+    ins, outs = clt.metadata.get("hook_names_in"), clt.metadata.get("hook_names_out")
+    if not ins or ins[0] != hook or len(ins) != clt.n_layers or len(outs or ()) != clt.n_layers:
+        raise SAELightningError(f"the cross-layer transcoder at {hook} lacks metadata hook_names_in/out for its "
+                                f"{clt.n_layers} layers; re-export it")
+    for name in ins + outs:
+        if hook_width(name, model.n_layer, model.d_model) != clt.d:
+            raise SAELightningError(f"cross-layer transcoder of width {clt.d} cannot read/write {name!r} of this "
+                                    "model; use one trained on this model")
+
+
+def clt_splice(clt, keep: torch.Tensor):
+    """The replacement model's hooks for a cross-layer transcoder: at each layer's MLP input the latents of the
+    activation there (in this forward: upstream MLP outputs are already replaced) add their contributions to the
+    MLP outputs of that layer and the later ones; each MLP output is replaced by the sum it received."""
+    pending: dict[int, torch.Tensor] = {}
+    ins, outs = clt.metadata["hook_names_in"], clt.metadata["hook_names_out"]
+
+    def read(layer):
+        def hook(x):
+            _, parts = clt.contributions(layer, x[keep])
+            for i, part in enumerate(parts):
+                pending[layer + i] = pending[layer + i] + part if layer + i in pending else part
+        return hook
+
+    def write(layer):
+        def hook(y):
+            out = y.clone()
+            out[keep] = pending.pop(layer).to(y.dtype)
+            return out
+        return hook
+
+    return {**{h: read(i) for i, h in enumerate(ins)}, **{h: write(i) for i, h in enumerate(outs)}}
+
+
+def _zero_all(hooks, keep):
+    return {h: splice_hook(None, keep) for h in hooks}
+
+
+def _evaluate_clt(model, clt, tokens, keep, m, spliced, clean, mask, targets) -> None:
+    """A cross-layer transcoder's metrics: the prediction from the clean inputs against the clean MLP outputs (all
+    layers side by side), and the model with every MLP output of its span replaced (the replacement model)."""
+    ins, outs = clt.metadata["hook_names_in"], clt.metadata["hook_names_out"]
+    acts = model.run_with_cache(tokens, ins + outs)
+    latents, preds = clt.predict([acts[h][keep] for h in ins])
+    m.update(torch.cat([acts[h][keep] for h in outs], -1), torch.cat(preds, -1), torch.cat(latents, -1))
+    if spliced:
+        lp = _log_probs(model(tokens, hooks=clt_splice(clt, keep)), mask)
+        ablated = _log_probs(model(tokens, hooks=_zero_all(outs, keep)), mask)
+        m.spliced.update(clean, lp, ablated, targets)
 
 
 def _check_transcoder_out(model, hook: str, out: str, d_out: int) -> None:
@@ -159,7 +218,7 @@ def transcoder_splice(sae, keep: torch.Tensor, stats: dict | None = None):
 
 def sae_metrics(groups: Mapping[str, Sequence], spliced: bool = True, device=None) -> dict[str, list[SAEMetrics]]:
     """Fresh SAEMetrics for every SAE of {hook: [sae, ...]}, in the same layout (of a transcoder's output)."""
-    return {hook: [SAEMetrics(sae.W_dec.shape[1], sae.W_enc.shape[1], spliced).to(device or sae.W_enc.device)
+    return {hook: [SAEMetrics(out_width(sae), n_latents(sae), spliced).to(device or next(sae.parameters()).device)
                    for sae in group] for hook, group in groups.items()}
 
 
@@ -178,6 +237,16 @@ def evaluate_batch(model, saes, tokens: torch.Tensor, bos_id: int, metrics: Mapp
     if tokens.dim() != 2 or tokens.shape[1] < 2:
         raise SAELightningError(f"tokens must be [batch, context >= 2], got shape {tuple(tokens.shape)}")
     keep = tokens != bos_id
+    mask = keep[:, :-1] & keep[:, 1:]  # predictions inside a document only
+    targets = tokens[:, 1:][mask]
+    clean = _log_probs(model(tokens), mask) if spliced else None
+    for hook, group in groups.items():
+        for sae, m in zip(group, metrics[hook]):
+            if isinstance(sae, CrossLayerTranscoder):
+                _evaluate_clt(model, sae, tokens, keep, m, spliced, clean, mask, targets)
+    groups = {h: [s for s in g if not isinstance(s, CrossLayerTranscoder)] for h, g in groups.items()}
+    metrics = {h: [m for s, m in zip(groups_all, metrics[h]) if not isinstance(s, CrossLayerTranscoder)]
+               for h, groups_all in as_sae_groups(saes).items()}
     if not spliced:
         outs = [output_hook(sae, hook) for hook, group in groups.items() for sae in group]
         acts = model.run_with_cache(tokens, list(dict.fromkeys(list(groups) + outs)))
@@ -187,9 +256,6 @@ def evaluate_batch(model, saes, tokens: torch.Tensor, bos_id: int, metrics: Mapp
                 f, x_hat = encode_decode(sae, x)
                 m.update(acts[output_hook(sae, hook)][keep], x_hat, f)
         return
-    mask = keep[:, :-1] & keep[:, 1:]  # predictions inside a document only
-    targets = tokens[:, 1:][mask]
-    clean = _log_probs(model(tokens), mask)
     ablated: dict[str, torch.Tensor] = {}  # zero-ablated at each hook an SAE writes (a transcoder: its output)
     for hook, group in groups.items():
         for sae, m in zip(group, metrics[hook]):
@@ -320,7 +386,8 @@ def run_eval(args: EvalArgs) -> dict:
     for path, (hook, i) in zip(args.sae, where):
         metrics, density = results[hook][i]
         sae = groups[hook][i]
-        metrics = {**metrics, **weight_metrics(sae.W_enc, sae.W_dec)}
+        if not isinstance(sae, CrossLayerTranscoder):
+            metrics = {**metrics, **weight_metrics(sae.W_enc, sae.W_dec)}
         entry = {"path": str(path), "hook_name": hook, "metrics": metrics, "feature_density": density.tolist()}
         if output_hook(sae, hook) != hook:
             entry["hook_name_out"] = output_hook(sae, hook)

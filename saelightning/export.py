@@ -13,6 +13,7 @@ Exported SAEs work on raw activations: save_sae folds the training input scale i
 
 import json
 import math
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -22,6 +23,7 @@ from saelightning.atomic import atomic_dir
 from saelightning.errors import SAELightningError
 from saelightning.saes import SAE, SAEConfig, build_sae
 from saelightning.saes.base import DTYPES
+from saelightning.saes.clt import CrossLayerTranscoder
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -124,6 +126,106 @@ def _write_dir_atomically(out_dir: Path, cfg_text: str, tensors: dict, extra_fil
             save_file(file_tensors, str(tmp / name), metadata={"format": "pt"})
 
 
+# --- cross-layer transcoders: circuit-tracer's file layout ---------------------------------------------------------
+
+CLT_ARCHITECTURE = "cross_layer_transcoder"
+# our architecture -> circuit-tracer's activation_function (batchtopk: the JumpReLU of its learned threshold; TopK
+# has none there, "topk" is read by load_sae only), and back
+CLT_ACTIVATIONS = {"relu": "relu", "jumprelu": "jump_relu", "batchtopk": "jump_relu", "topk": "topk"}
+CLT_FROM_ACTIVATION = {"relu": "relu", "jump_relu": "jumprelu", "topk": "topk"}
+
+
+def save_clt(clt: CrossLayerTranscoder, out_dir, metadata: dict | None = None,
+             sparsity: torch.Tensor | None = None) -> Path:
+    """Write a cross-layer transcoder (scales folded in) in circuit-tracer's layout: W_enc_{i}.safetensors with
+    W_enc_{i} [d_sae, d], b_enc_{i}, b_dec_{i} [d] (layer i's output bias) and threshold_{i}; W_dec_{i}.safetensors
+    with W_dec_{i} [d_sae, L - i, d] (layer i's latents to the outputs of layers i..L-1); cfg.json beside them."""
+    out_dir = Path(out_dir)
+    folded = clt.fold_scales()
+    files: dict[str, dict[str, torch.Tensor]] = {}
+    L, d, d_sae = clt.n_layers, clt.d, clt.config.d_sae
+    for i, enc in enumerate(folded.encoders):
+        t = {k: v.detach().to("cpu") for k, v in enc.saelens_tensors().items()}
+        enc_file = {f"W_enc_{i}": t["W_enc"].T, f"b_enc_{i}": t["b_enc"], f"b_dec_{i}": folded.b_dec[i].detach()}
+        if "threshold" in t:
+            enc_file[f"threshold_{i}"] = t["threshold"]
+        files[f"W_enc_{i}.safetensors"] = enc_file
+        files[f"W_dec_{i}.safetensors"] = {f"W_dec_{i}": t["W_dec"].reshape(d_sae, L - i, d)}
+    for tensors in files.values():
+        for name, tensor in list(tensors.items()):
+            tensors[name] = tensor.to("cpu").contiguous()
+            if not bool(torch.isfinite(tensor).all()):
+                raise SAELightningError(f"CLT tensor {name} has NaN/inf values; refusing to export "
+                                        "(train with a lower lr or resume from an earlier checkpoint)")
+    meta = {"sae_lens_version": SAELENS_FORMAT_VERSION, **clt.metadata, **(metadata or {}),
+            "saelightning_architecture": clt.config.architecture, "saelightning_config": asdict(clt.config),
+            "input_scales_folded": clt.input_scales.tolist(), "output_scales_folded": clt.output_scales.tolist()}
+    meta.setdefault("hook_name", clt.metadata.get("hook_names_in", [None])[0])
+    cfg = {"architecture": CLT_ARCHITECTURE, "activation_function": CLT_ACTIVATIONS[clt.config.architecture],
+           "n_layers": L, "d_model": d, "d_transcoder": d_sae, "d_in": d, "d_sae": d_sae,
+           "dtype": clt.config.dtype, "feature_input_hook": "hook_mlp_in", "feature_output_hook": "hook_mlp_out",
+           "skip_connection": False, "metadata": meta}
+    if clt.config.architecture == "topk":
+        cfg["k"] = clt.config.k
+    try:
+        cfg_text = json.dumps(_jsonable(cfg), indent=2, allow_nan=False)
+    except (TypeError, ValueError) as err:
+        raise SAELightningError(f"CLT metadata cannot be written as JSON ({err}); "
+                                "pass plain numbers, strings, lists and dicts") from None
+    if sparsity is not None:
+        files[SPARSITY_FILE] = {"sparsity": _check_sparsity(sparsity, L * d_sae)}
+    with atomic_dir(out_dir) as tmp:
+        (tmp / CFG_FILE).write_text(cfg_text)
+        for name, tensors in files.items():
+            save_file(tensors, str(tmp / name), metadata={"format": "pt"})
+    return out_dir
+
+
+def _load_clt(path: Path, cfg: dict) -> CrossLayerTranscoder:
+    file = path / CFG_FILE
+    missing = [k for k in ("n_layers", "d_model", "d_transcoder", "activation_function") if k not in cfg]
+    if cfg.get("activation_function") == "topk" and "k" not in cfg:
+        missing.append("k")
+    if missing:
+        raise SAELightningError(f"{file} lacks the key(s) {', '.join(missing)}; re-export the CLT")
+    act = cfg["activation_function"]
+    if act not in CLT_FROM_ACTIVATION or cfg.get("skip_connection"):
+        raise SAELightningError(f"{file}: a CLT with activation_function {act!r}"
+                                f"{' and a skip connection' if cfg.get('skip_connection') else ''} is not supported; "
+                                f"saelightning reads {', '.join(CLT_FROM_ACTIVATION)} without skip")
+    L, d, d_sae = int(cfg["n_layers"]), int(cfg["d_model"]), int(cfg["d_transcoder"])
+    dtype = str(cfg.get("dtype", "float32")).removeprefix("torch.")
+    try:
+        config = SAEConfig(architecture=CLT_FROM_ACTIVATION[act], d_in=d, d_sae=d_sae, k=cfg.get("k"),
+                           dtype=dtype if dtype in DTYPES else "float32")
+        clt = CrossLayerTranscoder(config, L)
+    except SAELightningError as err:
+        raise SAELightningError(f"{file}: {err}") from None
+    want = {}
+    for i in range(L):
+        want[f"W_enc_{i}.safetensors"] = {f"W_enc_{i}": (d_sae, d), f"b_enc_{i}": (d_sae,), f"b_dec_{i}": (d,),
+                                          **({f"threshold_{i}": (d_sae,)} if act == "jump_relu" else {})}
+        want[f"W_dec_{i}.safetensors"] = {f"W_dec_{i}": (d_sae, L - i, d)}
+    got = {}
+    for name, shapes in want.items():
+        tensors = _read_tensors(path / name)
+        for key, shape in shapes.items():
+            if key not in tensors or tuple(tensors[key].shape) != shape or not tensors[key].is_floating_point():
+                raise SAELightningError(f"{path / name}: {key} missing or not a float tensor of shape {shape}; "
+                                        "re-export the CLT")
+            got[key] = tensors[key]
+    with torch.no_grad():
+        for i, enc in enumerate(clt.encoders):
+            enc.W_enc.copy_(got[f"W_enc_{i}"].T)
+            enc.b_enc.copy_(got[f"b_enc_{i}"])
+            enc.W_dec.copy_(got[f"W_dec_{i}"].reshape(d_sae, (L - i) * d))
+            if act == "jump_relu":
+                enc.threshold.copy_(got[f"threshold_{i}"])
+        clt.b_dec.copy_(torch.stack([got[f"b_dec_{i}"] for i in range(L)]))
+    clt.metadata = dict(cfg["metadata"]) if isinstance(cfg.get("metadata"), dict) else {}
+    return clt
+
+
 def load_sae(path, device=None, trainable: bool = False) -> SAE:
     """Read an SAE directory (ours or SAELens-written) into an SAE that works on raw activations.
 
@@ -134,7 +236,11 @@ def load_sae(path, device=None, trainable: bool = False) -> SAE:
     if not path.is_dir():
         raise SAELightningError(f"no SAE directory at {path}; pass a directory with {CFG_FILE} and {WEIGHTS_FILE} "
                                 "(as save_sae writes)")
-    cfg = _upgrade_pre6(_read_cfg(path / CFG_FILE))
+    cfg = _read_cfg(path / CFG_FILE)
+    if cfg.get("architecture") == CLT_ARCHITECTURE:  # a cross-layer transcoder (save_clt)
+        clt = _load_clt(path, cfg).eval().requires_grad_(trainable)
+        return clt.to(device) if device is not None else clt
+    cfg = _upgrade_pre6(cfg)
     sae = build_sae(_config_from_cfg(cfg, path / CFG_FILE))
     tensors = _read_tensors(path / WEIGHTS_FILE)
     sae.load_saelens_tensors(_check_tensors(tensors, sae, path / WEIGHTS_FILE))

@@ -36,6 +36,7 @@ from saelightning.metrics import SAEMetrics, firing_counts
 from saelightning.optim import SkipAdam, WarmupDecay, default_lr
 from saelightning.saes import ARCHITECTURES, SAEConfig, build_sae
 from saelightning.saes.base import SAEOptions
+from saelightning.saes.clt import CLT_ARCHITECTURES, CrossLayerTranscoder, n_latents, out_width
 
 _NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
 Architecture = Literal["topk", "batchtopk", "relu", "gated", "jumprelu", "matryoshka"]  # = saes.ARCHITECTURES
@@ -57,6 +58,8 @@ class SAESpec(SAEOptions):
             "zeros" (SAELens's; better where most of the data's mean is features that fire, as in synthetic data).
         hook_name_out: a transcoder's output hook: it reads hook_name and predicts this activation of the same
             tokens (e.g. blocks.2.hook_mlp_in -> blocks.2.hook_mlp_out); null: an SAE, reconstructing hook_name.
+        cross_layer: a cross-layer transcoder over the layers from hook_name (blocks.a.hook_mlp_in) to hook_name_out
+            (blocks.b.hook_mlp_out): layer l's d_sae latents read its MLP input and write the MLP outputs of l..b.
     """
 
     hook_name: str = "blocks.0.hook_resid_post"
@@ -67,8 +70,12 @@ class SAESpec(SAEOptions):
     name: str | None = None
     b_dec_init: Literal["mean", "zeros"] = "mean"
     hook_name_out: str | None = None
+    cross_layer: bool = False
 
     def __post_init__(self):
+        if self.cross_layer and (self.hook_name_out is None or self.architecture not in CLT_ARCHITECTURES):
+            raise SAELightningError("a cross-layer transcoder needs hook_name blocks.a.hook_mlp_in, hook_name_out "
+                                    f"blocks.b.hook_mlp_out and an architecture of {', '.join(CLT_ARCHITECTURES)}")
         if self.hook_name_out is not None and self.hook_name_out == self.hook_name:
             raise SAELightningError(f"hook_name_out equals hook_name ({self.hook_name}): a transcoder predicts another "
                                     "hook point; drop hook_name_out to train an SAE")
@@ -124,6 +131,27 @@ def build_from_spec(spec: SAESpec, d_in: int, d_out: int | None = None):
     if spec.hook_name_out is not None:  # where its output goes: spliced eval and the export read it
         sae.metadata["hook_name_out"] = spec.hook_name_out
     return sae
+
+
+def clt_hooks(spec: SAESpec, n_layer: int) -> tuple[list[str], list[str]]:
+    """A cross-layer transcoder's input hooks (each layer's MLP input) and output hooks (each layer's MLP output)."""
+    first, kind_in = parse_hook(spec.hook_name, n_layer)
+    last, kind_out = parse_hook(spec.hook_name_out, n_layer)
+    if kind_in != "hook_mlp_in" or kind_out != "hook_mlp_out" or last < first:
+        raise SAELightningError(f"a cross-layer transcoder spans blocks.a.hook_mlp_in to blocks.b.hook_mlp_out with "
+                                f"a <= b; got {spec.hook_name} -> {spec.hook_name_out}")
+    layers = range(first, last + 1)
+    return [f"blocks.{i}.hook_mlp_in" for i in layers], [f"blocks.{i}.hook_mlp_out" for i in layers]
+
+
+def build_clt(spec: SAESpec, n_layer: int, d_model: int) -> CrossLayerTranscoder:
+    """A cross-layer transcoder (untrained) for a spec, d_sae latents per layer."""
+    ins, outs = clt_hooks(spec, n_layer)
+    d_sae = spec.d_sae if spec.d_sae is not None else max(1, int(round(spec.expansion_factor * d_model)))
+    clt = CrossLayerTranscoder(SAEConfig(architecture=spec.architecture, d_in=d_model, d_sae=d_sae,
+                                         **spec.given_options()), len(ins))
+    clt.metadata.update(hook_name_out=spec.hook_name_out, hook_names_in=ins, hook_names_out=outs)
+    return clt
 
 
 def _check_order(spec: SAESpec, n_layer: int) -> None:
@@ -241,26 +269,34 @@ class SAEModule(pl.LightningModule):
         self.saes, self.states = nn.ModuleDict(), nn.ModuleDict()
         self.specs: dict[str, SAESpec] = {}
         for spec in specs:
-            d_out = None if spec.hook_name_out is None else _width(spec.hook_name_out, n_layer, d_model, hook_widths)
-            if d_out is not None and not hook_widths:
-                _check_order(spec, n_layer)
-            sae = build_from_spec(spec, _width(spec.hook_name, n_layer, d_model, hook_widths), d_out)
-            default = f"{re.sub(r'[^A-Za-z0-9_-]', '_', spec.hook_name)}-{spec.architecture}-{sae.config.d_sae}"
+            if spec.cross_layer:
+                if hook_widths:
+                    raise SAELightningError("a cross-layer transcoder reads a nanochat model's MLPs; train it on the "
+                                            "model (or its cache), not on data.activations or data.synthetic")
+                sae = build_clt(spec, n_layer, d_model)
+            else:
+                d_out = None if spec.hook_name_out is None else _width(spec.hook_name_out, n_layer, d_model,
+                                                                       hook_widths)
+                if d_out is not None and not hook_widths:
+                    _check_order(spec, n_layer)
+                sae = build_from_spec(spec, _width(spec.hook_name, n_layer, d_model, hook_widths), d_out)
+            kind = "clt-" if spec.cross_layer else ""
+            default = f"{re.sub(r'[^A-Za-z0-9_-]', '_', spec.hook_name)}-{kind}{spec.architecture}-{sae.config.d_sae}"
             name = spec.name or default
             if not _NAME.match(name) or name in self.saes:
                 raise SAELightningError(f"SAE name {name!r} is invalid or repeated; "
                                         "use unique names of letters, digits, _ and -")
-            self.saes[name], self.specs[name], self.states[name] = sae, spec, SAEState(sae.config.d_sae)
+            self.saes[name], self.specs[name], self.states[name] = sae, spec, SAEState(n_latents(sae))
         self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long))  # SAE training tokens, all ranks
         self.guard = NonFiniteGuard(max_nonfinite_steps)
         self._initialized: set[str] = set()  # SAEs known initialised (read from the buffer once, not every step)
         # a transcoder's metrics are of its output (what it predicts), width d_out
-        self.train_metrics = nn.ModuleDict({n: SAEMetrics(s.config.out_width, s.config.d_sae, False)
+        self.train_metrics = nn.ModuleDict({n: SAEMetrics(out_width(s), n_latents(s), False)
                                             for n, s in self.saes.items()})
-        self.val_metrics = nn.ModuleDict({n: SAEMetrics(s.config.out_width, s.config.d_sae, spliced_eval)
+        self.val_metrics = nn.ModuleDict({n: SAEMetrics(out_width(s), n_latents(s), spliced_eval)
                                           for n, s in self.saes.items()})
         # against a synthetic source's true features (states are sums, not part of the checkpoint)
-        self.truth_metrics = nn.ModuleDict({n: GroundTruthMetrics(s.config.d_sae) for n, s in self.saes.items()})
+        self.truth_metrics = nn.ModuleDict({n: GroundTruthMetrics(n_latents(s)) for n, s in self.saes.items()})
         self._truth_on = False  # this validation has true features to compare with
         self.density_step = -1  # global step of the last completed density window (callbacks watch it)
         self.last_val_step: int | None = None  # global step of the last validation (its metrics go into exports)
@@ -273,7 +309,14 @@ class SAEModule(pl.LightningModule):
     @property
     def hook_names(self) -> list[str]:
         """Every hook point the SAEs read or (transcoders) predict: one model forward captures them all."""
-        return list(dict.fromkeys(h for s in self.specs.values() for h in (s.hook_name, s.hook_name_out) if h))
+        hooks = []
+        for name, s in self.specs.items():
+            clt = self.saes[name]
+            if isinstance(clt, CrossLayerTranscoder):
+                hooks += clt.metadata["hook_names_in"] + clt.metadata["hook_names_out"]
+            else:
+                hooks += [h for h in (s.hook_name, s.hook_name_out) if h]
+        return list(dict.fromkeys(hooks))
 
     def target_hook(self, name: str) -> str:
         """The hook whose activations SAE `name` is scored against: its output hook, or the one it reads."""
@@ -344,15 +387,15 @@ class SAEModule(pl.LightningModule):
 
     # --- training ---
 
-    def _prepare(self, name: str, sae, x: torch.Tensor, scales: dict, y: torch.Tensor) -> None:
-        sae.input_scale.fill_(scales[self.specs[name].hook_name])
-        if sae.config.is_transcoder:
-            sae.output_scale.fill_(scales[self.target_hook(name)])
+    def _prepare(self, name: str, sae, x, scales: dict, y) -> None:
+        """Set the SAE's scales and, once, b_dec (x, y: a cross-layer transcoder's lists of inputs and targets)."""
+        self._fill_scales(name, sae, scales)
         if name in self._initialized:
             return
         initialized = self.states[name].initialized
         if not initialized:  # a host sync, once per SAE and run
-            bad = not bool(torch.isfinite(x).all() & torch.isfinite(y).all())
+            bad = not all(bool(torch.isfinite(t).all()) for t in (x if isinstance(x, list) else [x]) +
+                          (y if isinstance(y, list) else [y]))
             if self.trainer.strategy.reduce_boolean_decision(bad, all=False):
                 return  # never initialised from a bad batch: this step is skipped, the next good one initialises
             if self.specs[name].b_dec_init == "mean":
@@ -379,6 +422,14 @@ class SAEModule(pl.LightningModule):
         total, outputs = 0.0, {}
         for name, sae in self.saes.items():
             spec = self.specs[name]
+            if isinstance(sae, CrossLayerTranscoder):
+                xs, ys = ([acts[h] for h in sae.metadata[key]] for key in ("hook_names_in", "hook_names_out"))
+                self._prepare(name, sae, xs, batch["scales"], ys)
+                sae.set_training_step(self.global_step)
+                preds, latents, losses = sae(xs, ys, sparse=True)
+                outputs[name] = (torch.cat(ys, -1), torch.cat(preds, -1), sae.concat_latents(latents), losses)
+                total = total + losses["loss"]
+                continue
             x, y = acts[spec.hook_name], acts[self.target_hook(name)]
             self._prepare(name, sae, x, batch["scales"], y)
             sae.set_training_step(self.global_step)
@@ -402,7 +453,7 @@ class SAEModule(pl.LightningModule):
             if window_ends:
                 self.states[name].close_window()
             if log_metrics:  # like SAELens: train metrics of the logged step's batch (the rest would cost every step)
-                scale = float(batch["scales"][self.target_hook(name)])
+                scale = self._output_scale(name, batch["scales"]).to(x.device)
                 self.train_metrics[name].update(x.detach() / scale, x_hat.detach() / scale, latents.detach())
                 self._log_train(name, losses)
         if window_ends:
@@ -489,9 +540,20 @@ class SAEModule(pl.LightningModule):
                        spliced=self.hparams.get("spliced_eval", True))
 
     def _fill_scales(self, name: str, sae, scales: dict) -> None:
+        if isinstance(sae, CrossLayerTranscoder):
+            for buffer, key in ((sae.input_scales, "hook_names_in"), (sae.output_scales, "hook_names_out")):
+                buffer.copy_(torch.tensor([scales[h] for h in sae.metadata[key]], dtype=buffer.dtype))
+            return
         sae.input_scale.fill_(scales[self.specs[name].hook_name])
         if sae.config.is_transcoder:
             sae.output_scale.fill_(scales[self.target_hook(name)])
+
+    def _output_scale(self, name: str, scales: dict) -> torch.Tensor:
+        """The scale of what SAE `name` predicts: a scalar, or per column for a cross-layer transcoder."""
+        sae = self.saes[name]
+        if isinstance(sae, CrossLayerTranscoder):
+            return torch.tensor([scales[h] for h in sae.metadata["hook_names_out"]]).repeat_interleave(sae.d)
+        return torch.tensor(float(scales[self.target_hook(name)]))
 
     def on_validation_epoch_end(self) -> None:
         stopped, self._val_stopped = self._val_stopped, False

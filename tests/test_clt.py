@@ -2,10 +2,20 @@
 a one-layer CLT is a transcoder, causality of the gradients, the scale folding, and it learns a planted
 cross-layer map."""
 
+import json
+import math
+
 import pytest
 import torch
+import yaml
+from safetensors.torch import load_file
 
+from saelightning import load_nanochat
+from saelightning.cli import main
+from saelightning.demo import DEMO_MODEL_DIR
 from saelightning.errors import SAELightningError
+from saelightning.export import load_sae
+from saelightning.module import SAEModule, SAESpec
 from saelightning.saes import SAEConfig, build_sae
 from saelightning.saes.clt import CLT_ARCHITECTURES, CrossLayerTranscoder
 
@@ -132,3 +142,94 @@ def test_bad_clt_configs_are_one_line_errors(kwargs, fragment):
     with pytest.raises(SAELightningError, match=fragment) as err:
         make(**kwargs)
     assert "\n" not in str(err.value)
+
+
+# --- training, export and evaluation on the bundled demo model (4 layers, width 128) ----------------------------
+
+CLT_SPEC = {"hook_name": "blocks.0.hook_mlp_in", "hook_name_out": "blocks.3.hook_mlp_out", "cross_layer": True,
+            "architecture": "batchtopk", "d_sae": 128, "k": 8, "name": "clt", "lr": 0.004}
+
+
+def _fit_config(tmp_path, shards_dir, run, spec=None, **trainer):
+    config = {
+        "seed_everything": 0,
+        "trainer": {"accelerator": "cpu", "max_steps": 8, "val_check_interval": 4, "log_every_n_steps": 2,
+                    "default_root_dir": str(tmp_path / run), "enable_progress_bar": False,
+                    "enable_model_summary": False, **trainer},
+        "model": {"saes": [spec or CLT_SPEC], "warmup_steps": 2, "dead_window_tokens": 128},
+        "data": {"model": "demo", "data_dir": str(shards_dir), "context_size": 32, "batch_size": 64,
+                 "model_batch_rows": 4, "buffer_tokens": 256, "num_workers": 1, "val_batches": 1, "scale_batches": 2},
+        "checkpoint": {"every_n_train_steps": 3},
+        "resample": {"every_n_steps": 0},
+    }
+    path = tmp_path / f"{run}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_fit_trains_a_clt_over_the_demo_models_four_layers_and_exports_circuit_tracers_layout(tmp_path,
+                                                                                              tiny_shards_dir):
+    assert main(["fit", "--config", str(_fit_config(tmp_path, tiny_shards_dir, "clt"))]) == 0
+    out = tmp_path / "clt" / "saes" / "clt"
+    cfg = json.loads((out / "cfg.json").read_text())
+    assert (cfg["architecture"], cfg["activation_function"]) == ("cross_layer_transcoder", "jump_relu")
+    assert (cfg["n_layers"], cfg["d_model"], cfg["d_transcoder"]) == (4, 128, 128)
+    assert cfg["metadata"]["hook_names_out"] == [f"blocks.{i}.hook_mlp_out" for i in range(4)]
+    for i in range(4):  # circuit-tracer's files, keys and shapes (CrossLayerTranscoder.to_safetensors)
+        enc = load_file(str(out / f"W_enc_{i}.safetensors"))
+        dec = load_file(str(out / f"W_dec_{i}.safetensors"))
+        assert {k: tuple(v.shape) for k, v in enc.items()} == {
+            f"W_enc_{i}": (128, 128), f"b_enc_{i}": (128,), f"b_dec_{i}": (128,), f"threshold_{i}": (128,)}
+        assert {k: tuple(v.shape) for k, v in dec.items()} == {f"W_dec_{i}": (128, 4 - i, 128)}
+    assert load_file(str(out / "sparsity.safetensors"))["sparsity"].shape == (4 * 128,)
+    clt = load_sae(out)
+    assert isinstance(clt, CrossLayerTranscoder) and clt.n_layers == 4
+    # circuit-tracer's forward on the raw files (features = pre * (pre > threshold), decoded into every later
+    # layer) is the loaded CLT's prediction from raw MLP inputs
+    nc = load_nanochat(DEMO_MODEL_DIR)
+    idx = torch.randint(1, 500, (2, 16))
+    ins = [f"blocks.{i}.hook_mlp_in" for i in range(4)]
+    acts = nc.model.run_with_cache(idx, ins)
+    xs = [acts[h].reshape(-1, 128) for h in ins]
+    with torch.no_grad():
+        _, preds = clt.predict(xs)
+    recon = [load_file(str(out / f"W_enc_{j}.safetensors"))[f"b_dec_{j}"].expand(32, 128).clone() for j in range(4)]
+    for i in range(4):
+        enc = load_file(str(out / f"W_enc_{i}.safetensors"))
+        pre = xs[i] @ enc[f"W_enc_{i}"].T + enc[f"b_enc_{i}"]
+        f = pre * (pre > enc[f"threshold_{i}"])
+        W = load_file(str(out / f"W_dec_{i}.safetensors"))[f"W_dec_{i}"]
+        for o in range(4 - i):
+            recon[i + o] += f @ W[:, o]
+    for j in range(4):
+        torch.testing.assert_close(preds[j], recon[j], rtol=1e-4, atol=1e-4)
+    # saelightning eval splices it as the replacement model (every MLP output replaced)
+    report = tmp_path / "eval.json"
+    assert main(["eval", "--sae", str(out), "--tokens", "256", "--context_size", "32", "--batch_size", "4",
+                 "--out", str(report), "--device", "cpu", "--quiet"]) == 0
+    metrics = json.loads(report.read_text())["saes"][0]["metrics"]
+    assert 0 < metrics["explained_variance"] <= 1 and metrics["fvu"] == pytest.approx(1 - metrics["explained_variance"])
+    assert metrics["ce_loss_with_ablation"] > metrics["ce_loss_without_sae"]
+    assert math.isfinite(metrics["ce_loss_score"]) and metrics["l0"] > 0
+
+
+def test_clt_resume_from_last_is_bitwise_equal(tmp_path, tiny_shards_dir):
+    spec = {**CLT_SPEC, "architecture": "topk"}
+    assert main(["fit", "--config", str(_fit_config(tmp_path, tiny_shards_dir, "whole", spec))]) == 0
+    parts = _fit_config(tmp_path, tiny_shards_dir, "parts", spec)
+    assert main(["fit", "--config", str(parts), "--trainer.max_steps", "5"]) == 0
+    assert main(["fit", "--config", str(parts), "--ckpt_path", "last"]) == 0
+    a, b = (torch.load(tmp_path / run / "last.ckpt", weights_only=True)["state_dict"] for run in ("whole", "parts"))
+    assert a.keys() == b.keys() and "saes.clt.encoders.3.W_dec" in a
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_clt_specs_that_cannot_work_are_refused_in_one_line(tmp_path, tiny_shards_dir, capsys):
+    with pytest.raises(SAELightningError, match="spans blocks.a.hook_mlp_in to blocks.b.hook_mlp_out"):
+        SAEModule([SAESpec(**{**CLT_SPEC, "hook_name_out": "blocks.3.hook_resid_post"})], n_layer=4, d_model=128)
+    with pytest.raises(SAELightningError, match="needs hook_name blocks.a.hook_mlp_in"):
+        SAESpec(hook_name="blocks.0.hook_mlp_in", cross_layer=True)
+    cfg = _fit_config(tmp_path, tiny_shards_dir, "resampled")
+    assert main(["fit", "--config", str(cfg), "--resample.every_n_steps", "2"]) == 2
+    assert "set resample.every_n_steps: 0" in capsys.readouterr().err

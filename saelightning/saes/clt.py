@@ -29,6 +29,16 @@ from saelightning.saes.sparse import SparseLatents
 CLT_ARCHITECTURES = ("topk", "batchtopk", "relu", "jumprelu")
 
 
+def n_latents(sae) -> int:
+    """Latents of an SAE or transcoder, or of a cross-layer transcoder over all its layers."""
+    return sae.n_latents if isinstance(sae, CrossLayerTranscoder) else sae.config.d_sae
+
+
+def out_width(sae) -> int:
+    """The width of what it writes (a cross-layer transcoder: every output layer side by side)."""
+    return sae.out_width if isinstance(sae, CrossLayerTranscoder) else sae.config.out_width
+
+
 class CrossLayerTranscoder(nn.Module):
     """A CLT over n_layers consecutive layers of width config.d_in, config.d_sae latents per layer."""
 
@@ -42,6 +52,7 @@ class CrossLayerTranscoder(nn.Module):
         if config.skip_connection:
             raise SAELightningError("skip_connection is not available for a cross-layer transcoder; drop it")
         self.n_layers, self.d, self.config = n_layers, config.d_in, config
+        self.metadata: dict = {}  # hook names and the export's metadata, as an SAE's
         self.encoders = nn.ModuleList(
             build_sae(dataclasses.replace(config, d_out=(n_layers - src) * config.d_in, apply_b_dec_to_input=None))
             for src in range(n_layers))
@@ -53,6 +64,23 @@ class CrossLayerTranscoder(nn.Module):
         # the trainer's per-layer scales: s_in,l for x_l and s_out,j for y_j (E||s·a||² = d)
         self.register_buffer("input_scales", torch.ones(n_layers, dtype=torch.float32))
         self.register_buffer("output_scales", torch.ones(n_layers, dtype=torch.float32))
+
+    @property
+    def n_latents(self) -> int:
+        """Latents over every layer (layer l's are l·d_sae .. (l+1)·d_sae - 1 when side by side)."""
+        return self.n_layers * self.config.d_sae
+
+    @property
+    def out_width(self) -> int:
+        """The width of every output layer side by side."""
+        return self.n_layers * self.d
+
+    @property
+    def step_buffers(self) -> tuple[str, ...]:
+        return tuple(f"encoders.{i}.{b}" for i, enc in enumerate(self.encoders) for b in enc.step_buffers)
+
+    def grad_clip_scale(self) -> float:
+        return self.encoders[0].grad_clip_scale()
 
     @property
     def b_dec(self) -> torch.Tensor:
@@ -89,6 +117,24 @@ class CrossLayerTranscoder(nn.Module):
             for j, part in enumerate(out.split(self.d, dim=-1), start=src):
                 preds[j] = part if preds[j] is None else preds[j] + part
         return preds
+
+    def contributions(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Layer `layer`'s latents from raw x and what they write to each later output, in raw units (the trainer's
+        scales applied and undone): (latents [N, d_sae], [contribution to layers layer..L-1])."""
+        enc = self.encoders[layer]
+        f = enc.encode(x.to(enc.W_enc.dtype) * self.input_scales[layer].to(enc.W_enc.dtype))
+        parts = enc.decode(f).split(self.d, dim=-1)
+        return f, [p / self.output_scales[layer + i].to(p.dtype) for i, p in enumerate(parts)]
+
+    def predict(self, xs) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(latents per layer, ŷ per output layer) from raw inputs, in raw units (what eval compares)."""
+        latents, preds = [], [0.0] * self.n_layers
+        for layer, x in enumerate(self._check("input", xs)):
+            f, parts = self.contributions(layer, x)
+            latents.append(f)
+            for i, p in enumerate(parts):
+                preds[layer + i] = preds[layer + i] + p
+        return latents, preds
 
     def forward(self, xs, ys, sparse: bool = False):
         """(ŷ per layer, latents per layer, losses): losses["loss"] the sum over output layers of the architecture's
@@ -145,6 +191,12 @@ class CrossLayerTranscoder(nn.Module):
         return out
 
     @staticmethod
-    def concat_latents(latents) -> torch.Tensor:
-        """Every layer's latents side by side [N, L·d_sae] (dense), for the metrics that count firings."""
+    def concat_latents(latents) -> SparseLatents | torch.Tensor:
+        """Every layer's latents side by side, [N, L·d_sae], for the metrics that count firings: TopK's padded sparse
+        latents stay sparse (indices shifted by each layer's offset), others are made dense."""
+        if all(isinstance(f, SparseLatents) and f.rows is None for f in latents):
+            d_sae = latents[0].d_sae
+            return SparseLatents(torch.cat([f.values for f in latents], dim=1),
+                                 torch.cat([f.indices + i * d_sae for i, f in enumerate(latents)], dim=1),
+                                 d_sae * len(latents))
         return torch.cat([f.dense() if isinstance(f, SparseLatents) else f for f in latents], dim=-1)
