@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from saelightning import InterpretableModel, load_nanochat
 from saelightning.cli import main
+from saelightning.dashboards.stats import StatsConfig, logit_effect
 from saelightning.demo import DEMO_MODEL_DIR
 from saelightning.errors import SAELightningError
 from saelightning.evaluate import encode_decode, evaluate_batch, scores
@@ -481,3 +482,23 @@ def test_two_process_ddp_transcoder_fit_on_cpu_resumes_bitwise(tmp_path, tiny_sh
     parts = fit("parts", "--ckpt_path", "last")
     for key in whole["state_dict"]:
         assert torch.equal(whole["state_dict"][key], parts["state_dict"][key]), key
+
+
+def test_dashboard_logit_effects_read_a_transcoders_decoder_in_its_output_space():
+    """A transcoder predicting the MLP hidden layer (4·d wide) reaches the logits through c_proj; one predicting
+    hook_mlp_out writes the residual directly."""
+    nc = load_nanochat(DEMO_MODEL_DIR)
+    model = nc.model
+    cfg = StatsConfig(n_logits=3)
+    wide = build_sae(SAEConfig(architecture="topk", d_in=128, d_sae=16, d_out=512, k=2))
+    wide.metadata["hook_name_out"] = "blocks.1.mlp.hook_post"
+    features = torch.arange(4)
+    top = logit_effect(model, wide, HOOK_IN, features, cfg)[0]
+    with torch.no_grad():
+        want = model.lm_head(model.final_norm(model.transformer.h[1].mlp.c_proj(wide.W_dec[:4])))
+    torch.testing.assert_close(top, want[:, :model.config.vocab_size].topk(3, dim=1).values, rtol=1e-5, atol=1e-5)
+    narrow = _demo_transcoder()
+    top = logit_effect(model, narrow, HOOK_IN, features, cfg)[0]
+    with torch.no_grad():
+        want = model.lm_head(model.final_norm(narrow.W_dec[:4]))
+    torch.testing.assert_close(top, want[:, :model.config.vocab_size].topk(3, dim=1).values, rtol=1e-5, atol=1e-5)
