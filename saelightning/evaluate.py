@@ -17,6 +17,7 @@ only predictions inside a document; CE and KL use the same positions.
 from __future__ import annotations
 
 import sys
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -256,7 +257,9 @@ def evaluate_batch(model, saes, tokens: torch.Tensor, bos_id: int, metrics: Mapp
                 f, x_hat = encode_decode(sae, x)
                 m.update(acts[output_hook(sae, hook)][keep], x_hat, f)
         return
-    ablated: dict[str, torch.Tensor] = {}  # zero-ablated at each hook an SAE writes (a transcoder: its output)
+    # zero-ablated at each hook an SAE writes (a transcoder: its output), kept while an SAE still needs it
+    ablated: dict[str, torch.Tensor] = {}
+    needed = Counter(output_hook(sae, hook) for hook, group in groups.items() for sae in group)
     for hook, group in groups.items():
         for sae, m in zip(group, metrics[hook]):
             out = output_hook(sae, hook)
@@ -271,6 +274,9 @@ def evaluate_batch(model, saes, tokens: torch.Tensor, bos_id: int, metrics: Mapp
             lp = _log_probs(model(tokens, hooks=hooks), mask)
             m.update(seen["x"], seen["x_hat"], seen["f"])
             m.spliced.update(clean, lp, ablated[out], targets)
+            needed[out] -= 1
+            if not needed[out]:
+                del ablated[out]
 
 
 def scores(metrics: SAEMetrics) -> dict[str, float]:

@@ -541,8 +541,11 @@ class SAEModule(pl.LightningModule):
 
     def _fill_scales(self, name: str, sae, scales: dict) -> None:
         if isinstance(sae, CrossLayerTranscoder):
-            for buffer, key in ((sae.input_scales, "hook_names_in"), (sae.output_scales, "hook_names_out")):
-                buffer.copy_(torch.tensor([scales[h] for h in sae.metadata[key]], dtype=buffer.dtype))
+            values = tuple(scales[h] for key in ("hook_names_in", "hook_names_out") for h in sae.metadata[key])
+            if getattr(sae, "_filled", None) != values:  # a host-to-device copy: once a run, not every step
+                for buffer, key in ((sae.input_scales, "hook_names_in"), (sae.output_scales, "hook_names_out")):
+                    buffer.copy_(torch.tensor([scales[h] for h in sae.metadata[key]], dtype=buffer.dtype))
+                sae._filled = values
             return
         sae.input_scale.fill_(scales[self.specs[name].hook_name])
         if sae.config.is_transcoder:
