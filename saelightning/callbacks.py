@@ -14,9 +14,10 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from saelightning.dashboards.stats import density_summary
 from saelightning.errors import SAELightningError
-from saelightning.export import save_sae
+from saelightning.export import save_clt, save_sae
 from saelightning.metrics import log10_density
 from saelightning.modeldiff import diff_summary
+from saelightning.saes.clt import CrossLayerTranscoder
 from saelightning.saes.latent import LATENT_AXES, all_gather_cat
 
 # --- resampling ---
@@ -49,19 +50,25 @@ def reset_adam_rows(optimizer: torch.optim.Optimizer, sae, latents: torch.Tensor
 
 
 @torch.no_grad()
-def resample(sae, latents: torch.Tensor, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def resample(sae, latents: torch.Tensor, x: torch.Tensor, generator: torch.Generator,
+             y: torch.Tensor | None = None) -> torch.Tensor:
     """Anthropic's procedure: sample inputs with probability ∝ squared reconstruction error; the dead decoder
     row becomes the normalised sample, the encoder column the sample x 0.2 x mean alive encoder norm, bias 0.
+    A transcoder (y: its targets) is scored on y, and its decoder row is the sampled token's y, normalised.
 
     A latent-sharded SAE (a collective over its latent group, every rank with the same `latents`, global indices,
     and the same x): each rank rewrites the latents it holds, from the same samples, with the mean over the alive
     columns of every shard. Returns the indices rewritten here (local ones when sharded)."""
+    y = x if y is None else y
     x_hat = sae.reconstruct(x)  # not forward: it may update running statistics
-    loss = (x - x_hat).pow(2).sum(-1).double()
+    loss = (y - x_hat).pow(2).sum(-1).double()
     probs = loss / loss.sum() if loss.sum() > 0 else torch.full_like(loss, 1 / len(loss))
     picks = torch.multinomial(probs.cpu(), len(latents), replacement=len(latents) > len(loss), generator=generator)
-    samples = x[picks.to(x.device)]
-    directions = samples / samples.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+    picks = picks.to(x.device)
+
+    def unit(rows):
+        return rows / rows.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+    enc_dirs, dec_dirs = unit(x[picks]), unit(y[picks])
     norms = sae.W_enc.norm(dim=0)
     if sae.shard is not None:  # every column's norm (d_sae values), so the mean is the unsharded one
         norms = all_gather_cat(norms, sae.shard, 0)
@@ -71,8 +78,8 @@ def resample(sae, latents: torch.Tensor, x: torch.Tensor, generator: torch.Gener
     here = latents
     if sae.shard is not None:
         local, mine = sae.shard.own(latents)
-        here, directions = local[mine], directions[mine]
-    sae.reinit_latents(here, directions * 0.2 * enc_norm, directions)
+        here, enc_dirs, dec_dirs = local[mine], enc_dirs[mine], dec_dirs[mine]
+    sae.reinit_latents(here, enc_dirs * 0.2 * enc_norm, dec_dirs)
     return here
 
 
@@ -101,6 +108,12 @@ class ResampleDeadLatents(pl.Callback):
         self.every_n_steps, self.until_step, self.seed = every_n_steps, until_step, seed
         self.history: list[dict] = []  # {"step", "sae", "resampled"}
 
+    def on_fit_start(self, trainer, pl_module) -> None:
+        clts = [n for n, s in pl_module.saes.items() if isinstance(s, CrossLayerTranscoder)]
+        if self.every_n_steps and clts:
+            raise SAELightningError(f"resampling does not apply to the cross-layer transcoder(s) {clts}; "
+                                    "set resample.every_n_steps: 0")
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
         if not self.every_n_steps or step % self.every_n_steps or step > self.until_step:
@@ -119,9 +132,11 @@ class ResampleDeadLatents(pl.Callback):
             if len(dead) == 0:
                 continue
             # the batches of the data-parallel ranks (a latent group's ranks read the same one)
-            x = _gather(pl_module.sae_input(name, acts), pl_module._data_group())
+            group = pl_module._data_group()
+            x = _gather(pl_module.sae_input(name, acts), group)
+            y = _gather(acts[pl_module.target_hook(name)], group) if sae.config.is_transcoder else None
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-            here = resample(sae, dead, x, generator)
+            here = resample(sae, dead, x, generator, y)
             reset_adam_rows(optimizer, sae, here)
             pl_module.since_fired(name)[here] = 0  # give them a full window before judging again
             self.history.append({"step": step, "sae": name, "resampled": len(dead)})
@@ -167,6 +182,7 @@ def export_module(pl_module, out_root: Path, step: int, metrics: dict | None = N
                 else dict(metrics or {}))
         metadata = {
             "model_name": "nanochat", "hook_name": spec.hook_name, "context_size": info.get("context_size"),
+            **({"hook_name_out": spec.hook_name_out} if spec.hook_name_out else {}),
             "model": {k: info.get(k) for k in ("path", "step", "era", "config")}, "sae_name": name,
             "trained_on": info.get("trained_on"),
             "training_steps": step, "training_tokens": int(pl_module.tokens_seen),
@@ -180,7 +196,8 @@ def export_module(pl_module, out_root: Path, step: int, metrics: dict | None = N
             metadata["diff"] = diff_summary(sae, pl_module.diff_thresholds, names)
         sparsity = log10_density(density) if torch.isfinite(density).all() else None
         try:
-            paths.append(save_sae(sae, out_root / name, metadata=metadata, sparsity=sparsity))
+            save = save_clt if isinstance(sae, CrossLayerTranscoder) else save_sae
+            paths.append(save(sae, out_root / name, metadata=metadata, sparsity=sparsity))
         except SAELightningError as e:  # e.g. NaN weights: nothing of this SAE was written
             raise SAELightningError(f"SAE {name!r} at step {step} not exported: {e}") from None
     return paths

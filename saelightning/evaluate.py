@@ -5,6 +5,10 @@ The core, `evaluate_batch`, runs the model on one batch of token rows and update
 SAEMetrics (torchmetrics, so batches and DDP ranks pool exactly). Lightning validation calls it on
 the val rows of tokens.py; `saelightning eval` on the same rows (the first ones of the val shard).
 
+A transcoder (an SAE with d_out, and metadata["hook_name_out"]) reads its hook and is spliced at its output hook:
+the model's activation there (an MLP's output) is replaced by the transcoder's prediction from the clean input,
+the ablation baseline zeroes that output, and the reconstruction metrics compare the prediction with the real one.
+
 Positions: BOS positions are never spliced (their activation is kept) and never scored. A
 next-token prediction at position t is scored when neither tokens[t] nor tokens[t+1] is BOS, i.e.
 only predictions inside a document; CE and KL use the same positions.
@@ -13,6 +17,7 @@ only predictions inside a document; CE and KL use the same positions.
 from __future__ import annotations
 
 import sys
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -26,10 +31,11 @@ from saelightning.errors import SAELightningError
 from saelightning.groundtruth import TABLE_KEYS as TRUTH_KEYS
 from saelightning.heldout import recorded_source
 from saelightning.heldout import run_eval as run_heldout_eval
-from saelightning.hooks import hook_width, parse_hook
+from saelightning.hooks import forward_position, hook_width, parse_hook
 from saelightning.metrics import SAEMetrics, weight_metrics
 from saelightning.progress import progress_bar
 from saelightning.saes.base import CROSSCODERS
+from saelightning.saes.clt import CrossLayerTranscoder, n_latents, out_width
 from saelightning.tokens import rows_for_tokens, val_batches
 
 
@@ -47,17 +53,99 @@ def as_sae_groups(saes) -> dict[str, list]:
     return groups
 
 
+def output_hook(sae, hook: str) -> str:
+    """Where an SAE's output goes: a transcoder's hook_name_out (its metadata), else the hook it reads (a
+    cross-layer transcoder: its last output hook; it writes every MLP output of its span)."""
+    if isinstance(sae, CrossLayerTranscoder):
+        return sae.metadata["hook_names_out"][-1]
+    if not sae.config.is_transcoder:
+        return hook
+    out = sae.metadata.get("hook_name_out")
+    if not out:
+        raise SAELightningError(f"the transcoder reading {hook} has no metadata['hook_name_out']; set it to the hook "
+                                "point it predicts (exports record it)")
+    return out
+
+
 def check_saes(model, groups: Mapping[str, Sequence]) -> None:
-    """Every hook exists in the model and every SAE's d_in matches its hook point's width."""
+    """Every hook exists in the model and every SAE's d_in (a transcoder's d_out) matches its hook point's width."""
     for hook, group in groups.items():
         parse_hook(hook, model.n_layer)  # raises with the list of valid names
         width = hook_width(hook, model.n_layer, model.d_model)
         for sae in group:
+            if isinstance(sae, CrossLayerTranscoder):
+                _check_clt(model, hook, sae)
+                continue
             d_in = sae.W_enc.shape[0]
             if d_in != width:
                 raise SAELightningError(
                     f"SAE with d_in={d_in} cannot read hook point {hook!r}, whose width is {width} "
                     f"in this model; use an SAE trained on this model's {hook}")
+            out = output_hook(sae, hook)
+            if out != hook:
+                _check_transcoder_out(model, hook, out, sae.W_dec.shape[1])
+
+
+def _check_clt(model, hook: str, clt) -> None:
+    ins, outs = clt.metadata.get("hook_names_in"), clt.metadata.get("hook_names_out")
+    if not ins or ins[0] != hook or len(ins) != clt.n_layers or len(outs or ()) != clt.n_layers:
+        raise SAELightningError(f"the cross-layer transcoder at {hook} lacks metadata hook_names_in/out for its "
+                                f"{clt.n_layers} layers; re-export it")
+    for name in ins + outs:
+        if hook_width(name, model.n_layer, model.d_model) != clt.d:
+            raise SAELightningError(f"cross-layer transcoder of width {clt.d} cannot read/write {name!r} of this "
+                                    "model; use one trained on this model")
+
+
+def clt_splice(clt, keep: torch.Tensor):
+    """The replacement model's hooks for a cross-layer transcoder: at each layer's MLP input the latents of the
+    activation there (in this forward: upstream MLP outputs are already replaced) add their contributions to the
+    MLP outputs of that layer and the later ones; each MLP output is replaced by the sum it received."""
+    pending: dict[int, torch.Tensor] = {}
+    ins, outs = clt.metadata["hook_names_in"], clt.metadata["hook_names_out"]
+
+    def read(layer):
+        def hook(x):
+            _, parts = clt.contributions(layer, x[keep])
+            for i, part in enumerate(parts):
+                pending[layer + i] = pending[layer + i] + part if layer + i in pending else part
+        return hook
+
+    def write(layer):
+        def hook(y):
+            out = y.clone()
+            out[keep] = pending.pop(layer).to(y.dtype)
+            return out
+        return hook
+
+    return {**{h: read(i) for i, h in enumerate(ins)}, **{h: write(i) for i, h in enumerate(outs)}}
+
+
+def _zero_all(hooks, keep):
+    return {h: splice_hook(None, keep) for h in hooks}
+
+
+def _evaluate_clt(model, clt, tokens, keep, m, spliced, clean, mask, targets) -> None:
+    """A cross-layer transcoder's metrics: the prediction from the clean inputs against the clean MLP outputs (all
+    layers side by side), and the model with every MLP output of its span replaced (the replacement model)."""
+    ins, outs = clt.metadata["hook_names_in"], clt.metadata["hook_names_out"]
+    acts = model.run_with_cache(tokens, ins + outs)
+    latents, preds = clt.predict([acts[h][keep] for h in ins])
+    m.update(torch.cat([acts[h][keep] for h in outs], -1), torch.cat(preds, -1), torch.cat(latents, -1))
+    if spliced:
+        lp = _log_probs(model(tokens, hooks=clt_splice(clt, keep)), mask)
+        ablated = _log_probs(model(tokens, hooks=_zero_all(outs, keep)), mask)
+        m.spliced.update(clean, lp, ablated, targets)
+
+
+def _check_transcoder_out(model, hook: str, out: str, d_out: int) -> None:
+    width = hook_width(out, model.n_layer, model.d_model)
+    if d_out != width:
+        raise SAELightningError(f"transcoder with d_out={d_out} cannot write hook point {out!r}, whose width is "
+                                f"{width} in this model; use a transcoder trained on this model's {out}")
+    if forward_position(out, model.n_layer) <= forward_position(hook, model.n_layer):
+        raise SAELightningError(f"the transcoder's output hook {out} comes before its input hook {hook} in the "
+                                "forward; its metadata is wrong (re-export it)")
 
 
 def _log_probs(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -69,18 +157,21 @@ def encode_decode(sae, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(latents, reconstruction) of raw activations x [N, d], also for an SAE still in training.
 
     A training SAE works on x * input_scale (the data module's normalisation); its reconstruction
-    is scaled back. Exported SAEs have input_scale 1 (folded into the weights), where this is exact.
+    is scaled back (a transcoder's prediction by its output_scale). Exported SAEs have scales 1 (folded into the
+    weights), where this is exact.
     """
     scale = sae.input_scales() if hasattr(sae, "input_scales") else getattr(sae, "input_scale", None)
+    dtype, x = x.dtype, x.to(sae.W_enc.dtype)
     if getattr(sae, "shard", None) is not None:  # latent-sharded (training): sparse latents, never [N, d_sae]
-        f, x_hat = sae.encode_decode_sparse(x.to(sae.W_enc.dtype) * scale.to(sae.W_enc.dtype))
-        return f, (x_hat / scale.to(x_hat.dtype)).to(x.dtype)
+        f, x_hat = sae.encode_decode_sparse(x * scale.to(sae.W_enc.dtype))
+        return f, (x_hat / scale.to(x_hat.dtype)).to(dtype)
     if scale is None:
-        f = sae.encode(x.to(sae.W_enc.dtype))
-        return f, sae.decode(f).to(x.dtype)
+        f = sae.encode(x)
+        return f, sae.output(f, x).to(dtype)
     scale = scale.to(sae.W_enc.dtype)
-    f = sae.encode(x.to(sae.W_enc.dtype) * scale)
-    return f, (sae.decode(f) / scale).to(x.dtype)
+    out_scale = sae.output_scale.to(scale.dtype) if sae.config.is_transcoder else scale
+    f = sae.encode(x * scale)
+    return f, (sae.output(f, x * scale) / out_scale).to(dtype)
 
 
 def splice_hook(sae, keep: torch.Tensor, with_error: bool = False, stats: dict | None = None):
@@ -108,9 +199,31 @@ def splice_hook(sae, keep: torch.Tensor, with_error: bool = False, stats: dict |
     return hook
 
 
+def transcoder_splice(sae, keep: torch.Tensor, stats: dict | None = None):
+    """Hooks {"in": capture, "out": replace} splicing a transcoder: its input hook records the clean activation
+    at the kept positions, its output hook replaces the activation there by the transcoder's prediction from it.
+    stats receives "x" (the real output activations), "f" and "x_hat" (the prediction), [N, d] each."""
+    seen = {}
+
+    def read(x):
+        seen["x"] = x[keep]
+
+    def write(y):
+        if "x" not in seen:
+            raise SAELightningError("internal: a transcoder's output hook ran before its input hook")
+        f, y_hat = encode_decode(sae, seen.pop("x"))
+        if stats is not None:
+            stats.update(x=y[keep], f=f, x_hat=y_hat)
+        out = y.clone()
+        out[keep] = y_hat.to(y.dtype)
+        return out
+
+    return {"in": read, "out": write}
+
+
 def sae_metrics(groups: Mapping[str, Sequence], spliced: bool = True, device=None) -> dict[str, list[SAEMetrics]]:
-    """Fresh SAEMetrics for every SAE of {hook: [sae, ...]}, in the same layout."""
-    return {hook: [SAEMetrics(sae.W_enc.shape[0], sae.W_enc.shape[1], spliced).to(device or sae.W_enc.device)
+    """Fresh SAEMetrics for every SAE of {hook: [sae, ...]}, in the same layout (of a transcoder's output)."""
+    return {hook: [SAEMetrics(out_width(sae), n_latents(sae), spliced).to(device or next(sae.parameters()).device)
                    for sae in group] for hook, group in groups.items()}
 
 
@@ -129,25 +242,45 @@ def evaluate_batch(model, saes, tokens: torch.Tensor, bos_id: int, metrics: Mapp
     if tokens.dim() != 2 or tokens.shape[1] < 2:
         raise SAELightningError(f"tokens must be [batch, context >= 2], got shape {tuple(tokens.shape)}")
     keep = tokens != bos_id
+    mask = keep[:, :-1] & keep[:, 1:]  # predictions inside a document only
+    targets = tokens[:, 1:][mask]
+    clean = _log_probs(model(tokens), mask) if spliced else None
+    for hook, group in groups.items():
+        for sae, m in zip(group, metrics[hook]):
+            if isinstance(sae, CrossLayerTranscoder):
+                _evaluate_clt(model, sae, tokens, keep, m, spliced, clean, mask, targets)
+    groups = {h: [s for s in g if not isinstance(s, CrossLayerTranscoder)] for h, g in groups.items()}
+    metrics = {h: [m for s, m in zip(groups_all, metrics[h]) if not isinstance(s, CrossLayerTranscoder)]
+               for h, groups_all in as_sae_groups(saes).items()}
     if not spliced:
-        acts = model.run_with_cache(tokens, list(groups))
+        outs = [output_hook(sae, hook) for hook, group in groups.items() for sae in group]
+        acts = model.run_with_cache(tokens, list(dict.fromkeys(list(groups) + outs)))
         for hook, group in groups.items():
             x = acts[hook][keep]
             for sae, m in zip(group, metrics[hook]):
                 f, x_hat = encode_decode(sae, x)
-                m.update(x, x_hat, f)
+                m.update(acts[output_hook(sae, hook)][keep], x_hat, f)
         return
-    mask = keep[:, :-1] & keep[:, 1:]  # predictions inside a document only
-    targets = tokens[:, 1:][mask]
-    clean = _log_probs(model(tokens), mask)
+    # zero-ablated at each hook an SAE writes (a transcoder: its output), kept while an SAE still needs it
+    ablated: dict[str, torch.Tensor] = {}
+    needed = Counter(output_hook(sae, hook) for hook, group in groups.items() for sae in group)
     for hook, group in groups.items():
-        ablated = _log_probs(model(tokens, hooks={hook: splice_hook(None, keep)}), mask)
         for sae, m in zip(group, metrics[hook]):
+            out = output_hook(sae, hook)
+            if out not in ablated:
+                ablated[out] = _log_probs(model(tokens, hooks={out: splice_hook(None, keep)}), mask)
             seen = {}
-            lp = _log_probs(model(tokens, hooks={hook: splice_hook(sae, keep, stats=seen)}), mask)
+            if out == hook:
+                hooks = {hook: splice_hook(sae, keep, stats=seen)}
+            else:
+                pair = transcoder_splice(sae, keep, stats=seen)
+                hooks = {hook: pair["in"], out: pair["out"]}
+            lp = _log_probs(model(tokens, hooks=hooks), mask)
             m.update(seen["x"], seen["x_hat"], seen["f"])
-            m.spliced.update(clean, lp, ablated, targets)
-        del ablated
+            m.spliced.update(clean, lp, ablated[out], targets)
+            needed[out] -= 1
+            if not needed[out]:
+                del ablated[out]
 
 
 def _replace_hook(keep: torch.Tensor, x_hat: torch.Tensor):
@@ -214,6 +347,7 @@ def scores(metrics: SAEMetrics) -> dict[str, float]:
     if values["n_tokens"] == 0:
         raise SAELightningError("no non-BOS tokens were evaluated; give longer rows or more tokens")
     values["n_tokens"] = int(values["n_tokens"])
+    values["fvu"] = 1.0 - values["explained_variance"]  # the fraction of variance unexplained (Paulo et al.'s figure)
     return values
 
 
@@ -280,7 +414,7 @@ def _default_context(groups, model) -> int:
     return min(min(sizes) if sizes else 256, model.config.sequence_len)
 
 
-_TABLE_KEYS = ("explained_variance", "mse", "cossim", "l2_ratio", "relative_reconstruction_bias", "l0",
+_TABLE_KEYS = ("explained_variance", "fvu", "mse", "cossim", "l2_ratio", "relative_reconstruction_bias", "l0",
                "l1", "frac_alive", "freq_over_1_percent", "freq_over_10_percent", "normalized_freq_over_1_percent",
                "normalized_freq_over_10_percent", "average_max_encoder_cosine_sim", "average_max_decoder_cosine_sim",
                "average_encoder_decoder_cosine_sim", "ce_loss_without_sae", "ce_loss_with_sae",
@@ -290,7 +424,8 @@ _TABLE_KEYS = ("explained_variance", "mse", "cossim", "l2_ratio", "relative_reco
 def format_table(entries: list[dict]) -> str:
     """One column per SAE, one row per metric (the ground-truth ones for SAEs of a synthetic source; without a
     model, no spliced CE/KL rows)."""
-    heads = [f"#{i} {e['hook_name']}" for i, e in enumerate(entries)]
+    heads = [f"#{i} {e['hook_name']}" + (f" -> {e['hook_name_out']}" if e.get("hook_name_out") else "")
+             for i, e in enumerate(entries)]
     width = max([len(h) for h in heads] + [12])
     lines = [f"{'metric':<36}" + "".join(f"{h:>{width + 2}}" for h in heads)]
     for key in [k for k in _TABLE_KEYS + TRUTH_KEYS if all(k in e["metrics"] for e in entries)]:
@@ -336,9 +471,12 @@ def run_eval(args: EvalArgs) -> dict:
     for path, (hook, i) in zip(args.sae, where):
         metrics, density = results[hook][i]
         sae = groups[hook][i]
-        metrics = {**metrics, **weight_metrics(sae.W_enc, sae.W_dec)}
-        entries.append({"path": str(path), "hook_name": hook, "metrics": metrics,
-                        "feature_density": density.tolist()})
+        if not isinstance(sae, CrossLayerTranscoder):
+            metrics = {**metrics, **weight_metrics(sae.W_enc, sae.W_dec)}
+        entry = {"path": str(path), "hook_name": hook, "metrics": metrics, "feature_density": density.tolist()}
+        if output_hook(sae, hook) != hook:
+            entry["hook_name_out"] = output_hook(sae, hook)
+        entries.append(entry)
     report = {"model": resolve.model_path(model), "data": str(data_dir), "context_size": context,
               "tokens_requested": args.tokens, "tokens_evaluated": evaluated, "saes": entries}
     if args.out:

@@ -21,6 +21,7 @@ model.safetensors, as their hub upload writes, or a torch state dict file).
 
 import json
 import math
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -30,6 +31,7 @@ from saelightning.atomic import atomic_dir
 from saelightning.errors import SAELightningError
 from saelightning.saes import SAE, SAEConfig, build_sae
 from saelightning.saes.base import CROSSCODERS, DTYPES
+from saelightning.saes.clt import CrossLayerTranscoder
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -40,6 +42,13 @@ SAELENS_FORMAT_VERSION = "6.0.0"
 # SAELens architecture name on disk -> ours (batchtopk and matryoshka are written as jumprelu)
 FROM_SAELENS = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "gated": "gated",
                 "crosscoder": "crosscoder", "crosscoder_l1": "crosscoder_l1"}
+# a transcoder's name on disk, by the SAE's exported name and whether it has W_skip: SAELens 6's Transcoder,
+# SkipTranscoder, JumpReLUTranscoder and JumpReLUSkipTranscoder; it has no TopK transcoder, so ours are named
+# topk_transcoder / topk_skip_transcoder (the same keys plus k) and only saelightning reads them
+TRANSCODER_NAMES = {("standard", False): "transcoder", ("standard", True): "skip_transcoder",
+                    ("jumprelu", False): "jumprelu_transcoder", ("jumprelu", True): "jumprelu_skip_transcoder",
+                    ("topk", False): "topk_transcoder", ("topk", True): "topk_skip_transcoder"}
+FROM_TRANSCODER = {name: (arch, skip) for (arch, skip), name in TRANSCODER_NAMES.items()}
 
 
 def save_sae(sae: SAE, out_dir, metadata: dict | None = None, sparsity: torch.Tensor | None = None) -> Path:
@@ -82,6 +91,11 @@ def _cfg_json(sae: SAE, input_scale, metadata: dict | None) -> str:
     }
     if sae.config.architecture in CROSSCODERS:
         cfg["apply_b_dec_to_input"] = False  # the export's encoder bias has b_dec folded in
+    if sae.config.is_transcoder:  # SAELens's TranscoderConfig keys; hook_name_out also in metadata, as it reads it
+        cfg["architecture"] = TRANSCODER_NAMES[(cfg["architecture"], bool(sae.config.skip_connection))]
+        cfg["d_out"] = sae.config.d_out
+        if meta.get("hook_name_out"):
+            cfg["hook_name_out"] = meta["hook_name_out"]
     try:
         return json.dumps(_jsonable(cfg), indent=2, allow_nan=False)
     except (TypeError, ValueError) as err:
@@ -124,6 +138,106 @@ def _write_dir_atomically(out_dir: Path, cfg_text: str, tensors: dict, extra_fil
             save_file(file_tensors, str(tmp / name), metadata={"format": "pt"})
 
 
+# --- cross-layer transcoders: circuit-tracer's file layout ---------------------------------------------------------
+
+CLT_ARCHITECTURE = "cross_layer_transcoder"
+# our architecture -> circuit-tracer's activation_function (batchtopk: the JumpReLU of its learned threshold; TopK
+# has none there, "topk" is read by load_sae only), and back
+CLT_ACTIVATIONS = {"relu": "relu", "jumprelu": "jump_relu", "batchtopk": "jump_relu", "topk": "topk"}
+CLT_FROM_ACTIVATION = {"relu": "relu", "jump_relu": "jumprelu", "topk": "topk"}
+
+
+def save_clt(clt: CrossLayerTranscoder, out_dir, metadata: dict | None = None,
+             sparsity: torch.Tensor | None = None) -> Path:
+    """Write a cross-layer transcoder (scales folded in) in circuit-tracer's layout: W_enc_{i}.safetensors with
+    W_enc_{i} [d_sae, d], b_enc_{i}, b_dec_{i} [d] (layer i's output bias) and threshold_{i}; W_dec_{i}.safetensors
+    with W_dec_{i} [d_sae, L - i, d] (layer i's latents to the outputs of layers i..L-1); cfg.json beside them."""
+    out_dir = Path(out_dir)
+    folded = clt.fold_scales()
+    files: dict[str, dict[str, torch.Tensor]] = {}
+    L, d, d_sae = clt.n_layers, clt.d, clt.config.d_sae
+    for i, enc in enumerate(folded.encoders):
+        t = {k: v.detach().to("cpu") for k, v in enc.saelens_tensors().items()}
+        enc_file = {f"W_enc_{i}": t["W_enc"].T, f"b_enc_{i}": t["b_enc"], f"b_dec_{i}": folded.b_dec[i].detach()}
+        if "threshold" in t:
+            enc_file[f"threshold_{i}"] = t["threshold"]
+        files[f"W_enc_{i}.safetensors"] = enc_file
+        files[f"W_dec_{i}.safetensors"] = {f"W_dec_{i}": t["W_dec"].reshape(d_sae, L - i, d)}
+    for tensors in files.values():
+        for name, tensor in list(tensors.items()):
+            tensors[name] = tensor.to("cpu").contiguous()
+            if not bool(torch.isfinite(tensor).all()):
+                raise SAELightningError(f"CLT tensor {name} has NaN/inf values; refusing to export "
+                                        "(train with a lower lr or resume from an earlier checkpoint)")
+    meta = {"sae_lens_version": SAELENS_FORMAT_VERSION, **clt.metadata, **(metadata or {}),
+            "saelightning_architecture": clt.config.architecture, "saelightning_config": asdict(clt.config),
+            "input_scales_folded": clt.input_scales.tolist(), "output_scales_folded": clt.output_scales.tolist()}
+    meta.setdefault("hook_name", clt.metadata.get("hook_names_in", [None])[0])
+    cfg = {"architecture": CLT_ARCHITECTURE, "activation_function": CLT_ACTIVATIONS[clt.config.architecture],
+           "n_layers": L, "d_model": d, "d_transcoder": d_sae, "d_in": d, "d_sae": d_sae,
+           "dtype": clt.config.dtype, "feature_input_hook": "hook_mlp_in", "feature_output_hook": "hook_mlp_out",
+           "skip_connection": False, "metadata": meta}
+    if clt.config.architecture == "topk":
+        cfg["k"] = clt.config.k
+    try:
+        cfg_text = json.dumps(_jsonable(cfg), indent=2, allow_nan=False)
+    except (TypeError, ValueError) as err:
+        raise SAELightningError(f"CLT metadata cannot be written as JSON ({err}); "
+                                "pass plain numbers, strings, lists and dicts") from None
+    if sparsity is not None:
+        files[SPARSITY_FILE] = {"sparsity": _check_sparsity(sparsity, L * d_sae)}
+    with atomic_dir(out_dir) as tmp:
+        (tmp / CFG_FILE).write_text(cfg_text)
+        for name, tensors in files.items():
+            save_file(tensors, str(tmp / name), metadata={"format": "pt"})
+    return out_dir
+
+
+def _load_clt(path: Path, cfg: dict) -> CrossLayerTranscoder:
+    file = path / CFG_FILE
+    missing = [k for k in ("n_layers", "d_model", "d_transcoder", "activation_function") if k not in cfg]
+    if cfg.get("activation_function") == "topk" and "k" not in cfg:
+        missing.append("k")
+    if missing:
+        raise SAELightningError(f"{file} lacks the key(s) {', '.join(missing)}; re-export the CLT")
+    act = cfg["activation_function"]
+    if act not in CLT_FROM_ACTIVATION or cfg.get("skip_connection"):
+        raise SAELightningError(f"{file}: a CLT with activation_function {act!r}"
+                                f"{' and a skip connection' if cfg.get('skip_connection') else ''} is not supported; "
+                                f"saelightning reads {', '.join(CLT_FROM_ACTIVATION)} without skip")
+    L, d, d_sae = int(cfg["n_layers"]), int(cfg["d_model"]), int(cfg["d_transcoder"])
+    dtype = str(cfg.get("dtype", "float32")).removeprefix("torch.")
+    try:
+        config = SAEConfig(architecture=CLT_FROM_ACTIVATION[act], d_in=d, d_sae=d_sae, k=cfg.get("k"),
+                           dtype=dtype if dtype in DTYPES else "float32")
+        clt = CrossLayerTranscoder(config, L)
+    except SAELightningError as err:
+        raise SAELightningError(f"{file}: {err}") from None
+    want = {}
+    for i in range(L):
+        want[f"W_enc_{i}.safetensors"] = {f"W_enc_{i}": (d_sae, d), f"b_enc_{i}": (d_sae,), f"b_dec_{i}": (d,),
+                                          **({f"threshold_{i}": (d_sae,)} if act == "jump_relu" else {})}
+        want[f"W_dec_{i}.safetensors"] = {f"W_dec_{i}": (d_sae, L - i, d)}
+    got = {}
+    for name, shapes in want.items():
+        tensors = _read_tensors(path / name)
+        for key, shape in shapes.items():
+            if key not in tensors or tuple(tensors[key].shape) != shape or not tensors[key].is_floating_point():
+                raise SAELightningError(f"{path / name}: {key} missing or not a float tensor of shape {shape}; "
+                                        "re-export the CLT")
+            got[key] = tensors[key]
+    with torch.no_grad():
+        for i, enc in enumerate(clt.encoders):
+            enc.W_enc.copy_(got[f"W_enc_{i}"].T)
+            enc.b_enc.copy_(got[f"b_enc_{i}"])
+            enc.W_dec.copy_(got[f"W_dec_{i}"].reshape(d_sae, (L - i) * d))
+            if act == "jump_relu":
+                enc.threshold.copy_(got[f"threshold_{i}"])
+        clt.b_dec.copy_(torch.stack([got[f"b_dec_{i}"] for i in range(L)]))
+    clt.metadata = dict(cfg["metadata"]) if isinstance(cfg.get("metadata"), dict) else {}
+    return clt
+
+
 def load_sae(path, device=None, trainable: bool = False) -> SAE:
     """Read an SAE directory (ours or SAELens-written) into an SAE that works on raw activations.
 
@@ -138,11 +252,17 @@ def load_sae(path, device=None, trainable: bool = False) -> SAE:
         sae = load_dictionary_learning(path, device)  # science-of-finetuning's crosscoder layout
         sae.requires_grad_(trainable)
         return sae
-    cfg = _upgrade_pre6(_read_cfg(path / CFG_FILE))
+    cfg = _read_cfg(path / CFG_FILE)
+    if cfg.get("architecture") == CLT_ARCHITECTURE:  # a cross-layer transcoder (save_clt)
+        clt = _load_clt(path, cfg).eval().requires_grad_(trainable)
+        return clt.to(device) if device is not None else clt
+    cfg = _upgrade_pre6(cfg)
     sae = build_sae(_config_from_cfg(cfg, path / CFG_FILE))
     tensors = _read_tensors(path / WEIGHTS_FILE)
     sae.load_saelens_tensors(_check_tensors(tensors, sae, path / WEIGHTS_FILE))
     sae.metadata = dict(cfg["metadata"]) if isinstance(cfg.get("metadata"), dict) else {}
+    if sae.config.is_transcoder and cfg.get("hook_name_out") and not sae.metadata.get("hook_name_out"):
+        sae.metadata["hook_name_out"] = cfg["hook_name_out"]  # SAELens 6.0-6.x kept it at the top level
     sae.eval().requires_grad_(trainable)
     return sae.to(device) if device is not None else sae
 
@@ -251,19 +371,17 @@ def _upgrade_pre6(cfg: dict) -> dict:
 
 
 def _config_from_cfg(cfg: dict, file: Path) -> SAEConfig:
-    missing = [key for key in ("d_in", "d_sae", "architecture") if key not in cfg]
-    if cfg.get("architecture") == "topk" and cfg.get("k") is None:
-        missing.append("k")
-    if missing:
-        raise SAELightningError(f"{file} lacks the key(s) {', '.join(missing)}; re-export the SAE")
-    arch = cfg["architecture"]
-    if arch == "crosscoder" and cfg.get("k") is None:
+    arch, skip, transcoder = cfg.get("architecture"), False, cfg.get("architecture") in FROM_TRANSCODER
+    if transcoder:
+        arch, skip = FROM_TRANSCODER[arch]
+    missing = [key for key in ("d_in", "d_sae", "architecture") + (("d_out",) if transcoder else ()) if key not in cfg]
+    if arch in ("topk", "crosscoder") and cfg.get("k") is None:
         missing.append("k")
     if missing:
         raise SAELightningError(f"{file} lacks the key(s) {', '.join(missing)}; re-export the SAE")
     if arch not in FROM_SAELENS:
         raise SAELightningError(f"{file}: unknown SAE architecture {arch!r}; "
-                                f"saelightning reads {', '.join(FROM_SAELENS)}")
+                                f"saelightning reads {', '.join(list(FROM_SAELENS) + list(FROM_TRANSCODER))}")
     for key, allowed in (("normalize_activations", ("none", None, False)), ("reshape_activations", ("none", None)),
                          ("rescale_acts_by_decoder_norm", (False, None))):
         if cfg.get(key) not in allowed:
@@ -273,7 +391,9 @@ def _config_from_cfg(cfg: dict, file: Path) -> SAEConfig:
     if dtype not in DTYPES:
         raise SAELightningError(f"{file}: dtype {cfg.get('dtype')!r} is not supported; use one of {', '.join(DTYPES)}")
     fields = {"architecture": FROM_SAELENS[arch], "d_in": cfg["d_in"], "d_sae": cfg["d_sae"], "dtype": dtype,
-              "apply_b_dec_to_input": bool(cfg.get("apply_b_dec_to_input", True))}
+              "apply_b_dec_to_input": bool(cfg.get("apply_b_dec_to_input", not transcoder))}
+    if transcoder:
+        fields.update(d_out=cfg["d_out"], skip_connection=skip)
     if arch in ("topk", "crosscoder"):
         fields["k"] = cfg["k"]
     if arch in CROSSCODERS:

@@ -77,7 +77,7 @@ class NonFiniteGuard(nn.Module):
         """Look at the step's activations; keep the SAEs' step buffers to put back on a skip."""
         sums = torch.stack([a.sum(dtype=torch.float32) for a in acts.values()])
         self._acts_bad = ~torch.isfinite(sums).all()
-        self._saved = {name: [getattr(sae, b).clone() for b in sae.step_buffers] for name, sae in saes.items()}
+        self._saved = {name: [sae.get_buffer(b).clone() for b in sae.step_buffers] for name, sae in saes.items()}
 
     def agree(self, loss: torch.Tensor, sum_over_ranks, saes) -> torch.Tensor:
         """The step's skip flag (1.0: skip) from its activations and loss on every rank; a skipped step's SAE
@@ -86,7 +86,7 @@ class NonFiniteGuard(nn.Module):
         self.step_bad = bad
         for name, sae in saes.items():
             for b, before in zip(sae.step_buffers, self._saved.pop(name, [])):
-                getattr(sae, b).copy_(torch.where(bad > 0, before, getattr(sae, b)))
+                sae.get_buffer(b).copy_(torch.where(bad > 0, before, sae.get_buffer(b)))
         return 1 - bad
 
     def finish(self, step: int) -> None:

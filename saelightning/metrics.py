@@ -279,9 +279,11 @@ def weight_metrics(W_enc: torch.Tensor, W_dec: torch.Tensor) -> dict[str, float]
     cosine between each latent's encoder and decoder vectors (SAEBench keeps that one per latent as
     encoder_decoder_cosine_sim; its mean is ours)."""
     enc, dec = W_enc.T.to(torch.float32), W_dec.to(torch.float32)
-    return {"average_max_encoder_cosine_sim": float(max_cosine_sim(enc).mean()),
-            "average_max_decoder_cosine_sim": float(max_cosine_sim(dec).mean()),
-            "average_encoder_decoder_cosine_sim": float(F.cosine_similarity(enc, dec, dim=1).mean())}
+    out = {"average_max_encoder_cosine_sim": float(max_cosine_sim(enc).mean()),
+           "average_max_decoder_cosine_sim": float(max_cosine_sim(dec).mean())}
+    if enc.shape[1] == dec.shape[1]:  # a transcoder between widths has no encoder-decoder cosine
+        out["average_encoder_decoder_cosine_sim"] = float(F.cosine_similarity(enc, dec, dim=1).mean())
+    return out
 
 
 def log10_density(density: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:

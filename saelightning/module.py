@@ -33,12 +33,13 @@ from saelightning.evaluate import encode_decode, evaluate_batch
 from saelightning.faults import stop_requested
 from saelightning.groundtruth import GroundTruthMetrics
 from saelightning.guard import NonFiniteGuard
-from saelightning.hooks import hook_width, parse_hook
+from saelightning.hooks import forward_position, hook_width, parse_hook
 from saelightning.metrics import ReconstructionMetrics, SAEMetrics
 from saelightning.modeldiff import DiffThresholds, class_counts, class_name, classify, relative_norms
 from saelightning.optim import SkipAdam, WarmupDecay, default_lr
 from saelightning.saes import ARCHITECTURES, SAEConfig, build_sae
 from saelightning.saes.base import CROSSCODERS, SAEOptions
+from saelightning.saes.clt import CLT_ARCHITECTURES, CrossLayerTranscoder, n_latents, out_width
 from saelightning.saes.latent import all_gather_cat, sum_partials
 from saelightning.saes.sparse import SparseLatents
 
@@ -65,6 +66,10 @@ class SAESpec(SAEOptions):
             "zeros" (SAELens's; better where most of the data's mean is features that fire, as in synthetic data).
         shard_latents: under the latent_parallel strategy, split this SAE's latents over the latent group (false:
             every rank of the group holds it whole, as under DDP); no effect under other strategies.
+        hook_name_out: a transcoder's output hook: it reads hook_name and predicts this activation of the same
+            tokens (e.g. blocks.2.hook_mlp_in -> blocks.2.hook_mlp_out); null: an SAE, reconstructing hook_name.
+        cross_layer: a cross-layer transcoder over the layers from hook_name (blocks.a.hook_mlp_in) to hook_name_out
+            (blocks.b.hook_mlp_out): layer l's d_sae latents read its MLP input and write the MLP outputs of l..b.
     """
 
     hook_name: str = "blocks.0.hook_resid_post"
@@ -75,8 +80,19 @@ class SAESpec(SAEOptions):
     name: str | None = None
     b_dec_init: Literal["mean", "zeros"] = "mean"
     shard_latents: bool = True
+    hook_name_out: str | None = None
+    cross_layer: bool = False
 
     def __post_init__(self):
+        if self.cross_layer and (self.hook_name_out is None or self.architecture not in CLT_ARCHITECTURES):
+            raise SAELightningError("a cross-layer transcoder needs hook_name blocks.a.hook_mlp_in, hook_name_out "
+                                    f"blocks.b.hook_mlp_out and an architecture of {', '.join(CLT_ARCHITECTURES)}")
+        if self.hook_name_out is not None and self.hook_name_out == self.hook_name:
+            raise SAELightningError(f"hook_name_out equals hook_name ({self.hook_name}): a transcoder predicts another "
+                                    "hook point; drop hook_name_out to train an SAE")
+        if self.skip_connection and self.hook_name_out is None:
+            raise SAELightningError("skip_connection applies to transcoders only; set hook_name_out "
+                                    "(e.g. blocks.2.hook_mlp_out) or drop skip_connection")
         if self.b_dec_init not in ("mean", "zeros"):
             raise SAELightningError(f"b_dec_init={self.b_dec_init!r} must be 'mean' or 'zeros'")
         if self.architecture not in ARCHITECTURES:
@@ -130,17 +146,34 @@ def _width(hook: str, n_layer: int, d_model: int, hook_widths: dict[str, int] | 
     return hook_width(hook, n_layer, d_model)
 
 
-def build_from_spec(spec: SAESpec, d_in: int, n_models: int = 1):
+def build_from_spec(spec: SAESpec, d_in: int, n_models: int = 1, d_out: int | None = None):
     """An SAE (untrained) for a spec at a hook point of width d_in (a crosscoder: of each of its n_models models;
-    expansion_factor counts one model's width)."""
+    expansion_factor counts one model's width); a transcoder writing width d_out."""
     d_sae = spec.d_sae if spec.d_sae is not None else max(1, int(round(spec.expansion_factor * d_in)))
-    return build_sae(SAEConfig(architecture=spec.architecture, d_in=d_in * n_models, d_sae=d_sae, n_models=n_models,
-                               **spec.given_options()))
+    sae = build_sae(SAEConfig(architecture=spec.architecture, d_in=d_in * n_models, d_sae=d_sae, n_models=n_models,
+                              d_out=d_out, **spec.given_options()))
+    if spec.hook_name_out is not None:  # where its output goes: spliced eval and the export read it
+        sae.metadata["hook_name_out"] = spec.hook_name_out
+    return sae
+
+
+def rebuild(sae, shard=None):
+    """A fresh draw of an SAE, transcoder or cross-layer transcoder like `sae` (its config and metadata), with only
+    `shard`'s latents where given (deferred_sae_init: the module draws its SAEs late, in the same order)."""
+    if isinstance(sae, CrossLayerTranscoder):
+        fresh = CrossLayerTranscoder(sae.config, sae.n_layers)
+    else:
+        fresh = build_sae(sae.config, shard)
+    fresh.metadata.update(sae.metadata)
+    return fresh
 
 
 def input_keys(spec: SAESpec, model_names: list[str] | None) -> list[str]:
     """The activation keys an SAE reads: its hook; a crosscoder's hook in each model ("<model>/<hook>")."""
     if spec.architecture not in CROSSCODERS:
+        if model_names and (spec.hook_name_out is not None or spec.cross_layer):
+            raise SAELightningError("a transcoder reads one model: train it in a run without data.models (data.model "
+                                    "or data.source names the model)")
         if model_names and "/" not in spec.hook_name:
             raise SAELightningError(f"with data.models, an SAE names the model it reads: {model_names[0]}/"
                                     f"{spec.hook_name} (the models are {', '.join(model_names)})")
@@ -152,6 +185,35 @@ def input_keys(spec: SAESpec, model_names: list[str] | None) -> list[str]:
         raise SAELightningError(f"a crosscoder reads its hook in every model: give hook_name without a model "
                                 f"({spec.hook_name.split('/', 1)[1]}, not {spec.hook_name})")
     return [f"{m}/{spec.hook_name}" for m in model_names]
+
+
+def clt_hooks(spec: SAESpec, n_layer: int) -> tuple[list[str], list[str]]:
+    """A cross-layer transcoder's input hooks (each layer's MLP input) and output hooks (each layer's MLP output)."""
+    first, kind_in = parse_hook(spec.hook_name, n_layer)
+    last, kind_out = parse_hook(spec.hook_name_out, n_layer)
+    if kind_in != "hook_mlp_in" or kind_out != "hook_mlp_out" or last < first:
+        raise SAELightningError(f"a cross-layer transcoder spans blocks.a.hook_mlp_in to blocks.b.hook_mlp_out with "
+                                f"a <= b; got {spec.hook_name} -> {spec.hook_name_out}")
+    layers = range(first, last + 1)
+    return [f"blocks.{i}.hook_mlp_in" for i in layers], [f"blocks.{i}.hook_mlp_out" for i in layers]
+
+
+def build_clt(spec: SAESpec, n_layer: int, d_model: int) -> CrossLayerTranscoder:
+    """A cross-layer transcoder (untrained) for a spec, d_sae latents per layer."""
+    ins, outs = clt_hooks(spec, n_layer)
+    d_sae = spec.d_sae if spec.d_sae is not None else max(1, int(round(spec.expansion_factor * d_model)))
+    clt = CrossLayerTranscoder(SAEConfig(architecture=spec.architecture, d_in=d_model, d_sae=d_sae,
+                                         **spec.given_options()), len(ins))
+    clt.metadata.update(hook_name_out=spec.hook_name_out, hook_names_in=ins, hook_names_out=outs)
+    return clt
+
+
+def _check_order(spec: SAESpec, n_layer: int) -> None:
+    """A transcoder's output hook must come after its input hook in the forward (it replaces what follows)."""
+    if spec.hook_name_out is not None and forward_position(spec.hook_name_out, n_layer) <= \
+            forward_position(spec.hook_name, n_layer):
+        raise SAELightningError(f"hook_name_out {spec.hook_name_out} comes before hook_name {spec.hook_name} in the "
+                                "forward; a transcoder predicts a later activation from an earlier one")
 
 
 class SAEState(nn.Module):
@@ -288,29 +350,42 @@ class SAEModule(pl.LightningModule):
         self._init_rng = torch.get_rng_state() if _DEFER_INIT.get() else None
         for spec in specs:
             keys = input_keys(spec, self.model_names)
-            n_models = len(keys) if spec.architecture in CROSSCODERS else 1
             with torch.device("meta") if self._init_rng is not None else contextlib.nullcontext():
-                sae = build_from_spec(spec, _width(keys[0], n_layer, d_model, hook_widths), n_models)
-            default = f"{re.sub(r'[^A-Za-z0-9_-]', '_', spec.hook_name)}-{spec.architecture}-{sae.config.d_sae}"
+                if spec.cross_layer:
+                    if hook_widths:
+                        raise SAELightningError("a cross-layer transcoder reads a nanochat model's MLPs; train it on "
+                                                "the model (or its cache), not on data.activations or data.synthetic")
+                    sae = build_clt(spec, n_layer, d_model)
+                    keys = sae.metadata["hook_names_in"]
+                else:
+                    n_models = len(keys) if spec.architecture in CROSSCODERS else 1
+                    d_out = None if spec.hook_name_out is None else _width(spec.hook_name_out, n_layer, d_model,
+                                                                           hook_widths)
+                    if d_out is not None and not hook_widths:
+                        _check_order(spec, n_layer)
+                    sae = build_from_spec(spec, _width(keys[0], n_layer, d_model, hook_widths), n_models, d_out)
+            kind = "clt-" if spec.cross_layer else ""
+            default = f"{re.sub(r'[^A-Za-z0-9_-]', '_', spec.hook_name)}-{kind}{spec.architecture}-{sae.config.d_sae}"
             name = spec.name or default
             if not _NAME.match(name) or name in self.saes:
                 raise SAELightningError(f"SAE name {name!r} is invalid or repeated; "
                                         "use unique names of letters, digits, _ and -")
-            self.saes[name], self.specs[name], self.states[name] = sae, spec, SAEState(sae.config.d_sae)
+            self.saes[name], self.specs[name], self.states[name] = sae, spec, SAEState(n_latents(sae))
             self.keys[name] = keys
         self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long))  # SAE training tokens, all ranks
         self.guard = NonFiniteGuard(max_nonfinite_steps)
         self._initialized: set[str] = set()  # SAEs known initialised (read from the buffer once, not every step)
-        self.train_metrics = nn.ModuleDict({n: SAEMetrics(s.config.d_in, s.config.d_sae, False)
+        # a transcoder's metrics are of its output (what it predicts), width d_out
+        self.train_metrics = nn.ModuleDict({n: SAEMetrics(out_width(s), n_latents(s), False)
                                             for n, s in self.saes.items()})
-        self.val_metrics = nn.ModuleDict({n: SAEMetrics(s.config.d_in, s.config.d_sae, spliced_eval)
+        self.val_metrics = nn.ModuleDict({n: SAEMetrics(out_width(s), n_latents(s), spliced_eval)
                                           for n, s in self.saes.items()})
         # a crosscoder's reconstruction of each of its models, logged as val/explained_variance/<model>, ...
         self.model_metrics = nn.ModuleDict({
             n: nn.ModuleList([ReconstructionMetrics(s.d_model) for _ in range(s.n_models)])
             for n, s in self.saes.items() if self.is_crosscoder(n)})
         # against a synthetic source's true features (states are sums, not part of the checkpoint)
-        self.truth_metrics = nn.ModuleDict({n: GroundTruthMetrics(s.config.d_sae) for n, s in self.saes.items()})
+        self.truth_metrics = nn.ModuleDict({n: GroundTruthMetrics(n_latents(s)) for n, s in self.saes.items()})
         self._truth_on = False  # this validation has true features to compare with
         self.density_step = -1  # global step of the last completed density window (callbacks watch it)
         self.last_val_step: int | None = None  # global step of the last validation (its metrics go into exports)
@@ -322,8 +397,15 @@ class SAEModule(pl.LightningModule):
 
     @property
     def hook_names(self) -> list[str]:
-        """The activation keys the SAEs read (what the data module captures)."""
-        return list(dict.fromkeys(k for keys in self.keys.values() for k in keys))
+        """Every activation key the SAEs read or (transcoders) predict: one model forward captures them all."""
+        keys = []
+        for name, sae in self.saes.items():
+            keys += self.keys[name]
+            if isinstance(sae, CrossLayerTranscoder):
+                keys += sae.metadata["hook_names_out"]
+            elif self.specs[name].hook_name_out:
+                keys.append(self.specs[name].hook_name_out)
+        return list(dict.fromkeys(keys))
 
     def sae_input(self, name: str, acts: dict[str, torch.Tensor]) -> torch.Tensor:
         """SAE `name`'s input from a batch's activations: its hook's, or a crosscoder's models side by side."""
@@ -337,6 +419,14 @@ class SAEModule(pl.LightningModule):
 
     def is_crosscoder(self, name: str) -> bool:
         return self.specs[name].architecture in CROSSCODERS
+
+    def target_hook(self, name: str) -> str:
+        """The key whose activations SAE `name` is scored against: a transcoder's output hook, or what it reads."""
+        return self.specs[name].hook_name_out or self.keys[name][0]
+
+    def sae_target(self, name: str, acts: dict[str, torch.Tensor]) -> torch.Tensor:
+        """What SAE `name` writes, from a batch's activations: a transcoder's output hook's, else its input."""
+        return acts[self.target_hook(name)] if self.saes[name].config.is_transcoder else self.sae_input(name, acts)
 
     def prefix(self, name: str) -> str:
         return f"{name}/" if len(self.saes) > 1 else ""
@@ -394,7 +484,7 @@ class SAEModule(pl.LightningModule):
             shard = strategy.latent_shard(sae.config.d_sae) if strategy is not None and \
                 self.specs[name].shard_latents else None
             with torch.device("cpu"):
-                self.saes[name] = build_sae(sae.config, shard)
+                self.saes[name] = rebuild(sae, shard)
                 if shard is not None:
                     self.states[name] = SAEState(shard.d_local)
 
@@ -489,16 +579,19 @@ class SAEModule(pl.LightningModule):
 
     # --- training ---
 
-    def _prepare(self, name: str, sae, x: torch.Tensor, scale: torch.Tensor) -> None:
-        sae.input_scale.copy_(scale)
+    def _prepare(self, name: str, sae, x, scales: dict, y) -> None:
+        """Set the SAE's scales and, once, b_dec (x, y: a cross-layer transcoder's lists of inputs and targets)."""
+        self._fill_scales(name, sae, scales)
         if name in self._initialized:
             return
         initialized = self.states[name].initialized
         if not initialized:  # a host sync, once per SAE and run
-            if self.trainer.strategy.reduce_boolean_decision(not bool(torch.isfinite(x).all()), all=False):
+            bad = not all(bool(torch.isfinite(t).all()) for t in (x if isinstance(x, list) else [x]) +
+                          (y if isinstance(y, list) else [y]))
+            if self.trainer.strategy.reduce_boolean_decision(bad, all=False):
                 return  # never initialised from a bad batch: this step is skipped, the next good one initialises
             if self.specs[name].b_dec_init == "mean":
-                sae.init_from_batch(x)
+                sae.init_from_batch(y)  # b_dec is in the output space: the mean of what the SAE writes
             if dist.is_available() and dist.is_initialized():  # every rank starts from rank 0's init
                 sharded = {id(getattr(sae, n)) for n in sae.sharded_names()}
                 group = self._data_group()
@@ -526,12 +619,22 @@ class SAEModule(pl.LightningModule):
         self.guard.start(acts, self.saes)
         total, outputs = 0.0, {}
         for name, sae in self.saes.items():
-            x = self.sae_input(name, acts)
-            self._prepare(name, sae, x, self.sae_scale(name, batch["scales"]))
+            if isinstance(sae, CrossLayerTranscoder):
+                xs, ys = ([acts[h] for h in sae.metadata[key]] for key in ("hook_names_in", "hook_names_out"))
+                self._prepare(name, sae, xs, batch["scales"], ys)
+                sae.set_training_step(self.global_step)
+                preds, latents, losses = sae(xs, ys, sparse=True)
+                outputs[name] = (torch.cat(ys, -1), torch.cat(preds, -1), sae.concat_latents(latents), losses)
+                total = total + losses["loss"]
+                continue
+            x, y = self.sae_input(name, acts), self.sae_target(name, acts)
+            self._prepare(name, sae, x, batch["scales"], y)
             sae.set_training_step(self.global_step)
             # k-sparse SAEs hand back (values, indices): nothing in a training step needs dense latents
-            sparse = {"sparse": True} if sae.sparse_forward else {}
-            outputs[name] = (x, *sae(x, dead_mask=self.dead_mask(name), **sparse))
+            extra = {"sparse": True} if sae.sparse_forward else {}
+            if sae.config.is_transcoder:
+                extra["target"] = y
+            outputs[name] = (y, *sae(x, dead_mask=self.dead_mask(name), **extra))
             total = total + outputs[name][-1]["loss"]
         good = self.guard.agree(total, self._sum_over_ranks, self.saes)
         n_tokens = next(iter(acts.values())).shape[0]
@@ -548,7 +651,7 @@ class SAEModule(pl.LightningModule):
             if window_ends:
                 self.states[name].close_window()
             if log_metrics:  # like SAELens: train metrics of the logged step's batch (the rest would cost every step)
-                scale = self.saes[name].input_scales().to(x.device)
+                scale = self._output_scale(name, batch["scales"]).to(x.device)
                 full = self.saes[name].full_latents(latents).detach()  # gathered from the shards
                 self.train_metrics[name].update(x.detach() / scale, x_hat.detach() / scale, full)
                 self._log_train(name, losses)
@@ -626,10 +729,10 @@ class SAEModule(pl.LightningModule):
             batch = {**batch, "acts": data.capture(batch["tokens"].to(self.device), scaled=False)}
         if "acts" in batch:
             for name, sae in self.saes.items():
-                sae.input_scale.copy_(self.sae_scale(name, data.scales))
-                x = self.sae_input(name, batch["acts"])
+                self._fill_scales(name, sae, data.scales)
+                x, y = self.sae_input(name, batch["acts"]), self.sae_target(name, batch["acts"])
                 f, x_hat = encode_decode(sae, x)
-                self.val_metrics[name].update(x, x_hat, f)
+                self.val_metrics[name].update(y, x_hat, f)
                 for m, metric in enumerate(self.model_metrics[name] if name in self.model_metrics else []):
                     block = slice(m * sae.d_model, (m + 1) * sae.d_model)
                     metric.update(x[:, block], x_hat[:, block])
@@ -640,9 +743,30 @@ class SAEModule(pl.LightningModule):
         groups = self.groups()
         metrics = {hook: [self.val_metrics[n] for n in self.saes if self.specs[n].hook_name == hook] for hook in groups}
         for name, sae in self.saes.items():
-            sae.input_scale.copy_(self.sae_scale(name, data.scales))
+            self._fill_scales(name, sae, data.scales)
         evaluate_batch(data.model, groups, batch["tokens"].to(self.device), data.tokenizer.bos_id, metrics,
                        spliced=self.hparams.get("spliced_eval", True))
+
+    def _fill_scales(self, name: str, sae, scales: dict) -> None:
+        if isinstance(sae, CrossLayerTranscoder):
+            values = tuple(scales[h] for key in ("hook_names_in", "hook_names_out") for h in sae.metadata[key])
+            if getattr(sae, "_filled", None) != values:  # a host-to-device copy: once a run, not every step
+                for buffer, key in ((sae.input_scales, "hook_names_in"), (sae.output_scales, "hook_names_out")):
+                    buffer.copy_(torch.tensor([scales[h] for h in sae.metadata[key]], dtype=buffer.dtype))
+                sae._filled = values
+            return
+        sae.input_scale.copy_(self.sae_scale(name, scales))
+        if sae.config.is_transcoder:
+            sae.output_scale.fill_(scales[self.target_hook(name)])
+
+    def _output_scale(self, name: str, scales: dict) -> torch.Tensor:
+        """The scale of what SAE `name` predicts: a scalar, or per column for a cross-layer transcoder."""
+        sae = self.saes[name]
+        if isinstance(sae, CrossLayerTranscoder):
+            return torch.tensor([scales[h] for h in sae.metadata["hook_names_out"]]).repeat_interleave(sae.d)
+        if sae.config.is_transcoder:
+            return torch.tensor(float(scales[self.target_hook(name)]))
+        return sae.input_scales().detach().cpu()  # a crosscoder's: one per channel
 
     def on_validation_epoch_end(self) -> None:
         stopped, self._val_stopped = self._val_stopped, False

@@ -25,7 +25,7 @@ from saelightning.hooks import parse_hook
 
 # hook kind -> the short name Neuronpedia-style source sets use (res-jb, att-kk, ...)
 SET_PREFIX = {"hook_resid_pre": "res-pre", "hook_resid_mid": "res-mid", "hook_resid_post": "res",
-              "hook_attn_out": "att", "hook_mlp_out": "mlp", "mlp.hook_post": "mlp-post"}
+              "hook_attn_out": "att", "hook_mlp_out": "mlp", "mlp.hook_post": "mlp-post", "hook_mlp_in": "mlp-in"}
 
 
 def _activation(context: dict, bin_min: float, bin_max: float, bin_contains: float) -> dict:

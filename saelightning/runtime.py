@@ -38,6 +38,7 @@ from saelightning.errors import SAELightningError
 from saelightning.export import load_sae
 from saelightning.hooks import hook_width, parse_hook
 from saelightning.nanochat.model import check_sampling, decode_batched
+from saelightning.saes.clt import CrossLayerTranscoder
 
 STEER_MODES = ("add", "clamp", "scale")
 TRUNCATE_MODES = ("left", "error")  # a prompt longer than the context: keep its last tokens (warned), or refuse
@@ -209,6 +210,11 @@ class InterpretableModel:
             if hook in out:
                 raise SAELightningError(f"two SAEs on {hook!r}; an InterpretableModel takes one SAE per hook point")
             parse_hook(hook, self.model.n_layer)
+            if isinstance(sae, CrossLayerTranscoder) or getattr(getattr(sae, "config", None), "is_transcoder", False):
+                # its decoder writes another hook point: steering at the hook it reads would add the wrong vectors
+                raise SAELightningError(f"the SAE for {hook!r} is a transcoder (it predicts "
+                                        f"{sae.metadata.get('hook_name_out')}); InterpretableModel tracks and steers "
+                                        "SAEs only: evaluate transcoders with saelightning eval")
             width = hook_width(hook, self.model.n_layer, self.model.d_model)
             if sae.W_dec.shape[1] != width:
                 raise SAELightningError(f"SAE for {hook!r} has d_in={sae.W_dec.shape[1]} but the hook's width "

@@ -8,6 +8,9 @@ Phase 1 (this venv) exports one SAE per architecture with non-trivial weights an
 raw inputs and saelightning's latents; phase 2 (the SAELens venv, `--phase saelens DIR`) loads each
 with SAE.load_from_disk, encodes/decodes the same inputs, prints the max abs differences, and also
 writes SAELens-made SAEs of each on-disk architecture; phase 3 (back here) loads those with load_sae.
+Transcoders too: ours of each architecture SAELens 6 has a class for (Transcoder, SkipTranscoder,
+JumpReLUTranscoder, JumpReLUSkipTranscoder; d_out != d_in, input and output scales folded) are loaded there and
+their outputs (decoder + skip) compared on the same inputs, and SAELens-made ones are loaded here.
 """
 
 import argparse
@@ -21,13 +24,18 @@ import torch
 from safetensors.torch import load_file, save_file
 
 D_IN, D_SAE, N = 64, 256, 512
+D_OUT = 48  # transcoders write another width
+# our transcoder (architecture, skip) -> the SAELens 6 architecture it is exported as
+TRANSCODERS = {"relu_tc": ("relu", False), "relu_skip_tc": ("relu", True), "jumprelu_tc": ("jumprelu", False),
+               "jumprelu_skip_tc": ("jumprelu", True), "batchtopk_skip_tc": ("batchtopk", True)}
 TOL = 1e-4
 
 
-def _perturbed_sae(architecture: str):
+def _perturbed_sae(architecture: str, d_out: int | None = None, skip: bool = False):
     from saelightning.saes import SAEConfig, build_sae
 
-    sae = build_sae(SAEConfig(architecture=architecture, d_in=D_IN, d_sae=D_SAE, k=16))
+    sae = build_sae(SAEConfig(architecture=architecture, d_in=D_IN, d_sae=D_SAE, k=16, d_out=d_out,
+                              skip_connection=skip))
     with torch.no_grad():  # weights as after training: no symmetry, biases and thresholds nonzero
         for name, param in sae.named_parameters():
             param.add_(0.05 * torch.randn_like(param))
@@ -36,6 +44,8 @@ def _perturbed_sae(architecture: str):
         if architecture in ("batchtopk", "matryoshka"):
             sae.threshold.fill_(0.2)
         sae.input_scale.fill_(3.7)  # as if training activations were multiplied by 3.7
+        if d_out is not None:
+            sae.output_scale.fill_(0.6)  # and the outputs by 0.6
     return sae.eval()
 
 
@@ -50,7 +60,19 @@ def phase_export(root: Path) -> None:
         with torch.no_grad():
             results[f"{arch}.latents"] = sae.encode(raw * sae.input_scale)  # unfolded SAE on scaled input
             results[f"{arch}.recon"] = sae.decode(results[f"{arch}.latents"]) / sae.input_scale
+    for name, (arch, skip) in TRANSCODERS.items():
+        sae = _perturbed_sae(arch, D_OUT, skip)
+        hooks = {"hook_name": "blocks.0.hook_mlp_in", "hook_name_out": "blocks.0.hook_mlp_out"}
+        save_sae(sae, root / name, metadata=hooks)
+        with torch.no_grad():
+            results[f"{name}.latents"] = sae.encode(raw * sae.input_scale)
+            results[f"{name}.recon"] = sae.output(results[f"{name}.latents"], raw * sae.input_scale) / sae.output_scale
     save_file({k: v.contiguous() for k, v in results.items()}, str(root / "expected.safetensors"))
+
+
+def _output(result):
+    """A SAELens transcoder's forward output (6.0-6.x returned (output, latents), later ones the output)."""
+    return result[0] if isinstance(result, tuple) else result
 
 
 def phase_saelens(root: Path) -> None:
@@ -61,20 +83,28 @@ def phase_saelens(root: Path) -> None:
         GatedSAEConfig,
         JumpReLUSAE,
         JumpReLUSAEConfig,
+        JumpReLUSkipTranscoder,
+        JumpReLUSkipTranscoderConfig,
+        JumpReLUTranscoder,
+        JumpReLUTranscoderConfig,
+        SkipTranscoder,
+        SkipTranscoderConfig,
         StandardSAE,
         StandardSAEConfig,
         TopKSAE,
         TopKSAEConfig,
+        Transcoder,
+        TranscoderConfig,
     )
 
     expected = load_file(str(root / "expected.safetensors"))
     raw = expected["raw"]
     report = {"sae_lens_version": sae_lens.__version__, "ours_in_saelens": {}, "saelens_in_ours": {}}
-    for arch in ("topk", "batchtopk", "relu", "gated", "jumprelu", "matryoshka"):
+    for arch in ("topk", "batchtopk", "relu", "gated", "jumprelu", "matryoshka", *TRANSCODERS):
         sae = SAE.load_from_disk(root / arch)
         with torch.no_grad():
             latents = sae.encode(raw)
-            recon = sae.decode(latents)
+            recon = _output(sae(raw)) if arch in TRANSCODERS else sae.decode(latents)  # its forward adds W_skip
         report["ours_in_saelens"][arch] = {
             "saelens_class": type(sae).__name__,
             "latents_max_abs_diff": float((latents - expected[f"{arch}.latents"]).abs().max()),
@@ -85,17 +115,23 @@ def phase_saelens(root: Path) -> None:
     made = {"standard": StandardSAE(StandardSAEConfig(d_in=D_IN, d_sae=D_SAE)),
             "topk": TopKSAE(TopKSAEConfig(d_in=D_IN, d_sae=D_SAE, k=16)),
             "jumprelu": JumpReLUSAE(JumpReLUSAEConfig(d_in=D_IN, d_sae=D_SAE)),
-            "gated": GatedSAE(GatedSAEConfig(d_in=D_IN, d_sae=D_SAE))}
+            "gated": GatedSAE(GatedSAEConfig(d_in=D_IN, d_sae=D_SAE)),
+            **{name: cls(config(d_in=D_IN, d_sae=D_SAE, d_out=D_OUT, apply_b_dec_to_input=False))
+               for name, cls, config in (("transcoder", Transcoder, TranscoderConfig),
+                                         ("skip_transcoder", SkipTranscoder, SkipTranscoderConfig),
+                                         ("jumprelu_transcoder", JumpReLUTranscoder, JumpReLUTranscoderConfig),
+                                         ("jumprelu_skip_transcoder", JumpReLUSkipTranscoder,
+                                          JumpReLUSkipTranscoderConfig))}}
     out = {}
     for arch, sae in made.items():
         with torch.no_grad():
             for param in sae.parameters():
                 param.add_(0.1 * torch.randn_like(param))
-            if arch == "jumprelu":
+            if arch.startswith("jumprelu"):
                 sae.threshold.copy_(torch.rand(D_SAE) * 0.3)
             sae.save_model(root / f"saelens_{arch}")
             out[f"{arch}.latents"] = sae.encode(raw)
-            out[f"{arch}.recon"] = sae.decode(out[f"{arch}.latents"])
+            out[f"{arch}.recon"] = _output(sae(raw)) if "transcoder" in arch else sae.decode(out[f"{arch}.latents"])
     save_file({k: v.contiguous() for k, v in out.items()}, str(root / "saelens.safetensors"))
     (root / "report.json").write_text(json.dumps(report, indent=2))
 
@@ -106,11 +142,12 @@ def phase_import(root: Path) -> dict:
     raw = load_file(str(root / "expected.safetensors"))["raw"]
     made = load_file(str(root / "saelens.safetensors"))
     result = {}
-    for arch in ("standard", "topk", "jumprelu", "gated"):
+    for arch in ("standard", "topk", "jumprelu", "gated", "transcoder", "skip_transcoder", "jumprelu_transcoder",
+                 "jumprelu_skip_transcoder"):
         sae = load_sae(root / f"saelens_{arch}")
         with torch.no_grad():
             latents = sae.encode(raw)
-            recon = sae.decode(latents)
+            recon = sae.output(latents, raw)
         result[arch] = {"saelightning_class": type(sae).__name__,
                         "latents_max_abs_diff": float((latents - made[f"{arch}.latents"]).abs().max()),
                         "recon_max_abs_diff": float((recon - made[f"{arch}.recon"]).abs().max())}

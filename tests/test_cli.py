@@ -19,7 +19,8 @@ def test_help_lists_every_command(capsys):
 
 def test_hook_names_parse_and_errors():
     names = hook_names(2)
-    assert len(names) == 12 and names[0] == "blocks.0.hook_resid_pre"
+    assert len(names) == 14 and names[0] == "blocks.0.hook_resid_pre" and "blocks.1.hook_mlp_in" in names
+    assert hook_width("blocks.1.hook_mlp_in", 2, 64) == 64
     assert parse_hook("blocks.1.mlp.hook_post", 2) == (1, "mlp.hook_post")
     assert hook_width("blocks.1.mlp.hook_post", 2, 64) == 256
     assert hook_width("blocks.0.hook_attn_out", 2, 64) == 64

@@ -462,6 +462,28 @@ def test_a_crosscoder_is_refused_sharding_and_builds_whole(architecture):
         build_sae(config).shard_latents(LatentShard(None, 0, 2, D_SAE))
 
 
+def test_a_transcoder_is_refused_sharding_and_builds_whole():
+    config = SAEConfig(architecture="topk", d_in=D_IN, d_sae=D_SAE, d_out=D_IN // 2, k=4, skip_connection=True)
+    assert build_sae(config).W_dec.shape == (D_SAE, D_IN // 2)
+    with pytest.raises(SAELightningError, match="transcoder has no latent-sharded form.*shard_latents: false"):
+        build_sae(config, LatentShard(None, 0, 2, D_SAE))
+    with pytest.raises(SAELightningError, match="transcoder has no latent-sharded form.*shard_latents: false"):
+        build_sae(config).shard_latents(LatentShard(None, 0, 2, D_SAE))
+
+
+def test_a_cross_layer_transcoder_is_refused_sharding_under_the_strategy():
+    spec = {"hook_name": "blocks.0.hook_mlp_in", "hook_name_out": "blocks.1.hook_mlp_out", "cross_layer": True,
+            "architecture": "topk", "d_sae": 32, "k": 4, "name": "clt"}
+    module = SAEModule(saes=[spec], n_layer=2, d_model=16)
+    module._trainer = type("Trainer", (), {"strategy": _LatentRank(0, 2)})()
+    with pytest.raises(SAELightningError, match="cross-layer transcoder has no latent-sharded form.*shard_latents"):
+        module.configure_model()
+    module = SAEModule(saes=[{**spec, "shard_latents": False}], n_layer=2, d_model=16)
+    module._trainer = type("Trainer", (), {"strategy": _LatentRank(0, 2)})()
+    module.configure_model()  # held whole by every rank of the latent group
+    assert module.saes["clt"].encoders[0].W_enc.shape == (16, 32) and module.sharded == []
+
+
 class _LatentRank:
     """The two things configure_model reads of a LatentParallelStrategy: its size and this rank's shard."""
 
@@ -476,7 +498,13 @@ def test_a_deferred_module_draws_in_configure_model_what_an_undeferred_one_draws
     specs = [{"hook_name": "blocks.0.hook_resid_post", "architecture": "topk", "d_sae": 64, "k": 4, "name": "a"},
              {"hook_name": "blocks.0.hook_resid_post", "architecture": "relu", "d_sae": 32, "name": "b",
               "shard_latents": False},
-             {"hook_name": "blocks.0.hook_resid_post", "architecture": "jumprelu", "d_sae": 48, "name": "c"}]
+             {"hook_name": "blocks.0.hook_resid_post", "architecture": "jumprelu", "d_sae": 48, "name": "c"},
+             # transcoders are held whole: drawn late as built in __init__, their output hook kept
+             {"hook_name": "blocks.1.hook_mlp_in", "hook_name_out": "blocks.1.hook_mlp_out", "architecture": "topk",
+              "d_sae": 32, "k": 4, "skip_connection": True, "name": "t", "shard_latents": False},
+             {"hook_name": "blocks.0.hook_mlp_in", "hook_name_out": "blocks.1.hook_mlp_out", "cross_layer": True,
+              "architecture": "relu", "d_sae": 16, "name": "clt", "shard_latents": False}]
+    whole = ("b", "t", "clt")
     specs_d_sae = {s["name"]: s["d_sae"] for s in specs}
     torch.manual_seed(0)
     want, after = SAEModule(saes=specs, n_layer=2, d_model=16).state_dict(), torch.randn(3)
@@ -492,10 +520,12 @@ def test_a_deferred_module_draws_in_configure_model_what_an_undeferred_one_draws
         assert got.keys() == want.keys()
         for key, value in want.items():
             part, name = key.split(".")[:2] if "." in key else (key, None)
-            if rank is not None and part == "saes" and name != "b":  # this rank's latents of a sharded SAE
+            if rank is not None and part == "saes" and name not in whole:  # this rank's latents of a sharded SAE
                 expect = _slice(key.rsplit(".", 1)[-1], value, LatentShard(None, rank, 2, specs_d_sae[name]))
-            elif rank is not None and part == "states" and name != "b" and value.dim() == 1:
+            elif rank is not None and part == "states" and name not in whole and value.dim() == 1:
                 expect = value[:value.shape[0] // 2]  # its fresh trackers (constant: any half)
             else:
                 expect = value
             assert got[key].shape == expect.shape and torch.equal(got[key].nan_to_num(), expect.nan_to_num()), key
+        assert module.saes["t"].metadata["hook_name_out"] == "blocks.1.hook_mlp_out"
+        assert module.saes["clt"].metadata["hook_names_in"] == ["blocks.0.hook_mlp_in", "blocks.1.hook_mlp_in"]

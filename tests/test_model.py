@@ -79,6 +79,10 @@ def test_capture_hooks_change_nothing_and_see_consistent_activations(era):
         torch.testing.assert_close(seen[b + "hook_resid_post"], seen[b + "hook_resid_mid"] + seen[b + "hook_mlp_out"])
         mlp = model.transformer.h[i].mlp
         torch.testing.assert_close(seen[b + "hook_mlp_out"], mlp.c_proj(seen[b + "mlp.hook_post"]))
+        # hook_mlp_in is what the MLP reads: the RMS-normed resid_mid, and the MLP of it is hook_mlp_out exactly
+        assert torch.equal(seen[b + "hook_mlp_in"], F.rms_norm(seen[b + "hook_resid_mid"], (64,)))
+        with torch.no_grad():
+            assert torch.equal(mlp(seen[b + "hook_mlp_in"]), seen[b + "hook_mlp_out"])
     # resid_post of block i is resid_pre of block i+1 only without the current era's lambda mix
     same = torch.equal(seen["blocks.0.hook_resid_post"], seen["blocks.1.hook_resid_pre"])
     assert same == (era == "original")
@@ -106,6 +110,19 @@ def test_replacing_hooks_change_downstream_only(era):
     zero = {"blocks.2.mlp.hook_post": lambda x: torch.zeros_like(x)}
     got = model.run_with_cache(idx, ["blocks.2.hook_resid_post", "blocks.2.hook_resid_mid"], hooks=zero)
     torch.testing.assert_close(got["blocks.2.hook_resid_post"], got["blocks.2.hook_resid_mid"])
+
+
+def test_replacing_hook_mlp_in_is_what_the_mlp_reads():
+    """A replaced MLP input feeds the MLP (and only it): hook_mlp_out is then the MLP of the replacement."""
+    model = make_nanochat_model("current", n_layer=2)
+    idx = tokens(512, 12)
+    swap = torch.randn(2, 12, 64)
+    got = model.run_with_cache(idx, ["blocks.1.hook_mlp_out", "blocks.1.hook_resid_mid"],
+                               hooks={"blocks.1.hook_mlp_in": lambda x: swap})
+    with torch.no_grad():
+        assert torch.equal(got["blocks.1.hook_mlp_out"], model.transformer.h[1].mlp(swap))
+    clean = model.run_with_cache(idx, ["blocks.1.hook_resid_mid"])
+    assert torch.equal(got["blocks.1.hook_resid_mid"], clean["blocks.1.hook_resid_mid"])  # upstream untouched
 
 
 def test_hook_returning_wrong_shape_and_unknown_names_are_one_line_errors():

@@ -409,13 +409,16 @@ def logit_effect(model, sae, hook_name: str, features: torch.Tensor, cfg: StatsC
     """Direct effect of each latent's decoder direction on the logits.
 
     For latent i with decoder row u_i (mapped through the MLP's c_proj first when the hook is the
-    MLP hidden layer), this is lm_head(final_norm(u_i)): the logits the model would give if its last
-    residual were u_i alone. The norm is nanochat's weightless RMS norm, so on a single direction it
-    only rescales u_i to rms 1: the numbers are per unit-rms direction and the token ranking equals
-    that of W_U u_i. Later layers, the norm's dependence on the rest of the residual, the current
-    era's backout and the logit softcap are left out (the usual direct-logit-attribution view).
+    MLP hidden layer; a transcoder's output hook decides), this is lm_head(final_norm(u_i)): the
+    logits the model would give if its last residual were u_i alone. The norm is nanochat's
+    weightless RMS norm, so on a single direction it only rescales u_i to rms 1: the numbers are per
+    unit-rms direction and the token ranking equals that of W_U u_i. Later layers, the norm's
+    dependence on the rest of the residual, the current era's backout and the logit softcap are left
+    out (the usual direct-logit-attribution view).
     Returns (top values, top ids, bottom values, bottom ids, hist heights [F, bins], hist centres).
     """
+    if getattr(sae.config, "is_transcoder", False):  # a transcoder's decoder writes its output hook's space
+        hook_name = sae.metadata.get("hook_name_out") or hook_name
     layer, kind = parse_hook(hook_name, model.n_layer)
     V = model.config.vocab_size
     outs = []

@@ -227,7 +227,8 @@ class Block(nn.Module):
         attn_out = _call_hook(h.get("hook_attn_out"), self.attn(norm(x), ve, cos_sin, window, kv_cache),
                               "hook_attn_out")
         x = _call_hook(h.get("hook_resid_mid"), x + attn_out, "hook_resid_mid")
-        mlp_out = _call_hook(h.get("hook_mlp_out"), self.mlp(norm(x), h.get("mlp.hook_post")), "hook_mlp_out")
+        mlp_in = _call_hook(h.get("hook_mlp_in"), norm(x), "hook_mlp_in")
+        mlp_out = _call_hook(h.get("hook_mlp_out"), self.mlp(mlp_in, h.get("mlp.hook_post")), "hook_mlp_out")
         return _call_hook(h.get("hook_resid_post"), x + mlp_out, "hook_resid_post")
 
 

@@ -7,6 +7,11 @@ Conventions (every architecture):
   forward  (x̂, f, losses) with losses["loss"] the total to backprop; "mse_loss" (E||x - x̂||² / d_in)
            and "fvu" (Σ||x - x̂||² / Σ||x - mean x||², the normalised MSE of Gao et al.) are logged
            for every architecture, plus the architecture's own terms.
+
+A transcoder (d_out set) is the same module reading x [N, d_in] at one hook point and predicting y [N, d_out]
+at another: W_dec [d_sae, d_out], b_dec [d_out], forward(x, target=y) scores ŷ against y, and the encoder never
+subtracts b_dec (it lives in the output space). A skip transcoder (Paulo et al. 2025) adds a learned linear map
+of the input, ŷ = f W_dec + b_dec + x W_skipᵀ, W_skip [d_out, d_in] starting at zero (SAELens's layout).
 """
 
 import copy
@@ -47,12 +52,13 @@ ARCHITECTURE_OPTIONS = {
     "jumprelu": ("l0_coefficient", "l1_warmup_steps", "sparsity_penalty", "tanh_scale", "preact_coefficient",
                  "threshold_init", "bandwidth"),
 }
-COMMON_OPTIONS = ("normalize_decoder", "decoder_init_norm", "apply_b_dec_to_input", "dtype")
+COMMON_OPTIONS = ("normalize_decoder", "decoder_init_norm", "apply_b_dec_to_input", "dtype", "skip_connection")
+TRANSCODER_ARCHITECTURES = ("topk", "batchtopk", "relu", "jumprelu", "matryoshka")  # SAELens has no gated one
 # what an option left at None means
 OPTION_DEFAULTS = {"k": 32, "aux_coefficient": 1 / 32, "l1_coefficient": 5.0, "l1_warmup_steps": 1000,
                    "l0_coefficient": 1.0, "sparsity_penalty": "l0", "tanh_scale": 4.0, "preact_coefficient": 0.0,
                    "threshold_init": 0.01, "bandwidth": 0.05, "threshold_ema": 0.99, "apply_b_dec_to_input": True,
-                   "dtype": "float32"}
+                   "dtype": "float32", "skip_connection": False}
 
 
 @dataclass
@@ -78,8 +84,10 @@ class SAEOptions:
             crosscoders, whose per-model decoder norms are what model diffing reads].
         decoder_init_norm: decoder row norm at init (a crosscoder: each model's part of the row) [1 with unit-norm
             rows, else 0.1].
-        apply_b_dec_to_input: subtract b_dec before encoding (SAELens's key of that name) [true; crosscoders false].
+        apply_b_dec_to_input: subtract b_dec before encoding (SAELens's key of that name) [true; crosscoders false;
+            transcoders: false, the only value they take].
         dtype: parameter dtype [float32].
+        skip_connection: transcoders: a learned linear skip W_skip from input to output (Paulo et al. 2025) [false].
     """
 
     k: int | None = None
@@ -99,6 +107,7 @@ class SAEOptions:
     decoder_init_norm: float | None = None
     apply_b_dec_to_input: bool | None = None
     dtype: Literal["float32", "bfloat16", "float16", "float64"] | None = None
+    skip_connection: bool | None = None
 
     @classmethod
     def option_names(cls) -> list[str]:
@@ -125,10 +134,13 @@ class SAEConfig(SAEOptions):
     d_in: int = 768  # width of the hooked activation (a crosscoder: of its M models' activations side by side)
     d_sae: int = 16384  # number of latents (dictionary size)
     n_models: int = 1  # a crosscoder: the models it reads (d_in = n_models x one model's width)
+    d_out: int | None = None  # a transcoder's output width (None: an SAE, reconstructing its input)
 
     def __post_init__(self):
         if self.apply_b_dec_to_input is None and self.architecture in CROSSCODERS:
             self.apply_b_dec_to_input = False  # Anthropic's and science-of-finetuning's crosscoders encode x itself
+        if self.d_out is not None:
+            self._check_transcoder()
         for name, value in OPTION_DEFAULTS.items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
@@ -165,6 +177,26 @@ class SAEConfig(SAEOptions):
             _bad(f"dtype={self.dtype!r} is not supported; use one of {', '.join(DTYPES)}")
         if self.architecture == "matryoshka":
             self._check_prefixes()
+        if self.skip_connection and not self.is_transcoder:
+            _bad("skip_connection applies to transcoders only; give the SAE an output hook (hook_name_out) or drop it")
+
+    def _check_transcoder(self):
+        _positive_int("d_out", self.d_out)
+        if self.architecture not in TRANSCODER_ARCHITECTURES:
+            _bad(f"architecture {self.architecture!r} has no transcoder form; use one of "
+                 f"{', '.join(TRANSCODER_ARCHITECTURES)}")
+        if self.apply_b_dec_to_input:
+            _bad("apply_b_dec_to_input must be false for a transcoder (b_dec is in its output space); drop it")
+        self.apply_b_dec_to_input = False
+
+    @property
+    def is_transcoder(self) -> bool:
+        return self.d_out is not None
+
+    @property
+    def out_width(self) -> int:
+        """The width of what the decoder writes: d_out for a transcoder, else d_in."""
+        return self.d_out if self.d_out is not None else self.d_in
 
     def _check_prefixes(self):
         prefixes = self.prefixes
@@ -237,7 +269,8 @@ def _positive_int(name: str, value):
 
 
 class SAE(nn.Module):
-    """Base class: parameters W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in]."""
+    """Base class: parameters W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_out], b_dec [d_out] (d_out = d_in
+    for an SAE), and W_skip [d_out, d_in] for a skip transcoder."""
 
     has_b_enc = True  # the gated SAE has b_gate / b_mag instead
     sparse_forward = False  # True where forward(x, dead_mask, sparse=True) returns SparseLatents (trainer fast path)
@@ -249,19 +282,28 @@ class SAE(nn.Module):
         (the generator is drawn as for the whole one and left where it leaves it) without ever holding it."""
         super().__init__()
         self.config = config
-        if shard is not None and not self.sharded_architecture:
+        if shard is not None and not self.can_shard:
             self._refuse_sharding()
-        dtype = DTYPES[config.dtype]
+        dtype, d_out = DTYPES[config.dtype], config.out_width
         start, count = (0, config.d_sae) if shard is None else (shard.offset, shard.d_local)
-        W_dec = normal_rows(config.d_sae, config.d_in, start, count)
+        W_dec = normal_rows(config.d_sae, d_out, start, count)
         W_dec = W_dec / W_dec.norm(dim=1, keepdim=True) * config.init_norm
         self.W_dec = nn.Parameter(W_dec.to(dtype))
-        self.W_enc = nn.Parameter(W_dec.T.clone().to(dtype))  # W_enc = W_decᵀ at init
+        if d_out == config.d_in:
+            W_enc = W_dec.T.clone()  # W_enc = W_decᵀ at init
+        else:  # a transcoder between widths: encoder columns of the decoder rows' norm, drawn on their own
+            W_enc = torch.randn(config.d_in, config.d_sae, dtype=torch.float32)
+            W_enc = W_enc / W_enc.norm(dim=0, keepdim=True) * config.init_norm
+        self.W_enc = nn.Parameter(W_enc.to(dtype))
         if self.has_b_enc:
             self.b_enc = nn.Parameter(torch.zeros(count, dtype=dtype))
-        self.b_dec = nn.Parameter(torch.zeros(config.d_in, dtype=dtype))
+        self.b_dec = nn.Parameter(torch.zeros(d_out, dtype=dtype))
+        if config.skip_connection:
+            self.W_skip = nn.Parameter(torch.zeros(d_out, config.d_in, dtype=dtype))
         # the trainer's fitted input scale s (so E||s·x||² = d_in); a buffer, so checkpoints keep it
         self.register_buffer("input_scale", torch.ones((), dtype=torch.float32))
+        if config.is_transcoder:  # and the output's (E||s_out·y||² = d_out): the SAE predicts s_out·y from s_in·x
+            self.register_buffer("output_scale", torch.ones((), dtype=torch.float32))
         self.metadata: dict = {}
         self.training_step = 0
         # this rank's part of the latents (None: all of them); set here or by shard_latents
@@ -270,7 +312,14 @@ class SAE(nn.Module):
     # ---- latent parallelism (saes/latent.py) -------------------------------------------------
     sharded_architecture = True  # False where the architecture has no latent-sharded forward
 
+    @property
+    def can_shard(self) -> bool:
+        """Whether this SAE has a latent-sharded form: its architecture has one and it is not a transcoder."""
+        return self.sharded_architecture and not self.config.is_transcoder
+
     def _refuse_sharding(self):
+        if self.config.is_transcoder:
+            _bad("a transcoder has no latent-sharded form; train it replicated (its spec's shard_latents: false)")
         _bad(f"the {self.config.architecture} SAE has no latent-sharded form; train it replicated (its spec's "
              "shard_latents: false) or choose topk, batchtopk, matryoshka, relu or jumprelu")
 
@@ -282,7 +331,7 @@ class SAE(nn.Module):
     @torch.no_grad()
     def shard_latents(self, shard: LatentShard) -> None:
         """Keep only this rank's latents (W_enc columns, b_enc, W_dec rows, thresholds); the rest is freed."""
-        if not self.sharded_architecture:
+        if not self.can_shard:
             self._refuse_sharding()
         keep = slice(shard.offset, shard.offset + shard.d_local)
         for name, axis in LATENT_AXES.items():
@@ -407,10 +456,10 @@ class SAE(nn.Module):
         raise NotImplementedError
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        """x̂ = decode(encode(x)) without side effects (no running statistics move); latent-sharded, from this
-        rank's latents summed over the shards, never [N, d_sae]."""
+        """x̂ = decode(encode(x)) (a transcoder: its prediction ŷ) without side effects (no running statistics move);
+        latent-sharded, from this rank's latents summed over the shards, never [N, d_sae]."""
         if self.shard is None:
-            return self.decode(self.encode(x))
+            return self.output(self.encode(x), x)  # a transcoder's prediction, with its skip term
         return self.decode(self._local_encode(x))
 
     def encode_decode_sparse(self, x: torch.Tensor) -> tuple[SparseLatents, torch.Tensor]:
@@ -422,6 +471,29 @@ class SAE(nn.Module):
         values, indices = dense_to_sparse(local.detach())
         values, indices, _ = gather_sparse(values, indices + self.shard.offset, None, self.shard)
         return SparseLatents(values, indices, self.config.d_sae), x_hat
+
+    def with_skip(self, x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """x̂ plus a skip transcoder's linear term x W_skipᵀ (x the input, as the encoder reads it); else x̂."""
+        if not self.config.skip_connection:
+            return x_hat
+        return x_hat + x.to(self.W_skip.dtype) @ self.W_skip.T
+
+    def output(self, latents: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """What the SAE writes for input x with these latents: the reconstruction, or a transcoder's prediction."""
+        return self.with_skip(self.decode(latents), x)
+
+    def target_of(self, x: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
+        """What the losses compare the output with: x for an SAE, the output hook's activation for a transcoder."""
+        if not self.config.is_transcoder:
+            if target is not None:
+                _bad("an SAE reconstructs its input: a target applies to transcoders only (set d_out)")
+            return x
+        if target is None:
+            _bad("a transcoder's forward needs target= (the output hook's activations it predicts)")
+        if target.shape[-1] != self.config.d_out or target.shape[:-1] != x.shape[:-1]:
+            _bad(f"transcoder target has shape {tuple(target.shape)}, expected {(*x.shape[:-1], self.config.d_out)}; "
+                 "pass the output hook's activations of the same tokens")
+        return target.to(self.W_dec.dtype)
 
     def forward(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None):
         raise NotImplementedError
@@ -435,6 +507,14 @@ class SAE(nn.Module):
             "mse_loss": err.mean(),  # SAELens/SAEBench mse: E||x - x̂||² / d_in
             "fvu": err.sum() / total_variance,  # normalised MSE, the TopK recipes' loss
         }
+
+    # the reconstruction term of the loss: "sse" (E||x - x̂||², the L1/L0 recipes) or "fvu" (the TopK family)
+    reconstruction_loss = "sse"
+
+    def sparsity_penalty(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The loss's terms beside the reconstruction, from a forward's losses: its penalty (with its coefficient
+        and warm-up) or auxiliary loss. loss = losses[reconstruction_loss] + sparsity_penalty(losses)."""
+        raise NotImplementedError
 
     def grad_clip_scale(self) -> float:
         """How big this SAE's loss is against E||x - x̂||² (SAELens's scale, in which a gradient clip is given).
@@ -478,8 +558,13 @@ class SAE(nn.Module):
 
     @torch.no_grad()
     def init_from_batch(self, x: torch.Tensor) -> None:
-        """b_dec = mean of a first batch (in the space the SAE is trained in)."""
-        self.b_dec.copy_(self._check_input(x).reshape(-1, self.config.d_in).mean(0))
+        """b_dec = mean of a first batch (in the space the SAE is trained in): of the targets, for a transcoder."""
+        width = self.config.out_width
+        if not self.config.is_transcoder:
+            x = self._check_input(x)  # a crosscoder's [N, M, d] too
+        if x.shape[-1] != width:
+            _bad(f"init_from_batch got width {x.shape[-1]}; b_dec has width {width} (a transcoder's: its targets)")
+        self.b_dec.copy_(x.to(self.b_dec.dtype).reshape(-1, width).mean(0))
 
     @torch.no_grad()
     def reinit_latents(self, indices: torch.Tensor, encoder_dirs: torch.Tensor, decoder_dirs: torch.Tensor) -> None:
@@ -498,13 +583,19 @@ class SAE(nn.Module):
 
     @torch.no_grad()
     def fold_input_scale(self) -> "SAE":
-        """A copy that works on raw activations: it computes the same latents on x as self on s·x."""
+        """A copy that works on raw activations: it computes the same latents on x as self on s·x (and a transcoder's
+        prediction of raw y, where self predicts s_out·y)."""
         folded = copy.deepcopy(self)
         s = float(self.input_scale)
+        s_out = float(self.output_scale) if self.config.is_transcoder else s
         folded.W_enc.mul_(s)
-        folded.W_dec.div_(s)  # x̂_raw = x̂_scaled / s
-        folded.b_dec.div_(s)
+        folded.W_dec.div_(s_out)  # x̂_raw = x̂_scaled / s
+        folded.b_dec.div_(s_out)
+        if self.config.skip_connection:
+            folded.W_skip.mul_(s / s_out)  # (s·x) W_skipᵀ / s_out
         folded.input_scale.fill_(1.0)
+        if self.config.is_transcoder:
+            folded.output_scale.fill_(1.0)
         return folded
 
     # ---- SAELens format (export.py writes and reads these) -----------------------------------
@@ -516,11 +607,13 @@ class SAE(nn.Module):
         return {}
 
     def saelens_tensors(self) -> dict[str, torch.Tensor]:
-        return {"W_enc": self.W_enc, "b_enc": self.b_enc, "W_dec": self.W_dec, "b_dec": self.b_dec}
+        tensors = {"W_enc": self.W_enc, "b_enc": self.b_enc, "W_dec": self.W_dec, "b_dec": self.b_dec}
+        return {**tensors, "W_skip": self.W_skip} if self.config.skip_connection else tensors
 
     def saelens_shapes(self) -> dict[str, tuple[int, ...]]:
-        d_in, d_sae = self.config.d_in, self.config.d_sae
-        return {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
+        d_in, d_sae, d_out = self.config.d_in, self.config.d_sae, self.config.out_width
+        shapes = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_out), "b_dec": (d_out,)}
+        return {**shapes, "W_skip": (d_out, d_in)} if self.config.skip_connection else shapes
 
     @torch.no_grad()
     def load_saelens_tensors(self, tensors: dict[str, torch.Tensor]) -> None:

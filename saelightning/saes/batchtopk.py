@@ -124,7 +124,7 @@ class BatchTopKSAE(TopKSAE):
         indices = columns if self.shard is None else columns + self.shard.offset  # global latent indices
         return pre, SparseLatents(values, indices, self.config.d_sae, rows, pre.shape[0]), offsets
 
-    def _aux(self, x, x_hat, pre, dead_mask) -> torch.Tensor:
+    def _aux(self, x, y, x_hat, pre, dead_mask) -> torch.Tensor:
         """AuxK from the top k_aux dead latents per token (TopK's sparse path); 0 when none is dead."""
         if self.shard is not None:
             aux_indices, aux_weight, any_dead = self._aux_sharded(pre.detach(), dead_mask)
@@ -133,22 +133,24 @@ class BatchTopKSAE(TopKSAE):
             values = gather_encode(pre, self.centered(x), self.W_enc, self.b_enc, aux_indices,
                                    self.encoder_shift).relu() * aux_weight
             e_hat = self._latent_sum(sparse_decode(values, aux_indices, self.W_dec))
-            return self._auxk_loss(x, x_hat, e_hat) * any_dead
+            return self._auxk_loss(y, x_hat, e_hat) * any_dead
         aux_indices, aux_weight = self._aux_indices(pre, dead_mask)
         if aux_indices is None:
             return x_hat.new_zeros(()).float()
         values = gather_encode(pre, self.centered(x), self.W_enc, self.b_enc, aux_indices,
                                self.encoder_shift).relu() * aux_weight
-        aux = self._auxk_from(x, x_hat, values, aux_indices)
+        aux = self._auxk_from(y, x_hat, values, aux_indices)
         return aux * aux_weight.amax() if torch.is_tensor(aux_weight) else aux
 
-    def forward(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None, sparse: bool = False):
+    def forward(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None, sparse: bool = False,
+                target: torch.Tensor | None = None):
+        y = self.target_of(self._check_input(x), target)
         pre, latents, offsets = self.sparse_latents(x)
         partial = sparse_decode_ragged(latents.values, self._local_columns(latents.indices), offsets, self.W_dec)
-        x_hat = self._latent_sum(partial) + self.b_dec
-        losses = self.reconstruction_stats(x, x_hat)
-        losses["auxk_loss"] = self._aux(x, x_hat, pre, dead_mask)
-        losses["loss"] = losses["fvu"] + self.config.aux_coefficient * losses["auxk_loss"]
+        x_hat = self.with_skip(self._latent_sum(partial) + self.b_dec, self._check_input(x))
+        losses = self.reconstruction_stats(y, x_hat)
+        losses["auxk_loss"] = self._aux(x, y, x_hat, pre, dead_mask)
+        losses["loss"] = losses["fvu"] + self.sparsity_penalty(losses)
         return x_hat, (latents if sparse else latents.dense()), losses
 
     # exported as JumpReLU: every latent's threshold is the learned batch threshold

@@ -38,7 +38,8 @@ class GatedSAE(SAE):
         gate, mag = self.paths(x)
         return (gate > 0).to(mag.dtype) * mag.relu()
 
-    def forward(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None, target: torch.Tensor | None = None):
+        x = self.target_of(x, target)  # refuses a target: the config has no gated transcoder
         gate, mag = self.paths(x)
         latents = (gate > 0).to(mag.dtype) * mag.relu()
         x_hat = self.decode(latents)

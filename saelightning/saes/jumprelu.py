@@ -66,25 +66,30 @@ class JumpReLUSAE(SAE):
         # ReLU(z) · 1[z > θ], exactly SAELens's JumpReLU (equal to z · 1[z > θ] for θ ≥ 0)
         return pre.relu() * (pre > self.threshold).to(pre.dtype)
 
-    def forward(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None, target: torch.Tensor | None = None):
+        y = self.target_of(self._check_input(x), target)
         pre = self.pre_acts(x)
         bandwidth = self.config.bandwidth
         latents = JumpReLUSTE.apply(pre, self.threshold, bandwidth)
-        x_hat = self.decode(latents)
-        losses = self.reconstruction_stats(x, x_hat)
+        x_hat = self.output(latents, self._check_input(x))
+        losses = self.reconstruction_stats(y, x_hat)
         norms = self.decoder_norms()
         if self.config.sparsity_penalty == "l0":
-            penalty = losses["l0_loss"] = self._latent_sum(StepSTE.apply(pre, self.threshold, bandwidth).sum(-1)).mean()
+            losses["l0_loss"] = self._latent_sum(StepSTE.apply(pre, self.threshold, bandwidth).sum(-1)).mean()
         else:
-            penalty = losses["tanh_loss"] = self._latent_sum(
-                torch.tanh(self.config.tanh_scale * latents * norms).sum(-1)).mean()
-        lam = self.config.l0_coefficient * self.penalty_scale()
-        losses["loss"] = losses["sse"] + lam * penalty
+            losses["tanh_loss"] = self._latent_sum(torch.tanh(self.config.tanh_scale * latents * norms).sum(-1)).mean()
         if self.config.preact_coefficient > 0:
             # pushes latents that never clear θ back up towards it (Anthropic, January 2025)
             losses["preact_loss"] = self._latent_sum(((self.threshold - pre).relu() * norms).sum(-1)).mean()
-            losses["loss"] = losses["loss"] + self.config.preact_coefficient * losses["preact_loss"]
+        losses["loss"] = losses["sse"] + self.sparsity_penalty(losses)
         return x_hat, latents, losses
+
+    def sparsity_penalty(self, losses: dict) -> torch.Tensor:
+        lam = self.config.l0_coefficient * self.penalty_scale()
+        penalty = lam * losses["l0_loss" if self.config.sparsity_penalty == "l0" else "tanh_loss"]
+        if self.config.preact_coefficient > 0:
+            penalty = penalty + self.config.preact_coefficient * losses["preact_loss"]
+        return penalty
 
     @torch.no_grad()
     def after_optimizer_step(self, skipped: torch.Tensor | None = None) -> None:

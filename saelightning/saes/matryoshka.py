@@ -17,15 +17,19 @@ class MatryoshkaSAE(BatchTopKSAE):
         # on the SAE's device from the start: a per-step torch.tensor(list, device="cuda") is a host copy
         self.register_buffer("prefix_ends", torch.tensor(config.prefixes), persistent=False)
 
-    def forward(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None, sparse: bool = False):
+    def forward(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None, sparse: bool = False,
+                target: torch.Tensor | None = None):
+        y = self.target_of(self._check_input(x), target)
         pre, latents, _ = self.sparse_latents(x)
         x_hats = self.prefix_reconstructions(latents)
-        err = (x_hats - x.to(x_hats.dtype).unsqueeze(1)).float().pow(2).sum((0, 2))
-        total_variance = (x - x.mean(0)).float().pow(2).sum().clamp_min(1e-12)
+        if self.config.skip_connection:  # every prefix's prediction has the skip term
+            x_hats = x_hats + self.with_skip(torch.zeros_like(x_hats[:, 0]), self._check_input(x)).unsqueeze(1)
+        err = (x_hats - y.to(x_hats.dtype).unsqueeze(1)).float().pow(2).sum((0, 2))
+        total_variance = (y - y.mean(0)).float().pow(2).sum().clamp_min(1e-12)
         x_hat = x_hats[:, -1]  # the last prefix is the whole dictionary
-        losses = self.reconstruction_stats(x, x_hat)
+        losses = self.reconstruction_stats(y, x_hat)
         losses["prefix_loss"] = (err / total_variance).sum()
-        losses["auxk_loss"] = self._aux(x, x_hat, pre, dead_mask)
+        losses["auxk_loss"] = self._aux(x, y, x_hat, pre, dead_mask)
         losses["loss"] = losses["prefix_loss"] + self.config.aux_coefficient * losses["auxk_loss"]
         return x_hat, (latents if sparse else latents.dense()), losses
 

@@ -17,14 +17,17 @@ class ReLUSAE(SAE):
     def _local_encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.pre_acts(x).relu()
 
-    def forward(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None, target: torch.Tensor | None = None):
+        y = self.target_of(self._check_input(x), target)
         latents = self.pre_acts(x).relu()  # latent-sharded: this rank's latents only
-        x_hat = self.decode(latents)
-        losses = self.reconstruction_stats(x, x_hat)
+        x_hat = self.output(latents, self._check_input(x))
+        losses = self.reconstruction_stats(y, x_hat)
         losses["l1_loss"] = self._latent_sum((latents * self.decoder_norms()).sum(-1)).mean()
-        lam = self.config.l1_coefficient * self.penalty_scale()
-        losses["loss"] = losses["sse"] + lam * losses["l1_loss"]
+        losses["loss"] = losses["sse"] + self.sparsity_penalty(losses)
         return x_hat, latents, losses
+
+    def sparsity_penalty(self, losses: dict) -> torch.Tensor:
+        return self.config.l1_coefficient * self.penalty_scale() * losses["l1_loss"]
 
     def saelens_architecture(self) -> str:
         return "standard"

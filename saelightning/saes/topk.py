@@ -13,6 +13,11 @@ from saelightning.saes.sparse import SparseLatents, gather_encode, sparse_decode
 
 
 class TopKSAE(SAE):
+    reconstruction_loss = "fvu"
+
+    def sparsity_penalty(self, losses: dict) -> torch.Tensor:
+        return self.config.aux_coefficient * losses["auxk_loss"]  # no penalty: AuxK for dead latents
+
     def grad_clip_scale(self) -> float:
         # the loss is the normalised MSE (fvu), about E||x - x̂||² / d_in at E||x||² = d_in: without this a
         # clip of 1 never bites, where in SAELens's units it bites on most steps (and helps: BENCHMARKS.md)
@@ -64,19 +69,22 @@ class TopKSAE(SAE):
 
     sparse_forward = True  # forward(..., sparse=True) returns SparseLatents (the trainer never needs dense ones)
 
-    def _training_pre_acts(self, x: torch.Tensor):
-        """(x checked, the encoder's input x_c, the pre-activations, what the top k is taken of), the products without
-        autograd: the dense product is only read at the selected entries, and gather_encode gives their gradient."""
+    def _training_pre_acts(self, x: torch.Tensor, target: torch.Tensor | None = None):
+        """(x checked, the target (x itself for an SAE), the encoder's input x_c, the pre-activations, what the top k
+        is taken of), the products without autograd: the dense product is only read at the selected entries, and
+        gather_encode gives their gradient."""
         x = self._check_input(x)
+        y = self.target_of(x, target)
         x_c = x - self.b_dec if self.config.apply_b_dec_to_input else x
         with torch.no_grad():
             pre = torch.addmm(self.b_enc, x_c, self.W_enc)
-            return x, x_c, pre, self._ranking(pre)
+            return x, y, x_c, pre, self._ranking(pre)
 
-    def forward(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None, sparse: bool = False):
-        if self.shard is not None:
+    def forward(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None, sparse: bool = False,
+                target: torch.Tensor | None = None):
+        if self.shard is not None:  # never a transcoder: those refuse sharding
             return self._forward_sharded(x, dead_mask, sparse)
-        x, x_c, pre, ranking = self._training_pre_acts(x)
+        x, y, x_c, pre, ranking = self._training_pre_acts(x, target)
         k = self.config.k
         with torch.no_grad():
             indices = ranking.topk(k, dim=-1, sorted=False).indices
@@ -85,14 +93,14 @@ class TopKSAE(SAE):
         # one sparse backward for both
         gathered = gather_encode(pre, x_c, self.W_enc, self.b_enc, chosen, self.encoder_shift).relu()
         values = gathered[:, :k]
-        x_hat = sparse_decode(values, indices, self.W_dec) + self.b_dec
-        losses = self.reconstruction_stats(x, x_hat)
+        x_hat = self.with_skip(sparse_decode(values, indices, self.W_dec) + self.b_dec, x)
+        losses = self.reconstruction_stats(y, x_hat)
         if aux_indices is None:
             losses["auxk_loss"] = x_hat.new_zeros(()).float()
         else:
-            aux = self._auxk_from(x, x_hat, gathered[:, k:] * aux_weight, aux_indices)
+            aux = self._auxk_from(y, x_hat, gathered[:, k:] * aux_weight, aux_indices)
             losses["auxk_loss"] = aux * aux_weight.amax() if torch.is_tensor(aux_weight) else aux  # 0 when none is dead
-        losses["loss"] = losses["fvu"] + self.config.aux_coefficient * losses["auxk_loss"]
+        losses["loss"] = losses["fvu"] + self.sparsity_penalty(losses)
         latents = SparseLatents(values, indices, self.config.d_sae)
         return x_hat, (latents if sparse else latents.dense()), losses
 
@@ -100,7 +108,7 @@ class TopKSAE(SAE):
         """forward on this rank's latents: the global top k from the gathered local candidates, this rank's winners
         encoded (sparse backward) and decoded, the partial reconstructions summed. Returns this rank's own entries
         with global indices (full_latents gathers them all)."""
-        x, x_c, pre, ranking = self._training_pre_acts(x)
+        x, _, x_c, pre, ranking = self._training_pre_acts(x)
         k = self.config.k
         with torch.no_grad():
             _, _, winners = global_topk(ranking, pre, k, self.shard)
@@ -119,7 +127,7 @@ class TopKSAE(SAE):
         else:
             e_hat = self._latent_sum(sparse_decode(gathered[:, k:], aux_indices, self.W_dec))
             losses["auxk_loss"] = self._auxk_loss(x, x_hat, e_hat) * any_dead
-        losses["loss"] = losses["fvu"] + self.config.aux_coefficient * losses["auxk_loss"]
+        losses["loss"] = losses["fvu"] + self.sparsity_penalty(losses)
         latents = SparseLatents(values.detach(), winners, self.config.d_sae)
         return x_hat, (latents if sparse else self.full_latents(latents).dense()), losses
 
@@ -161,7 +169,8 @@ class TopKSAE(SAE):
         return dead[picked], 1.0
 
     def _auxk_from(self, x, x_hat, values, indices):
-        """AuxK: reconstruct the residual e = x - x̂ from the top k_aux dead latents, ||e - ê||² / ||e - mean e||².
+        """AuxK: reconstruct the residual e = x - x̂ (x the target: a transcoder's y) from the top k_aux dead latents,
+        ||e - ê||² / ||e - mean e||².
 
         The gradient reaches only the dead latents' encoder and decoder (e is detached), which pulls
         them towards directions the live latents miss.
