@@ -243,8 +243,10 @@ BAD = {
     "corrupt": (_garbage, "truncated or corrupt"),
     "invalid json": (lambda p: (p / "cfg.json").write_text("{not json"), "not valid JSON"),
     "shape mismatch": (lambda p: _edit_cfg(p, d_in=D_IN + 1), "shape .* but cfg.json implies"),
-    "unknown architecture": (lambda p: _edit_cfg(p, architecture="transcoder"),
-                             "unknown SAE architecture 'transcoder'"),
+    # (SAELens's "transcoder" is read now: a transcoder missing d_out is its own row below)
+    "unknown architecture": (lambda p: _edit_cfg(p, architecture="hypercoder"),
+                             "unknown SAE architecture 'hypercoder'"),
+    "transcoder without d_out": (lambda p: _edit_cfg(p, architecture="transcoder"), "lacks the key\\(s\\) d_out"),
     "missing d_sae": (lambda p: _edit_cfg(p, d_sae=None), "lacks the key\\(s\\) d_sae"),
     "missing k": (lambda p: _edit_cfg(p, k=None), "lacks the key\\(s\\) k"),
     "bad k": (lambda p: _edit_cfg(p, k=D_SAE), "k=32 must be smaller"),

@@ -417,7 +417,8 @@ def logit_effect(model, sae, hook_name: str, features: torch.Tensor, cfg: StatsC
     out (the usual direct-logit-attribution view).
     Returns (top values, top ids, bottom values, bottom ids, hist heights [F, bins], hist centres).
     """
-    if getattr(sae.config, "is_transcoder", False):  # a transcoder's decoder writes its output hook's space
+    # a transcoder's decoder writes its output hook's space (a crosscoder's per-model block has no config)
+    if getattr(getattr(sae, "config", None), "is_transcoder", False):
         hook_name = sae.metadata.get("hook_name_out") or hook_name
     layer, kind = parse_hook(hook_name, model.n_layer)
     V = model.config.vocab_size
