@@ -90,7 +90,8 @@ class Transcoders:
                                     "built from transcoders or a CLT (hook_name_out set)")
         layer = self._layer(meta.get("hook_name", ""), "hook_mlp_in", n_layer)
         if self._layer(meta.get("hook_name_out", ""), "hook_mlp_out", n_layer) != layer:
-            raise SAELightningError(f"the transcoder on {meta['hook_name']} writes {meta['hook_name_out']}; attribution "
+            raise SAELightningError(f"the transcoder on {meta['hook_name']} writes {meta['hook_name_out']}; "
+                                    "attribution "
                                     "needs each to replace its own layer's MLP (hook_mlp_out of the same block)")
         if layer in self.per_layer:
             raise SAELightningError(f"two transcoders for layer {layer}; give one per MLP layer")
@@ -256,6 +257,7 @@ class LocalReplacement:
         if cfg.era == "current":
             x = x - m.backout_lambda.to(x.dtype) * backout
         fr.final_rms = _rms(x)
+        self.final_resid = x  # [T, d] what the final norm reads
         z = m.lm_head(x * fr.final_rms)[..., :cfg.vocab_size].float()
         logits = SOFTCAP * torch.tanh(z / SOFTCAP)
         fr.softcap_ratio = torch.where(z == 0, torch.ones_like(z), logits / z)
@@ -542,6 +544,9 @@ class Pruned:
     edge_mask: torch.Tensor  # [n, n] edges kept
     cumulative: torch.Tensor  # [n] each node's cumulative influence fraction (its rank's share, as the JSON shows)
     node_influence: torch.Tensor  # [n] influence on the logits
+    by_influence: torch.Tensor  # [n] the nodes the node threshold kept (before nodes left without edges were dropped)
+    edge_scores: torch.Tensor  # [n, n] each edge's influence score (|Â| x its target's influence plus weight)
+    edges_by_score: torch.Tensor  # [n, n] the edges the edge threshold kept (before the nodes' clean-up)
 
 
 def prune(graph: Graph, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> Pruned:
@@ -562,6 +567,7 @@ def prune(graph: Graph, node_threshold: float = 0.8, edge_threshold: float = 0.9
     An = normalize(pruned)
     edge_scores = An * (influence(An, w) + w)[:, None]
     edge_mask = edge_scores >= _threshold(edge_scores, edge_threshold)
+    by_influence, edges_by_score = node_mask.clone(), edge_mask.clone()
     nf = graph.n_features
     while True:
         before = node_mask.clone()
@@ -574,7 +580,7 @@ def prune(graph: Graph, node_threshold: float = 0.8, edge_threshold: float = 0.9
     ordered, order = node_inf.sort(descending=True)
     cumulative = torch.zeros_like(node_inf)
     cumulative[order] = ordered.cumsum(0) / ordered.sum().clamp_min(1e-30)
-    return Pruned(node_mask, edge_mask, cumulative, node_inf)
+    return Pruned(node_mask, edge_mask, cumulative, node_inf, by_influence, edge_scores, edges_by_score)
 
 
 def scores(graph: Graph) -> tuple[float, float]:

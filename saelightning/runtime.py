@@ -258,7 +258,9 @@ class InterpretableModel:
         if isinstance(saes, Mapping):
             pairs = list(saes.items())
         else:
-            pairs = [((getattr(s, "metadata", None) or {}).get("hook_name"), s) for s in saes]
+            # a CLT is placed by its own hook_names_in (each layer at its input hook): its name here is any
+            pairs = [((getattr(s, "metadata", None) or {}).get("hook_name")
+                      or ("blocks.0.hook_mlp_in" if isinstance(s, CrossLayerTranscoder) else None), s) for s in saes]
         out = {}
         for hook, sae in pairs:
             if not hook:
