@@ -8,7 +8,8 @@
         for step in im.generate("The", max_tokens=20, top_features=5):
             print(step.tokens, step.features)
 
-Steering always edits the activation as x + (f' - f) @ W_dec over the changed latents only, so the
+Steering always edits the activation as x + (f' - f) @ W_dec over the changed latents only (a transcoder or CLT
+latent: read at its MLP input, the change added to every MLP output it writes), so the
 SAE's reconstruction error stays in the stream (replacing x by the reconstruction would drop it).
 BOS positions are never steered: their activation is an outlier the SAE was not trained on.
 
