@@ -31,6 +31,7 @@ COMMANDS = {
     "generate": ("saelightning.runtime:cli_main", "generate text with per-token features and steering"),
     "features": ("saelightning.runtime:features_cli_main", "show each SAE's top latents on every token of a prompt"),
     "probe": ("saelightning.probe:cli_main", "probe latents for concepts: sparse probing and best single latents"),
+    "attribute": ("saelightning.circuits:cli_main", "attribution graph of a prompt through a CLT or transcoders"),
     "export": ("saelightning.checkpointing:cli_main", "export SAEs from a Lightning checkpoint"),
 }
 

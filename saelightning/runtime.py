@@ -8,7 +8,8 @@
         for step in im.generate("The", max_tokens=20, top_features=5):
             print(step.tokens, step.features)
 
-Steering always edits the activation as x + (f' - f) @ W_dec over the changed latents only, so the
+Steering always edits the activation as x + (f' - f) @ W_dec over the changed latents only (a transcoder or CLT
+latent: read at its MLP input, the change added to every MLP output it writes), so the
 SAE's reconstruction error stays in the stream (replacing x by the reconstruction would drop it).
 BOS positions are never steered: their activation is an outlier the SAE was not trained on.
 
@@ -158,6 +159,62 @@ def dense_latents(values: torch.Tensor, indices: torch.Tensor, d_sae: int) -> to
     return dense.scatter_add_(-1, indices.clamp_min(0), values * active)
 
 
+class TranscoderLatents(torch.nn.Module):
+    """One layer of a transcoder or CLT as InterpretableModel reads and steers it: its latents are read at the MLP
+    input hook (`hook`), and a steered latent's change times its decoder row is added to each output it writes
+    (`writes`: {output hook: rows [d_sae, d] in raw units}; a CLT latent of layer l writes layers l..L-1), the
+    transcoder's error left in the stream. The module behaves as an SAE for tracking (encode, W_enc, W_dec)."""
+
+    def __init__(self, hook: str, encoder, input_scale, writes: dict):
+        super().__init__()
+        self.hook, self.encoder, self.input_scale_ = hook, encoder, float(input_scale)
+        self.writes = writes
+        self.config = encoder.config
+        self.metadata = {"hook_name": hook}
+
+    @classmethod
+    def of_transcoder(cls, sae, hook: str) -> "TranscoderLatents":
+        out = sae.metadata.get("hook_name_out")
+        if not out:
+            raise SAELightningError(f"the transcoder on {hook!r} has no metadata['hook_name_out']; re-export it")
+        scale_out = float(getattr(sae, "output_scale", 1.0))
+        return cls(hook, sae, float(sae.input_scale), {out: sae.W_dec / scale_out})
+
+    @classmethod
+    def of_clt(cls, clt, n_layer: int) -> list["TranscoderLatents"]:
+        ins = clt.metadata.get("hook_names_in") or [f"blocks.{i}.hook_mlp_in" for i in range(clt.n_layers)]
+        outs = clt.metadata.get("hook_names_out") or [f"blocks.{i}.hook_mlp_out" for i in range(clt.n_layers)]
+        return [cls(ins[i], enc, float(clt.input_scales[i]),
+                    {outs[j]: clt.decoder(i, j) / float(clt.output_scales[j]) for j in range(i, clt.n_layers)})
+                for i, enc in enumerate(clt.encoders)]
+
+    @property
+    def W_enc(self) -> torch.Tensor:
+        return self.encoder.W_enc
+
+    @property
+    def W_dec(self) -> torch.Tensor:
+        """The rows it writes to its first output hook [d_sae, d] (d_sae = W_dec.shape[0], as for an SAE)."""
+        return next(iter(self.writes.values()))
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder.encode(x if self.input_scale_ == 1.0 else x * self.input_scale_)
+
+    def encode_sparse(self, x: torch.Tensor):
+        return self.encoder.encode_sparse(x if self.input_scale_ == 1.0 else x * self.input_scale_)
+
+
+def _adding(deltas: list, inner):
+    """An output hook that adds this forward's pending transcoder deltas, then runs `inner` (an SAE's hook there)."""
+    def fn(y: torch.Tensor):
+        if deltas:
+            y = y + sum(deltas).to(y.dtype)
+            deltas.clear()
+        out = inner(y) if inner is not None else None
+        return y if out is None else out
+    return fn
+
+
 @dataclass
 class PromptFeatures:
     """The latents at every position of one prompt (InterpretableModel.prompt_features)."""
@@ -202,7 +259,9 @@ class InterpretableModel:
         if isinstance(saes, Mapping):
             pairs = list(saes.items())
         else:
-            pairs = [((getattr(s, "metadata", None) or {}).get("hook_name"), s) for s in saes]
+            # a CLT is placed by its own hook_names_in (each layer at its input hook): its name here is any
+            pairs = [((getattr(s, "metadata", None) or {}).get("hook_name")
+                      or ("blocks.0.hook_mlp_in" if isinstance(s, CrossLayerTranscoder) else None), s) for s in saes]
         out = {}
         for hook, sae in pairs:
             if not hook:
@@ -210,17 +269,25 @@ class InterpretableModel:
             if hook in out:
                 raise SAELightningError(f"two SAEs on {hook!r}; an InterpretableModel takes one SAE per hook point")
             parse_hook(hook, self.model.n_layer)
-            if isinstance(sae, CrossLayerTranscoder) or getattr(getattr(sae, "config", None), "is_transcoder", False):
-                # its decoder writes another hook point: steering at the hook it reads would add the wrong vectors
-                raise SAELightningError(f"the SAE for {hook!r} is a transcoder (it predicts "
-                                        f"{sae.metadata.get('hook_name_out')}); InterpretableModel tracks and steers "
-                                        "SAEs only: evaluate transcoders with saelightning eval")
-            width = hook_width(hook, self.model.n_layer, self.model.d_model)
-            if sae.W_dec.shape[1] != width:
-                raise SAELightningError(f"SAE for {hook!r} has d_in={sae.W_dec.shape[1]} but the hook's width "
-                                        f"is {width}; use an SAE trained on this model")
-            out[hook] = sae.eval()
+            if isinstance(sae, CrossLayerTranscoder):  # one view per layer it reads, each at its own input hook
+                for view in TranscoderLatents.of_clt(sae, self.model.n_layer):
+                    out[view.hook] = self._checked(view.hook, view, out)
+                continue
+            if getattr(getattr(sae, "config", None), "is_transcoder", False):
+                sae = TranscoderLatents.of_transcoder(sae, hook)
+            out[hook] = self._checked(hook, sae, out)
         return out
+
+    def _checked(self, hook: str, sae, out: dict):
+        if hook in out:
+            raise SAELightningError(f"two SAEs on {hook!r}; an InterpretableModel takes one SAE per hook point")
+        width = hook_width(hook, self.model.n_layer, self.model.d_model)
+        if sae.W_enc.shape[0] != width:
+            raise SAELightningError(f"SAE for {hook!r} has d_in={sae.W_enc.shape[0]} but the hook's width "
+                                    f"is {width}; use an SAE trained on this model")
+        for target in getattr(sae, "writes", {}):
+            parse_hook(target, self.model.n_layer)
+        return sae.eval()
 
     # -- tracking and steering switches
     @contextmanager
@@ -341,14 +408,19 @@ class InterpretableModel:
         keep = None
         if self.steers and idx is not None and self.bos_id is not None:
             keep = idx != self.bos_id
-        out = {}
+        out, pending = {}, {}  # pending: output hook -> what steered transcoder latents add there this forward
         for hook, sae in self.saes.items():
             steers = [s for s in self.steers if s.hook == hook]
             if steers or self._trace is not None:
-                out[hook] = self._make_hook(hook, sae, steers, self._trace, keep)
+                out[hook] = self._make_hook(hook, sae, steers, self._trace, keep, pending)
+            if steers and isinstance(sae, TranscoderLatents):
+                for target in sae.writes:
+                    pending.setdefault(target, [])
+        for target in pending:
+            out[target] = _adding(pending[target], out.get(target))
         return out
 
-    def _make_hook(self, hook: str, sae, steers: list[Steer], trace: Trace | None, keep):
+    def _make_hook(self, hook: str, sae, steers: list[Steer], trace: Trace | None, keep, pending: dict):
         latents = sorted({s.latent for s in steers})
         column = {j: c for c, j in enumerate(latents)}
         needs_f = trace is not None or any(s.mode != "add" for s in steers)
@@ -386,8 +458,12 @@ class InterpretableModel:
                         new[:, c] + s.value if s.mode == "add" else new[:, c] * s.value)
                 if keep is not None:
                     new = torch.where(keep.reshape(B * T, 1), new, old)
-                delta = (new - old) @ W if scale == 1.0 else (new - old) @ W / scale
-                out = (flat + delta.to(flat.dtype)).view(B, T, d)
+                if isinstance(sae, TranscoderLatents):  # the MLP input stays; its outputs get the rows' change
+                    for target, rows in sae.writes.items():
+                        pending[target].append(((new - old) @ rows[latents].to(new.dtype)).view(B, T, -1))
+                else:
+                    delta = (new - old) @ W if scale == 1.0 else (new - old) @ W / scale
+                    out = (flat + delta.to(flat.dtype)).view(B, T, d)
                 if f is not None:
                     f[:, latents] = new
             if trace is not None:

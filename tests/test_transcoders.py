@@ -23,6 +23,7 @@ from saelightning.export import load_sae, save_sae
 from saelightning.metrics import SAEMetrics
 from saelightning.module import SAEModule, SAESpec
 from saelightning.resolve import shards
+from saelightning.runtime import Steer
 from saelightning.saes import SAEConfig, build_sae
 from saelightning.saes.base import TRANSCODER_ARCHITECTURES
 from saelightning.tokens import val_batches
@@ -461,11 +462,23 @@ def test_a_spec_whose_output_hook_comes_first_or_is_its_input_is_refused():
             SAEModule([spec], n_layer=4, d_model=128, model_names=["base", "chat"])
 
 
-def test_interpretable_model_refuses_a_transcoder_in_one_line():
+def test_interpretable_model_steers_a_transcoder_latent_at_its_output_hook():
+    """Read at the MLP input, written to the MLP output: the output gets (f' - f) W_dec, the input stays, and the
+    transcoder's error stays in the stream."""
     nc = load_nanochat(DEMO_MODEL_DIR)
-    with pytest.raises(SAELightningError, match="is a transcoder \\(it predicts blocks.1.hook_mlp_out\\)") as err:
-        InterpretableModel(nc.model, {HOOK_IN: _demo_transcoder()})
-    assert "\n" not in str(err.value)
+    tc = _demo_transcoder()
+    tc.metadata = {"hook_name": HOOK_IN, "hook_name_out": HOOK_OUT}
+    im = InterpretableModel(nc.model, [tc], bos_id=nc.tokenizer.bos_id)
+    idx = torch.tensor([nc.tokenizer.encode("def f(x):\n    return x")])
+    plain = nc.model.run_with_cache(idx, [HOOK_IN, HOOK_OUT])
+    f = tc.encode(plain[HOOK_IN][0])
+    latent = int(f[1:].sum(0).argmax())
+    with im.steering([Steer(HOOK_IN, latent, "clamp", 2.0)]):
+        steered = nc.model.run_with_cache(idx, [HOOK_IN, HOOK_OUT], hooks=im.hooks(idx))
+    torch.testing.assert_close(steered[HOOK_IN], plain[HOOK_IN])
+    change = (2.0 - f[:, latent:latent + 1]) * (idx[0] != nc.tokenizer.bos_id)[:, None]
+    torch.testing.assert_close(steered[HOOK_OUT][0], plain[HOOK_OUT][0] + change @ tc.W_dec[latent:latent + 1],
+                               rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.slow

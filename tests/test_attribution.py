@@ -1,0 +1,367 @@
+"""Attribution graphs: the local replacement model equals the model on its prompt, every edge is the exact direct
+effect of its source, the scores and pruning keep what they claim, the files validate against the documented
+fields and render in Chromium, the CLI's bad inputs are one-line errors, and an intervention on the replacement
+model agrees with the steered model where both must."""
+
+import json
+
+import pytest
+import torch
+
+from saelightning.attribution import (
+    LocalReplacement,
+    Transcoders,
+    _target_values,
+    attribute,
+    influence,
+    normalize,
+    prune,
+)
+from saelightning.attribution import scores as graph_scores
+from saelightning.circuits import model_intervention, replacement_intervention
+from saelightning.cli import main
+from saelightning.dashboards.graph import FEATURE_TYPES
+from saelightning.demo import DEMO_MODEL_DIR
+from saelightning.export import save_clt, save_sae
+from saelightning.nanochat.checkpoint import load_nanochat
+from saelightning.runtime import InterpretableModel, Steer
+from saelightning.saes import SAEConfig, build_sae
+from saelightning.saes.clt import CrossLayerTranscoder
+from tests.fixtures_nanochat import make_nanochat_model
+from tests.numerics import reorder_atol
+from tests.test_browser import CHROMIUM, assert_clean, dump_dom
+
+pytestmark = pytest.mark.numerics
+
+N_LAYER, D, VOCAB, BOS = 3, 64, 512, 511
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_clt(n_layers=N_LAYER, d=D, d_sae=32, seed=0, threshold=0.3):
+    torch.manual_seed(seed)
+    clt = CrossLayerTranscoder(SAEConfig(architecture="jumprelu", d_in=d, d_sae=d_sae, threshold_init=threshold),
+                               n_layers).eval()
+    with torch.no_grad():
+        for enc in clt.encoders:
+            enc.b_enc.normal_(0, 0.3)
+        clt.b_dec.normal_(0, 0.1)
+    clt.metadata = {"hook_names_in": [f"blocks.{i}.hook_mlp_in" for i in range(n_layers)],
+                    "hook_names_out": [f"blocks.{i}.hook_mlp_out" for i in range(n_layers)]}
+    return clt.requires_grad_(False)
+
+
+def tiny_model(era="current"):
+    return make_nanochat_model(era, n_layer=N_LAYER).float().requires_grad_(False)
+
+
+def prompt(n=9, seed=1):
+    idx = torch.randint(0, VOCAB - 1, (n,), generator=torch.Generator().manual_seed(seed))
+    idx[0] = BOS
+    return idx
+
+
+def forward_atol(model, reference):
+    """Two fp32 orders of the whole forward: the longest reduction is the MLP's 4d, through ~8 reductions a layer."""
+    return reorder_atol(reference, 4 * model.config.n_embd, 8 * model.config.n_layer + 2)
+
+
+@pytest.mark.parametrize("era", ["current", "original"])
+def test_the_replacement_model_with_error_nodes_reproduces_the_models_logits(era):
+    model, clt, idx = tiny_model(era), tiny_clt(), prompt()
+    want = model(idx[None])[0]
+    rm = LocalReplacement(model, Transcoders(clt, N_LAYER), idx, BOS)
+    with torch.no_grad():
+        _, frozen = rm.forward(rm.sources)
+    atol = forward_atol(model, want)
+    torch.testing.assert_close(rm.logits, want, rtol=0, atol=atol)
+    torch.testing.assert_close(frozen, want, rtol=0, atol=atol)
+    assert rm.sources.latents[0][0].abs().sum() == 0  # no latents at <|bos|>
+    assert all(rm.sources.latents[i][1:].count_nonzero() > 0 for i in range(N_LAYER))
+    assert float(rm.sources.errors[0].abs().max()) > 0.1  # a random CLT: the errors carry real mass
+
+
+def _ablate_each_source(rm, graph):
+    """Target inputs with each source node zeroed in turn: the frozen model is affine, so the drop is the edge."""
+    s, T, feats = rm.sources, rm.T, graph.features
+    n_src = graph.token_slice.stop
+    src = rm.batched(n_src, grad=False)
+    with torch.no_grad():
+        for b in range(n_src):
+            if b < graph.n_features:
+                layer, p, f = (int(v) for v in feats[b])
+                src.latents[layer][b, p, f] = 0
+            elif b < graph.error_slice.stop:
+                layer, p = divmod(b - graph.n_features, T)
+                src.errors[layer][b, p] = 0
+            else:
+                p = b - graph.token_slice.start
+                src.embed[b, p] = 0
+                for v in src.value_embeds.values():
+                    v[b, p] = 0
+        full = _target_values(rm, s, feats, graph.logit_ids)
+        ablated = _target_values(rm, src, feats, graph.logit_ids)
+    return full, ablated
+
+
+def test_every_edge_equals_the_change_when_its_source_is_removed():
+    model, clt, idx = tiny_model(), tiny_clt(), prompt()
+    graph, rm = attribute(model, clt, idx, bos_id=BOS)
+    full, ablated = _ablate_each_source(rm, graph)
+    n_targets = graph.n_features + len(graph.logit_ids)
+    rows = list(range(graph.n_features)) + list(range(graph.logit_slice.start, graph.logit_slice.stop))
+    A = graph.adjacency[rows][:, :graph.token_slice.stop]  # [targets, sources]
+    by_removal = (full[None, :] - ablated).T  # [targets, sources]
+    assert by_removal.shape == (n_targets, graph.token_slice.stop)
+    atol = forward_atol(model, full)
+    torch.testing.assert_close(A, by_removal.float(), rtol=0, atol=atol)
+    assert float(A.abs().max()) > 100 * atol  # the edges are far above the rounding
+    # a feature's edges come only from earlier layers' latents (or its own layer's at earlier positions: none)
+    layers = graph.features[:, 0]
+    same_or_later = layers[:, None] <= layers[None, :]
+    assert A[:graph.n_features, :graph.n_features][same_or_later].abs().max() == 0
+
+
+def test_edges_plus_biases_sum_to_every_target_input():
+    model, clt, idx = tiny_model(), tiny_clt(), prompt()
+    graph, _ = attribute(model, clt, idx, bos_id=BOS)
+    targets = torch.cat([torch.arange(graph.n_features), torch.arange(graph.logit_slice.start, graph.logit_slice.stop)])
+    got = graph.adjacency[targets].sum(1) + graph.bias[targets]
+    torch.testing.assert_close(got, graph.target_inputs[targets], rtol=0,
+                               atol=forward_atol(model, graph.target_inputs))
+
+
+def test_scores_are_one_where_the_transcoders_are_exact_and_below_with_errors():
+    model, idx = tiny_model(), prompt()
+    clt = tiny_clt()
+    graph, _ = attribute(model, clt, idx, bos_id=BOS)
+    replacement, completeness = graph_scores(graph)
+    assert 0 < replacement < 1 and 0 < completeness < 1
+    # completeness by its definition: 1 - the influence-weighted share of error inputs
+    A, w = normalize(graph.adjacency), graph.logit_weights
+    weight = influence(A, w) + w
+    share = A[:, graph.error_slice].sum(1)
+    assert completeness == pytest.approx(float(1 - (share * weight).sum() / weight.sum()), rel=1e-5)
+    # MLPs that output 0 and a CLT that writes 0: every error node is exactly 0
+    exact_model = tiny_model()
+    for block in exact_model.transformer.h:
+        block.mlp.c_proj.weight.zero_()
+    silent = tiny_clt()
+    for enc in silent.encoders:
+        enc.W_dec.zero_()
+    silent.b_dec.zero_()
+    graph, rm = attribute(exact_model, silent, idx, bos_id=BOS)
+    assert all(float(e.abs().max()) == 0 for e in rm.sources.errors.values())
+    assert graph_scores(graph) == (1.0, 1.0)
+
+
+def test_pruning_keeps_the_influence_fraction_it_claims():
+    model, clt, idx = tiny_model(), tiny_clt(), prompt()
+    graph, _ = attribute(model, clt, idx, bos_id=BOS)
+    for node_t in (0.5, 0.8, 0.95):
+        p = prune(graph, node_t, 0.98)
+        inf, fixed = p.node_influence, graph.token_slice.start
+        rejected = inf[:fixed][~p.by_influence[:fixed]]
+        above = inf > rejected.max()  # every node above the most influential feature or error left out
+        assert torch.equal(above[:fixed], p.by_influence[:fixed])  # the kept features and errors are a top set
+        share = float(inf[above].sum() / inf.sum())
+        assert share >= node_t - 1e-6  # they cover the fraction (with the tokens above them)
+        weakest = inf[:fixed][p.by_influence[:fixed]].min()
+        assert float(inf[inf > weakest].sum() / inf.sum()) < node_t + 1e-6  # and the weakest one kept is needed
+        assert not (p.node_mask & ~p.by_influence).any()
+        e, by_score = p.edge_scores, p.edges_by_score
+        assert float(e[by_score].sum() / e.sum()) >= 0.98 - 1e-6
+        assert float((e[by_score].sum() - e[by_score].min()) / e.sum()) < 0.98 + 1e-6
+        assert not (p.edge_mask & ~by_score).any()
+        assert p.node_mask[graph.token_slice.start:].all()  # tokens and logits always
+        # every kept feature has an incoming and an outgoing kept edge; edges only between kept nodes
+        nf = graph.n_features
+        kept = p.node_mask[:nf]
+        assert p.edge_mask[:nf][kept].any(1).all() and p.edge_mask[:, :nf][:, kept].any(0).all()
+        assert not p.edge_mask[~p.node_mask].any() and not p.edge_mask[:, ~p.node_mask].any()
+        assert p.cumulative.max() == pytest.approx(1.0)
+    with pytest.raises(Exception, match="must be between 0 and 1"):
+        prune(graph, 1.5)
+
+
+def test_max_feature_nodes_attributes_the_most_influential_latents():
+    model, clt, idx = tiny_model(), tiny_clt(), prompt()
+    full, _ = attribute(model, clt, idx, bos_id=BOS)
+    part, _ = attribute(model, clt, idx, bos_id=BOS, max_feature_nodes=10, batch_size=5)
+    assert part.n_features == 10 and part.meta["n_active_features"] == full.n_features
+    inf = influence(normalize(full.adjacency), full.logit_weights)[:full.n_features]
+    top = {tuple(f) for f in full.features[inf.argsort(descending=True)[:5]].tolist()}
+    chosen = {tuple(f) for f in part.features.tolist()}
+    assert len(top & chosen) >= 4  # the first batch is ranked by the logit rows alone: nearly the same set
+
+
+def _validate_graph_file(data: dict, n_layer: int) -> None:
+    """The fields README's "Attribution graphs" documents, with their types and meanings."""
+    meta = data["metadata"]
+    for key, kind in (("slug", str), ("scan", str), ("transcoder_list", list), ("prompt_tokens", list),
+                      ("prompt", str), ("node_threshold", float), ("schema_version", int),
+                      ("replacement_score", float), ("completeness_score", float)):
+        assert isinstance(meta[key], kind), key
+    assert set(data["qParams"]) == {"pinnedIds", "supernodes", "linkType", "clickedId", "sg_pos"}
+    T = len(meta["prompt_tokens"])
+    ids = set()
+    for n in data["nodes"]:
+        assert n["feature_type"] in FEATURE_TYPES.values()
+        assert 0 <= n["ctx_idx"] < T and n["reverse_ctx_idx"] == T - 1 - n["ctx_idx"]
+        assert isinstance(n["node_id"], str) and isinstance(n["jsNodeId"], str) and isinstance(n["layer"], str)
+        assert isinstance(n["feature"], int) and isinstance(n["is_target_logit"], bool) and n["run_idx"] == 0
+        assert 0 <= n["influence"] <= 1 + 1e-6
+        kind = n["feature_type"]
+        if kind == "cross layer transcoder":
+            layer, feat, pos = (int(v) for v in n["node_id"].split("_"))
+            assert n["layer"] == str(layer) and pos == n["ctx_idx"] and n["jsNodeId"] == f"{layer}_{feat}-0"
+            assert n["feature"] == (layer + feat) * (layer + feat + 1) // 2 + feat and n["activation"] > 0
+        elif kind == "mlp reconstruction error":
+            assert n["node_id"] == f"{n['layer']}_-1_{n['ctx_idx']}" and n["feature"] == -1
+        elif kind == "embedding":
+            assert n["layer"] == "E" and n["node_id"].startswith("E_") and n["feature"] == n["ctx_idx"]
+        else:
+            assert n["layer"] == str(n_layer + 1) and n["ctx_idx"] == T - 1 and 0 < n["token_prob"] <= 1
+            assert n["node_id"] == f"{n_layer + 1}_{n['feature']}_{T - 1}"
+        ids.add(n["node_id"])
+    assert len(ids) == len(data["nodes"])
+    assert sum(n["is_target_logit"] for n in data["nodes"]) == 1
+    for link in data["links"]:
+        assert link["source"] in ids and link["target"] in ids and isinstance(link["weight"], float)
+
+
+@pytest.fixture(scope="module")
+def demo_clt_dir(tmp_path_factory):
+    """A random CLT over the demo model's 4 layers (width 128), exported as `saelightning fit` does."""
+    clt = tiny_clt(n_layers=4, d=128, d_sae=32, threshold=0.5)
+    out = tmp_path_factory.mktemp("attr") / "clt"
+    save_clt(clt, out, {"model_name": "nanochat"})
+    return out
+
+
+@pytest.fixture(scope="module")
+def cli_graph(demo_clt_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("attr") / "graph"
+    code = main(["attribute", "--model", "demo", "--sae", str(demo_clt_dir), "--prompt", "def f(x):\n    return",
+                 "--out", str(out), "--clamp", "3:5=0", "--dashboard", "../viz/features/{index}.html",
+                 "--node-threshold", "0.99", "--edge-threshold", "0.999"])
+    assert code == 0
+    return out
+
+
+def test_the_cli_writes_the_graph_json_the_viewers_read(cli_graph):
+    data = json.loads((cli_graph / "graph.json").read_text())
+    _validate_graph_file(data, 4)
+    summary = json.loads((cli_graph / "summary.json").read_text())
+    assert summary["replacement_score"] == data["metadata"]["replacement_score"]
+    links = [n["dashboard"] for n in data["nodes"] if n["feature_type"] == "cross layer transcoder"]
+    assert links and all(link.startswith("../viz/features/") for link in links)
+    first = next(n for n in data["nodes"] if n["feature_type"] == "cross layer transcoder")
+    layer, feat, _ = (int(v) for v in first["node_id"].split("_"))
+    assert first["dashboard"] == f"../viz/features/{layer * 32 + feat}.html"
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (`make browser`)")
+def test_the_graph_page_renders_in_chromium_without_js_errors(cli_graph, tmp_path):
+    dom = dump_dom((cli_graph / "graph.html").as_uri(), tmp_path)
+    assert_clean(dom)
+    assert "<svg" in dom and 'id="interventions"' in dom
+    assert dom.count('class="node ') == len(json.loads((cli_graph / "graph.json").read_text())["nodes"])
+    assert 'href="../viz/features/' in dom
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (["--clamp", "3:5"], "bad --clamp '3:5'; write LAYER:LATENT=VALUE"),
+    (["--clamp", "7:5=1"], "--clamp 7:5: the transcoders have layers [0, 1, 2, 3]"),
+    (["--node-threshold", "1.5"], "--node-threshold 1.5 must be between 0 and 1"),
+    (["--target", "def f"], "--target 'def f' is 2 tokens"),
+    (["--dashboard", "x/{latent}.html"], "--dashboard 'x/{latent}.html' may use only"),
+    (["--slug", "a/b"], "--slug 'a/b' must be letters"),
+])
+def test_bad_cli_input_is_one_line_with_exit_2_and_writes_nothing(demo_clt_dir, tmp_path, capsys, extra, fragment):
+    out = tmp_path / "out"
+    code = main(["attribute", "--model", "demo", "--sae", str(demo_clt_dir), "--prompt", "x = 1", "--out", str(out),
+                 *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and fragment in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_an_sae_that_is_not_a_transcoder_is_refused(tmp_path, capsys):
+    sae = build_sae(SAEConfig(architecture="topk", d_in=128, d_sae=64, k=4))
+    save_sae(sae, tmp_path / "sae", {"hook_name": "blocks.1.hook_resid_post"})
+    code = main(["attribute", "--model", "demo", "--sae", str(tmp_path / "sae"), "--prompt", "x", "--out",
+                 str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "is not a transcoder" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_steering_a_clt_latent_adds_its_decoder_rows_to_every_mlp_output_it_writes():
+    model, clt, idx = tiny_model(), tiny_clt(), prompt()
+    im = InterpretableModel(model, [clt], bos_id=BOS)
+    hooks = [f"blocks.{i}.hook_mlp_{k}" for i in range(N_LAYER) for k in ("in", "out")]
+    plain = model.run_with_cache(idx[None], hooks)
+    f = clt.encoders[1].encode(plain["blocks.1.hook_mlp_in"][0])
+    latent = int(f[1:].sum(0).argmax())
+    with im.steering([Steer("blocks.1.hook_mlp_in", latent, "clamp", 0.0)]):
+        steered = model.run_with_cache(idx[None], hooks, hooks=im.hooks(idx[None]))
+    for i in range(2):  # layers up to the steered one: their inputs are unchanged
+        torch.testing.assert_close(steered[f"blocks.{i}.hook_mlp_in"], plain[f"blocks.{i}.hook_mlp_in"])
+    want = plain["blocks.1.hook_mlp_out"][0] - (f[:, latent:latent + 1] * (idx != BOS)[:, None]) @ \
+        clt.decoder(1, 1)[latent:latent + 1]
+    torch.testing.assert_close(steered["blocks.1.hook_mlp_out"][0], want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(steered["blocks.2.hook_mlp_in"], plain["blocks.2.hook_mlp_in"])
+    # tracking a CLT layer reports its latents at that input hook
+    pf = im.prompt_features(idx.tolist(), top_n=3, truncate=None)
+    assert set(pf.latents) == {f"blocks.{i}.hook_mlp_in" for i in range(N_LAYER)}
+
+
+def test_a_last_layer_latent_changes_the_logit_alike_in_the_replacement_model_and_the_model():
+    """A last-layer latent acts on the logits only directly (no attention or MLP after it). With its decoder row
+    orthogonal to the final residual, the final norm's denominator does not move to first order, so the frozen
+    norm is exact to first order; the frozen softcap ratio c = 15 tanh(z/15)/z stands where the model has the
+    slope sech²(z/15). So for a small clamp, model change = replacement change x sech²(z/15) / c."""
+    model, clt, idx = tiny_model(), tiny_clt(), prompt()
+    rm = LocalReplacement(model, Transcoders(clt, N_LAYER), idx, BOS)
+    last = rm.sources.latents[N_LAYER - 1][-1]
+    latent = int(last.argmax())
+    x = rm.final_resid[-1] / rm.final_resid[-1].norm()
+    row = clt.decoder(N_LAYER - 1, N_LAYER - 1)[latent]
+    row -= (row @ x) * x
+    graph, rm = attribute(model, clt, idx, bos_id=BOS)
+    token = int(graph.logit_ids[0])
+    a = float(rm.sources.latents[N_LAYER - 1][-1, latent])
+    assert a > 0
+    rep = replacement_intervention(rm, N_LAYER - 1, latent, 0.98 * a, token)
+    real = model_intervention(model, [clt], idx, BOS, N_LAYER - 1, latent, 0.98 * a, token)
+    ratio = rm.frozen.softcap_ratio[-1, token]
+    z = rm.logits[-1, token] / ratio
+    slope = 1 - torch.tanh(z / 15) ** 2
+    assert abs(rep) > 1e-3
+    assert real == pytest.approx(rep * float(slope / ratio), rel=0.02)
+    # zeroing it: the same sign in both
+    zero_rep = replacement_intervention(rm, N_LAYER - 1, latent, 0.0, token)
+    zero_real = model_intervention(model, [clt], idx, BOS, N_LAYER - 1, latent, 0.0, token)
+    assert zero_rep * zero_real > 0
+    # clamping a latent to its own activation changes nothing
+    assert replacement_intervention(rm, N_LAYER - 1, latent, a, token) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_intervention_on_the_demo_model_keeps_the_error_term():
+    """Zeroing a latent that is inactive everywhere is no change at all, in both models."""
+    nc = load_nanochat(DEMO_MODEL_DIR)
+    model = nc.model.float().requires_grad_(False)
+    clt = tiny_clt(n_layers=4, d=128, d_sae=32, threshold=0.5)
+    idx = torch.tensor(nc.tokenizer.encode("x = 1"))
+    rm = LocalReplacement(model, Transcoders(clt, 4), idx, nc.tokenizer.bos_id)
+    inactive = int((rm.sources.latents[2] != 0).sum(0).argmin())
+    assert int((rm.sources.latents[2][:, inactive] != 0).sum()) == 0
+    assert replacement_intervention(rm, 2, inactive, 0.0, 5) == 0.0
+    assert model_intervention(model, [clt], idx, nc.tokenizer.bos_id, 2, inactive, 0.0, 5) == 0.0
