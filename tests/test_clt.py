@@ -19,17 +19,9 @@ from saelightning.module import SAEModule, SAESpec
 from saelightning.saes import SAEConfig, build_sae
 from saelightning.saes.clt import CLT_ARCHITECTURES, CrossLayerTranscoder
 
-pytestmark = pytest.mark.numerics
+pytestmark = [pytest.mark.numerics, pytest.mark.usefixtures("one_thread")]
 
 D, D_SAE, K, L = 8, 32, 3, 3
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make(arch, n_layers=L, **kw):

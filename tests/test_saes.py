@@ -23,11 +23,12 @@ def make(arch, **kw):
     return build_sae(SAEConfig(architecture=arch, d_in=D_IN, d_sae=D_SAE, k=K, **kw))
 
 
-def adam_steps(sae, x, steps, lr=1e-2, dead_mask=None):
+def adam_steps(sae, x, steps, lr=1e-2, dead_mask=None, **forward):
+    """`steps` Adam steps of the SAE on x (forward: e.g. a transcoder's target=); the last step's losses."""
     opt = torch.optim.Adam(sae.parameters(), lr=lr)
     for step in range(steps):
         sae.set_training_step(step)
-        _, _, losses = sae(x, dead_mask=dead_mask)
+        _, _, losses = sae(x, dead_mask=dead_mask, **forward)
         opt.zero_grad()
         losses["loss"].backward()
         sae.before_optimizer_step()

@@ -27,18 +27,12 @@ from saelightning.runtime import Steer
 from saelightning.saes import SAEConfig, build_sae
 from saelightning.saes.base import TRANSCODER_ARCHITECTURES
 from saelightning.tokens import val_batches
+from tests.test_saes import adam_steps
 
-pytestmark = pytest.mark.numerics  # fp32 results compared across code paths: also run under other CPU kernels
+# fp32 results compared across code paths: also run under other CPU kernels; one torch thread (small ops)
+pytestmark = [pytest.mark.numerics, pytest.mark.usefixtures("one_thread")]
 
 D_IN, D_OUT, D_SAE, K = 12, 10, 48, 4
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make(arch, skip=False, d_out=D_OUT, **kw):
@@ -58,16 +52,7 @@ def planted(n=512, seed=0):
 
 
 def fit(sae, x, y, steps, lr=1e-2):
-    opt = torch.optim.Adam(sae.parameters(), lr=lr)
-    for step in range(steps):
-        sae.set_training_step(step)
-        _, _, losses = sae(x, target=y)
-        opt.zero_grad()
-        losses["loss"].backward()
-        sae.before_optimizer_step()
-        opt.step()
-        sae.after_optimizer_step()
-    return losses
+    return adam_steps(sae, x, steps, lr=lr, target=y)
 
 
 @pytest.mark.parametrize("arch", TRANSCODER_ARCHITECTURES)
