@@ -3,8 +3,12 @@ export naming every model, the Δ histogram and class counts in TensorBoard, bit
 errors for models a crosscoder cannot read together."""
 
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -306,3 +310,31 @@ def test_a_cache_of_other_models_or_another_chat_mix_is_refused_in_one_line(tmp_
                  "--data", str(tiny_shards_dir), "--hooks", f"chat/{HOOK}", "--tokens", "100",
                  "--out", str(tmp_path / "keyed")]) == 2
     assert "give the plain hook" in capsys.readouterr().err and not (tmp_path / "keyed").exists()
+
+
+@pytest.mark.slow  # three two-process fits of two models, ~1-2 min on the shared 2-core CPU
+def test_two_process_ddp_crosscoder_fit_with_a_chat_mix_resumes_bitwise(tmp_path, two_stages, tiny_shards_dir):
+    """Under DDP each rank runs both models on its own stream (its own stride of the conversations); both ranks'
+    positions, chat counts included, are in the checkpoint, and a resume from it is exact."""
+    chat = _chat_file(tmp_path)
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+
+    def fit(run, *extra):
+        cfg = _config(tmp_path, two_stages, tiny_shards_dir, run=run, chat=chat)
+        cmd = [sys.executable, "-m", "saelightning", "fit", "--config", str(cfg), "--trainer.strategy", "ddp",
+               "--trainer.devices", "2", *extra]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return torch.load(tmp_path / run / "last.ckpt", weights_only=True)
+
+    whole = fit("whole")
+    positions = whole["ActivationDataModule"]["positions"]
+    assert [p["index"] for p in positions] == [6, 6]
+    mixed = [next(iter(p["reader"]["workers"].values()))["mixed"] for p in positions]
+    assert mixed[0] != mixed[1] and all(m[0] > 0 for m in mixed)  # each rank took conversations of its own
+    assert whole["state_dict"]["tokens_seen"].item() == 6 * 64 * 2
+    fit("parts", "--trainer.max_steps", "4")  # mid-buffer: 4 batches a fill
+    parts = fit("parts", "--ckpt_path", "last")
+    assert parts["global_step"] == 6
+    for key in whole["state_dict"]:
+        assert torch.equal(whole["state_dict"][key], parts["state_dict"][key]), key
