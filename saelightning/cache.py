@@ -354,8 +354,8 @@ def _check_config(cfg: CacheConfig, n_layer: int) -> None:
             raise SAELightningError(f"--hooks {h}: give the plain hook; with --models every hook is stored for every "
                                     "model, keyed <name>/<hook>")
         parse_hook(h, n_layer)
-    if not 0.0 <= cfg.chat_fraction < 1.0:
-        raise SAELightningError(f"--chat_fraction {cfg.chat_fraction} must be in [0, 1) (the share of the tokens "
+    if not 0.0 <= cfg.chat_fraction <= 1.0:
+        raise SAELightningError(f"--chat_fraction {cfg.chat_fraction} must be in [0, 1] (the share of the tokens "
                                 "that are chat conversations)")
     if cfg.chat_fraction > 0 and cfg.chat is None:
         raise SAELightningError(f"--chat_fraction {cfg.chat_fraction} but no --chat; give --chat (a JSONL file of "

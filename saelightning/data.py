@@ -279,7 +279,8 @@ class ActivationDataModule(pl.LightningDataModule):
             stdlib docstring questions the demo's chat stage is tuned on) or a JSONL file, one conversation a line (a
             list of {"role", "content"} turns). Rendered in nanochat's conversation format (its special tokens);
             every tenth conversation is held out for validation (and eval / diff), the others are trained on.
-        chat_fraction: the share of the tokens that are conversations, in [0, 1) (0: text only). Exact in tokens:
+        chat_fraction: the share of the tokens that are conversations, in [0, 1] (0: text only, 1: conversations
+            only). Exact in tokens:
             a conversation is packed whenever the conversations' share so far is below it.
         synthetic: train on synthetic activations with known features (synthetic.py; hook name "synthetic"): its
             model is generated from its seed (or read from its file), the stream is generated as it is read, and
@@ -360,8 +361,8 @@ class ActivationDataModule(pl.LightningDataModule):
 
     @staticmethod
     def _check_chat(chat, fraction, kind) -> tuple[str | None, float]:
-        if not 0.0 <= fraction < 1.0:
-            raise SAELightningError(f"data.chat_fraction={fraction} must be in [0, 1) (the share of the tokens that "
+        if not 0.0 <= fraction <= 1.0:
+            raise SAELightningError(f"data.chat_fraction={fraction} must be in [0, 1] (the share of the tokens that "
                                     "are chat conversations)")
         if fraction > 0 and chat is None:
             raise SAELightningError(f"data.chat_fraction={fraction} but data.chat is null; give data.chat (a JSONL "
