@@ -5,7 +5,9 @@ and DIR/manifest.json. Each shard holds, per BOS-free token: `acts.<hook>` [n, d
 `token_ids` int32, `positions` int32 (row-relative: the token's index in the context_size row the
 model saw; the missing positions of a row are its BOS tokens), `rows` int64 (global row number in
 stream order: tokens with equal rows shared one context) and `docs` int64 (document number in
-stream order: BOS tokens seen before it, minus one).
+stream order: BOS tokens seen before it, minus one). With --models (a crosscoder's data.models) every model runs
+on the same token rows and each hook is stored per model as `acts.<name>/<hook>`; with --chat/--chat-fraction
+the rows mix in conversations as data.chat does. The manifest names every model and the mix.
 
 Two passes with bounded memory (one chunk + one shard):
 1. stream: token batches (the same packing as the live data module) go through the model; the
@@ -29,7 +31,7 @@ import os
 import random
 import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -45,7 +47,8 @@ from saelightning.command import parse
 from saelightning.errors import SAELightningError
 from saelightning.hooks import hook_width, parse_hook
 from saelightning.progress import progress_bar
-from saelightning.tokens import TokenBatches
+from saelightning.resolve import ModelSource, split_key, tokenizer_fingerprint
+from saelightning.tokens import ChatMix, TokenBatches
 
 MANIFEST = "manifest.json"
 PROGRESS = ".progress.json"
@@ -80,6 +83,11 @@ class CacheConfig:
         compile_model: run the model's truncated forward under torch.compile (compiles first; not part of the
             fingerprint).
         quiet: no progress bars (they show only on a terminal in any case; not part of the fingerprint).
+        models: two or more models run on the same token rows, as data.models for a crosscoder (each a ModelSource:
+            name, path (default --model), source, step, model_tag, era): every hook is stored for every model, keyed
+            "<name>/<hook>" as the data module keys them.
+        chat: conversations mixed into the text, as data.chat ("demo" or a JSONL file; its train split).
+        chat_fraction: the share of the tokens that are conversations, as data.chat_fraction (0: text only).
     """
 
     ALIASES: ClassVar[dict[str, str]] = {"compile": "compile_model"}  # the flag's earlier name
@@ -100,6 +108,9 @@ class CacheConfig:
     device: str = "cpu"
     compile_model: bool = False
     quiet: bool = False
+    models: list[ModelSource] | None = None
+    chat: str | None = None
+    chat_fraction: float = 0.0
 
 
 # --- small helpers ---
@@ -119,9 +130,23 @@ def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
 def _fingerprint(cfg: CacheConfig) -> dict:
     keep = asdict(cfg)
-    for key in ("device", "compile_model", "quiet", "out", "model", "step", "era"):
-        keep.pop(key)  # the model is identified by the loaded checkpoint's meta (path, step, era)
+    for key in ("device", "compile_model", "quiet", "out", "model", "step", "era", "models"):
+        keep.pop(key)  # the models are identified by the loaded checkpoints' meta (path, step, era)
     return keep
+
+
+def _who(record: dict) -> list[dict]:
+    """Which checkpoints a cache (its progress or manifest) was made from: name, path, step and era of each."""
+    return [{k: m.get(k) for k in ("name", "path", "step", "era")} for m in record.get("models") or [record["model"]]]
+
+
+def chat_record(mix: ChatMix | None, source: str | None) -> dict | None:
+    """What a cache records of its chat mix: the source, the fraction, and a fingerprint of the mixed conversations'
+    tokens in their order (not of the source's spelling), which a fit's data.chat must reproduce."""
+    if mix is None:
+        return None
+    return {"chat": source, "chat_fraction": mix.fraction, "conversations": len(mix.conversations),
+            "fingerprint": ChatMix(mix.conversations, mix.fraction).fingerprint()}
 
 
 def _slice(cols: dict[str, torch.Tensor], a: int, b: int | None = None) -> dict[str, torch.Tensor]:
@@ -134,18 +159,23 @@ def _cat(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
 
 # --- pass 1: the model over the token stream ---
 
-def capture_columns(run_with_cache, device: torch.device, tokens: torch.Tensor, hooks: list[str], bos: int,
-                    dtype: torch.dtype, first_row: int, docs_before: int) -> tuple[dict[str, torch.Tensor], int]:
-    """The cache columns of one token batch (BOS dropped) and the document count after it."""
+def capture_columns(runs: dict[str, Callable], device: torch.device, tokens: torch.Tensor, hooks: list[str],
+                    bos: int, dtype: torch.dtype, first_row: int,
+                    docs_before: int) -> tuple[dict[str, torch.Tensor], int]:
+    """The cache columns of one token batch (BOS dropped) and the document count after it. `runs` maps a key
+    prefix ("" for one model, "<name>/" for each of several) to that model's capture function."""
     # the same autocast rule as the live data module, so a cache holds what training would see
+    cache = {}
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        cache = run_with_cache(tokens.to(device), hooks)
+        for prefix, run in runs.items():
+            got = run(tokens.to(device), hooks)
+            cache.update({prefix + h: got[h] for h in hooks})
     rows_n, ctx = tokens.shape
     flat = tokens.reshape(-1)
     is_bos = flat == bos
     keep = ~is_bos
     docs = torch.cumsum(is_bos.long(), 0) + docs_before - 1
-    cols = {f"acts.{h}": cache[h].reshape(rows_n * ctx, -1)[keep.to(device)].to(dtype).cpu() for h in hooks}
+    cols = {f"acts.{k}": a.reshape(rows_n * ctx, -1)[keep.to(device)].to(dtype).cpu() for k, a in cache.items()}
     cols["token_ids"] = flat[keep].to(torch.int32)
     cols["positions"] = torch.arange(ctx, dtype=torch.int32).repeat(rows_n)[keep]
     cols["rows"] = (torch.arange(rows_n, dtype=torch.int64) + first_row).repeat_interleave(ctx)[keep]
@@ -154,14 +184,31 @@ def capture_columns(run_with_cache, device: torch.device, tokens: torch.Tensor, 
 
 
 class _Builder:
-    """Runs the two passes for one CacheConfig in one output directory, keeping .progress.json current."""
+    """Runs the two passes for one CacheConfig in one output directory, keeping .progress.json current.
+    With --models, `loaded` holds each model and `sources` their ModelSources (else one model, no sources)."""
 
-    def __init__(self, cfg: CacheConfig, nanochat, train_paths: list[Path]):
-        self.cfg, self.nanochat, self.train_paths = cfg, nanochat, train_paths
+    def __init__(self, cfg: CacheConfig, loaded: list, sources: list[ModelSource], train_paths: list[Path]):
+        self.cfg, self.loaded, self.sources, self.train_paths = cfg, loaded, sources, train_paths
+        self.nanochat = loaded[0]
         self.out = Path(cfg.out).expanduser().absolute()
-        self.model = nanochat.model
+        self.model = self.nanochat.model
         self.n_chunks = math.ceil(cfg.tokens / cfg.shard_tokens)
         self.fingerprint = _fingerprint(cfg)
+        self.prefixes = [f"{s.name}/" for s in sources] or [""]
+        self.keys = [p + h for p in self.prefixes for h in cfg.hooks]  # the stored activations, "<name>/<hook>"
+        self.chat = None
+        if cfg.chat_fraction > 0:  # the train split, as the data module renders it (seeded by data.seed)
+            self.chat = ChatMix.render(self.nanochat.tokenizer, resolve.conversations(cfg.chat), cfg.chat_fraction,
+                                       "train", cfg.seed, cfg.chat)
+
+    def head(self) -> dict:
+        """What the progress file and the manifest say the cache was made from."""
+        meta = self.nanochat.meta
+        head = {"model": {"path": meta["path"], "step": meta["step"], "era": meta["era"],
+                          "config": meta["model_config"]}}
+        if self.sources:
+            head["models"] = resolve.models_info(self.sources, self.loaded)
+        return head
 
     def _chunk_size(self, c: int) -> int:
         return min(self.cfg.shard_tokens, self.cfg.tokens - c * self.cfg.shard_tokens)
@@ -172,20 +219,21 @@ class _Builder:
     def stream(self, progress: dict) -> None:
         """Pass 1: chunks written in stream order; progress names the batch the leftover tokens start in."""
         cfg, hooks, dtype = self.cfg, self.cfg.hooks, DTYPES[self.cfg.dtype]
-        run, device = self.model.capturer(cfg.compile_model), next(self.model.parameters()).device
+        runs = {p: n.model.capturer(cfg.compile_model) for p, n in zip(self.prefixes, self.loaded)}
+        device = next(self.model.parameters()).device
         chunks_dir = self.out / CHUNKS
         chunks_dir.mkdir(exist_ok=True)
         pos = progress["stream"]  # {"reader", "skip", "batch", "docs"}: the batch the next chunk starts in
         start = None if pos["reader"] is None else {"workers": {0: pos["reader"]}}
         batches = TokenBatches(self.train_paths, self.nanochat.tokenizer, cfg.context_size, cfg.batch_rows,
-                               seed=cfg.seed, start=start)
+                               seed=cfg.seed, start=start, chat=self.chat)
         done = sum(c["tokens"] for c in progress["chunks"])
         bar = progress_bar(cfg.tokens, "cache: model pass", initial=done, quiet=cfg.quiet)
         reader_state, batch, docs, skip = pos["reader"], pos["batch"], pos["docs"], pos["skip"]
         pending: list[dict] = []
         n_pending = 0
         for item in batches:
-            cols, docs_after = capture_columns(run, device, item["tokens"], hooks, self.nanochat.tokenizer.bos_id,
+            cols, docs_after = capture_columns(runs, device, item["tokens"], hooks, self.nanochat.tokenizer.bos_id,
                                                dtype, batch * cfg.batch_rows, docs)
             n_batch, offset = cols["token_ids"].shape[0], skip
             cols = _slice(cols, skip)
@@ -209,7 +257,7 @@ class _Builder:
         bar.close()
 
     def _write_chunk(self, c: int, chunk: dict[str, torch.Tensor], progress: dict) -> None:
-        sumsq = {h: float(chunk[f"acts.{h}"].double().pow(2).sum()) for h in self.cfg.hooks}
+        sumsq = {k: float(chunk[f"acts.{k}"].double().pow(2).sum()) for k in self.keys}
         if self.cfg.shuffle:  # permuted now, so pass 2 can take contiguous slices of it
             perm = torch.randperm(len(chunk["token_ids"]),
                                   generator=torch.Generator().manual_seed(_seed(self.cfg.seed, 1, c)))
@@ -250,18 +298,18 @@ class _Builder:
         return _cat(parts)
 
     def manifest(self, progress: dict) -> dict:
-        cfg, meta = self.cfg, self.nanochat.meta
+        cfg = self.cfg
         n_layer, d_model = self.model.n_layer, self.model.d_model
         total = sum(c["tokens"] for c in progress["chunks"])
-        msn = {h: sum(c["sumsq"][h] for c in progress["chunks"]) / total for h in cfg.hooks}
+        msn = {k: sum(c["sumsq"][k] for c in progress["chunks"]) / total for k in self.keys}
         return {
-            "format": FORMAT, "kind": "saelightning-activation-cache",
-            "model": {"path": meta["path"], "step": meta["step"], "era": meta["era"], "config": meta["model_config"]},
-            "hooks": list(cfg.hooks), "d_in": {h: hook_width(h, n_layer, d_model) for h in cfg.hooks},
+            "format": FORMAT, "kind": "saelightning-activation-cache", **self.head(),
+            "tokenizer": tokenizer_fingerprint(self.nanochat.tokenizer), "chat": chat_record(self.chat, cfg.chat),
+            "hooks": list(self.keys), "d_in": {k: hook_width(split_key(k)[1], n_layer, d_model) for k in self.keys},
             "dtype": cfg.dtype, "tokens": total, "context_size": cfg.context_size, "batch_rows": cfg.batch_rows,
             "seed": cfg.seed, "shuffled": cfg.shuffle, "positions": "row-relative", "bos_dropped": True,
             "data": str(cfg.data), "train_shards": [p.name for p in self.train_paths],
-            "mean_squared_norm": msn,  # E||x||² over the whole cache, per hook (the trainer's scale comes from it)
+            "mean_squared_norm": msn,  # E||x||² over the whole cache, per key (the trainer's scale comes from it)
             "shards": progress["shards"], "fingerprint": self.fingerprint,
         }
 
@@ -269,7 +317,7 @@ class _Builder:
 # --- driver ---
 
 def estimate_bytes(cfg: CacheConfig, widths: dict[str, int]) -> int:
-    """Peak disk use: the chunks and the shards coexist during the shuffle pass."""
+    """Peak disk use: the chunks and the shards coexist during the shuffle pass (widths: every stored key's)."""
     per_token = sum(widths.values()) * DTYPES[cfg.dtype].itemsize + COLUMN_BYTES
     return cfg.tokens * per_token * (2 if cfg.shuffle else 1)
 
@@ -284,10 +332,14 @@ def _check_disk(out: Path, needed: int) -> None:
             "free space, lower --tokens, use --dtype bf16, or pick another --out")
 
 
-def _load(cfg: CacheConfig):
-    nanochat = resolve.load_model(cfg.model, step=cfg.step, era=cfg.era, device=cfg.device)
+def _load(cfg: CacheConfig) -> tuple[list, list[ModelSource], list[Path]]:
+    """The model (or --models' models, with their sources) and the train shards."""
+    if cfg.models:
+        sources, loaded = resolve.load_models(cfg.models, cfg.model, device=cfg.device)
+    else:
+        sources, loaded = [], [resolve.load_model(cfg.model, step=cfg.step, era=cfg.era, device=cfg.device)]
     train, _ = resolve.shards(cfg.data)
-    return nanochat, train
+    return loaded, sources, train
 
 
 def _check_config(cfg: CacheConfig, n_layer: int) -> None:
@@ -298,17 +350,25 @@ def _check_config(cfg: CacheConfig, n_layer: int) -> None:
     if not cfg.hooks or len(set(cfg.hooks)) != len(cfg.hooks):
         raise SAELightningError("--hooks needs one or more distinct hook names")
     for h in cfg.hooks:
+        if split_key(h)[0] is not None:
+            raise SAELightningError(f"--hooks {h}: give the plain hook; with --models every hook is stored for every "
+                                    "model, keyed <name>/<hook>")
         parse_hook(h, n_layer)
+    if not 0.0 <= cfg.chat_fraction <= 1.0:
+        raise SAELightningError(f"--chat_fraction {cfg.chat_fraction} must be in [0, 1] (the share of the tokens "
+                                "that are chat conversations)")
+    if cfg.chat_fraction > 0 and cfg.chat is None:
+        raise SAELightningError(f"--chat_fraction {cfg.chat_fraction} but no --chat; give --chat (a JSONL file of "
+                                "conversations, or demo)")
 
 
-def _open_progress(out: Path, fingerprint: dict, model: dict) -> dict | None:
+def _open_progress(out: Path, fingerprint: dict, head: dict) -> dict | None:
     """The finished manifest or the progress of this same cache in `out`; refuses anything else there."""
     for name in (MANIFEST, PROGRESS):
         path = out / name
         if path.is_file():
             record = json.loads(path.read_text())
-            theirs = (record.get("fingerprint"), {k: record["model"][k] for k in ("path", "step", "era")})
-            if theirs != (fingerprint, model):
+            if (record.get("fingerprint"), _who(record)) != (fingerprint, _who(head)):
                 raise SAELightningError(
                     f"{out} holds {'a cache' if name == MANIFEST else 'an unfinished cache'} made with other settings "
                     "or another model; use the same command to finish it, or another --out")
@@ -320,22 +380,21 @@ def _open_progress(out: Path, fingerprint: dict, model: dict) -> dict | None:
 
 def build_cache(cfg: CacheConfig) -> dict:
     """Build (or finish, or leave as it is) the cache described by cfg; returns its manifest."""
-    nanochat, train = _load(cfg)
-    model = nanochat.model
+    loaded, sources, train = _load(cfg)
+    model = loaded[0].model
     _check_config(cfg, model.n_layer)
-    cfg.context_size = cfg.context_size or model.config.sequence_len
-    builder = _Builder(cfg, nanochat, train)
-    out, meta = builder.out, nanochat.meta
-    record = _open_progress(out, builder.fingerprint, {"path": meta["path"], "step": meta["step"], "era": meta["era"]})
+    cfg.context_size = cfg.context_size or min(n.model.config.sequence_len for n in loaded)
+    builder = _Builder(cfg, loaded, sources, train)
+    out = builder.out
+    record = _open_progress(out, builder.fingerprint, builder.head())
     if record is not None and record.get("kind") == "saelightning-activation-cache":
         shutil.rmtree(out / CHUNKS, ignore_errors=True)
         print(f"cache: {out} is complete ({record['tokens']} tokens); nothing to do", file=sys.stderr)
         return record
-    widths = {h: hook_width(h, model.n_layer, model.d_model) for h in cfg.hooks}
+    widths = {k: hook_width(split_key(k)[1], model.n_layer, model.d_model) for k in builder.keys}
     _check_disk(out, estimate_bytes(cfg, widths))
     out.mkdir(parents=True, exist_ok=True)
-    progress = record or {"fingerprint": builder.fingerprint, "model": {k: meta[k] for k in ("path", "step", "era")},
-                          "chunks": [], "shards": [],
+    progress = record or {"fingerprint": builder.fingerprint, **builder.head(), "chunks": [], "shards": [],
                           "stream": {"reader": None, "skip": 0, "batch": 0, "docs": 0}}
     if record is None:  # first thing in `out`: a run stopped before its first chunk is this cache, unfinished
         builder._save_progress(progress)
@@ -355,7 +414,7 @@ def cli_main(argv: Sequence[str]) -> int:
         return 0
     manifest = build_cache(cfg)
     size = sum(s["bytes"] for s in manifest["shards"])
-    print(f"cache: {manifest['tokens']} tokens x {len(manifest['hooks'])} hook(s) in {len(manifest['shards'])} "
+    print(f"cache: {manifest['tokens']} tokens x {len(manifest['hooks'])} key(s) in {len(manifest['shards'])} "
           f"shard(s), {size / 1e6:.1f} MB, {cfg.out}/manifest.json", file=sys.stderr)
     return 0
 
@@ -377,8 +436,52 @@ def read_manifest(cache_dir) -> dict:
     return manifest
 
 
-def check_cache(manifest: dict, widths: dict[str, int], model_info: dict) -> None:
-    """Refuse a cache that lacks a hook, has another width, or comes from another model checkpoint."""
+def _models_named(models: list[dict]) -> str:
+    return ", ".join(f"{m['name']} ({m['path']}, {m['stage']}, step {m['step']})" for m in models)
+
+
+def _check_models(manifest: dict, model_info: dict) -> None:
+    """The models of a cache against data.models (or data.model): the same ones, named alike, in one order."""
+    theirs, ours = manifest.get("models"), model_info.get("models")
+    if ours is None and theirs is None:
+        theirs, ours = manifest["model"], model_info
+        if (theirs["step"], theirs["era"], theirs["config"]) != (ours["step"], ours["era"], ours["config"]):
+            raise SAELightningError(f"the cache was made from {theirs['path']} (step {theirs['step']}, "
+                                    f"era {theirs['era']}), data.model is {ours['path']} "
+                                    f"(step {ours['step']}); point data.model/data.step at the cached checkpoint")
+    elif theirs is None:
+        raise SAELightningError(f"the cache {manifest['dir']} holds one model's activations "
+                                f"({manifest['model']['path']}), data.models names several; build a cache of every "
+                                "model with `saelightning cache --models` (the same entries as data.models)")
+    elif ours is None:
+        raise SAELightningError(f"the cache {manifest['dir']} holds the activations of {_models_named(theirs)}; train "
+                                "on it with those models as data.models, or cache data.model alone")
+    else:
+        same = lambda m: (m["name"], m["stage"], m["step"], m["era"], m["config"])  # noqa: E731 (a path may move)
+        if [same(m) for m in theirs] != [same(m) for m in ours]:
+            raise SAELightningError(f"the cache {manifest['dir']} was made from {_models_named(theirs)}, data.models "
+                                    f"is {_models_named(ours)}; give data.models the cached models (names, stages, "
+                                    "steps, in order) or cache these")
+
+
+def check_origin(manifest: dict, model_info: dict, tokenizer: str, chat: dict | None) -> None:
+    """Refuse a cache that comes from other model checkpoints or another tokenizer, or mixed other conversations
+    into its text than data.chat / data.chat_fraction would (the data module asks before anything is written)."""
+    _check_models(manifest, model_info)
+    if manifest.get("tokenizer", tokenizer) != tokenizer:  # a cache older than this check records none
+        raise SAELightningError(f"the cache {manifest['dir']} was tokenized by another tokenizer than data.model's; "
+                                "rebuild the cache with the model's tokenizer/ beside its checkpoints")
+    theirs = manifest.get("chat")
+    if (theirs or {}).get("fingerprint") != (chat or {}).get("fingerprint"):
+        def mix(record):
+            return "no chat" if record is None else f"chat {record['chat']} at chat_fraction {record['chat_fraction']}"
+        raise SAELightningError(f"the cache {manifest['dir']} mixed {mix(theirs)} into its text, this run asks for "
+                                f"{mix(chat)} (data.chat, data.chat_fraction, data.seed); train with the cache's mix "
+                                "or cache this one")
+
+
+def check_cache(manifest: dict, widths: dict[str, int]) -> None:
+    """Refuse a cache that lacks one of the SAEs' activation keys or has another width for it."""
     for hook, d_in in widths.items():
         if hook not in manifest["hooks"]:
             raise SAELightningError(f"the cache {manifest['dir']} has no {hook} (it holds {manifest['hooks']}); "
@@ -386,12 +489,6 @@ def check_cache(manifest: dict, widths: dict[str, int], model_info: dict) -> Non
         if manifest["d_in"][hook] != d_in:
             raise SAELightningError(f"the cache's {hook} has d_in={manifest['d_in'][hook]}, the SAE's is {d_in}; "
                                     "the cache comes from another model: point data.model at the cached one")
-    theirs = manifest["model"]
-    if (theirs["step"], theirs["era"], theirs["config"]) != (model_info["step"], model_info["era"],
-                                                             model_info["config"]):
-        raise SAELightningError(f"the cache was made from {theirs['path']} (step {theirs['step']}, "
-                                f"era {theirs['era']}), data.model is {model_info['path']} "
-                                f"(step {model_info['step']}); point data.model/data.step at the cached checkpoint")
 
 
 def cache_scales(manifest: dict, hooks: list[str]) -> dict[str, float]:

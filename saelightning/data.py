@@ -26,13 +26,11 @@ import ctypes
 import hashlib
 import math
 import os
-import re
 import signal
 import sys
 import weakref
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, fields
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -43,10 +41,11 @@ from torch.utils.data import DataLoader
 
 from saelightning import resolve
 from saelightning.activations import HeldOut, mean_squared_norms, read_activations, train_view
-from saelightning.cache import CacheBlocks, cache_scales, check_cache, read_manifest
+from saelightning.cache import CacheBlocks, cache_scales, chat_record, check_cache, check_origin, read_manifest
 from saelightning.errors import SAELightningError
 from saelightning.faults import raise_if_stop_requested
 from saelightning.hooks import hook_width, parse_hook
+from saelightning.resolve import ModelSource, split_key, tokenizer_fingerprint
 from saelightning.synthetic import HOOK as SYNTHETIC_HOOK
 from saelightning.synthetic import (
     SCALE,
@@ -233,76 +232,6 @@ class ValBatches:
         return iter({"tokens": t} for t in self.batches)
 
 
-# --- several models on the same tokens (crosscoders) ---
-
-@dataclass
-class ModelSource:
-    """One of the models a crosscoder reads (data.models).
-
-    Args:
-        name: what the model is called in hook keys ("<name>/<hook>"), logs and exports (e.g. base, chat).
-        path: a nanochat checkpoint dir, model_XXXXXX.pt or base dir, or "demo" (default: data.model).
-        source: the stage folder of a base dir: base | mid | sft | rl.
-        step: the checkpoint step (default: the latest).
-        model_tag: the base dir's model folder (default: the deepest d*).
-        era: "original" | "current" to override the era detected from the checkpoint's keys.
-    """
-
-    name: str = "base"
-    path: str | None = None
-    source: str = "base"
-    step: int | None = None
-    model_tag: str | None = None
-    era: str | None = None
-
-
-MODEL_KEY = re.compile(r"^([A-Za-z0-9_\-]+)/(.+)$")
-
-
-def split_key(key: str) -> tuple[str | None, str]:
-    """"chat/blocks.2.hook_resid_post" -> ("chat", "blocks.2.hook_resid_post"); a plain hook -> (None, hook)."""
-    match = MODEL_KEY.match(key)
-    return (match.group(1), match.group(2)) if match else (None, key)
-
-
-def _as_source(value, index: int) -> ModelSource:
-    if isinstance(value, ModelSource):
-        return value
-    if isinstance(value, dict):
-        known = {f.name for f in fields(ModelSource)}
-        unknown = sorted(set(value) - known)
-        if unknown:
-            raise SAELightningError(f"data.models[{index}] has no field(s) {unknown}; its fields are {sorted(known)}")
-        return ModelSource(**value)
-    raise SAELightningError(f"data.models[{index}] must be a mapping of ModelSource fields, got {type(value).__name__}")
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    """What makes two tokenizers the same: the split pattern, every merge and the special tokens."""
-    enc = tokenizer.encoding
-    digest = hashlib.sha256(enc._pat_str.encode())
-    for token, rank in sorted(enc._mergeable_ranks.items(), key=lambda kv: kv[1]):
-        digest.update(rank.to_bytes(4, "little") + token)
-    digest.update(repr(sorted(enc._special_tokens.items())).encode())
-    return digest.hexdigest()[:16]
-
-
-def check_same_family(loaded: list[tuple[str, object]]) -> None:
-    """Models a crosscoder can read together: one tokenizer, one width, one vocabulary (one-line errors)."""
-    (first, ref), rest = loaded[0], loaded[1:]
-    for name, other in rest:
-        for what, a, b in (("width (n_embd)", ref.model.d_model, other.model.d_model),
-                           ("vocabulary size", ref.model.config.vocab_size, other.model.config.vocab_size)):
-            if a != b:
-                raise SAELightningError(f"data.models: {name!r} ({other.meta['path']}) has {what} {b} but {first!r} "
-                                        f"has {a}; a crosscoder reads models of one family: give checkpoints of one "
-                                        "nanochat run (one tokenizer, one width)")
-        if tokenizer_fingerprint(ref.tokenizer) != tokenizer_fingerprint(other.tokenizer):
-            raise SAELightningError(f"data.models: {name!r} ({other.meta['path']}) has another tokenizer than "
-                                    f"{first!r}; the models must read the same tokens: give checkpoints of one "
-                                    "nanochat run (one tokenizer/ directory)")
-
-
 # --- the data module ---
 
 class ActivationDataModule(pl.LightningDataModule):
@@ -329,7 +258,9 @@ class ActivationDataModule(pl.LightningDataModule):
         normalize: scale activations by that constant (stored in each SAE's input_scale).
         seed: data order seed (shard row groups and the buffer permutations; a synthetic stream's samples).
         cache_dir: a `saelightning cache` output: train activations are read from it instead of running
-            the model (validation still runs the model on the val shard; the scale comes from its manifest).
+            the model (validation still runs the model on the val shard; the scale comes from its manifest). With
+            data.models, a cache of every model (`saelightning cache --models`); its models, tokenizer and chat mix
+            must be this config's (refused in one line otherwise).
         max_buffer_bytes: refuse a config whose shuffle buffer at its peak (a refill's parts + their concatenation,
             fp32, every hook) exceeds this (default: half the training device's memory, GPU or host RAM).
         compile_model: run the model's truncated forward under torch.compile (the first model batch compiles,
@@ -342,12 +273,14 @@ class ActivationDataModule(pl.LightningDataModule):
             ModelSource (name, path, source, step, model_tag, era; path defaults to data.model). Their activations
             are keyed "<name>/<hook>"; a crosscoder reads its hook in every model, an SAE names one ("chat/...").
             One tokenizer, one width and one vocabulary are required. The model options above then apply to the
-            first model only where its entry leaves them out (context_size, compile_model apply to all).
+            first model only where its entry leaves them out (context_size, compile_model apply to all). With
+            cache_dir, training reads every model's activations from the cache instead.
         chat: conversations mixed into the text (a chat model is diffed on the text it was tuned for): "demo" (the
             stdlib docstring questions the demo's chat stage is tuned on) or a JSONL file, one conversation a line (a
             list of {"role", "content"} turns). Rendered in nanochat's conversation format (its special tokens);
             every tenth conversation is held out for validation (and eval / diff), the others are trained on.
-        chat_fraction: the share of the tokens that are conversations, in [0, 1) (0: text only). Exact in tokens:
+        chat_fraction: the share of the tokens that are conversations, in [0, 1] (0: text only, 1: conversations
+            only). Exact in tokens:
             a conversation is packed whenever the conversations' share so far is below it.
         synthetic: train on synthetic activations with known features (synthetic.py; hook name "synthetic"): its
             model is generated from its seed (or read from its file), the stream is generated as it is read, and
@@ -402,6 +335,9 @@ class ActivationDataModule(pl.LightningDataModule):
         if models:
             self._load_models(models, model, context_size, compile_model)
         self.cache_manifest = read_manifest(cache_dir) if cache_dir else None
+        if self.cache_manifest is not None:
+            check_origin(self.cache_manifest, self.model_info, tokenizer_fingerprint(self.tokenizer),
+                         chat_record(self.chat_mix("train"), self.chat))
         self.hooks: list[str] = []  # set by setup() from the LightningModule's SAEs
         self.device = torch.device("cpu")
         self.scales: dict[str, float] | None = None
@@ -425,15 +361,15 @@ class ActivationDataModule(pl.LightningDataModule):
 
     @staticmethod
     def _check_chat(chat, fraction, kind) -> tuple[str | None, float]:
-        if not 0.0 <= fraction < 1.0:
-            raise SAELightningError(f"data.chat_fraction={fraction} must be in [0, 1) (the share of the tokens that "
+        if not 0.0 <= fraction <= 1.0:
+            raise SAELightningError(f"data.chat_fraction={fraction} must be in [0, 1] (the share of the tokens that "
                                     "are chat conversations)")
         if fraction > 0 and chat is None:
             raise SAELightningError(f"data.chat_fraction={fraction} but data.chat is null; give data.chat (a JSONL "
                                     "file of conversations, or demo)")
-        if fraction > 0 and kind != "live":
+        if fraction > 0 and kind not in ("live", "cache"):
             raise SAELightningError("data.chat mixes conversations into the text the model reads; it cannot be "
-                                    "combined with data.cache_dir, data.activations or data.synthetic")
+                                    "combined with data.activations or data.synthetic")
         return chat, fraction
 
     def chat_mix(self, split: str) -> ChatMix | None:
@@ -449,31 +385,17 @@ class ActivationDataModule(pl.LightningDataModule):
 
     def _load_models(self, models, default_path, context_size, compile_model) -> None:
         """data.models: the first replaces the single model, the others run beside it on the same tokens."""
-        if self.model_free or self.cache_dir:
-            raise SAELightningError("data.models runs the models on text; it cannot be combined with data.cache_dir, "
-                                    "data.activations or data.synthetic")
-        sources = [_as_source(m, i) for i, m in enumerate(models)]
-        names = [s.name for s in sources]
-        if len(sources) < 2 or len(set(names)) != len(names) or not all(re.fullmatch(r"[A-Za-z0-9_\-]+", n)
-                                                                          for n in names):
-            raise SAELightningError(f"data.models needs two or more models with distinct names of letters, digits, _ "
-                                    f"and - (got {names}); a crosscoder diffs them")
-        loaded = []
-        for src in sources:
-            path = src.path or default_path
-            if path is None:
-                raise SAELightningError(f"data.models: {src.name!r} has no path and data.model is null; give its path")
-            loaded.append((src.name, resolve.load_model(path, step=src.step, era=src.era, source=src.source,
-                                                        model_tag=src.model_tag)))
-            src.path = path
-        check_same_family(loaded)
+        if self.model_free:
+            raise SAELightningError("data.models runs the models on text; it cannot be combined with "
+                                    "data.activations or data.synthetic (data.cache_dir: a cache of every model)")
+        sources, loaded = resolve.load_models(models, default_path)
         self.sources = sources
-        self.nanochat, self.era_arg, self.model_arg = loaded[0][1], sources[0].era, sources[0].path
+        self.nanochat, self.era_arg, self.model_arg = loaded[0], sources[0].era, sources[0].path
         self.model, self.tokenizer = self.nanochat.model, self.nanochat.tokenizer
         self._run_with_cache = self.model.capturer(compile_model)
-        self.others = {name: nanochat for name, nanochat in loaded[1:]}
+        self.others = {s.name: nanochat for s, nanochat in zip(sources[1:], loaded[1:])}
         self._other_capture = {name: n.model.capturer(compile_model) for name, n in self.others.items()}
-        seq = min(n.model.config.sequence_len for _, n in loaded)
+        seq = min(n.model.config.sequence_len for n in loaded)
         self.context_size = context_size or seq
         if not 1 <= self.context_size <= seq:
             raise SAELightningError(f"data.context_size={self.context_size} must be in [1, {seq}] (the models' "
@@ -533,9 +455,7 @@ class ActivationDataModule(pl.LightningDataModule):
         info = {"path": meta["path"], "step": meta["step"], "era": meta["era"], "config": meta["model_config"],
                 "context_size": self.context_size, "trained_on": self.trained_on}
         if self.sources:  # every model a crosscoder reads: what an export names
-            metas = [meta] + [self.others[s.name].meta for s in self.sources[1:]]
-            info["models"] = [{"name": s.name, "path": m["path"], "stage": s.source, "step": m["step"],
-                               "era": m["era"], "config": m["model_config"]} for s, m in zip(self.sources, metas)]
+            info["models"] = resolve.models_info(self.sources, [self.nanochat, *self.others.values()])
         return info
 
     @property
@@ -616,7 +536,7 @@ class ActivationDataModule(pl.LightningDataModule):
                 model_name, hook = split_key(name)
                 parse_hook(hook, self.model_of(model_name).n_layer)
         if self.cache_manifest is not None:
-            check_cache(self.cache_manifest, {h: self.hook_width(h) for h in self.hooks}, self.model_info)
+            check_cache(self.cache_manifest, {h: self.hook_width(h) for h in self.hooks})
         if self.trainer is not None:
             self.device = self.trainer.strategy.root_device
         self.check_memory(self.hooks)

@@ -54,7 +54,7 @@ class DiffArgs:
         data: parquet shard dir or "demo"; default: the shards the crosscoder was trained on.
         chat: conversations mixed into the val text ("demo" or a JSONL file; its held-out tenth is read); default:
             the data.chat the crosscoder was trained with.
-        chat_fraction: their share of the tokens, in [0, 1); default: the trained data.chat_fraction (0 without).
+        chat_fraction: their share of the tokens, in [0, 1]; default: the trained data.chat_fraction (0 without).
         batch_size: rows per forward.
         context_size: tokens per row; default: the training context size.
         top: latents of each exclusive class printed (by Δ; the JSON has every latent).

@@ -181,7 +181,7 @@ def logit_effects(models: list, names: list[str], cc, hook: str, latents: torch.
     """Per model: each chosen latent's boosted and suppressed tokens through that model's decoder block."""
     cfg, d, out = StatsConfig(n_logits=n_logits), cc.d_model, {}
     for m, (nc, name) in enumerate(zip(models, names)):
-        block = SimpleNamespace(W_dec=cc.W_dec[:, m * d:(m + 1) * d])
+        block = SimpleNamespace(W_dec=cc.W_dec[:, m * d:(m + 1) * d], config=cc.config)  # one model's SAE view
         top_v, top_i, bot_v, bot_i, _, _ = logit_effect(nc.model, block, hook, latents, cfg)
         token_str = nc.tokenizer.token_str
         out[name] = [{"pos": [(token_str(int(t)), float(v)) for t, v in zip(top_i[j], top_v[j])],

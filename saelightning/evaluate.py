@@ -388,7 +388,7 @@ class EvalArgs:
             on (cfg.json), else the demo shards for the demo model, else $NANOCHAT_BASE_DIR/base_data[_climbmix].
         chat: conversations mixed into the val rows ("demo" or a JSONL file; its held-out tenth); default: the
             data.chat the SAEs were trained with, so that eval reads validation's rows.
-        chat_fraction: their share of the tokens, in [0, 1); default: the trained data.chat_fraction (0 without).
+        chat_fraction: their share of the tokens, in [0, 1]; default: the trained data.chat_fraction (0 without).
         batch_size: rows per forward.
         context_size: tokens per row; default: the SAEs' training context size.
         device: cpu or cuda; default: cuda when there is a GPU.

@@ -67,9 +67,11 @@ def write_batches(out_dir, meta: dict, records: list[dict], sae_dir, model_id: s
     manifest = {"model_id": model_id, "layer": layer, "sae_set": sae_set, "hook_name": meta["hook_name"],
                 "n_features": len(records), "n_tokens": meta["n_tokens"]}
     names = []
+    dataset = meta["val_shard"] if not meta.get("chat") else \
+        f"{meta['val_shard']} + chat {meta['chat']} (chat_fraction {meta['chat_fraction']})"
     with atomic_dir(out_dir, "neuronpedia", manifest) as tmp:
         for n, start in enumerate(range(0, len(records), per_batch)):
-            features = [feature_json(r, n_prompts, meta["context_size"], meta["val_shard"])
+            features = [feature_json(r, n_prompts, meta["context_size"], dataset)
                         for r in records[start:start + per_batch]]
             batch = {"model_id": model_id, "layer": layer, "sae_set": sae_set, "features": features}
             (tmp / f"batch-{n}.json").write_text(json.dumps(batch, ensure_ascii=False, allow_nan=False))

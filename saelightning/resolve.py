@@ -6,9 +6,12 @@ its shards, and what a missing tokenizer or hook name means, so that every comma
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 from collections.abc import Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -19,6 +22,101 @@ from saelightning.export import load_sae, read_metadata
 from saelightning.nanochat.checkpoint import Nanochat, load_nanochat
 from saelightning.nanochat.shards import list_shards
 from saelightning.tokens import ChatMix
+
+
+@dataclass
+class ModelSource:
+    """One of the models a crosscoder reads (data.models).
+
+    Args:
+        name: what the model is called in hook keys ("<name>/<hook>"), logs and exports (e.g. base, chat).
+        path: a nanochat checkpoint dir, model_XXXXXX.pt or base dir, or "demo" (default: data.model).
+        source: the stage folder of a base dir: base | mid | sft | rl.
+        step: the checkpoint step (default: the latest).
+        model_tag: the base dir's model folder (default: the deepest d*).
+        era: "original" | "current" to override the era detected from the checkpoint's keys.
+    """
+
+    name: str = "base"
+    path: str | None = None
+    source: str = "base"
+    step: int | None = None
+    model_tag: str | None = None
+    era: str | None = None
+
+
+MODEL_KEY = re.compile(r"^([A-Za-z0-9_\-]+)/(.+)$")
+
+
+def split_key(key: str) -> tuple[str | None, str]:
+    """"chat/blocks.2.hook_resid_post" -> ("chat", "blocks.2.hook_resid_post"); a plain hook -> (None, hook)."""
+    match = MODEL_KEY.match(key)
+    return (match.group(1), match.group(2)) if match else (None, key)
+
+
+def as_source(value, index: int) -> ModelSource:
+    if isinstance(value, ModelSource):
+        return value
+    if isinstance(value, dict):
+        known = {f.name for f in fields(ModelSource)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise SAELightningError(f"data.models[{index}] has no field(s) {unknown}; its fields are {sorted(known)}")
+        return ModelSource(**value)
+    raise SAELightningError(f"data.models[{index}] must be a mapping of ModelSource fields, got {type(value).__name__}")
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """What makes two tokenizers the same: the split pattern, every merge and the special tokens."""
+    enc = tokenizer.encoding
+    digest = hashlib.sha256(enc._pat_str.encode())
+    for token, rank in sorted(enc._mergeable_ranks.items(), key=lambda kv: kv[1]):
+        digest.update(rank.to_bytes(4, "little") + token)
+    digest.update(repr(sorted(enc._special_tokens.items())).encode())
+    return digest.hexdigest()[:16]
+
+
+def check_same_family(loaded: list[tuple[str, object]]) -> None:
+    """Models a crosscoder can read together: one tokenizer, one width, one vocabulary (one-line errors)."""
+    (first, ref), rest = loaded[0], loaded[1:]
+    for name, other in rest:
+        for what, a, b in (("width (n_embd)", ref.model.d_model, other.model.d_model),
+                           ("vocabulary size", ref.model.config.vocab_size, other.model.config.vocab_size)):
+            if a != b:
+                raise SAELightningError(f"data.models: {name!r} ({other.meta['path']}) has {what} {b} but {first!r} "
+                                        f"has {a}; a crosscoder reads models of one family: give checkpoints of one "
+                                        "nanochat run (one tokenizer, one width)")
+        if tokenizer_fingerprint(ref.tokenizer) != tokenizer_fingerprint(other.tokenizer):
+            raise SAELightningError(f"data.models: {name!r} ({other.meta['path']}) has another tokenizer than "
+                                    f"{first!r}; the models must read the same tokens: give checkpoints of one "
+                                    "nanochat run (one tokenizer/ directory)")
+
+
+def load_models(models: Sequence, default_path: str | None, device=None) -> tuple[list[ModelSource], list[Nanochat]]:
+    """data.models (or `saelightning cache --models`): each entry a ModelSource (path defaulting to
+    `default_path`), loaded and checked to be one family; the sources come back with their paths filled in."""
+    sources = [as_source(m, i) for i, m in enumerate(models)]
+    names = [s.name for s in sources]
+    if len(sources) < 2 or len(set(names)) != len(names) or not all(re.fullmatch(r"[A-Za-z0-9_\-]+", n)
+                                                                      for n in names):
+        raise SAELightningError(f"data.models needs two or more models with distinct names of letters, digits, _ "
+                                f"and - (got {names}); a crosscoder diffs them")
+    loaded = []
+    for src in sources:
+        path = src.path or default_path
+        if path is None:
+            raise SAELightningError(f"data.models: {src.name!r} has no path and data.model is null; give its path")
+        loaded.append((src.name, load_model(path, device=device, step=src.step, era=src.era, source=src.source,
+                                            model_tag=src.model_tag)))
+        src.path = path
+    check_same_family(loaded)
+    return sources, [n for _, n in loaded]
+
+
+def models_info(sources: Sequence[ModelSource], loaded: Sequence[Nanochat]) -> list[dict]:
+    """What an export or a cache manifest names of each model: name, path, stage, step, era, config."""
+    return [{"name": s.name, "path": n.meta["path"], "stage": s.source, "step": n.meta["step"], "era": n.meta["era"],
+             "config": n.meta["model_config"]} for s, n in zip(sources, loaded)]
 
 
 def model_path(model: str) -> str:

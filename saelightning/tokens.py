@@ -14,7 +14,8 @@ rows everywhere:
 A `ChatMix` (data.chat, data.chat_fraction) mixes chat conversations, rendered in nanochat's conversation
 format (tokenizer.render_conversation: <|bos|>, <|user_start|> ... <|assistant_end|>), into the documents: the
 packer takes the next conversation instead of the next document whenever the conversations' share of the
-tokens it has packed is below the fraction, so the mix is exact in tokens and needs no random state. Training
+tokens it has packed is below the fraction, so the mix is exact in tokens and needs no random state (at 1 it takes
+conversations only). Training
 reads the train conversations (each reader its own stride of a seeded permutation), validation the held-out ones
 in order: every tenth conversation, the ones the demo's chat stage holds out of its fine-tuning.
 """
@@ -39,8 +40,8 @@ class ChatMix:
     """Rendered conversations (token ids, each starting with <|bos|>) and the share of the tokens they take."""
 
     def __init__(self, conversations: list[list[int]], fraction: float, source: str = ""):
-        if not 0.0 <= fraction < 1.0:
-            raise SAELightningError(f"data.chat_fraction={fraction} must be in [0, 1) (the share of the tokens "
+        if not 0.0 <= fraction <= 1.0:
+            raise SAELightningError(f"data.chat_fraction={fraction} must be in [0, 1] (the share of the tokens "
                                     "that are chat conversations)")
         if fraction > 0 and not conversations:
             raise SAELightningError(f"data.chat {source!r} holds no conversation; give a JSONL file of conversations")
@@ -83,7 +84,7 @@ class Packer:
 
     def _next_ids(self, docs: Iterator[str]) -> list[int] | None:
         taken, chat_tokens, tokens = self.mixed
-        if self.chat is not None and chat_tokens < self.chat.fraction * tokens:
+        if self.chat is not None and (chat_tokens < self.chat.fraction * tokens or self.chat.fraction == 1):
             pool = self.chat.conversations
             ids = pool[(self.reader + taken * self.readers) % len(pool)]
             self.mixed = [taken + 1, chat_tokens + len(ids), tokens + len(ids)]

@@ -51,6 +51,16 @@ def test_the_mix_is_exact_in_tokens_and_packs_whole_conversations_in_order(tok):
     assert set(region[start + user_end + 1:start + len(ids)].tolist()) == {2}
 
 
+def test_a_fraction_of_one_packs_conversations_only(tok):
+    mix = ChatMix.render(tok, _conversations(), 1.0, "val")  # the 4 held-out ones, cycled in order
+    packer = Packer(tok, 32, chat=mix)
+    rows = packer.rows(iter(tiny_texts(50)), 10)
+    stream = [t for r in rows for t in r] + packer.carry
+    taken, chat_tokens, tokens = packer.mixed
+    assert len(rows) == 10 and chat_tokens == tokens == len(stream) and taken > len(mix.conversations)
+    assert stream == [t for i in range(taken) for t in mix.conversations[i % len(mix.conversations)]]
+
+
 def test_validation_reads_the_held_out_tenth_in_order(tok, tiny_shards_dir):
     conversations = _conversations()
     mix = ChatMix.render(tok, conversations, 0.5, "val")
@@ -83,8 +93,9 @@ def test_bad_chat_input_gets_one_line(tmp_path, nanochat_current_dir, tiny_shard
     from saelightning.data import ActivationDataModule
 
     for kwargs, fragment in (({"chat_fraction": 0.2}, "data.chat is null"),
-                             ({"chat": "demo", "chat_fraction": 1.0}, "must be in [0, 1)"),
-                             ({"chat": "demo", "chat_fraction": 0.2, "cache_dir": str(tmp_path)}, "data.cache_dir")):
+                             ({"chat": "demo", "chat_fraction": 1.5}, "must be in [0, 1]"),
+                             ({"chat": "demo", "chat_fraction": 0.2, "activations": str(tmp_path)},
+                              "data.activations")):
         with pytest.raises(SAELightningError, match="^[^\n]*" + re.escape(fragment)):
             ActivationDataModule(model=str(nanochat_current_dir), data_dir=str(tiny_shards_dir), **kwargs)
     bad = tmp_path / "bad.jsonl"

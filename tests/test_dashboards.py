@@ -35,7 +35,7 @@ from saelightning.dashboards.stats import (
     nearest_latents,
 )
 from saelightning.errors import SAELightningError
-from saelightning.export import save_sae
+from saelightning.export import load_sae, save_sae
 from saelightning.nanochat.model import GPT, GPTConfig
 from saelightning.nanochat.shards import TextStream, list_shards
 from saelightning.nanochat.tokenizer import load_tokenizer
@@ -689,3 +689,52 @@ def test_write_site_carries_notes_json_over(streamed, model, sae, tokenizer, tmp
     assert (tmp_path / "site" / NOTES_FILE).read_text() == '{"4": "four", "7": "seven\\n"}'
     assert _note_on((tmp_path / "site" / "features" / "7.html").read_text()) == "seven\n"
     assert {i for i, r in _index_rows(tmp_path / "site").items() if r["note"]} == {4, 7}
+
+
+# ---------------------------------------------------------------------------------------------
+# Conversations in the val rows (--chat, --chat_fraction; by default the SAE's data.chat)
+
+
+def _page_tokens(page: str) -> list[str]:
+    """Every token string of a feature page's top contexts (its embedded JSON)."""
+    data = json.loads(re.search(r'id="data">(.*?)</script>', page, re.S).group(1))
+    return [tok for ctx in data["feature"]["top"] for tok in ctx["tokens"]]
+
+
+def test_viz_and_neuronpedia_show_a_chat_mix_in_nanochats_conversation_format(exported_sae, nanochat_current_dir,
+                                                                               tiny_shards_dir, tmp_path):
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("\n".join(json.dumps([{"role": "user", "content": f"what does f{i}() return?"},
+                                          {"role": "assistant", "content": f"f{i}() returns {i}"}])
+                              for i in range(40)))
+    pages = {}
+    for fraction in ("1", "0"):
+        out = tmp_path / f"site{fraction}"
+        assert _viz(exported_sae, nanochat_current_dir, tiny_shards_dir, out, "--features", "0-9", "--chat",
+                    str(chat), "--chat_fraction", fraction) == 0
+        pages[fraction] = {int(p.stem): p.read_text() for p in (out / "features").iterdir()}
+    markers = {"<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>"}
+    fired = {i: page for i, page in pages["1"].items() if _page_tokens(page)}
+    assert len(fired) >= 5
+    for i, page in fired.items():  # conversations only: each latent's contexts are in them, the markers as text
+        shown = markers & set(_page_tokens(page))
+        assert shown, i
+        assert any(html.escape(m, quote=False) in page for m in shown), i  # rendered server-side, escaped
+    assert "chat: " in pages["1"][0] and "chat_fraction 1.0" in pages["1"][0]
+    texts = [_page_tokens(page) for page in pages["0"].values()]
+    assert any(texts) and not any(markers & set(t) for t in texts)  # --chat_fraction 0: the val shard alone
+    # without the flags, the mix the export records (data.chat, data.chat_fraction), as eval and diff read it
+    sae = load_sae(exported_sae)
+    trained = save_sae(sae, tmp_path / "chat_sae", metadata={**EXPORT_METADATA, "trained_on": {
+        "model": str(nanochat_current_dir), "data": str(tiny_shards_dir), "chat": str(chat), "chat_fraction": 1.0}})
+    assert main(["viz", "--sae", str(trained), "--tokens", "300", "--out", str(tmp_path / "recorded"), "--quiet",
+                 "--features", "0-9"]) == 0
+    recorded = {int(p.stem): _page_tokens(p.read_text()) for p in (tmp_path / "recorded" / "features").iterdir()}
+    assert recorded == {i: _page_tokens(page) for i, page in pages["1"].items()}
+    np_out = tmp_path / "np"
+    assert main(["neuronpedia", "--sae", str(exported_sae), "--model", str(nanochat_current_dir), "--data",
+                 str(tiny_shards_dir), "--tokens", "300", "--out", str(np_out), "--features", "0-9", "--quiet",
+                 "--chat", str(chat), "--chat_fraction", "1"]) == 0
+    features = json.loads((np_out / "batch-0.json").read_text())["features"]
+    assert all(f["dataset"].endswith(f"chat {chat} (chat_fraction 1.0)") for f in features)
+    assert any(markers & set(a["tokens"]) for f in features for a in f["activations"])

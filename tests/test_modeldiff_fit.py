@@ -3,14 +3,20 @@ export naming every model, the Δ histogram and class counts in TensorBoard, bit
 errors for models a crosscoder cannot read together."""
 
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from safetensors import safe_open
 
 from saelightning import resolve
+from saelightning.cache import read_manifest
 from saelightning.cli import main
 from saelightning.export import load_sae
 from saelightning.modeldiff import relative_norms
@@ -217,3 +223,118 @@ def test_models_a_crosscoder_cannot_read_together_get_one_line(tmp_path, two_sta
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and fragment in err[0], err
         assert not (tmp_path / cfg.stem).exists()  # nothing written
+
+
+# --- `saelightning cache --models`: every model's activations on the same rows, for a crosscoder ---------------
+
+MODELS_FLAG = "[{name: base, source: base}, {name: chat, source: sft}]"
+
+
+def _cache_models(tmp_path, base, shards, chat, out="recording"):
+    out = tmp_path / out
+    assert main(["cache", "--model", str(base), "--models", MODELS_FLAG, "--chat", chat, "--chat-fraction", "0.25",
+                 "--data", str(shards), "--hooks", HOOK, "--tokens", "800", "--out", str(out), "--no-shuffle",
+                 "--shard-tokens", "250", "--context-size", "32", "--batch-rows", "4", "--seed", "0", "--quiet"]) == 0
+    return out
+
+
+def _cached_config(tmp_path, base, shards, run, chat, **data):
+    """_config's crosscoder and chat SAE, unnormalised (a cache's scale is its whole stream's), one reader; 5 steps
+    of 64 tokens from a buffer of 256: into the second fill."""
+    path = _config(tmp_path, base, shards, run=run, chat=chat, max_steps=5, val_check_interval=5)
+    config = yaml.safe_load(path.read_text())
+    config["data"].update(num_workers=0, val_batches=1, normalize=False, seed=0, **data)
+    config["export"] = {"enabled": False}
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_crosscoder_fit_from_a_cache_of_every_model_equals_the_live_fit(tmp_path, two_stages, tiny_shards_dir):
+    """An unshuffled cache of both models (the chat mix included) is the live stream recorded: a crosscoder and an
+    SAE on one model's key trained from it are the live-trained ones, bit for bit."""
+    chat = _chat_file(tmp_path)
+    out = _cache_models(tmp_path, two_stages, tiny_shards_dir, chat)
+    manifest = read_manifest(out)
+    assert manifest["hooks"] == [f"base/{HOOK}", f"chat/{HOOK}"] and set(manifest["d_in"].values()) == {64}
+    assert [(m["name"], m["stage"], m["step"]) for m in manifest["models"]] == [("base", "base", 10),
+                                                                                ("chat", "sft", 20)]
+    assert (manifest["chat"]["chat"], manifest["chat"]["chat_fraction"], manifest["chat"]["conversations"]) == \
+        (chat, 0.25, 45)  # the train split: all but every tenth of the 50
+    with safe_open(str(out / manifest["shards"][0]["file"]), framework="pt") as f:
+        base, other = f.get_tensor(f"acts.base/{HOOK}"), f.get_tensor(f"acts.chat/{HOOK}")
+    assert base.shape == other.shape == (250, 64) and not torch.equal(base, other)  # two models, one row order
+
+    def fit(run, **data):
+        assert main(["fit", "--config", str(_cached_config(tmp_path, two_stages, tiny_shards_dir, run, chat,
+                                                           **data))]) == 0
+        return torch.load(tmp_path / run / "last.ckpt", weights_only=True)
+
+    live, cached = fit("live"), fit("cached", cache_dir=str(out))
+    assert live["global_step"] == cached["global_step"] == 5
+    assert cached["ActivationDataModule"]["source"].startswith("cache:")
+    weights = [k for k in live["state_dict"] if k.startswith("saes.")]
+    assert {"saes.cc.W_dec", "saes.chat_sae.W_dec"} <= set(weights)
+    for key in weights:
+        assert torch.equal(live["state_dict"][key], cached["state_dict"][key]), key
+
+
+def test_a_cache_of_other_models_or_another_chat_mix_is_refused_in_one_line(tmp_path, two_stages, tiny_shards_dir,
+                                                                             capsys):
+    chat = _chat_file(tmp_path)
+    out = _cache_models(tmp_path, two_stages, tiny_shards_dir, chat)
+    manifest = json.loads((out / "manifest.json").read_text())
+    alien = tmp_path / "alien"  # the same cache, as if tokenized by another run's tokenizer
+    shutil.copytree(out, alien)
+    (alien / "manifest.json").write_text(json.dumps({**manifest, "tokenizer": "0" * 16}))
+    cases = {
+        "mixed chat": dict(cache_dir=str(out), chat_fraction=0.5),
+        "was made from base": dict(cache_dir=str(out), models=[{"name": "base"}, {"name": "chat", "source": "base"}]),
+        "another tokenizer": dict(cache_dir=str(alien)),
+    }
+    for i, (fragment, data) in enumerate(cases.items()):
+        capsys.readouterr()
+        assert main(["fit", "--config", str(_cached_config(tmp_path, two_stages, tiny_shards_dir, f"r{i}", chat,
+                                                           **data))]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and fragment in err[0], err
+        assert not (tmp_path / f"r{i}").exists()  # nothing written
+    # a cache of one model is not a cache of both, and the other way round
+    single = tmp_path / "single"
+    assert main(["cache", "--model", str(two_stages), "--data", str(tiny_shards_dir), "--hooks", HOOK, "--tokens",
+                 "100", "--out", str(single), "--context-size", "32", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["fit", "--config", str(_cached_config(tmp_path, two_stages, tiny_shards_dir, "r3", None,
+                                                       cache_dir=str(single)))]) == 2
+    assert "holds one model's activations" in capsys.readouterr().err
+    assert main(["cache", "--model", str(two_stages), "--models", "[{name: base}, {name: chat, source: sft}]",
+                 "--data", str(tiny_shards_dir), "--hooks", f"chat/{HOOK}", "--tokens", "100",
+                 "--out", str(tmp_path / "keyed")]) == 2
+    assert "give the plain hook" in capsys.readouterr().err and not (tmp_path / "keyed").exists()
+
+
+@pytest.mark.slow  # three two-process fits of two models, ~1-2 min on the shared 2-core CPU
+def test_two_process_ddp_crosscoder_fit_with_a_chat_mix_resumes_bitwise(tmp_path, two_stages, tiny_shards_dir):
+    """Under DDP each rank runs both models on its own stream (its own stride of the conversations); both ranks'
+    positions, chat counts included, are in the checkpoint, and a resume from it is exact."""
+    chat = _chat_file(tmp_path)
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+
+    def fit(run, *extra):
+        cfg = _config(tmp_path, two_stages, tiny_shards_dir, run=run, chat=chat)
+        cmd = [sys.executable, "-m", "saelightning", "fit", "--config", str(cfg), "--trainer.strategy", "ddp",
+               "--trainer.devices", "2", *extra]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return torch.load(tmp_path / run / "last.ckpt", weights_only=True)
+
+    whole = fit("whole")
+    positions = whole["ActivationDataModule"]["positions"]
+    assert [p["index"] for p in positions] == [6, 6]
+    mixed = [next(iter(p["reader"]["workers"].values()))["mixed"] for p in positions]
+    assert mixed[0] != mixed[1] and all(m[0] > 0 for m in mixed)  # each rank took conversations of its own
+    assert whole["state_dict"]["tokens_seen"].item() == 6 * 64 * 2
+    fit("parts", "--trainer.max_steps", "4")  # mid-buffer: 4 batches a fill
+    parts = fit("parts", "--ckpt_path", "last")
+    assert parts["global_step"] == 6
+    for key in whole["state_dict"]:
+        assert torch.equal(whole["state_dict"][key], parts["state_dict"][key]), key

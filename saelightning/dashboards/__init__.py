@@ -74,6 +74,10 @@ class StatsArgs:
         top_k: top-activating contexts per latent.
         device: cpu or cuda (default: cuda when there is a GPU).
         quiet: no progress bars (they show only on a terminal in any case).
+        chat: conversations mixed into the val rows, rendered in nanochat's conversation format as data.chat does
+            ("demo" or a JSONL file; its held-out tenth, in order); default: the data.chat the SAE was trained with.
+        chat_fraction: their share of the tokens, in [0, 1] (1: conversations only, 0: the val shard alone);
+            default: the trained data.chat_fraction (0 without).
     """
 
     sae: str
@@ -87,6 +91,8 @@ class StatsArgs:
     top_k: int = 20
     device: str | None = None
     quiet: bool = False
+    chat: str | None = None
+    chat_fraction: float | None = None
 
 
 @dataclass
@@ -151,9 +157,10 @@ def compute_records(args: StatsArgs, loaded: Loaded | None = None) -> tuple[dict
     features = parse_features(args.features, d_sae)
     _, val = resolve.shards(resolve.data_dir(data, model))
     n_rows = rows_for_tokens(args.tokens, context)
+    chat = resolve.val_chat(nc.tokenizer, [args.sae], args.chat, args.chat_fraction)
 
-    def batches():  # the same rows as `saelightning eval --tokens N`, for both passes
-        return val_batches(val, nc.tokenizer, context, n_rows, rows)
+    def batches():  # the same rows as `saelightning eval --tokens N` (its chat mix too), for both passes
+        return val_batches(val, nc.tokenizer, context, n_rows, rows, chat=chat)
 
     command = "viz" if isinstance(args, VizArgs) else "neuronpedia"
 
@@ -168,7 +175,8 @@ def compute_records(args: StatsArgs, loaded: Loaded | None = None) -> tuple[dict
             "hook_name": hook, "layer": layer, "n_layer": nc.model.n_layer, "n_tokens": stats.n_tokens,
             "n_rows": stats.n_rows, "d_sae": d_sae, "d_in": d_in, "context_size": context, "val_shard": str(val),
             "n_passes": stats.n_passes, "density_hist": density_histogram(stats.n_fire_all, stats.n_tokens),
-            "figures": export_figures(sae.metadata)}
+            "figures": export_figures(sae.metadata), "chat": chat.source if chat else None,
+            "chat_fraction": chat.fraction if chat else 0.0}
     return meta, records, sae
 
 

@@ -407,6 +407,8 @@ def _page(title: str, header: str, body: str, data, script: str, page: str) -> s
 def _meta_line(meta: dict) -> str:
     parts = [f"{k}: {meta[k]}" for k in ("hook_name", "model", "sae", "n_tokens", "d_sae", "context_size")
              if meta.get(k) is not None]
+    if meta.get("chat"):  # the val rows mixed in conversations
+        parts.append(f"chat: {meta['chat']} at chat_fraction {meta['chat_fraction']}")
     return f"<p class=\"meta\">{html.escape(' | '.join(str(p) for p in parts))}</p>"
 
 
