@@ -4,6 +4,8 @@ fields and render in Chromium, the CLI's bad inputs are one-line errors, and an 
 model agrees with the steered model where both must."""
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,12 +23,14 @@ from saelightning.attribution import scores as graph_scores
 from saelightning.circuits import model_intervention, replacement_intervention
 from saelightning.cli import main
 from saelightning.dashboards.graph import FEATURE_TYPES
+from saelightning.dashboards.html import _embedded
 from saelightning.demo import DEMO_MODEL_DIR
-from saelightning.export import save_clt, save_sae
+from saelightning.export import load_sae, save_clt, save_sae
 from saelightning.nanochat.checkpoint import load_nanochat
 from saelightning.runtime import InterpretableModel, Steer
 from saelightning.saes import SAEConfig, build_sae
 from saelightning.saes.clt import CrossLayerTranscoder
+from saelightning.tokens import val_batches
 from tests.fixtures_nanochat import make_nanochat_model
 from tests.numerics import reorder_atol
 from tests.test_browser import CHROMIUM, assert_clean, dump_dom
@@ -274,6 +278,72 @@ def test_the_graph_page_renders_in_chromium_without_js_errors(cli_graph, tmp_pat
     assert "<svg" in dom and 'id="interventions"' in dom
     assert dom.count('class="node ') == len(json.loads((cli_graph / "graph.json").read_text())["nodes"])
     assert 'href="../viz/features/' in dom
+
+
+@pytest.fixture(scope="module")
+def graph_with_dashboards(demo_clt_dir, tmp_path_factory):
+    """`saelightning viz` of the CLT into GRAPHS/dashboards, then `attribute` into GRAPHS/g with its default links."""
+    graphs = tmp_path_factory.mktemp("graphs")
+    assert main(["viz", "--sae", str(demo_clt_dir), "--model", "demo", "--data", "demo", "--tokens", "400",
+                 "--top_k", "4", "--out", str(graphs / "dashboards"), "--quiet"]) == 0
+    assert main(["attribute", "--model", "demo", "--sae", str(demo_clt_dir), "--prompt", "def f(x):\n    return",
+                 "--out", str(graphs / "g"), "--node-threshold", "0.99", "--edge-threshold", "0.999"]) == 0
+    return graphs
+
+
+def test_every_latent_link_of_graph_html_opens_that_latents_page_of_the_clt_dashboards(graph_with_dashboards):
+    graphs = graph_with_dashboards
+    nodes = _embedded(graphs / "g" / "graph.html")["graph"]["nodes"]
+    latents = [n for n in nodes if n["feature_type"] == "cross layer transcoder"]
+    assert len(latents) > 5
+    for n in latents:
+        layer, feat, _ = (int(v) for v in n["node_id"].split("_"))
+        page = Path(os.path.normpath(graphs / "g" / n["dashboard"]))
+        assert page.is_file(), n["dashboard"]
+        assert _embedded(page)["feature"]["index"] == feat
+        site = json.loads((page.parent.parent / "saelightning-output.json").read_text())["meta"]
+        assert site["hook_name"] == f"blocks.{layer}.hook_mlp_in" and site["d_sae"] == 32
+    index = (graphs / "dashboards" / "index.html").read_text()
+    assert all(f'href="layer{i}/index.html"' in index for i in range(4))
+
+
+def test_each_clt_layers_dashboard_shows_that_layers_latents_and_its_summed_decoder_rows(graph_with_dashboards,
+                                                                                         demo_clt_dir):
+    """Layer l's site: max activations equal the CLT's own latents of layer l on the same val rows, and the logit
+    effect is lm_head(final_norm(Σ_j W_dec^(l→j))): the decoder rows summed over every layer the latent writes."""
+    nc = load_nanochat(DEMO_MODEL_DIR)
+    model, clt = nc.model.float(), load_sae(demo_clt_dir)
+    for layer in range(4):
+        site = graph_with_dashboards / "dashboards" / f"layer{layer}"
+        meta = json.loads((site / "saelightning-output.json").read_text())["meta"]
+        rows = {r["index"]: r for r in _embedded(site / "index.html")["rows"]}
+        assert sorted(rows) == list(range(32))
+        idx = next(iter(val_batches(Path(meta["val_shard"]), nc.tokenizer, meta["context_size"], meta["n_rows"],
+                                    meta["n_rows"])))
+        with torch.no_grad():
+            x = model.run_with_cache(idx, [f"blocks.{layer}.hook_mlp_in"])[f"blocks.{layer}.hook_mlp_in"]
+            f, _ = clt.contributions(layer, x.flatten(0, 1))
+        f = f.masked_fill((idx == nc.tokenizer.bos_id).flatten()[:, None], 0)
+        want = f.max(0).values
+        got = torch.tensor([rows[i]["max_act"] for i in range(32)])
+        assert int((want > 0).sum()) > 10
+        torch.testing.assert_close(got, want, rtol=5e-4, atol=0)  # the pages keep 4 significant digits
+        top = int(want.argmax())
+        record = _embedded(site / "features" / f"{top}.html")["feature"]
+        with torch.no_grad():
+            u = sum(clt.decoder(layer, j)[top] for j in range(layer, 4))
+            logits = model.lm_head(model.final_norm(u))[:model.config.vocab_size]
+        assert [t for t, _ in record["logits"]["pos"]][:3] == [nc.tokenizer.token_str(int(i))
+                                                             for i in logits.topk(3).indices]
+        assert record["logits"]["pos"][0][1] == pytest.approx(float(logits.max()), rel=5e-4)
+
+
+def test_viz_of_a_clt_refuses_serve_and_probe_in_one_line(demo_clt_dir, tmp_path, capsys):
+    code = main(["viz", "--sae", str(demo_clt_dir), "--model", "demo", "--data", "demo", "--tokens", "100",
+                 "--out", str(tmp_path / "v"), "--serve", "--port", "0"])
+    err = capsys.readouterr().err
+    assert code == 2 and "a cross-layer transcoder gets static pages per layer only" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "v").exists()
 
 
 @pytest.mark.parametrize("extra, fragment", [
