@@ -87,7 +87,7 @@ class AttributeArgs:
 
     Args:
         prompt: the prompt text (encoded with <|bos|> first); the graph explains the prediction after it.
-        sae: a CLT export directory, or one transcoder export per MLP layer.
+        sae: a CLT export directory, or one transcoder export per MLP layer (several values, or --sae repeated).
         out: output directory (replaced only if an earlier `saelightning attribute` wrote it).
         model: nanochat checkpoint or base dir, or "demo" (default: the one the --sae cfg.json records).
         target: the token whose logit to explain (text of exactly one token); default: the most likely tokens up

@@ -3,6 +3,7 @@ effect of its source, the scores and pruning keep what they claim, the files val
 fields and render in Chromium, the CLI's bad inputs are one-line errors, and an intervention on the replacement
 model agrees with the steered model where both must."""
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -203,6 +204,140 @@ def test_max_feature_nodes_attributes_the_most_influential_latents():
     top = {tuple(f) for f in full.features[inf.argsort(descending=True)[:5]].tolist()}
     chosen = {tuple(f) for f in part.features.tolist()}
     assert len(top & chosen) >= 4  # the first batch is ranked by the logit rows alone: nearly the same set
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-layer transcoders (one per MLP), with and without the skip term
+
+
+def tiny_transcoders(skip: bool, n_layer=N_LAYER, d=D, d_sae=32, seed=0, threshold=0.3, scales=(2.0, 0.5)):
+    """One JumpReLU transcoder per MLP (blocks.i.hook_mlp_in -> blocks.i.hook_mlp_out), trained-space scales
+    s_in, s_out not folded (so the raw-unit conversions are exercised), a live W_skip when skip."""
+    torch.manual_seed(seed)
+    out = []
+    for i in range(n_layer):
+        tc = build_sae(SAEConfig(architecture="jumprelu", d_in=d, d_out=d, d_sae=d_sae, threshold_init=threshold,
+                                 skip_connection=skip)).eval()
+        with torch.no_grad():
+            tc.b_enc.normal_(0, 0.3)
+            tc.b_dec.normal_(0, 0.1)
+            if skip:  # its own generator: the same transcoders otherwise, with and without the skip
+                tc.W_skip.normal_(0, 0.3 / d ** 0.5, generator=torch.Generator().manual_seed(100 + i))
+            tc.input_scale.fill_(scales[0])
+            tc.output_scale.fill_(scales[1])
+        tc.metadata = {"hook_name": f"blocks.{i}.hook_mlp_in", "hook_name_out": f"blocks.{i}.hook_mlp_out"}
+        out.append(tc.requires_grad_(False))
+    return out
+
+
+@pytest.mark.parametrize("skip", [False, True], ids=["plain", "skip"])
+@pytest.mark.parametrize("era", ["current", "original"])
+def test_per_layer_transcoders_replacement_model_reproduces_the_logits_and_errors_are_their_own_residual(era, skip):
+    model, tcs, idx = tiny_model(era), tiny_transcoders(skip), prompt()
+    want = model(idx[None])[0]
+    rm = LocalReplacement(model, Transcoders(tcs, N_LAYER), idx, BOS)
+    assert rm.tc.clt is None and rm.tc.layers == list(range(N_LAYER))
+    with torch.no_grad():
+        _, frozen = rm.forward(rm.sources)
+    atol = forward_atol(model, want)
+    torch.testing.assert_close(rm.logits, want, rtol=0, atol=atol)
+    torch.testing.assert_close(frozen, want, rtol=0, atol=atol)
+    # each error node is the MLP output minus the transcoder's own prediction (SAE.output, skip term included,
+    # on the trained scale s_in·x, read back / s_out); at <|bos|> the prediction of no latents (b_dec, the skip)
+    hooks = [f"blocks.{i}.hook_mlp_{k}" for i in range(N_LAYER) for k in ("in", "out")]
+    acts = model.run_with_cache(idx[None], hooks)
+    for i, tc in enumerate(tcs):
+        x, y = acts[f"blocks.{i}.hook_mlp_in"][0], acts[f"blocks.{i}.hook_mlp_out"][0]
+        f = tc.encode(x * tc.input_scale) * (idx != BOS)[:, None]
+        pred = tc.output(f, x * tc.input_scale) / tc.output_scale
+        assert rm.sources.latents[i][1:].count_nonzero() > 0 and rm.sources.latents[i][0].abs().sum() == 0
+        torch.testing.assert_close(rm.sources.errors[i], y - pred, rtol=0, atol=forward_atol(model, y))
+        assert float(rm.sources.errors[i].abs().max()) > 0.05  # random transcoders: the errors carry mass
+
+
+@pytest.mark.parametrize("skip", [False, True], ids=["plain", "skip"])
+def test_per_layer_transcoder_edges_equal_the_change_when_their_source_is_removed(skip):
+    model, tcs, idx = tiny_model(), tiny_transcoders(skip), prompt()
+    graph, rm = attribute(model, tcs, idx, bos_id=BOS)
+    full, ablated = _ablate_each_source(rm, graph)
+    rows = list(range(graph.n_features)) + list(range(graph.logit_slice.start, graph.logit_slice.stop))
+    A = graph.adjacency[rows][:, :graph.token_slice.stop]
+    atol = forward_atol(model, full)
+    torch.testing.assert_close(A, (full[None, :] - ablated).T.float(), rtol=0, atol=atol)
+    assert float(A.abs().max()) > 100 * atol
+    targets = torch.cat([torch.arange(graph.n_features), torch.arange(graph.logit_slice.start, graph.logit_slice.stop)])
+    torch.testing.assert_close(graph.adjacency[targets].sum(1) + graph.bias[targets], graph.target_inputs[targets],
+                               rtol=0, atol=forward_atol(model, graph.target_inputs))
+    # a per-layer transcoder's latent reaches only later layers' latents
+    layers = graph.features[:, 0]
+    assert A[:graph.n_features, :graph.n_features][layers[:, None] <= layers[None, :]].abs().max() == 0
+    if skip:  # ... but its layer's MLP input reaches the next layers through W_skip as well: more edges are nonzero
+        plain, _ = attribute(model, tiny_transcoders(False), idx, bos_id=BOS)
+        assert torch.equal(plain.features, graph.features)
+        assert not torch.allclose(plain.adjacency, graph.adjacency, atol=100 * atol)
+
+
+class _TranscoderMLP(torch.nn.Module):
+    """A model's MLP that is exactly what the transcoders write there (no latents at position 0, <|bos|>)."""
+
+    def __init__(self, tc: Transcoders, layer: int):
+        super().__init__()
+        self.tc, self.layer = tc, layer
+
+    def forward(self, x, hook=None):
+        _, f = self.tc.encode(self.layer, x)
+        f = f * (torch.arange(x.shape[-2]) > 0)[:, None]
+        return self.tc.write(self.layer, f, x)[self.layer] + self.tc.bias(self.layer)
+
+
+def test_skip_transcoders_that_are_the_mlps_give_exactly_zero_errors_and_scores_of_one():
+    """The skip term is a frozen linear path from the MLP input to its output, not a node: where the transcoders
+    (skip included) are the MLPs, every error node is exactly 0, so completeness and replacement are exactly 1
+    although W_skip carries part of every MLP's output; the same model read with W_skip dropped puts exactly that
+    part, x W_skipᵀ / s_out, into the error nodes."""
+    model, tcs, idx = tiny_model(), tiny_transcoders(True), prompt()
+    tc = Transcoders(tcs, N_LAYER)
+    for i, block in enumerate(model.transformer.h):
+        block.mlp = _TranscoderMLP(tc, i)
+    graph, rm = attribute(model, tc, idx, bos_id=BOS)
+    assert all(float(e.abs().max()) == 0 for e in rm.sources.errors.values())
+    assert graph_scores(graph) == (1.0, 1.0)
+    n_nodes = graph.n_features + (N_LAYER + 1) * len(idx) + len(graph.logit_ids)
+    assert graph.adjacency.shape == (n_nodes, n_nodes)  # features, errors, tokens, logits: no skip node
+    no_skip = [copy.deepcopy(t) for t in tcs]
+    for t in no_skip:
+        t.W_skip.zero_()
+    rm2 = LocalReplacement(model, Transcoders(no_skip, N_LAYER), idx, BOS)
+    for i, t in enumerate(tcs):
+        x = rm.mlp_inputs[i]
+        skip = (x * t.input_scale) @ t.W_skip.T / t.output_scale
+        assert float(skip.abs().max()) > 0.05
+        torch.testing.assert_close(rm2.sources.errors[i], skip, rtol=0, atol=forward_atol(model, skip))
+    replacement, completeness = graph_scores(attribute(model, no_skip, idx, bos_id=BOS)[0])
+    assert replacement < 1 and completeness < 1
+
+
+def test_attribute_takes_one_transcoder_export_per_layer_on_the_command_line(tmp_path):
+    paths = []
+    for i, tc in enumerate(tiny_transcoders(True, n_layer=4, d=128, threshold=0.5, scales=(1.0, 1.0))):
+        paths.append(tmp_path / f"tc{i}")
+        save_sae(tc, paths[-1], dict(tc.metadata, model_name="nanochat"))
+    out = tmp_path / "graph"
+    # several values after one --sae, and a repeated --sae, are the same list
+    code = main(["attribute", "--model", "demo", "--sae", str(paths[0]), str(paths[1]), "--sae", str(paths[2]),
+                 "--sae", str(paths[3]), "--prompt", "def f(x):\n    return", "--out", str(out), "--clamp", "2:5=0",
+                 "--node-threshold", "0.99", "--edge-threshold", "0.999"])
+    assert code == 0
+    data = json.loads((out / "graph.json").read_text())
+    _validate_graph_file(data, 4)
+    assert data["metadata"]["transcoder_list"] == [str(p) for p in paths]
+    layers = {int(n["layer"]) for n in data["nodes"] if n["feature_type"] == "cross layer transcoder"}
+    assert layers and layers <= {0, 1, 2, 3}
+    summary = json.loads((out / "summary.json").read_text())
+    assert 0 < summary["replacement_score"] < 1 and summary["interventions"][0]["layer"] == 2
+    two = tmp_path / "two"
+    assert main(["attribute", "--model", "demo", "--sae", str(paths[1]), str(paths[1]), "--prompt", "x",
+                 "--out", str(two)]) == 2 and not two.exists()
 
 
 def _validate_graph_file(data: dict, n_layer: int) -> None:
