@@ -73,7 +73,6 @@ class Transcoders:
             else:
                 self._add_transcoder(sae, n_layer)
         self.layers = self.clt_layers if self.clt is not None else sorted(self.per_layer)
-        self.d_sae = self.clt.config.d_sae if self.clt is not None else None
 
     @staticmethod
     def _layer(hook: str, kind: str, n_layer: int) -> int:
@@ -91,8 +90,8 @@ class Transcoders:
         layer = self._layer(meta.get("hook_name", ""), "hook_mlp_in", n_layer)
         if self._layer(meta.get("hook_name_out", ""), "hook_mlp_out", n_layer) != layer:
             raise SAELightningError(f"the transcoder on {meta['hook_name']} writes {meta['hook_name_out']}; "
-                                    "attribution "
-                                    "needs each to replace its own layer's MLP (hook_mlp_out of the same block)")
+                                    "attribution needs each to replace its own layer's MLP (hook_mlp_out of the "
+                                    "same block)")
         if layer in self.per_layer:
             raise SAELightningError(f"two transcoders for layer {layer}; give one per MLP layer")
         self.per_layer[layer] = sae
@@ -106,8 +105,7 @@ class Transcoders:
             i = self.clt_layers.index(layer)
             enc = self.clt.encoders[i]
             xs = x.to(enc.W_enc.dtype) * self.clt.input_scales[i].to(enc.W_enc.dtype)
-            f, _ = self.clt.contributions(i, x)
-            return enc.pre_acts(xs) - enc.b_enc, f
+            return enc.pre_acts(xs) - enc.b_enc, enc.encode(xs)  # contributions(i, x)'s latents, without decoding
         sae = self.per_layer[layer]
         xs = x.to(sae.W_enc.dtype) * sae.input_scale.to(sae.W_enc.dtype)
         return sae.pre_acts(xs) - sae.b_enc, sae.encode(xs)
@@ -131,20 +129,6 @@ class Transcoders:
             return self.clt.b_dec[j] / self.clt.output_scales[j]
         sae = self.per_layer[layer]
         return sae.b_dec / sae.output_scale.to(sae.b_dec.dtype)
-
-    def decoder_rows(self, layer: int, feature: int) -> dict[int, torch.Tensor]:
-        """The raw-unit vectors one unit of latent `feature` of layer `layer` adds to each MLP output."""
-        f = torch.zeros(self.n_features(layer), dtype=torch.float32, device=self.device)
-        f[feature] = 1.0
-        if self.clt is None and self.per_layer[layer].config.skip_connection:
-            x = torch.zeros(self.per_layer[layer].config.d_in, device=self.device)
-            return self.write(layer, f, x)
-        return self.write(layer, f, None)
-
-    @property
-    def device(self):
-        module = self.clt if self.clt is not None else next(iter(self.per_layer.values()))
-        return next(module.parameters()).device
 
 
 # ---------------------------------------------------------------------------------------------

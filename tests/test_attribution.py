@@ -317,7 +317,7 @@ def test_skip_transcoders_that_are_the_mlps_give_exactly_zero_errors_and_scores_
     assert replacement < 1 and completeness < 1
 
 
-def test_attribute_takes_one_transcoder_export_per_layer_on_the_command_line(tmp_path):
+def test_attribute_takes_one_transcoder_export_per_layer_on_the_command_line(tmp_path, capsys):
     paths = []
     for i, tc in enumerate(tiny_transcoders(True, n_layer=4, d=128, threshold=0.5, scales=(1.0, 1.0))):
         paths.append(tmp_path / f"tc{i}")
@@ -336,8 +336,11 @@ def test_attribute_takes_one_transcoder_export_per_layer_on_the_command_line(tmp
     summary = json.loads((out / "summary.json").read_text())
     assert 0 < summary["replacement_score"] < 1 and summary["interventions"][0]["layer"] == 2
     two = tmp_path / "two"
+    capsys.readouterr()
     assert main(["attribute", "--model", "demo", "--sae", str(paths[1]), str(paths[1]), "--prompt", "x",
                  "--out", str(two)]) == 2 and not two.exists()
+    err = capsys.readouterr().err
+    assert "two transcoders for layer 1; give one per MLP layer" in err and len(err.strip().splitlines()) == 1
 
 
 def _validate_graph_file(data: dict, n_layer: int) -> None:
