@@ -476,6 +476,16 @@ def test_each_clt_layers_dashboard_shows_that_layers_latents_and_its_summed_deco
         assert record["logits"]["pos"][0][1] == pytest.approx(float(logits.max()), rel=5e-4)
 
 
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (`make browser`)")
+def test_the_clt_dashboards_index_and_a_linked_page_render_in_chromium(graph_with_dashboards, tmp_path):
+    dom = dump_dom((graph_with_dashboards / "dashboards" / "index.html").as_uri(), tmp_path)
+    assert_clean(dom)
+    assert dom.count('href="layer') == 4
+    node = next(n for n in _embedded(graph_with_dashboards / "g" / "graph.html")["graph"]["nodes"] if n["dashboard"])
+    page = Path(os.path.normpath(graph_with_dashboards / "g" / node["dashboard"]))
+    assert_clean(dump_dom(page.as_uri(), tmp_path))
+
+
 def test_viz_of_a_clt_refuses_serve_and_probe_in_one_line(demo_clt_dir, tmp_path, capsys):
     code = main(["viz", "--sae", str(demo_clt_dir), "--model", "demo", "--data", "demo", "--tokens", "100",
                  "--out", str(tmp_path / "v"), "--serve", "--port", "0"])
