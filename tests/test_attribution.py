@@ -5,6 +5,7 @@ model agrees with the steered model where both must."""
 
 import copy
 import json
+import math
 import os
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from saelightning.attribution import (
     LocalReplacement,
     Transcoders,
     _target_values,
+    active_slots,
     attribute,
     influence,
     normalize,
@@ -101,7 +103,7 @@ def _ablate_each_source(rm, graph):
         for b in range(n_src):
             if b < graph.n_features:
                 layer, p, f = (int(v) for v in feats[b])
-                src.latents[layer][b, p, f] = 0
+                src.latents[layer][b, p, rm.slot_of(layer, feats[b:b + 1, 1], feats[b:b + 1, 2])] = 0
             elif b < graph.error_slice.stop:
                 layer, p = divmod(b - graph.n_features, T)
                 src.errors[layer][b, p] = 0
@@ -140,6 +142,26 @@ def test_edges_plus_biases_sum_to_every_target_input():
     got = graph.adjacency[targets].sum(1) + graph.bias[targets]
     torch.testing.assert_close(got, graph.target_inputs[targets], rtol=0,
                                atol=forward_atol(model, graph.target_inputs))
+
+
+def test_backward_batches_hold_only_the_active_latents_never_a_dense_dictionary():
+    """The leaves are the active latents' values [B, T, m] (m = the most active at one position), and what the
+    forward saves for the backward never has the dictionary's width: no [B, T, d_sae] anywhere."""
+    model, idx, d_sae, batch = tiny_model(), prompt(), 4096, 8
+    clt = tiny_clt(d_sae=d_sae, threshold=3.0)  # a few of many latents fire
+    rm = LocalReplacement(model, Transcoders(clt, N_LAYER), idx, BOS)
+    for layer in range(N_LAYER):
+        slot_idx, mask = rm.slots[layer]
+        assert slot_idx.shape == rm.sources.latents[layer].shape == (len(idx), int(mask.sum(-1).max()))
+        assert 0 < slot_idx.shape[1] < 32 and torch.equal(rm.dense_latents(layer) != 0, torch.zeros(
+            len(idx), d_sae, dtype=torch.bool).scatter(-1, slot_idx, mask))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        graph, _ = attribute(model, clt, idx, bos_id=BOS, batch_size=batch)
+    assert graph.n_features > 20 and saved
+    assert all(d_sae not in shape for shape in saved), [s for s in saved if d_sae in s]
+    # the largest is lm_head's weight (V x d = 32768), a ninth of the dense leaves' 8 x 9 x 4096
+    assert max(math.prod(shape) for shape in saved) < batch * len(idx) * d_sae / 8
 
 
 def test_scores_are_one_where_the_transcoders_are_exact_and_below_with_errors():
@@ -285,9 +307,9 @@ class _TranscoderMLP(torch.nn.Module):
         self.tc, self.layer = tc, layer
 
     def forward(self, x, hook=None):
-        _, f = self.tc.encode(self.layer, x)
-        f = f * (torch.arange(x.shape[-2]) > 0)[:, None]
-        return self.tc.write(self.layer, f, x)[self.layer] + self.tc.bias(self.layer)
+        f = self.tc.encode(self.layer, x) * (torch.arange(x.shape[-2]) > 0)[:, None]
+        idx, _ = active_slots(f)
+        return self.tc.write_at(self.layer, f.gather(-1, idx), idx, x)[self.layer] + self.tc.bias(self.layer)
 
 
 def test_skip_transcoders_that_are_the_mlps_give_exactly_zero_errors_and_scores_of_one():
@@ -548,14 +570,14 @@ def test_a_last_layer_latent_changes_the_logit_alike_in_the_replacement_model_an
     slope sech²(z/15). So for a small clamp, model change = replacement change x sech²(z/15) / c."""
     model, clt, idx = tiny_model(), tiny_clt(), prompt()
     rm = LocalReplacement(model, Transcoders(clt, N_LAYER), idx, BOS)
-    last = rm.sources.latents[N_LAYER - 1][-1]
+    last = rm.dense_latents(N_LAYER - 1)[-1]
     latent = int(last.argmax())
     x = rm.final_resid[-1] / rm.final_resid[-1].norm()
     row = clt.decoder(N_LAYER - 1, N_LAYER - 1)[latent]
     row -= (row @ x) * x
     graph, rm = attribute(model, clt, idx, bos_id=BOS)
     token = int(graph.logit_ids[0])
-    a = float(rm.sources.latents[N_LAYER - 1][-1, latent])
+    a = float(rm.dense_latents(N_LAYER - 1)[-1, latent])
     assert a > 0
     rep = replacement_intervention(rm, N_LAYER - 1, latent, 0.98 * a, token)
     real = model_intervention(model, [clt], idx, BOS, N_LAYER - 1, latent, 0.98 * a, token)
@@ -579,7 +601,7 @@ def test_intervention_on_the_demo_model_keeps_the_error_term():
     clt = tiny_clt(n_layers=4, d=128, d_sae=32, threshold=0.5)
     idx = torch.tensor(nc.tokenizer.encode("x = 1"))
     rm = LocalReplacement(model, Transcoders(clt, 4), idx, nc.tokenizer.bos_id)
-    inactive = int((rm.sources.latents[2] != 0).sum(0).argmin())
-    assert int((rm.sources.latents[2][:, inactive] != 0).sum()) == 0
+    inactive = int((rm.dense_latents(2) != 0).sum(0).argmin())
+    assert int((rm.dense_latents(2)[:, inactive] != 0).sum()) == 0
     assert replacement_intervention(rm, 2, inactive, 0.0, 5) == 0.0
     assert model_intervention(model, [clt], idx, nc.tokenizer.bos_id, 2, inactive, 0.0, 5) == 0.0
