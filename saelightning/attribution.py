@@ -51,12 +51,13 @@ DESIRED_LOGIT_PROB = 0.95
 
 
 # ---------------------------------------------------------------------------------------------
-# The dictionaries: a CLT or per-layer transcoders, as (encode, write) per model layer, in raw units
+# The dictionaries: a CLT or per-layer transcoders, as (encode, pre_acts_at, write_at) per model layer, in raw units
 
 
 class Transcoders:
-    """What reads and writes each MLP: `layers` (model layers covered), `encode(layer, x)` -> (pre-activations minus
-    b_enc, latents) [..., d_sae], `write(layer, f, x)` -> {model layer: output without bias}, `bias(layer)`."""
+    """What reads and writes each MLP: `layers` (model layers covered), `encode(layer, x)` -> the prompt's dense
+    latents, and on the active latents' slots only `pre_acts_at(layer, x, idx)` -> pre-activations minus b_enc and
+    `write_at(layer, values, idx, x)` -> {model layer: output without bias}; `bias(layer)`, `latent_rows`."""
 
     def __init__(self, saes, n_layer: int):
         saes = list(saes) if isinstance(saes, (list, tuple)) else [saes]
