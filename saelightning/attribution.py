@@ -51,12 +51,13 @@ DESIRED_LOGIT_PROB = 0.95
 
 
 # ---------------------------------------------------------------------------------------------
-# The dictionaries: a CLT or per-layer transcoders, as (encode, write) per model layer, in raw units
+# The dictionaries: a CLT or per-layer transcoders, as (encode, pre_acts_at, write_at) per model layer, in raw units
 
 
 class Transcoders:
-    """What reads and writes each MLP: `layers` (model layers covered), `encode(layer, x)` -> (pre-activations minus
-    b_enc, latents) [..., d_sae], `write(layer, f, x)` -> {model layer: output without bias}, `bias(layer)`."""
+    """What reads and writes each MLP: `layers` (model layers covered), `encode(layer, x)` -> the prompt's dense
+    latents, and on the active latents' slots only `pre_acts_at(layer, x, idx)` -> pre-activations minus b_enc and
+    `write_at(layer, values, idx, x)` -> {model layer: output without bias}; `bias(layer)`, `latent_rows`."""
 
     def __init__(self, saes, n_layer: int):
         saes = list(saes) if isinstance(saes, (list, tuple)) else [saes]
@@ -73,7 +74,6 @@ class Transcoders:
             else:
                 self._add_transcoder(sae, n_layer)
         self.layers = self.clt_layers if self.clt is not None else sorted(self.per_layer)
-        self.d_sae = self.clt.config.d_sae if self.clt is not None else None
 
     @staticmethod
     def _layer(hook: str, kind: str, n_layer: int) -> int:
@@ -91,8 +91,8 @@ class Transcoders:
         layer = self._layer(meta.get("hook_name", ""), "hook_mlp_in", n_layer)
         if self._layer(meta.get("hook_name_out", ""), "hook_mlp_out", n_layer) != layer:
             raise SAELightningError(f"the transcoder on {meta['hook_name']} writes {meta['hook_name_out']}; "
-                                    "attribution "
-                                    "needs each to replace its own layer's MLP (hook_mlp_out of the same block)")
+                                    "attribution needs each to replace its own layer's MLP (hook_mlp_out of the "
+                                    "same block)")
         if layer in self.per_layer:
             raise SAELightningError(f"two transcoders for layer {layer}; give one per MLP layer")
         self.per_layer[layer] = sae
@@ -100,30 +100,47 @@ class Transcoders:
     def n_features(self, layer: int) -> int:
         return self.clt.config.d_sae if self.clt is not None else self.per_layer[layer].config.d_sae
 
-    def encode(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(pre-activation minus b_enc, latents) of layer `layer`'s dictionary on raw MLP input x [..., d]."""
+    def _encoder(self, layer: int):
+        """(the dictionary of layer `layer` as an SAE, its input scale)."""
         if self.clt is not None:
             i = self.clt_layers.index(layer)
-            enc = self.clt.encoders[i]
-            xs = x.to(enc.W_enc.dtype) * self.clt.input_scales[i].to(enc.W_enc.dtype)
-            f, _ = self.clt.contributions(i, x)
-            return enc.pre_acts(xs) - enc.b_enc, f
-        sae = self.per_layer[layer]
-        xs = x.to(sae.W_enc.dtype) * sae.input_scale.to(sae.W_enc.dtype)
-        return sae.pre_acts(xs) - sae.b_enc, sae.encode(xs)
+            return self.clt.encoders[i], self.clt.input_scales[i]
+        return self.per_layer[layer], self.per_layer[layer].input_scale
 
-    def write(self, layer: int, f: torch.Tensor, x: torch.Tensor) -> dict[int, torch.Tensor]:
-        """What layer `layer`'s latents f [..., d_sae] (on MLP input x) write into each MLP output, biases left out."""
+    def encode(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """Dense latents [..., d_sae] of layer `layer`'s dictionary on raw MLP input x [..., d] (the prompt's)."""
+        enc, s_in = self._encoder(layer)
+        return enc.encode(x.to(enc.W_enc.dtype) * s_in.to(enc.W_enc.dtype))
+
+    def pre_acts_at(self, layer: int, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Pre-activations minus b_enc [..., T, m] of the latents idx [T, m] (m slots a position) on raw MLP input
+        x [..., T, d]: only those encoder columns, gathered once and shared by every copy of the batch."""
+        enc, s_in = self._encoder(layer)
+        cols = enc.W_enc.T[idx]  # [T, m, d]
+        return torch.einsum("...td,...tmd->...tm", x.to(cols.dtype) * s_in.to(cols.dtype), cols)
+
+    def write_at(self, layer: int, values: torch.Tensor, idx: torch.Tensor, x: torch.Tensor) -> dict:
+        """What the latents idx [T, m] of layer `layer` with values [..., T, m] (on MLP input x [..., T, d]) write
+        into each MLP output, biases left out: their decoder rows gathered once, never [..., T, d_sae]."""
+        enc, s_in = self._encoder(layer)
+        rows = enc.W_dec[idx]  # [T, m, d_out]: a CLT layer's rows to every later layer side by side
+        out = torch.einsum("...tm,...tmd->...td", values.to(rows.dtype), rows)
+        if self.clt is not None:
+            i, d = self.clt_layers.index(layer), self.clt.d
+            return {self.clt_layers[i + k]: part / self.clt.output_scales[i + k]
+                    for k, part in enumerate(out.split(d, dim=-1))}
+        if enc.config.skip_connection:  # the skip is a linear path of the frozen model, not a node
+            out = out + (x.to(enc.W_skip.dtype) * s_in) @ enc.W_skip.T
+        return {layer: out / enc.output_scale.to(out.dtype)}
+
+    def latent_rows(self, layer: int, latent: int) -> dict[int, torch.Tensor]:
+        """The raw-unit vector one unit of latent `latent` of layer `layer` adds to each MLP output it writes."""
         if self.clt is not None:
             i = self.clt_layers.index(layer)
-            return {self.clt_layers[j]: f @ self.clt.decoder(i, j) / self.clt.output_scales[j]
+            return {self.clt_layers[j]: self.clt.decoder(i, j)[latent] / self.clt.output_scales[j]
                     for j in range(i, len(self.clt_layers))}
         sae = self.per_layer[layer]
-        s_in, s_out = sae.input_scale.to(sae.W_dec.dtype), sae.output_scale.to(sae.W_dec.dtype)
-        out = f.to(sae.W_dec.dtype) @ sae.W_dec
-        if sae.config.skip_connection:  # the skip is a linear path of the frozen model
-            out = out + (x.to(sae.W_skip.dtype) * s_in) @ sae.W_skip.T
-        return {layer: out / s_out}
+        return {layer: sae.W_dec[latent] / sae.output_scale.to(sae.W_dec.dtype)}
 
     def bias(self, layer: int) -> torch.Tensor:
         if self.clt is not None:
@@ -132,19 +149,14 @@ class Transcoders:
         sae = self.per_layer[layer]
         return sae.b_dec / sae.output_scale.to(sae.b_dec.dtype)
 
-    def decoder_rows(self, layer: int, feature: int) -> dict[int, torch.Tensor]:
-        """The raw-unit vectors one unit of latent `feature` of layer `layer` adds to each MLP output."""
-        f = torch.zeros(self.n_features(layer), dtype=torch.float32, device=self.device)
-        f[feature] = 1.0
-        if self.clt is None and self.per_layer[layer].config.skip_connection:
-            x = torch.zeros(self.per_layer[layer].config.d_in, device=self.device)
-            return self.write(layer, f, x)
-        return self.write(layer, f, None)
 
-    @property
-    def device(self):
-        module = self.clt if self.clt is not None else next(iter(self.per_layer.values()))
-        return next(module.parameters()).device
+def active_slots(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(idx, mask) [..., m] of dense latents f [..., d_sae]: each position's active latents in increasing order,
+    padded to the largest count m with inactive ones (mask False, value 0)."""
+    active = f != 0
+    m = int(active.sum(-1).max()) if f.numel() else 0
+    idx = torch.argsort((~active).to(torch.int8), dim=-1, stable=True)[..., :m]
+    return idx, active.gather(-1, idx)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,7 +194,7 @@ class Sources:
 
     embed: torch.Tensor  # [..., T, d] normed token embeddings norm(wte(token))
     value_embeds: dict  # layer -> [..., T, n_kv*head_dim] the token's value embedding (current era)
-    latents: dict  # layer -> [..., T, d_sae] dense latents (zero where inactive and at <|bos|>)
+    latents: dict  # layer -> [..., T, m] the active latents' values in their slots (LocalReplacement.slots)
     errors: dict  # layer -> [..., T, d] MLP output minus what the transcoders write there
 
 
@@ -198,6 +210,7 @@ class LocalReplacement:
         self.model, self.tc, self.idx = model, transcoders, idx
         self.T, self.n_layer = idx.numel(), model.config.n_layer
         self.keep = (idx != bos_id) if bos_id is not None else torch.ones_like(idx, dtype=torch.bool)
+        self.slots: dict = {}  # layer -> (idx [T, m] latent of each slot, mask [T, m] active), set by _record
         with torch.no_grad():
             self.frozen, self.sources, self.logits, self.mlp_inputs = self._record()
 
@@ -245,9 +258,10 @@ class LocalReplacement:
             mlp_inputs[i] = mlp_in
             mlp_out = block.mlp(mlp_in)
             if i in self.tc.layers:
-                _, f = self.tc.encode(i, mlp_in)
-                src.latents[i] = f * self.keep[:, None]  # no features at <|bos|>: its MLP output is all error
-                for j, part in self.tc.write(i, src.latents[i], mlp_in).items():
+                f = self.tc.encode(i, mlp_in) * self.keep[:, None]  # no features at <|bos|>: there it is all error
+                self.slots[i] = active_slots(f)
+                src.latents[i] = f.gather(-1, self.slots[i][0])
+                for j, part in self.tc.write_at(i, src.latents[i], self.slots[i][0], mlp_in).items():
                     written[j] = written.get(j, 0) + part
             recon = written.get(i, 0) + (self.tc.bias(i) if i in self.tc.layers else 0)
             src.errors[i] = mlp_out - recon
@@ -279,9 +293,9 @@ class LocalReplacement:
         return attn.c_proj(y.flatten(-2))
 
     # -- the frozen, affine model
-    def forward(self, src: Sources) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
-        """(feature inputs {layer: [..., T, d_sae]} (pre-activation minus b_enc), logits [..., T, V]) of the
-        frozen model on these source values."""
+    def forward(self, src: Sources, last_only: bool = False) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+        """(feature inputs {layer: [..., T, m]} (the slots' pre-activations minus b_enc), logits [..., T, V]) of the
+        frozen model on these source values; last_only: the logits of the last position only [..., 1, V]."""
         m, cfg, fr = self.model, self.model.config, self.frozen
         x0 = self._smear(src.embed, fr.smear) if cfg.era == "current" else src.embed
         x, inputs, written, backout = x0, {}, {}, None
@@ -292,8 +306,9 @@ class LocalReplacement:
             mlp_in = x * fr.mlp_rms[i]
             out = src.errors[i]
             if i in self.tc.layers:
-                inputs[i], _ = self.tc.encode(i, mlp_in)
-                for j, part in self.tc.write(i, src.latents[i], mlp_in).items():
+                idx = self.slots[i][0]
+                inputs[i] = self.tc.pre_acts_at(i, mlp_in, idx)
+                for j, part in self.tc.write_at(i, src.latents[i], idx, mlp_in).items():
                     written[j] = written.get(j, 0) + part
                 out = out + written.get(i, 0) + self.tc.bias(i)
             x = x + out
@@ -301,8 +316,25 @@ class LocalReplacement:
                 backout = x
         if cfg.era == "current":
             x = x - m.backout_lambda.to(x.dtype) * backout
-        z = m.lm_head(x * fr.final_rms)[..., :cfg.vocab_size].float()
-        return inputs, z * fr.softcap_ratio
+        rms, ratio = (fr.final_rms[-1:], fr.softcap_ratio[-1:]) if last_only else (fr.final_rms, fr.softcap_ratio)
+        if last_only:  # the logit nodes are at the last position: no [..., T, V] in the backward batches
+            x = x[..., -1:, :]
+        z = m.lm_head(x * rms)[..., :cfg.vocab_size].float()
+        return inputs, z * ratio
+
+    def dense_latents(self, layer: int) -> torch.Tensor:
+        """The prompt's latents of layer `layer` as a dense [T, d_sae] tensor."""
+        idx = self.slots[layer][0]
+        values = self.sources.latents[layer]
+        return values.new_zeros(self.T, self.tc.n_features(layer)).scatter(-1, idx, values)
+
+    def slot_of(self, layer: int, pos: torch.Tensor, feature: torch.Tensor) -> torch.Tensor:
+        """The slot of each active latent (pos[k], feature[k]) of layer `layer` (an inactive one: an error)."""
+        idx, mask = self.slots[layer]
+        hit = (idx[pos] == feature[:, None]) & mask[pos]
+        if not bool(hit.any(-1).all()):
+            raise SAELightningError(f"a latent of layer {layer} asked for is not active on the prompt")
+        return hit.to(torch.int8).argmax(-1)
 
     def batched(self, n: int, grad: bool = True) -> Sources:
         """n copies of the prompt's sources as leaves (one per target of a backward batch)."""
@@ -375,11 +407,11 @@ def select_logits(logits: torch.Tensor, target: int | None, max_n_logits: int = 
 
 def _target_values(rm: LocalReplacement, src: Sources, feats: torch.Tensor, logit_ids: torch.Tensor):
     """Inputs of every target node [..., N + K]: the features' pre-activations, the logits' demeaned values."""
-    inputs, logits = rm.forward(src)
+    inputs, logits = rm.forward(src, last_only=True)
     parts = []
     for layer in rm.tc.layers:
         sel = feats[feats[:, 0] == layer]
-        parts.append(inputs[layer][..., sel[:, 1], sel[:, 2]])
+        parts.append(inputs[layer][..., sel[:, 1], rm.slot_of(layer, sel[:, 1], sel[:, 2])])
     last = logits[..., -1, :]
     parts.append(last[..., logit_ids] - last.mean(-1, keepdim=True))
     return torch.cat(parts, dim=-1)
@@ -406,7 +438,8 @@ def _rows(rm: LocalReplacement, feats: torch.Tensor, logit_ids: torch.Tensor, ta
         row = []
         for layer, g in zip(layers, g_lat):
             p, f = feats[feats[:, 0] == layer][:, 1:].T
-            row.append(g[:, p, f] * s.latents[layer][p, f])
+            slot = rm.slot_of(layer, p, f)
+            row.append(g[:, p, slot] * s.latents[layer][p, slot])
         row += [(g * s.errors[i]).sum(-1) for i, g in zip(range(rm.n_layer), g_err)]
         tok = (g_emb * s.embed).sum(-1)
         for i, g in zip(ves, g_ve):
@@ -433,8 +466,8 @@ def attribute(model, transcoders, idx: torch.Tensor, target: int | None = None, 
 
 def _build(rm, target, max_n_logits, desired_logit_prob, max_feature_nodes, batch_size) -> Graph:
     s, T, L = rm.sources, rm.T, rm.n_layer
-    feats = torch.cat([torch.cat([torch.full((len(p), 1), layer), torch.stack([p, f], 1)], 1)
-                       for layer in rm.tc.layers for p, f in [s.latents[layer].nonzero(as_tuple=True)]]
+    feats = torch.cat([torch.cat([torch.full((len(p), 1), layer), torch.stack([p, rm.slots[layer][0][p, k]], 1)], 1)
+                       for layer in rm.tc.layers for p, k in [rm.slots[layer][1].nonzero(as_tuple=True)]]
                       ) if rm.tc.layers else torch.zeros(0, 3, dtype=torch.long)
     feats = feats.long()
     logit_ids, logit_probs = select_logits(rm.logits[-1], target, max_n_logits, desired_logit_prob)
@@ -460,7 +493,9 @@ def _build(rm, target, max_n_logits, desired_logit_prob, max_feature_nodes, batc
     inputs, biases = torch.zeros(n), torch.zeros(n)
     inputs[:len(keep)], inputs[n - K:] = on_prompt[:len(keep)].float(), on_prompt[len(keep):].float()
     biases[:len(keep)], biases[n - K:] = bias[:len(keep)].float(), bias[len(keep):].float()
-    acts = torch.stack([s.latents[int(a)][int(b), int(c)] for a, b, c in feats_k]) if len(keep) else torch.zeros(0)
+    acts = torch.cat([s.latents[layer][sel[:, 1], rm.slot_of(layer, sel[:, 1], sel[:, 2])]
+                      for layer in rm.tc.layers for sel in [feats_k[feats_k[:, 0] == layer]]]) if len(keep) \
+        else torch.zeros(0)
     return Graph(tokens=rm.idx.tolist(), features=feats_k, activations=acts.detach().float(),
                  error_layers=list(range(L)), logit_ids=logit_ids, logit_probs=logit_probs.detach().float(),
                  adjacency=A, bias=biases, target_inputs=inputs, meta={"n_active_features": n_all})

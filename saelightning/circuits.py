@@ -57,15 +57,18 @@ def replacement_intervention(rm, layer: int, latent: int, value: float, token: i
     s = rm.sources
     if layer not in s.latents:
         raise SAELightningError(f"--clamp layer {layer} has no transcoder; layers with one: {sorted(s.latents)}")
-    if not 0 <= latent < s.latents[layer].shape[-1]:
-        raise SAELightningError(f"--clamp latent {latent} is out of range for layer {layer} "
-                                f"(d_sae={s.latents[layer].shape[-1]})")
-    latents = dict(s.latents)
-    latents[layer] = s.latents[layer].clone()
-    latents[layer][rm.keep, latent] = value
+    d_sae = rm.tc.n_features(layer)
+    if not 0 <= latent < d_sae:
+        raise SAELightningError(f"--clamp latent {latent} is out of range for layer {layer} (d_sae={d_sae})")
+    # the latents are constants of the frozen model: a new value changes only what its decoder rows write, which
+    # joins each MLP output it reaches beside that output's error node
+    delta = torch.where(rm.keep, value - rm.dense_latents(layer)[:, latent], 0.0)
+    errors = dict(s.errors)
+    for j, row in rm.tc.latent_rows(layer, latent).items():
+        errors[j] = s.errors[j] + delta[:, None].to(row.dtype) * row
     with torch.no_grad():
-        _, before = rm.forward(s)
-        _, after = rm.forward(Sources(s.embed, s.value_embeds, latents, s.errors))
+        _, before = rm.forward(s, last_only=True)
+        _, after = rm.forward(Sources(s.embed, s.value_embeds, s.latents, errors), last_only=True)
     return float(after[-1, token] - before[-1, token])
 
 
@@ -87,7 +90,7 @@ class AttributeArgs:
 
     Args:
         prompt: the prompt text (encoded with <|bos|> first); the graph explains the prediction after it.
-        sae: a CLT export directory, or one transcoder export per MLP layer.
+        sae: a CLT export directory, or one transcoder export per MLP layer (several values, or --sae repeated).
         out: output directory (replaced only if an earlier `saelightning attribute` wrote it).
         model: nanochat checkpoint or base dir, or "demo" (default: the one the --sae cfg.json records).
         target: the token whose logit to explain (text of exactly one token); default: the most likely tokens up

@@ -3,7 +3,11 @@ effect of its source, the scores and pruning keep what they claim, the files val
 fields and render in Chromium, the CLI's bad inputs are one-line errors, and an intervention on the replacement
 model agrees with the steered model where both must."""
 
+import copy
 import json
+import math
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +16,7 @@ from saelightning.attribution import (
     LocalReplacement,
     Transcoders,
     _target_values,
+    active_slots,
     attribute,
     influence,
     normalize,
@@ -21,12 +26,14 @@ from saelightning.attribution import scores as graph_scores
 from saelightning.circuits import model_intervention, replacement_intervention
 from saelightning.cli import main
 from saelightning.dashboards.graph import FEATURE_TYPES
+from saelightning.dashboards.html import _embedded
 from saelightning.demo import DEMO_MODEL_DIR
-from saelightning.export import save_clt, save_sae
+from saelightning.export import load_sae, save_clt, save_sae
 from saelightning.nanochat.checkpoint import load_nanochat
 from saelightning.runtime import InterpretableModel, Steer
 from saelightning.saes import SAEConfig, build_sae
 from saelightning.saes.clt import CrossLayerTranscoder
+from saelightning.tokens import val_batches
 from tests.fixtures_nanochat import make_nanochat_model
 from tests.numerics import reorder_atol
 from tests.test_browser import CHROMIUM, assert_clean, dump_dom
@@ -96,7 +103,7 @@ def _ablate_each_source(rm, graph):
         for b in range(n_src):
             if b < graph.n_features:
                 layer, p, f = (int(v) for v in feats[b])
-                src.latents[layer][b, p, f] = 0
+                src.latents[layer][b, p, rm.slot_of(layer, feats[b:b + 1, 1], feats[b:b + 1, 2])] = 0
             elif b < graph.error_slice.stop:
                 layer, p = divmod(b - graph.n_features, T)
                 src.errors[layer][b, p] = 0
@@ -135,6 +142,26 @@ def test_edges_plus_biases_sum_to_every_target_input():
     got = graph.adjacency[targets].sum(1) + graph.bias[targets]
     torch.testing.assert_close(got, graph.target_inputs[targets], rtol=0,
                                atol=forward_atol(model, graph.target_inputs))
+
+
+def test_backward_batches_hold_only_the_active_latents_never_a_dense_dictionary():
+    """The leaves are the active latents' values [B, T, m] (m = the most active at one position), and what the
+    forward saves for the backward never has the dictionary's width: no [B, T, d_sae] anywhere."""
+    model, idx, d_sae, batch = tiny_model(), prompt(), 4096, 8
+    clt = tiny_clt(d_sae=d_sae, threshold=3.0)  # a few of many latents fire
+    rm = LocalReplacement(model, Transcoders(clt, N_LAYER), idx, BOS)
+    for layer in range(N_LAYER):
+        slot_idx, mask = rm.slots[layer]
+        assert slot_idx.shape == rm.sources.latents[layer].shape == (len(idx), int(mask.sum(-1).max()))
+        assert 0 < slot_idx.shape[1] < 32 and torch.equal(rm.dense_latents(layer) != 0, torch.zeros(
+            len(idx), d_sae, dtype=torch.bool).scatter(-1, slot_idx, mask))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        graph, _ = attribute(model, clt, idx, bos_id=BOS, batch_size=batch)
+    assert graph.n_features > 20 and saved
+    assert all(d_sae not in shape for shape in saved), [s for s in saved if d_sae in s]
+    # the largest is lm_head's weight (V x d = 32768), a ninth of the dense leaves' 8 x 9 x 4096
+    assert max(math.prod(shape) for shape in saved) < batch * len(idx) * d_sae / 8
 
 
 def test_scores_are_one_where_the_transcoders_are_exact_and_below_with_errors():
@@ -199,6 +226,143 @@ def test_max_feature_nodes_attributes_the_most_influential_latents():
     top = {tuple(f) for f in full.features[inf.argsort(descending=True)[:5]].tolist()}
     chosen = {tuple(f) for f in part.features.tolist()}
     assert len(top & chosen) >= 4  # the first batch is ranked by the logit rows alone: nearly the same set
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-layer transcoders (one per MLP), with and without the skip term
+
+
+def tiny_transcoders(skip: bool, n_layer=N_LAYER, d=D, d_sae=32, seed=0, threshold=0.3, scales=(2.0, 0.5)):
+    """One JumpReLU transcoder per MLP (blocks.i.hook_mlp_in -> blocks.i.hook_mlp_out), trained-space scales
+    s_in, s_out not folded (so the raw-unit conversions are exercised), a live W_skip when skip."""
+    torch.manual_seed(seed)
+    out = []
+    for i in range(n_layer):
+        tc = build_sae(SAEConfig(architecture="jumprelu", d_in=d, d_out=d, d_sae=d_sae, threshold_init=threshold,
+                                 skip_connection=skip)).eval()
+        with torch.no_grad():
+            tc.b_enc.normal_(0, 0.3)
+            tc.b_dec.normal_(0, 0.1)
+            if skip:  # its own generator: the same transcoders otherwise, with and without the skip
+                tc.W_skip.normal_(0, 0.3 / d ** 0.5, generator=torch.Generator().manual_seed(100 + i))
+            tc.input_scale.fill_(scales[0])
+            tc.output_scale.fill_(scales[1])
+        tc.metadata = {"hook_name": f"blocks.{i}.hook_mlp_in", "hook_name_out": f"blocks.{i}.hook_mlp_out"}
+        out.append(tc.requires_grad_(False))
+    return out
+
+
+@pytest.mark.parametrize("skip", [False, True], ids=["plain", "skip"])
+@pytest.mark.parametrize("era", ["current", "original"])
+def test_per_layer_transcoders_replacement_model_reproduces_the_logits_and_errors_are_their_own_residual(era, skip):
+    model, tcs, idx = tiny_model(era), tiny_transcoders(skip), prompt()
+    want = model(idx[None])[0]
+    rm = LocalReplacement(model, Transcoders(tcs, N_LAYER), idx, BOS)
+    assert rm.tc.clt is None and rm.tc.layers == list(range(N_LAYER))
+    with torch.no_grad():
+        _, frozen = rm.forward(rm.sources)
+    atol = forward_atol(model, want)
+    torch.testing.assert_close(rm.logits, want, rtol=0, atol=atol)
+    torch.testing.assert_close(frozen, want, rtol=0, atol=atol)
+    # each error node is the MLP output minus the transcoder's own prediction (SAE.output, skip term included,
+    # on the trained scale s_in·x, read back / s_out); at <|bos|> the prediction of no latents (b_dec, the skip)
+    hooks = [f"blocks.{i}.hook_mlp_{k}" for i in range(N_LAYER) for k in ("in", "out")]
+    acts = model.run_with_cache(idx[None], hooks)
+    for i, tc in enumerate(tcs):
+        x, y = acts[f"blocks.{i}.hook_mlp_in"][0], acts[f"blocks.{i}.hook_mlp_out"][0]
+        f = tc.encode(x * tc.input_scale) * (idx != BOS)[:, None]
+        pred = tc.output(f, x * tc.input_scale) / tc.output_scale
+        assert rm.sources.latents[i][1:].count_nonzero() > 0 and rm.sources.latents[i][0].abs().sum() == 0
+        torch.testing.assert_close(rm.sources.errors[i], y - pred, rtol=0, atol=forward_atol(model, y))
+        assert float(rm.sources.errors[i].abs().max()) > 0.05  # random transcoders: the errors carry mass
+
+
+@pytest.mark.parametrize("skip", [False, True], ids=["plain", "skip"])
+def test_per_layer_transcoder_edges_equal_the_change_when_their_source_is_removed(skip):
+    model, tcs, idx = tiny_model(), tiny_transcoders(skip), prompt()
+    graph, rm = attribute(model, tcs, idx, bos_id=BOS)
+    full, ablated = _ablate_each_source(rm, graph)
+    rows = list(range(graph.n_features)) + list(range(graph.logit_slice.start, graph.logit_slice.stop))
+    A = graph.adjacency[rows][:, :graph.token_slice.stop]
+    atol = forward_atol(model, full)
+    torch.testing.assert_close(A, (full[None, :] - ablated).T.float(), rtol=0, atol=atol)
+    assert float(A.abs().max()) > 100 * atol
+    targets = torch.cat([torch.arange(graph.n_features), torch.arange(graph.logit_slice.start, graph.logit_slice.stop)])
+    torch.testing.assert_close(graph.adjacency[targets].sum(1) + graph.bias[targets], graph.target_inputs[targets],
+                               rtol=0, atol=forward_atol(model, graph.target_inputs))
+    # a per-layer transcoder's latent reaches only later layers' latents
+    layers = graph.features[:, 0]
+    assert A[:graph.n_features, :graph.n_features][layers[:, None] <= layers[None, :]].abs().max() == 0
+    if skip:  # ... but its layer's MLP input reaches the next layers through W_skip as well: more edges are nonzero
+        plain, _ = attribute(model, tiny_transcoders(False), idx, bos_id=BOS)
+        assert torch.equal(plain.features, graph.features)
+        assert not torch.allclose(plain.adjacency, graph.adjacency, atol=100 * atol)
+
+
+class _TranscoderMLP(torch.nn.Module):
+    """A model's MLP that is exactly what the transcoders write there (no latents at position 0, <|bos|>)."""
+
+    def __init__(self, tc: Transcoders, layer: int):
+        super().__init__()
+        self.tc, self.layer = tc, layer
+
+    def forward(self, x, hook=None):
+        f = self.tc.encode(self.layer, x) * (torch.arange(x.shape[-2]) > 0)[:, None]
+        idx, _ = active_slots(f)
+        return self.tc.write_at(self.layer, f.gather(-1, idx), idx, x)[self.layer] + self.tc.bias(self.layer)
+
+
+def test_skip_transcoders_that_are_the_mlps_give_exactly_zero_errors_and_scores_of_one():
+    """The skip term is a frozen linear path from the MLP input to its output, not a node: where the transcoders
+    (skip included) are the MLPs, every error node is exactly 0, so completeness and replacement are exactly 1
+    although W_skip carries part of every MLP's output; the same model read with W_skip dropped puts exactly that
+    part, x W_skipᵀ / s_out, into the error nodes."""
+    model, tcs, idx = tiny_model(), tiny_transcoders(True), prompt()
+    tc = Transcoders(tcs, N_LAYER)
+    for i, block in enumerate(model.transformer.h):
+        block.mlp = _TranscoderMLP(tc, i)
+    graph, rm = attribute(model, tc, idx, bos_id=BOS)
+    assert all(float(e.abs().max()) == 0 for e in rm.sources.errors.values())
+    assert graph_scores(graph) == (1.0, 1.0)
+    n_nodes = graph.n_features + (N_LAYER + 1) * len(idx) + len(graph.logit_ids)
+    assert graph.adjacency.shape == (n_nodes, n_nodes)  # features, errors, tokens, logits: no skip node
+    no_skip = [copy.deepcopy(t) for t in tcs]
+    for t in no_skip:
+        t.W_skip.zero_()
+    rm2 = LocalReplacement(model, Transcoders(no_skip, N_LAYER), idx, BOS)
+    for i, t in enumerate(tcs):
+        x = rm.mlp_inputs[i]
+        skip = (x * t.input_scale) @ t.W_skip.T / t.output_scale
+        assert float(skip.abs().max()) > 0.05
+        torch.testing.assert_close(rm2.sources.errors[i], skip, rtol=0, atol=forward_atol(model, skip))
+    replacement, completeness = graph_scores(attribute(model, no_skip, idx, bos_id=BOS)[0])
+    assert replacement < 1 and completeness < 1
+
+
+def test_attribute_takes_one_transcoder_export_per_layer_on_the_command_line(tmp_path, capsys):
+    paths = []
+    for i, tc in enumerate(tiny_transcoders(True, n_layer=4, d=128, threshold=0.5, scales=(1.0, 1.0))):
+        paths.append(tmp_path / f"tc{i}")
+        save_sae(tc, paths[-1], dict(tc.metadata, model_name="nanochat"))
+    out = tmp_path / "graph"
+    # several values after one --sae, and a repeated --sae, are the same list
+    code = main(["attribute", "--model", "demo", "--sae", str(paths[0]), str(paths[1]), "--sae", str(paths[2]),
+                 "--sae", str(paths[3]), "--prompt", "def f(x):\n    return", "--out", str(out), "--clamp", "2:5=0",
+                 "--node-threshold", "0.99", "--edge-threshold", "0.999"])
+    assert code == 0
+    data = json.loads((out / "graph.json").read_text())
+    _validate_graph_file(data, 4)
+    assert data["metadata"]["transcoder_list"] == [str(p) for p in paths]
+    layers = {int(n["layer"]) for n in data["nodes"] if n["feature_type"] == "cross layer transcoder"}
+    assert layers and layers <= {0, 1, 2, 3}
+    summary = json.loads((out / "summary.json").read_text())
+    assert 0 < summary["replacement_score"] < 1 and summary["interventions"][0]["layer"] == 2
+    two = tmp_path / "two"
+    capsys.readouterr()
+    assert main(["attribute", "--model", "demo", "--sae", str(paths[1]), str(paths[1]), "--prompt", "x",
+                 "--out", str(two)]) == 2 and not two.exists()
+    err = capsys.readouterr().err
+    assert "two transcoders for layer 1; give one per MLP layer" in err and len(err.strip().splitlines()) == 1
 
 
 def _validate_graph_file(data: dict, n_layer: int) -> None:
@@ -276,6 +440,82 @@ def test_the_graph_page_renders_in_chromium_without_js_errors(cli_graph, tmp_pat
     assert 'href="../viz/features/' in dom
 
 
+@pytest.fixture(scope="module")
+def graph_with_dashboards(demo_clt_dir, tmp_path_factory):
+    """`saelightning viz` of the CLT into GRAPHS/dashboards, then `attribute` into GRAPHS/g with its default links."""
+    graphs = tmp_path_factory.mktemp("graphs")
+    assert main(["viz", "--sae", str(demo_clt_dir), "--model", "demo", "--data", "demo", "--tokens", "400",
+                 "--top_k", "4", "--out", str(graphs / "dashboards"), "--quiet"]) == 0
+    assert main(["attribute", "--model", "demo", "--sae", str(demo_clt_dir), "--prompt", "def f(x):\n    return",
+                 "--out", str(graphs / "g"), "--node-threshold", "0.99", "--edge-threshold", "0.999"]) == 0
+    return graphs
+
+
+def test_every_latent_link_of_graph_html_opens_that_latents_page_of_the_clt_dashboards(graph_with_dashboards):
+    graphs = graph_with_dashboards
+    nodes = _embedded(graphs / "g" / "graph.html")["graph"]["nodes"]
+    latents = [n for n in nodes if n["feature_type"] == "cross layer transcoder"]
+    assert len(latents) > 5
+    for n in latents:
+        layer, feat, _ = (int(v) for v in n["node_id"].split("_"))
+        page = Path(os.path.normpath(graphs / "g" / n["dashboard"]))
+        assert page.is_file(), n["dashboard"]
+        assert _embedded(page)["feature"]["index"] == feat
+        site = json.loads((page.parent.parent / "saelightning-output.json").read_text())["meta"]
+        assert site["hook_name"] == f"blocks.{layer}.hook_mlp_in" and site["d_sae"] == 32
+    index = (graphs / "dashboards" / "index.html").read_text()
+    assert all(f'href="layer{i}/index.html"' in index for i in range(4))
+
+
+def test_each_clt_layers_dashboard_shows_that_layers_latents_and_its_summed_decoder_rows(graph_with_dashboards,
+                                                                                         demo_clt_dir):
+    """Layer l's site: max activations equal the CLT's own latents of layer l on the same val rows, and the logit
+    effect is lm_head(final_norm(Σ_j W_dec^(l→j))): the decoder rows summed over every layer the latent writes."""
+    nc = load_nanochat(DEMO_MODEL_DIR)
+    model, clt = nc.model.float(), load_sae(demo_clt_dir)
+    for layer in range(4):
+        site = graph_with_dashboards / "dashboards" / f"layer{layer}"
+        meta = json.loads((site / "saelightning-output.json").read_text())["meta"]
+        rows = {r["index"]: r for r in _embedded(site / "index.html")["rows"]}
+        assert sorted(rows) == list(range(32))
+        idx = next(iter(val_batches(Path(meta["val_shard"]), nc.tokenizer, meta["context_size"], meta["n_rows"],
+                                    meta["n_rows"])))
+        with torch.no_grad():
+            x = model.run_with_cache(idx, [f"blocks.{layer}.hook_mlp_in"])[f"blocks.{layer}.hook_mlp_in"]
+            f, _ = clt.contributions(layer, x.flatten(0, 1))
+        f = f.masked_fill((idx == nc.tokenizer.bos_id).flatten()[:, None], 0)
+        want = f.max(0).values
+        got = torch.tensor([rows[i]["max_act"] for i in range(32)])
+        assert int((want > 0).sum()) > 10
+        torch.testing.assert_close(got, want, rtol=5e-4, atol=0)  # the pages keep 4 significant digits
+        top = int(want.argmax())
+        record = _embedded(site / "features" / f"{top}.html")["feature"]
+        with torch.no_grad():
+            u = sum(clt.decoder(layer, j)[top] for j in range(layer, 4))
+            logits = model.lm_head(model.final_norm(u))[:model.config.vocab_size]
+        assert [t for t, _ in record["logits"]["pos"]][:3] == [nc.tokenizer.token_str(int(i))
+                                                             for i in logits.topk(3).indices]
+        assert record["logits"]["pos"][0][1] == pytest.approx(float(logits.max()), rel=5e-4)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (`make browser`)")
+def test_the_clt_dashboards_index_and_a_linked_page_render_in_chromium(graph_with_dashboards, tmp_path):
+    dom = dump_dom((graph_with_dashboards / "dashboards" / "index.html").as_uri(), tmp_path)
+    assert_clean(dom)
+    assert dom.count('href="layer') == 4
+    node = next(n for n in _embedded(graph_with_dashboards / "g" / "graph.html")["graph"]["nodes"] if n["dashboard"])
+    page = Path(os.path.normpath(graph_with_dashboards / "g" / node["dashboard"]))
+    assert_clean(dump_dom(page.as_uri(), tmp_path))
+
+
+def test_viz_of_a_clt_refuses_serve_and_probe_in_one_line(demo_clt_dir, tmp_path, capsys):
+    code = main(["viz", "--sae", str(demo_clt_dir), "--model", "demo", "--data", "demo", "--tokens", "100",
+                 "--out", str(tmp_path / "v"), "--serve", "--port", "0"])
+    err = capsys.readouterr().err
+    assert code == 2 and "a cross-layer transcoder gets static pages per layer only" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "v").exists()
+
+
 @pytest.mark.parametrize("extra, fragment", [
     (["--clamp", "3:5"], "bad --clamp '3:5'; write LAYER:LATENT=VALUE"),
     (["--clamp", "7:5=1"], "--clamp 7:5: the transcoders have layers [0, 1, 2, 3]"),
@@ -330,14 +570,14 @@ def test_a_last_layer_latent_changes_the_logit_alike_in_the_replacement_model_an
     slope sech²(z/15). So for a small clamp, model change = replacement change x sech²(z/15) / c."""
     model, clt, idx = tiny_model(), tiny_clt(), prompt()
     rm = LocalReplacement(model, Transcoders(clt, N_LAYER), idx, BOS)
-    last = rm.sources.latents[N_LAYER - 1][-1]
+    last = rm.dense_latents(N_LAYER - 1)[-1]
     latent = int(last.argmax())
     x = rm.final_resid[-1] / rm.final_resid[-1].norm()
     row = clt.decoder(N_LAYER - 1, N_LAYER - 1)[latent]
     row -= (row @ x) * x
     graph, rm = attribute(model, clt, idx, bos_id=BOS)
     token = int(graph.logit_ids[0])
-    a = float(rm.sources.latents[N_LAYER - 1][-1, latent])
+    a = float(rm.dense_latents(N_LAYER - 1)[-1, latent])
     assert a > 0
     rep = replacement_intervention(rm, N_LAYER - 1, latent, 0.98 * a, token)
     real = model_intervention(model, [clt], idx, BOS, N_LAYER - 1, latent, 0.98 * a, token)
@@ -361,7 +601,7 @@ def test_intervention_on_the_demo_model_keeps_the_error_term():
     clt = tiny_clt(n_layers=4, d=128, d_sae=32, threshold=0.5)
     idx = torch.tensor(nc.tokenizer.encode("x = 1"))
     rm = LocalReplacement(model, Transcoders(clt, 4), idx, nc.tokenizer.bos_id)
-    inactive = int((rm.sources.latents[2] != 0).sum(0).argmin())
-    assert int((rm.sources.latents[2][:, inactive] != 0).sum()) == 0
+    inactive = int((rm.dense_latents(2) != 0).sum(0).argmin())
+    assert int((rm.dense_latents(2)[:, inactive] != 0).sum()) == 0
     assert replacement_intervention(rm, 2, inactive, 0.0, 5) == 0.0
     assert model_intervention(model, [clt], idx, nc.tokenizer.bos_id, 2, inactive, 0.0, 5) == 0.0

@@ -105,6 +105,40 @@ def test_fold_scales_predicts_raw_outputs_from_raw_inputs():
         torch.testing.assert_close(raw[j], scaled[j] / clt.output_scales[j], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("arch", CLT_ARCHITECTURES)
+def test_layer_transcoder_has_the_clts_latents_and_the_sum_of_its_decoder_rows(arch):
+    """The dashboards' view of one CLT layer: the same latents on raw inputs (the input scale folded into W_enc),
+    and as decoder row what the latent writes into every layer it reaches, summed, in raw units."""
+    torch.manual_seed(4)
+    clt = make(arch, l1_coefficient=0.0).eval()
+    with torch.no_grad():
+        clt.b_dec.copy_(torch.randn(L, D))
+        for enc in clt.encoders:
+            enc.b_enc.normal_(0, 0.5)
+            if hasattr(enc, "threshold"):
+                enc.threshold.fill_(0.05)
+    clt.input_scales.copy_(torch.tensor([2.0, 0.5, 3.0]))
+    clt.output_scales.copy_(torch.tensor([0.25, 4.0, 1.5]))
+    xs, _ = data(64)
+    for layer in range(L):
+        view = clt.layer_transcoder(layer)
+        assert view.config.d_out == D and view.W_dec.shape == (D_SAE, D) and not view.W_dec.requires_grad
+        f, parts = clt.contributions(layer, xs[layer])
+        got = view.encode(xs[layer])
+        assert f.count_nonzero() > 0 and torch.equal(got != 0, f != 0)
+        torch.testing.assert_close(got, f, rtol=1e-5, atol=1e-5)  # x (s W) against (s x) W: one rounding apart
+        rows = sum(clt.decoder(layer, j) / clt.output_scales[j] for j in range(layer, L))
+        torch.testing.assert_close(view.W_dec, rows, rtol=1e-6, atol=1e-6)
+        # its decoder applied to the latents is the sum of what they write to each layer (the bias that encoder
+        # `layer` adds, encoder 0's b_dec or zeros, left out)
+        bias = sum(b / clt.output_scales[layer + i] for i, b in enumerate(clt.encoders[layer].b_dec.split(D)))
+        torch.testing.assert_close(f @ view.W_dec, sum(parts) - bias, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(clt.layer_transcoder(0).b_dec, sum(clt.b_dec[j] / clt.output_scales[j]
+                                                                   for j in range(L)))
+    with pytest.raises(SAELightningError, match="layers 0..2, not 3"):
+        clt.layer_transcoder(3)
+
+
 def test_training_lowers_every_layers_fvu():
     torch.manual_seed(4)
     clt = make("topk")

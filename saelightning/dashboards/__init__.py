@@ -8,6 +8,7 @@ pages (`viz --serve`). `load_inputs` loads the model and SAE once; `compute_reco
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from collections.abc import Sequence
@@ -17,9 +18,10 @@ from pathlib import Path
 import torch
 
 from saelightning import resolve
+from saelightning.atomic import atomic_dir
 from saelightning.command import parse
 from saelightning.dashboards import serve
-from saelightning.dashboards.html import write_site
+from saelightning.dashboards.html import layers_page, write_site
 from saelightning.dashboards.records import density_histogram, export_figures, feature_records
 from saelightning.dashboards.stats import StatsConfig, collect_stats, density_summary, logit_effect, nearest_latents
 from saelightning.errors import SAELightningError
@@ -28,12 +30,13 @@ from saelightning.hooks import parse_hook
 from saelightning.nanochat.checkpoint import Nanochat
 from saelightning.probe import read_latent_concepts
 from saelightning.progress import progress_bar
+from saelightning.saes.clt import CrossLayerTranscoder
 from saelightning.tokens import rows_for_tokens, val_batches
 
 LATENT_BUDGET = 2**26  # floats of dense latents per batch (256 MB in fp32)
 
-__all__ = ["Loaded", "StatsArgs", "VizArgs", "cli_main", "compute_records", "density_summary", "load_inputs",
-           "parse_features"]
+__all__ = ["Loaded", "StatsArgs", "VizArgs", "cli_main", "clt_hooks", "compute_records", "density_summary",
+           "load_inputs", "parse_features", "write_clt_sites"]
 
 
 def parse_features(spec: str | None, d_sae: int) -> list[int] | None:
@@ -180,6 +183,35 @@ def compute_records(args: StatsArgs, loaded: Loaded | None = None) -> tuple[dict
     return meta, records, sae
 
 
+def clt_hooks(clt: CrossLayerTranscoder) -> list[str]:
+    """The MLP input hook each layer of a CLT reads (cfg.json metadata.hook_names_in; layers 0.. by default)."""
+    return clt.metadata.get("hook_names_in") or [f"blocks.{i}.hook_mlp_in" for i in range(clt.n_layers)]
+
+
+def write_clt_sites(args: StatsArgs, loaded: Loaded) -> Path:
+    """A cross-layer transcoder's dashboards: OUT/layer{L}/ for each model layer L it reads, each an ordinary
+    viz site of that layer's latents (CrossLayerTranscoder.layer_transcoder: activations on blocks.L.hook_mlp_in,
+    logit effects of the decoder rows summed over the layers it writes), and OUT/index.html listing them; the
+    whole OUT is written atomically. Returns the index path."""
+    clt, n_layer = loaded.sae, loaded.nanochat.model.n_layer
+    out = Path(args.out).expanduser().absolute()
+    sites = []
+    with atomic_dir(out, "viz", {"meta": {"cross_layer_transcoder": str(args.sae)}}) as tmp:
+        for rank, hook in enumerate(clt_hooks(clt)):
+            layer, _ = parse_hook(hook, n_layer)
+            view = clt.layer_transcoder(rank)
+            view.metadata = {**clt.metadata, "hook_name": hook, "hook_name_out": f"blocks.{layer}.hook_mlp_out"}
+            meta, records, _ = compute_records(args, dataclasses.replace(loaded, sae=view, hook=hook))
+            write_site(tmp / f"layer{layer}", {**meta, "clt_layer": rank}, records, notes_from=out / f"layer{layer}")
+            sites.append(meta)
+        first = sites[0]
+        meta = {"title": f"{Path(args.sae).name}: cross-layer transcoder over {len(sites)} layers",
+                "sae": str(args.sae), "model": first["model"], "n_tokens": first["n_tokens"],
+                "d_sae": first["d_sae"], "context_size": first["context_size"], "figures": first["figures"]}
+        (tmp / "index.html").write_text(layers_page(meta, sites), encoding="utf-8")
+    return out / "index.html"
+
+
 def cli_main(argv: Sequence[str]) -> int:
     args = parse(VizArgs, argv, "saelightning viz")
     if args is None:
@@ -188,6 +220,14 @@ def cli_main(argv: Sequence[str]) -> int:
     listening = serve.Server(args.host, args.port) if args.serve else None  # a busy port fails before the work
     try:
         loaded = load_inputs(args)
+        if isinstance(loaded.sae, CrossLayerTranscoder):
+            if args.serve or args.probe:
+                raise SAELightningError("--serve and --probe read one SAE at one hook; a cross-layer transcoder gets "
+                                        "static pages per layer only: drop them")
+            index = write_clt_sites(args, loaded)
+            print(f"{loaded.sae.n_latents} latent pages ({loaded.sae.n_layers} layers) in "
+                  f"{time.perf_counter() - start:.1f}s; open {index}", file=sys.stderr)
+            return 0
         concepts = read_latent_concepts(args.probe, loaded.hook, loaded.sae.W_dec.shape[0]) if args.probe else None
         meta, records, _ = compute_records(args, loaded)
         for record in records if concepts else ():

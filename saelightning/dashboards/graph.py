@@ -15,8 +15,9 @@ from saelightning.dashboards.html import _page, fmt, token_html
 SCHEMA_VERSION = 1
 FEATURE_TYPES = {"feature": "cross layer transcoder", "error": "mlp reconstruction error", "token": "embedding",
                  "logit": "logit"}
-# the `saelightning viz` layout: OUT/features/<latent>.html; {layer}, {feature} and {index} are filled in
-DEFAULT_DASHBOARD = "dashboards/features/{index}.html"
+# the `saelightning viz --out GRAPHS/dashboards` layout of a CLT (OUT/layer{L}/features/<latent>.html), beside the
+# graph's own directory GRAPHS/<name> (which `attribute` replaces whole); {layer}, {feature}, {index} are filled in
+DEFAULT_DASHBOARD = "../dashboards/layer{layer}/features/{feature}.html"
 
 
 def _cantor(x: int, y: int) -> int:
@@ -96,7 +97,7 @@ def graph_json(graph, pruned, token_str, *, slug: str, scan: str, prompt: str, n
     }
 
 
-GRAPH_CSS_JS = """
+GRAPH_JS = """
 (function () {
   var d = pageData(), g = d.graph, nodes = g.nodes, links = g.links, NS = 'http://www.w3.org/2000/svg';
   var tokens = g.metadata.prompt_tokens, T = tokens.length, layers = d.n_layer;
@@ -228,5 +229,5 @@ def graph_page(graph_file: dict, n_layer: int, logits: list[dict], interventions
               "red inhibit. Click a node for its edges.</p><div id=\"graph\"></div><div id=\"info\"></div>"
             + "<h2>Latent nodes</h2><table id=\"nodes\"><thead><tr><th>node</th><th>layer</th><th>token</th>"
               "<th>activation</th><th>cumulative influence</th></tr></thead><tbody></tbody></table>")
-    return _page(f"graph {meta['slug']}", header, body, {"graph": graph_file, "n_layer": n_layer}, GRAPH_CSS_JS,
+    return _page(f"graph {meta['slug']}", header, body, {"graph": graph_file, "n_layer": n_layer}, GRAPH_JS,
                  "graph")

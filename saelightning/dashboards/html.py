@@ -470,6 +470,24 @@ def index_page(meta: dict, rows: list[dict], notes: Mapping[str, str] | None = N
     return _page(meta.get("title", "SAE latents"), header, body, {"rows": rows}, INDEX_JS, "index")
 
 
+def layers_page(meta: dict, sites: list[dict]) -> str:
+    """A cross-layer transcoder's index: one row per layer, linking that layer's own site (layer{L}/index.html)."""
+    header = f"<header><h1>{html.escape(meta['title'])}</h1>{_meta_line(meta)}</header>"
+    rows = []
+    for site in sites:
+        hist = site.get("density_hist") or {}
+        alive = hist.get("n_latents", 0) - hist.get("dead", 0)
+        rows.append(f"<tr><td><a href=\"layer{site['layer']}/index.html\">layer {site['layer']}</a></td>"
+                    f"<td>{html.escape(site['hook_name'])}</td><td class=\"num\">{site['d_sae']:,}</td>"
+                    f"<td class=\"num\">{alive:,}</td><td class=\"num\">{site['n_tokens']:,}</td></tr>")
+    body = ("<p class=\"meta\">A cross-layer transcoder: each layer's latents read that layer's MLP input and "
+            "write every later MLP output; each has its own site (activations on its input hook, logit effects of "
+            "the sum of its decoder rows over the layers it writes).</p>"
+            + _table(rows, "<th>layer</th><th>reads</th><th>latents</th><th>fired</th><th>tokens</th>", "layers")
+            + _figures_html(meta.get("figures")))
+    return _page(meta["title"], header, body, {}, "finished();", "layers")
+
+
 def _latent_link(j: int, rendered: Container[int]) -> str:
     if j in rendered:
         return f"<a href=\"{j}.html\">{j}</a>"
@@ -665,13 +683,15 @@ def _notes_of(out: Path) -> dict[str, str]:
 # The site
 
 
-def write_site(out_dir, meta: dict, records: list[dict]) -> Path:
+def write_site(out_dir, meta: dict, records: list[dict], notes_from=None) -> Path:
     """Write index.html and features/<i>.html atomically into out_dir; returns the index path.
 
-    An earlier site's notes.json is shown on the new pages and carried into the new directory (copied
-    last, as it is then: a note saved while the pages were written is kept, shown after its next edit)."""
+    An earlier site's notes.json (that of notes_from, default out_dir) is shown on the new pages and carried
+    into the new directory (copied last, as it is then: a note saved while the pages were written is kept,
+    shown after its next edit)."""
     out = Path(out_dir).expanduser().absolute()
-    notes = _notes_of(out)
+    old = out if notes_from is None else Path(notes_from).expanduser().absolute()
+    notes = _notes_of(old)
     rendered = {r["index"] for r in records}
     top_tokens = {r["index"]: r["top_tokens"][:3] for r in records}
     with atomic_dir(out, "viz", {"meta": meta}) as tmp:
@@ -687,7 +707,7 @@ def write_site(out_dir, meta: dict, records: list[dict]) -> Path:
                 feature_page(meta, rec, prev, next_, rendered, labels, notes.get(str(rec["index"]), "")),
                 encoding="utf-8")
         try:
-            (tmp / NOTES_FILE).write_bytes((out / NOTES_FILE).read_bytes())
+            (tmp / NOTES_FILE).write_bytes((old / NOTES_FILE).read_bytes())
         except (FileNotFoundError, NotADirectoryError):
             pass
     return out / "index.html"

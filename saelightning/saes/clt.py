@@ -126,6 +126,24 @@ class CrossLayerTranscoder(nn.Module):
         parts = enc.decode(f).split(self.d, dim=-1)
         return f, [p / self.output_scales[layer + i].to(p.dtype) for i, p in enumerate(parts)]
 
+    @torch.no_grad()
+    def layer_transcoder(self, layer: int) -> nn.Module:
+        """Layer `layer`'s latents as one ordinary transcoder on raw activations, for the tools that read one
+        dictionary at one hook (the dashboards): its encoder with the input scale folded in (the same latents as
+        contributions(layer, x)), and as latent i's decoder row the sum of the raw-unit rows it writes into
+        layers layer..L-1, Σ_j W_dec^(layer→j)[i] / s_out,j: everything it adds to the residual stream, since
+        every MLP output joins it. b_dec is the sum of those layers' output biases."""
+        if not 0 <= layer < self.n_layers:
+            raise SAELightningError(f"the CLT has layers 0..{self.n_layers - 1}, not {layer}")
+        enc = self.encoders[layer]
+        view = build_sae(dataclasses.replace(enc.config, d_out=self.d))
+        scales = self.output_scales[layer:, None].to(enc.W_dec.dtype)
+        state = dict(enc.state_dict(), W_enc=enc.W_enc * self.input_scales[layer].to(enc.W_enc.dtype),
+                     W_dec=(enc.W_dec.view(-1, self.n_layers - layer, self.d) / scales).sum(1),
+                     b_dec=(self.b_dec[layer:] / scales).sum(0))
+        view.load_state_dict(state)
+        return view.eval().requires_grad_(False)
+
     def predict(self, xs) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """(latents per layer, ŷ per output layer) from raw inputs, in raw units (what eval compares)."""
         latents, preds = [], [0.0] * self.n_layers
