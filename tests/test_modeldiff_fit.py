@@ -3,12 +3,8 @@ export naming every model, the Δ histogram and class counts in TensorBoard, bit
 errors for models a crosscoder cannot read together."""
 
 import json
-import os
 import re
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +18,7 @@ from saelightning.export import load_sae
 from saelightning.modeldiff import relative_norms
 from saelightning.nanochat.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 from saelightning.tokens import val_batches
+from tests.ddp import ddp_fit
 from tests.fixtures_data import TINY_VOCAB, tiny_texts
 from tests.fixtures_nanochat import FIXTURE_TAG, make_nanochat_checkpoint
 from tests.test_browser import CHROMIUM, assert_clean, dump_dom
@@ -317,15 +314,9 @@ def test_two_process_ddp_crosscoder_fit_with_a_chat_mix_resumes_bitwise(tmp_path
     """Under DDP each rank runs both models on its own stream (its own stride of the conversations); both ranks'
     positions, chat counts included, are in the checkpoint, and a resume from it is exact."""
     chat = _chat_file(tmp_path)
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
-
     def fit(run, *extra):
         cfg = _config(tmp_path, two_stages, tiny_shards_dir, run=run, chat=chat)
-        cmd = [sys.executable, "-m", "saelightning", "fit", "--config", str(cfg), "--trainer.strategy", "ddp",
-               "--trainer.devices", "2", *extra]
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
-        assert done.returncode == 0, done.stderr[-3000:]
-        return torch.load(tmp_path / run / "last.ckpt", weights_only=True)
+        return ddp_fit(cfg, tmp_path / run, *extra, timeout=400)
 
     whole = fit("whole")
     positions = whole["ActivationDataModule"]["positions"]

@@ -3,10 +3,6 @@ architecture on it: export, eval, exact resume, DDP, bad input."""
 
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -26,6 +22,7 @@ from saelightning.synthetic import (
     read_model,
     zipf_probabilities,
 )
+from tests.ddp import ddp_fit
 
 ARCHS = ["topk", "batchtopk", "matryoshka", "relu", "gated", "jumprelu"]
 TINY = dict(num_features=48, d_in=12, hierarchy_roots=2, hierarchy_branching=2, hierarchy_depth=2, correlation_rank=3,
@@ -222,14 +219,8 @@ def test_bad_synthetic_input_exits_2_and_writes_nothing(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_two_process_ddp_synthetic_fit_resumes_bitwise(tmp_path):
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
-
     def fit(run, *extra):
-        cmd = [sys.executable, "-m", "saelightning", "fit", "--config", str(_config(tmp_path, run, max_steps=6)),
-               "--trainer.strategy", "ddp", "--trainer.devices", "2", *extra]
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr[-3000:]
-        return torch.load(tmp_path / run / "last.ckpt", weights_only=True)
+        return ddp_fit(_config(tmp_path, run, max_steps=6), tmp_path / run, *extra)
 
     whole = fit("whole")
     positions = whole["ActivationDataModule"]["positions"]

@@ -4,8 +4,6 @@ import json
 import math
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +11,7 @@ import torch
 import yaml
 
 from saelightning.cli import main
+from tests.ddp import ddp_fit
 
 HOOK = "blocks.1.hook_resid_post"
 
@@ -179,15 +178,9 @@ def test_shipped_configs_parse_and_name_every_saelightning_key(config, capsys):
 
 @pytest.mark.slow
 def test_two_process_ddp_fit_on_cpu_resumes_bitwise(tmp_path, nanochat_current_dir, tiny_shards_dir):
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
-
     def fit(run, *extra):
         cfg = _config(tmp_path, nanochat_current_dir, tiny_shards_dir, run=run, max_steps=6)
-        cmd = [sys.executable, "-m", "saelightning", "fit", "--config", str(cfg), "--trainer.strategy", "ddp",
-               "--trainer.devices", "2", *extra]
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr[-3000:]
-        return torch.load(tmp_path / run / "last.ckpt", weights_only=True)
+        return ddp_fit(cfg, tmp_path / run, *extra)
 
     whole = fit("whole")
     positions = whole["ActivationDataModule"]["positions"]

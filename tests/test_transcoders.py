@@ -2,10 +2,6 @@
 the input/output scale folding, config checks; training, export and spliced eval on the demo model further down."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -27,6 +23,7 @@ from saelightning.runtime import Steer
 from saelightning.saes import SAEConfig, build_sae
 from saelightning.saes.base import TRANSCODER_ARCHITECTURES
 from saelightning.tokens import val_batches
+from tests.ddp import ddp_fit
 from tests.test_saes import adam_steps
 
 # fp32 results compared across code paths: also run under other CPU kernels; one torch thread (small ops)
@@ -469,15 +466,8 @@ def test_interpretable_model_steers_a_transcoder_latent_at_its_output_hook():
 @pytest.mark.slow
 def test_two_process_ddp_transcoder_fit_on_cpu_resumes_bitwise(tmp_path, tiny_shards_dir):
     """Under DDP every rank captures both hooks of its own stream; the ranks stay identical and a resume is exact."""
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
-
     def fit(run, *extra):
-        cfg = _fit_config(tmp_path, tiny_shards_dir, run, [TRANSCODER], max_steps=6)
-        cmd = [sys.executable, "-m", "saelightning", "fit", "--config", str(cfg), "--trainer.strategy", "ddp",
-               "--trainer.devices", "2", *extra]
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr[-3000:]
-        return torch.load(tmp_path / run / "last.ckpt", weights_only=True)
+        return ddp_fit(_fit_config(tmp_path, tiny_shards_dir, run, [TRANSCODER], max_steps=6), tmp_path / run, *extra)
 
     whole = fit("whole")
     assert whole["state_dict"]["tokens_seen"].item() == 6 * 64 * 2
