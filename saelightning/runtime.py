@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import sys
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -38,7 +39,7 @@ from saelightning.command import parse
 from saelightning.errors import SAELightningError
 from saelightning.export import load_sae
 from saelightning.hooks import hook_width, parse_hook
-from saelightning.nanochat.model import check_sampling, decode_batched
+from saelightning.nanochat.model import KVCache, check_sampling, decode_batched
 from saelightning.saes.clt import CrossLayerTranscoder
 
 STEER_MODES = ("add", "clamp", "scale")
@@ -254,6 +255,10 @@ class InterpretableModel:
         self.steers: list[Steer] = []
         self._trace: Trace | None = None
         self._interpretation: Trace | None = None  # the trace of interpretation_enabled()
+        # a crosscoder view with partners (saes.OneModel): their activations of this forward, per hook, and
+        # their KV caches, one per partner beside each of the main model's caches (dropped with it)
+        self._partner_x: dict[str, list[torch.Tensor]] = {}
+        self._partner_caches: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def _index_saes(self, saes) -> dict[str, torch.nn.Module]:
         if isinstance(saes, Mapping):
@@ -287,7 +292,27 @@ class InterpretableModel:
                                     f"is {width}; use an SAE trained on this model")
         for target in getattr(sae, "writes", {}):
             parse_hook(target, self.model.n_layer)
+        self._check_partners(hook, sae)
         return sae.eval()
+
+    def _check_partners(self, hook: str, sae) -> None:
+        """A crosscoder view's partners read the same tokens as this model and have the hook (one-line errors)."""
+        partners = getattr(sae, "partners", None)
+        if not partners:
+            return
+        names = [m.get("name") for m in sae.metadata.get("models") or []]
+        others = [i for i in range(sae.cc.n_models) if i != sae.model_index]
+        for i, gpt, tokenizer in zip(others, partners, sae.partner_tokenizers):
+            name = names[i] if i < len(names) else f"model {i}"
+            if gpt.config.vocab_size != self.model.config.vocab_size:
+                raise SAELightningError(f"partner {name!r} has vocabulary size {gpt.config.vocab_size} but the "
+                                        f"model has {self.model.config.vocab_size}; give the crosscoder's own models "
+                                        "(one nanochat run, one tokenizer)")
+            if (tokenizer is not None and self.tokenizer is not None
+                    and resolve.tokenizer_fingerprint(tokenizer) != resolve.tokenizer_fingerprint(self.tokenizer)):
+                raise SAELightningError(f"partner {name!r} has another tokenizer than the model; the partners read "
+                                        "the model's token ids: give the crosscoder's own models (one tokenizer/)")
+            parse_hook(hook, gpt.n_layer)
 
     # -- tracking and steering switches
     @contextmanager
@@ -441,13 +466,22 @@ class InterpretableModel:
             values, order = values.topk(top_n or k, dim=-1)
             return values, indices.gather(-1, order).masked_fill(values == 0, -1)
 
+        def encode_all(rows: torch.Tensor) -> torch.Tensor:  # a partnered crosscoder view: every model's rows
+            return sae.encode_all(rows.to(sae.W_enc.dtype))
+
+        def encode_all_top(rows: torch.Tensor, top_n: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+            return top_latents(encode_all(rows), top_n)
+
         def fn(x: torch.Tensor):
             B, T, d = x.shape
             flat = x.reshape(B * T, d)
+            # what the latents read: this activation, or with partners the crosscoder's stacked input [.., M·d]
+            exact = hook in self._partner_x
+            rows = sae.stack(x, self._partner_x[hook]) if exact else x
             if trace is not None and not steers:  # tracking only: encode later, all at once
-                trace.defer(hook, x, encode_top)
+                trace.defer(hook, rows, encode_all_top if exact else encode_top)
                 return None
-            f = encode(flat) if needs_f else None
+            f = (encode_all if exact else encode)(rows.reshape(B * T, -1)) if needs_f else None
             out = None
             if steers:
                 old = f[:, latents] if f is not None else flat.new_zeros(B * T, len(latents), dtype=W.dtype)
@@ -475,8 +509,42 @@ class InterpretableModel:
     # -- forward and generation
     @torch.no_grad()
     def forward(self, idx: torch.Tensor, kv_cache=None) -> torch.Tensor:
-        """Logits [B, T, V] with the active steers applied and tracked latents recorded."""
-        return self.model(idx, hooks=self.hooks(idx) or None, kv_cache=kv_cache)
+        """Logits [B, T, V] with the active steers applied and tracked latents recorded.
+
+        A crosscoder view with partners first runs each partner on idx (unsteered, with its own KV cache
+        beside kv_cache), so that its latents read every model's activation.
+        """
+        self._partner_x = self._run_partners(idx, kv_cache)
+        try:
+            return self.model(idx, hooks=self.hooks(idx) or None, kv_cache=kv_cache)
+        finally:
+            self._partner_x = {}
+
+    def _run_partners(self, idx: torch.Tensor, kv_cache) -> dict[str, list[torch.Tensor]]:
+        """Each partnered view's partner activations at its hook [B, T, d], for the views that read latents now
+        (with a KV cache: always, so the partners' caches keep step with the model's)."""
+        out = {}
+        for hook, sae in self.saes.items():
+            partners = getattr(sae, "partners", None)
+            needs = self._trace is not None or any(s.hook == hook and s.mode != "add" for s in self.steers)
+            if not partners or not (needs or kv_cache is not None):
+                continue
+            caches = self._partner_caches.setdefault(kv_cache, {}) if kv_cache is not None else {}
+            acts = []
+            for j, gpt in enumerate(partners):
+                if kv_cache is None:
+                    acts.append(gpt.run_with_cache(idx, [hook])[hook])
+                    continue
+                cache = caches.setdefault((hook, j), KVCache(gpt.n_layer))
+                if cache.pos != kv_cache.pos:
+                    raise SAELightningError(f"the KV cache holds {kv_cache.pos} positions the crosscoder's partners "
+                                            "never saw; run the whole generation through this InterpretableModel "
+                                            "(its forward or generate), from a fresh cache")
+                grabbed = []
+                gpt(idx, hooks={hook: grabbed.append}, kv_cache=cache)
+                acts.append(grabbed[0])
+            out[hook] = acts
+        return out
 
     __call__ = forward
 
