@@ -41,6 +41,7 @@ from saelightning.export import load_sae
 from saelightning.hooks import hook_width, parse_hook
 from saelightning.nanochat.model import KVCache, check_sampling, decode_batched
 from saelightning.saes.clt import CrossLayerTranscoder
+from saelightning.saes.crosscoder import OneModel
 
 STEER_MODES = ("add", "clamp", "scale")
 TRUNCATE_MODES = ("left", "error")  # a prompt longer than the context: keep its last tokens (warned), or refuse
@@ -703,6 +704,11 @@ class GenerateArgs:
         temperature: 0 = greedy.
         top_k: sample among the k most likely tokens (default: all).
         seed: sampling seed.
+        crosscoder_model: with a crosscoder --sae (alone): the model whose forward is generated from and steered,
+            by its name in the export's cfg.json models (e.g. chat); its other models run beside it on the same
+            tokens so the latents are the crosscoder's own.
+        models: with a crosscoder: its models' checkpoints in its order, where they moved (default: the paths
+            its cfg.json records).
         truncate: a prompt longer than the model's context (its sequence_len): left = warn and use only its
             last tokens; error = refuse. Generating past the context: left = warn and go on; error = refuse.
         device: cpu or cuda (default: cuda when there is a GPU).
@@ -719,6 +725,8 @@ class GenerateArgs:
     temperature: float = 0.0
     top_k: int | None = None
     seed: int = 42
+    crosscoder_model: str | None = None
+    models: list[str] | None = None
     truncate: Literal["left", "error"] = "left"
     device: str | None = None
 
@@ -744,11 +752,32 @@ def _warn(notes: list[str]) -> None:
 
 
 def _load(a) -> tuple:
-    """The model (--model, or the one the SAEs record) and an InterpretableModel over it and a.sae."""
+    """The model (--model, or the one the SAEs record) and an InterpretableModel over it and a.sae; a crosscoder
+    --sae is read in its --crosscoder_model, its other models loaded beside it as partners (exact latents)."""
     device = resolve.device(a.device)
-    model, load, _ = resolve.sources(a.sae, a.model, None)
-    nc = resolve.load_model(model, device=device, dtype=torch.float32, **load)
-    return nc, InterpretableModel(nc, [load_sae(d, device=device) for d in a.sae])
+    saes = [load_sae(d, device=device) for d in a.sae]
+    crosscoders = [(path, s) for path, s in zip(a.sae, saes) if s.config.n_models > 1]
+    if not crosscoders:
+        if a.crosscoder_model is not None or a.models is not None:
+            raise SAELightningError("--crosscoder_model and --models apply to a crosscoder --sae only; drop them")
+        model, load, _ = resolve.sources(a.sae, a.model, None)
+        nc = resolve.load_model(model, device=device, dtype=torch.float32, **load)
+        return nc, InterpretableModel(nc, saes)
+    path, cc = crosscoders[0]
+    names = [m.get("name") for m in cc.metadata.get("models") or []]
+    if len(saes) > 1:
+        raise SAELightningError(f"{path} is a crosscoder, read alone: give it as the only --sae")
+    if a.model is not None:
+        raise SAELightningError("--model does not apply to a crosscoder: its models are the ones its cfg.json "
+                                "records; pass --models (one checkpoint per model, in its order) where they moved")
+    if a.crosscoder_model is None:
+        raise SAELightningError(f"{path} is a crosscoder over the models {names}; pass --crosscoder_model NAME, the "
+                                "one to generate from and steer")
+    view = OneModel(cc, a.crosscoder_model)  # refuses an unknown name before any model loads
+    _, loaded = resolve.crosscoder_models(cc, path, a.models, device=device)
+    m = view.model_index
+    view = OneModel(cc, m, partners=[nc for i, nc in enumerate(loaded) if i != m])
+    return loaded[m], InterpretableModel(loaded[m], {resolve.sae_hook(cc, path): view})
 
 
 def cli_main(argv: Sequence[str]) -> int:
@@ -788,6 +817,11 @@ class FeaturesArgs:
         text: the prompt (encoded with <|bos|> first, as nanochat's rows start).
         top_features: latents shown per token and SAE.
         model: nanochat checkpoint or base dir, or "demo" (default: the one the first --sae's cfg.json records).
+        crosscoder_model: with a crosscoder --sae (alone): the model whose forward is generated from and steered,
+            by its name in the export's cfg.json models (e.g. chat); its other models run beside it on the same
+            tokens so the latents are the crosscoder's own.
+        models: with a crosscoder: its models' checkpoints in its order, where they moved (default: the paths
+            its cfg.json records).
         truncate: a prompt longer than the model's context (its sequence_len): left = warn and use only its
             last tokens; error = refuse.
         device: cpu or cuda (default: cuda when there is a GPU).
@@ -797,6 +831,8 @@ class FeaturesArgs:
     sae: list[str] = field(default_factory=list)
     top_features: int = 5
     model: str | None = None
+    crosscoder_model: str | None = None
+    models: list[str] | None = None
     truncate: Literal["left", "error"] = "left"
     device: str | None = None
 

@@ -2,10 +2,14 @@
 tokens (their own KV caches in generation), so InterpretableModel's latents are the crosscoder's own encode of
 every model's activation; without partners, model m's block alone. On the bundled demo base and chat models."""
 
+import re
+
 import pytest
 import torch
 
+from saelightning.cli import main
 from saelightning.errors import SAELightningError
+from saelightning.export import load_sae, save_sae
 from saelightning.nanochat.checkpoint import load_nanochat
 from saelightning.nanochat.model import KVCache
 from saelightning.runtime import InterpretableModel, Steer, dense_latents
@@ -173,3 +177,44 @@ def test_a_partner_of_another_width_or_tokenizer_is_refused_in_one_line(models, 
     with pytest.raises(SAELightningError, match="partner 'base' has another tokenizer") as err:
         InterpretableModel(chat, {HOOK: OneModel(cc, "chat", partners=[foreign])})
     assert "\n" not in str(err.value)
+
+
+def _export(cc, models, out):
+    info = [{"name": name, "path": nc.meta["path"], "step": nc.meta["step"], "era": nc.meta["era"]}
+            for name, nc in zip(["base", "chat"], models)]
+    return save_sae(cc, out, metadata={"hook_name": HOOK, "models": info})
+
+
+def test_features_cli_reads_a_crosscoder_exactly_with_its_partners_loaded_from_cfg_json(models, cc, tmp_path,
+                                                                                         capsys):
+    path = _export(cc, models, tmp_path / "cc")
+    text = "def len(obj): return the number of items"
+    assert main(["features", "--sae", str(path), "--crosscoder-model", "chat", "--text", text,
+                 "--top-features", "3", "--device", "cpu"]) == 0
+    rows = capsys.readouterr().out.splitlines()[1:]
+    loaded = load_sae(path)
+    idx = torch.tensor([models[1].tokenizer.encode(text)])
+    f = loaded.encode(torch.cat(_acts(models, idx), -1)[0])  # the export works on raw activations
+    assert len(rows) == idx.shape[1]
+    for row, want in zip(rows, f):
+        shown = re.search(r"\[(.*)\]$", row).group(1).split()
+        values, indices = want.topk(3)
+        expected = [f"{i}:{v:.2f}" for i, v in zip(indices.tolist(), values.tolist()) if v > 0]
+        assert shown == expected, (row, expected)
+    # generate: the same view, one token per step
+    assert main(["generate", "--sae", str(path), "--crosscoder_model", "chat", "--prompt", "import", "--max_tokens",
+                 "2", "--clamp", f"{int(f.sum(0).argmax())}:2.0", "--device", "cpu"]) == 0
+    assert "--- completion 0: import" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    ([], "is a crosscoder over the models \\['base', 'chat'\\]; pass --crosscoder_model NAME"),
+    (["--crosscoder_model", "rl"], "no model named 'rl'"),
+    (["--crosscoder_model", "chat", "--model", "demo"], "--model does not apply to a crosscoder"),
+    (["--crosscoder_model", "chat", "--models", "demo"], "--models gives 1 model\\(s\\) but the crosscoder reads 2"),
+])
+def test_cli_crosscoder_mistakes_are_one_line_errors(models, cc, tmp_path, capsys, extra, fragment):
+    path = _export(cc, models, tmp_path / "cc")
+    assert main(["features", "--sae", str(path), "--text", "def", "--device", "cpu", *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert re.search(fragment, err) and "\n" not in err, err
