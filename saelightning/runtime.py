@@ -430,6 +430,7 @@ class InterpretableModel:
         """The hook functions for model.forward(idx): one per SAE that is tracked or steered now.
 
         idx (the tokens of that forward) lets steering skip BOS positions; without it all are steered.
+        A crosscoder view with partners needs forward(), which runs them first (the hooks refuse without).
         """
         keep = None
         if self.steers and idx is not None and self.bos_id is not None:
@@ -452,6 +453,7 @@ class InterpretableModel:
         needs_f = trace is not None or any(s.mode != "add" for s in steers)
         W = sae.W_dec[latents] if latents else None  # [m, d_in]: only the steered rows
         scale = self._scales[hook]
+        partnered = bool(getattr(sae, "partners", None))
 
         def encode(flat: torch.Tensor) -> torch.Tensor:
             flat = flat.to(sae.W_enc.dtype)
@@ -478,6 +480,10 @@ class InterpretableModel:
             flat = x.reshape(B * T, d)
             # what the latents read: this activation, or with partners the crosscoder's stacked input [.., M·d]
             exact = hook in self._partner_x
+            if not exact and partnered and (trace is not None or needs_f):
+                raise SAELightningError(f"the crosscoder view on {hook!r} reads its partners' activations, which "
+                                        "only InterpretableModel's forward computes; call im(idx), not "
+                                        "model(idx, hooks=im.hooks(idx))")
             rows = sae.stack(x, self._partner_x[hook]) if exact else x
             if trace is not None and not steers:  # tracking only: encode later, all at once
                 trace.defer(hook, rows, encode_all_top if exact else encode_top)

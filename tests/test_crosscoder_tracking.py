@@ -77,11 +77,14 @@ def _rounding(cc, x: list[torch.Tensor]) -> torch.Tensor:
     return n * EPS * ((full.abs() + cc.b_dec.abs()) @ cc.W_enc.abs() + cc.b_enc.abs())
 
 
-def _assert_close_away_from_threshold(cc, got, want, tol):
-    """got == want within tol, with no latent's f_i c_i within tol c_i of θ (where rounding could flip it)."""
-    ranked = want * cc.code_norms()
-    margin = (ranked - cc.threshold).abs()
-    assert bool((margin[want > 0] > tol[want > 0] * cc.code_norms().expand_as(want)[want > 0]).all())
+def _assert_close_away_from_threshold(cc, x, got, want, tol):
+    """got == want within tol, with no positive pre-activation's f_i c_i within tol c_i of θ (where rounding
+    could flip the latent on or off); x: the models' activations the reference want was encoded from."""
+    full = torch.cat(x, -1).reshape(-1, cc.config.d_in) * cc.input_scales()
+    pre = torch.addmm(cc.b_enc, full - cc.b_dec if cc.config.apply_b_dec_to_input else full, cc.W_enc)
+    c = cc.code_norms().expand_as(pre)
+    positive = pre > 0
+    assert bool(((pre * c - cc.threshold).abs()[positive] > (tol * c)[positive]).all())
     assert torch.equal(got != 0, want != 0)
     assert bool(((got - want).abs() <= tol).all()), float((got - want).abs().max())
 
@@ -98,7 +101,7 @@ def test_tracking_with_partners_is_the_crosscoders_encode_at_every_position(mode
     with im.track(top_n=None) as trace:
         im(idx)
     got = dense_latents(*trace.latents(HOOK), D_SAE).reshape(want.shape)
-    _assert_close_away_from_threshold(cc, got, want, _rounding(cc, x))
+    _assert_close_away_from_threshold(cc, x, got, want, _rounding(cc, x))
     assert int((want > 0).sum()) > 0 and int((got == 0).sum()) > 0
     # without partners: today's value, this model's block alone (the other block reads zero)
     alone = InterpretableModel(nc, {HOOK: OneModel(cc, tracked)})
@@ -109,7 +112,7 @@ def test_tracking_with_partners_is_the_crosscoders_encode_at_every_position(mode
     blocks[m] = x[m]
     want_alone = _encode(cc, blocks)
     got_alone = dense_latents(*trace.latents(HOOK), D_SAE).reshape(want.shape)
-    _assert_close_away_from_threshold(cc, got_alone, want_alone, _rounding(cc, blocks))
+    _assert_close_away_from_threshold(cc, blocks, got_alone, want_alone, _rounding(cc, blocks))
     assert not torch.allclose(got_alone, want, atol=1e-3)  # the partner's block matters
 
 
@@ -126,14 +129,14 @@ def test_tracking_each_generation_step_with_kv_caches_equals_the_full_forward(mo
     # each step's latents are the crosscoder's encode of both models' activations as the KV caches give them
     cached = [_cached_acts(nc, ids, len(prompt)) for nc in models]
     want_cached = _encode(cc, cached)
-    _assert_close_away_from_threshold(cc, got, want_cached, _rounding(cc, cached))
+    _assert_close_away_from_threshold(cc, cached, got, want_cached, _rounding(cc, cached))
     # and those equal the full-sequence forward's latents up to the cached forward's own fp32 rounding:
     # a latent moves by at most |Δx| |W_enc| (ReLU is 1-Lipschitz) plus the encode's rounding
     full = _acts(models, torch.tensor([ids]))
     want_full = _encode(cc, full)
     dx = (torch.cat(cached, -1) - torch.cat(full, -1)).reshape(-1, cc.config.d_in).abs() * cc.input_scales()
     tol = dx @ cc.W_enc.abs() + _rounding(cc, full) + _rounding(cc, cached)
-    _assert_close_away_from_threshold(cc, got, want_full, tol)
+    _assert_close_away_from_threshold(cc, full, got, want_full, tol)
     # the tracked steps did not change the greedy generation
     plain = [step[0] for step in chat.model.generate([prompt], max_tokens, temperature=0.0)]
     assert plain == new
@@ -177,6 +180,11 @@ def test_a_partner_of_another_width_or_tokenizer_is_refused_in_one_line(models, 
     with pytest.raises(SAELightningError, match="partner 'base' has another tokenizer") as err:
         InterpretableModel(chat, {HOOK: OneModel(cc, "chat", partners=[foreign])})
     assert "\n" not in str(err.value)
+    # the hooks alone (without forward, which runs the partners) refuse rather than fall back to the block alone
+    im = InterpretableModel(chat, {HOOK: OneModel(cc, "chat", partners=[base])})
+    idx = torch.tensor([chat.tokenizer.encode("def")])
+    with im.track(), pytest.raises(SAELightningError, match="only InterpretableModel's forward computes"):
+        chat.model(idx, hooks=im.hooks(idx))
 
 
 def _export(cc, models, out):
