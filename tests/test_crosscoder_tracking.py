@@ -142,6 +142,27 @@ def test_tracking_each_generation_step_with_kv_caches_equals_the_full_forward(mo
     assert plain == new
 
 
+def test_steered_generation_runs_the_partners_unsteered_on_the_generated_tokens(models, cc):
+    base, chat = models
+    im = InterpretableModel(chat, {HOOK: OneModel(cc, "chat", partners=[base])})
+    prompt = chat.tokenizer.encode("import os\nos.path.join(")
+    max_tokens, latent = 6, 3
+    plain = [step[0] for step in chat.model.generate([prompt], max_tokens, temperature=0.0)]
+    with im.steering([Steer(HOOK, latent, "add", 200.0)]), im.track(top_n=None) as trace:
+        new = [step.token_ids[0] for step in im.generate([prompt], max_tokens, temperature=0.0)]
+        got = dense_latents(*trace.latents(HOOK), D_SAE)[0]
+    assert new != plain  # the steer changed what the chat model wrote
+    ids = prompt + new[:-1]
+    # the hook's input is upstream of the edit, so both models' activations there are their clean ones on the
+    # generated tokens (the partner gets no steer): the latents are their encode, latent 3 moved by +200 past BOS
+    cached = [_cached_acts(nc, ids, len(prompt)) for nc in models]
+    want = _encode(cc, cached)
+    want[1:, latent] += 200.0
+    tol = _rounding(cc, cached)
+    tol[1:, latent] += 2 * want[1:, latent].abs() * EPS  # f + 200 rounded on each side: half an ulp each
+    _assert_close_away_from_threshold(cc, cached, got, want, tol)
+
+
 def test_clamp_of_an_exact_latent_sets_exactly_that_value(models, cc):
     base, chat = models
     view = OneModel(cc, "chat", partners=[base])
