@@ -188,7 +188,7 @@ def test_clamp_of_an_exact_latent_sets_exactly_that_value(models, cc):
         assert not torch.allclose(alone(idx), by_hand, atol=1e-4)
 
 
-def test_a_partner_of_another_width_or_tokenizer_is_refused_in_one_line(models, cc, nanochat_current_dir):
+def test_partner_mistakes_are_refused_in_one_line(models, cc, nanochat_current_dir):
     base, chat = models
     other = load_nanochat(nanochat_current_dir, device="cpu", dtype=torch.float32)  # a tiny model, its own tokenizer
     with pytest.raises(SAELightningError, match="partner 'base' has width") as err:
@@ -206,6 +206,11 @@ def test_a_partner_of_another_width_or_tokenizer_is_refused_in_one_line(models, 
     idx = torch.tensor([chat.tokenizer.encode("def")])
     with im.track(), pytest.raises(SAELightningError, match="only InterpretableModel's forward computes"):
         chat.model(idx, hooks=im.hooks(idx))
+    # a KV cache filled outside it: the partners never saw those positions
+    cache = KVCache(chat.model.n_layer)
+    chat.model(idx, kv_cache=cache)
+    with pytest.raises(SAELightningError, match="holds 2 positions the crosscoder's partners never saw"):
+        im(torch.tensor([[5]]), kv_cache=cache)
 
 
 def _export(cc, models, out):
