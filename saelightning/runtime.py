@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import sys
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -38,8 +39,9 @@ from saelightning.command import parse
 from saelightning.errors import SAELightningError
 from saelightning.export import load_sae
 from saelightning.hooks import hook_width, parse_hook
-from saelightning.nanochat.model import check_sampling, decode_batched
+from saelightning.nanochat.model import KVCache, check_sampling, decode_batched
 from saelightning.saes.clt import CrossLayerTranscoder
+from saelightning.saes.crosscoder import OneModel
 
 STEER_MODES = ("add", "clamp", "scale")
 TRUNCATE_MODES = ("left", "error")  # a prompt longer than the context: keep its last tokens (warned), or refuse
@@ -254,6 +256,10 @@ class InterpretableModel:
         self.steers: list[Steer] = []
         self._trace: Trace | None = None
         self._interpretation: Trace | None = None  # the trace of interpretation_enabled()
+        # a crosscoder view with partners (saes.OneModel): their activations of this forward, per hook, and
+        # their KV caches, one per partner beside each of the main model's caches (dropped with it)
+        self._partner_x: dict[str, list[torch.Tensor]] = {}
+        self._partner_caches: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def _index_saes(self, saes) -> dict[str, torch.nn.Module]:
         if isinstance(saes, Mapping):
@@ -287,7 +293,27 @@ class InterpretableModel:
                                     f"is {width}; use an SAE trained on this model")
         for target in getattr(sae, "writes", {}):
             parse_hook(target, self.model.n_layer)
+        self._check_partners(hook, sae)
         return sae.eval()
+
+    def _check_partners(self, hook: str, sae) -> None:
+        """A crosscoder view's partners read the same tokens as this model and have the hook (one-line errors)."""
+        partners = getattr(sae, "partners", None)
+        if not partners:
+            return
+        names = [m.get("name") for m in sae.metadata.get("models") or []]
+        others = [i for i in range(sae.cc.n_models) if i != sae.model_index]
+        for i, gpt, tokenizer in zip(others, partners, sae.partner_tokenizers):
+            name = names[i] if i < len(names) else f"model {i}"
+            if gpt.config.vocab_size != self.model.config.vocab_size:
+                raise SAELightningError(f"partner {name!r} has vocabulary size {gpt.config.vocab_size} but the "
+                                        f"model has {self.model.config.vocab_size}; give the crosscoder's own models "
+                                        "(one nanochat run, one tokenizer)")
+            if (tokenizer is not None and self.tokenizer is not None
+                    and resolve.tokenizer_fingerprint(tokenizer) != resolve.tokenizer_fingerprint(self.tokenizer)):
+                raise SAELightningError(f"partner {name!r} has another tokenizer than the model; the partners read "
+                                        "the model's token ids: give the crosscoder's own models (one tokenizer/)")
+            parse_hook(hook, gpt.n_layer)
 
     # -- tracking and steering switches
     @contextmanager
@@ -404,6 +430,7 @@ class InterpretableModel:
         """The hook functions for model.forward(idx): one per SAE that is tracked or steered now.
 
         idx (the tokens of that forward) lets steering skip BOS positions; without it all are steered.
+        A crosscoder view with partners needs forward(), which runs them first (the hooks refuse without).
         """
         keep = None
         if self.steers and idx is not None and self.bos_id is not None:
@@ -426,6 +453,7 @@ class InterpretableModel:
         needs_f = trace is not None or any(s.mode != "add" for s in steers)
         W = sae.W_dec[latents] if latents else None  # [m, d_in]: only the steered rows
         scale = self._scales[hook]
+        partnered = bool(getattr(sae, "partners", None))
 
         def encode(flat: torch.Tensor) -> torch.Tensor:
             flat = flat.to(sae.W_enc.dtype)
@@ -441,13 +469,26 @@ class InterpretableModel:
             values, order = values.topk(top_n or k, dim=-1)
             return values, indices.gather(-1, order).masked_fill(values == 0, -1)
 
+        def encode_all(rows: torch.Tensor) -> torch.Tensor:  # a partnered crosscoder view: every model's rows
+            return sae.encode_all(rows.to(sae.W_enc.dtype))
+
+        def encode_all_top(rows: torch.Tensor, top_n: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+            return top_latents(encode_all(rows), top_n)
+
         def fn(x: torch.Tensor):
             B, T, d = x.shape
             flat = x.reshape(B * T, d)
+            # what the latents read: this activation, or with partners the crosscoder's stacked input [.., M·d]
+            exact = hook in self._partner_x
+            if not exact and partnered and (trace is not None or needs_f):
+                raise SAELightningError(f"the crosscoder view on {hook!r} reads its partners' activations, which "
+                                        "only InterpretableModel's forward computes; call im(idx), not "
+                                        "model(idx, hooks=im.hooks(idx))")
+            rows = sae.stack(x, self._partner_x[hook]) if exact else x
             if trace is not None and not steers:  # tracking only: encode later, all at once
-                trace.defer(hook, x, encode_top)
+                trace.defer(hook, rows, encode_all_top if exact else encode_top)
                 return None
-            f = encode(flat) if needs_f else None
+            f = (encode_all if exact else encode)(rows.reshape(B * T, -1)) if needs_f else None
             out = None
             if steers:
                 old = f[:, latents] if f is not None else flat.new_zeros(B * T, len(latents), dtype=W.dtype)
@@ -475,8 +516,42 @@ class InterpretableModel:
     # -- forward and generation
     @torch.no_grad()
     def forward(self, idx: torch.Tensor, kv_cache=None) -> torch.Tensor:
-        """Logits [B, T, V] with the active steers applied and tracked latents recorded."""
-        return self.model(idx, hooks=self.hooks(idx) or None, kv_cache=kv_cache)
+        """Logits [B, T, V] with the active steers applied and tracked latents recorded.
+
+        A crosscoder view with partners first runs each partner on idx (unsteered, with its own KV cache
+        beside kv_cache), so that its latents read every model's activation.
+        """
+        self._partner_x = self._run_partners(idx, kv_cache)
+        try:
+            return self.model(idx, hooks=self.hooks(idx) or None, kv_cache=kv_cache)
+        finally:
+            self._partner_x = {}
+
+    def _run_partners(self, idx: torch.Tensor, kv_cache) -> dict[str, list[torch.Tensor]]:
+        """Each partnered view's partner activations at its hook [B, T, d], for the views that read latents now
+        (with a KV cache: always, so the partners' caches keep step with the model's)."""
+        out = {}
+        for hook, sae in self.saes.items():
+            partners = getattr(sae, "partners", None)
+            needs = self._trace is not None or any(s.hook == hook and s.mode != "add" for s in self.steers)
+            if not partners or not (needs or kv_cache is not None):
+                continue
+            caches = self._partner_caches.setdefault(kv_cache, {}) if kv_cache is not None else {}
+            acts = []
+            for j, gpt in enumerate(partners):
+                if kv_cache is None:
+                    acts.append(gpt.run_with_cache(idx, [hook])[hook])
+                    continue
+                cache = caches.setdefault((hook, j), KVCache(gpt.n_layer))
+                if cache.pos != kv_cache.pos:
+                    raise SAELightningError(f"the KV cache holds {kv_cache.pos} positions the crosscoder's partners "
+                                            "never saw; run the whole generation through this InterpretableModel "
+                                            "(its forward or generate), from a fresh cache")
+                grabbed = []
+                gpt(idx, hooks={hook: grabbed.append}, kv_cache=cache)
+                acts.append(grabbed[0])
+            out[hook] = acts
+        return out
 
     __call__ = forward
 
@@ -635,6 +710,11 @@ class GenerateArgs:
         temperature: 0 = greedy.
         top_k: sample among the k most likely tokens (default: all).
         seed: sampling seed.
+        crosscoder_model: with a crosscoder --sae (alone): the model whose forward is generated from and steered,
+            by its name in the export's cfg.json models (e.g. chat); its other models run beside it on the same
+            tokens so the latents are the crosscoder's own.
+        models: with a crosscoder: its models' checkpoints in its order, where they moved (default: the paths
+            its cfg.json records).
         truncate: a prompt longer than the model's context (its sequence_len): left = warn and use only its
             last tokens; error = refuse. Generating past the context: left = warn and go on; error = refuse.
         device: cpu or cuda (default: cuda when there is a GPU).
@@ -651,6 +731,8 @@ class GenerateArgs:
     temperature: float = 0.0
     top_k: int | None = None
     seed: int = 42
+    crosscoder_model: str | None = None
+    models: list[str] | None = None
     truncate: Literal["left", "error"] = "left"
     device: str | None = None
 
@@ -676,11 +758,32 @@ def _warn(notes: list[str]) -> None:
 
 
 def _load(a) -> tuple:
-    """The model (--model, or the one the SAEs record) and an InterpretableModel over it and a.sae."""
+    """The model (--model, or the one the SAEs record) and an InterpretableModel over it and a.sae; a crosscoder
+    --sae is read in its --crosscoder_model, its other models loaded beside it as partners (exact latents)."""
     device = resolve.device(a.device)
-    model, load, _ = resolve.sources(a.sae, a.model, None)
-    nc = resolve.load_model(model, device=device, dtype=torch.float32, **load)
-    return nc, InterpretableModel(nc, [load_sae(d, device=device) for d in a.sae])
+    saes = [load_sae(d, device=device) for d in a.sae]
+    crosscoders = [(path, s) for path, s in zip(a.sae, saes) if s.config.n_models > 1]
+    if not crosscoders:
+        if a.crosscoder_model is not None or a.models is not None:
+            raise SAELightningError("--crosscoder_model and --models apply to a crosscoder --sae only; drop them")
+        model, load, _ = resolve.sources(a.sae, a.model, None)
+        nc = resolve.load_model(model, device=device, dtype=torch.float32, **load)
+        return nc, InterpretableModel(nc, saes)
+    path, cc = crosscoders[0]
+    names = [m.get("name") for m in cc.metadata.get("models") or []]
+    if len(saes) > 1:
+        raise SAELightningError(f"{path} is a crosscoder, read alone: give it as the only --sae")
+    if a.model is not None:
+        raise SAELightningError("--model does not apply to a crosscoder: its models are the ones its cfg.json "
+                                "records; pass --models (one checkpoint per model, in its order) where they moved")
+    if a.crosscoder_model is None:
+        raise SAELightningError(f"{path} is a crosscoder over the models {names}; pass --crosscoder_model NAME, the "
+                                "one to generate from and steer")
+    view = OneModel(cc, a.crosscoder_model)  # refuses an unknown name before any model loads
+    _, loaded = resolve.crosscoder_models(cc, path, a.models, device=device)
+    m = view.model_index
+    view = OneModel(cc, m, partners=[nc for i, nc in enumerate(loaded) if i != m])
+    return loaded[m], InterpretableModel(loaded[m], {resolve.sae_hook(cc, path): view})
 
 
 def cli_main(argv: Sequence[str]) -> int:
@@ -720,6 +823,11 @@ class FeaturesArgs:
         text: the prompt (encoded with <|bos|> first, as nanochat's rows start).
         top_features: latents shown per token and SAE.
         model: nanochat checkpoint or base dir, or "demo" (default: the one the first --sae's cfg.json records).
+        crosscoder_model: with a crosscoder --sae (alone): the model whose forward is generated from and steered,
+            by its name in the export's cfg.json models (e.g. chat); its other models run beside it on the same
+            tokens so the latents are the crosscoder's own.
+        models: with a crosscoder: its models' checkpoints in its order, where they moved (default: the paths
+            its cfg.json records).
         truncate: a prompt longer than the model's context (its sequence_len): left = warn and use only its
             last tokens; error = refuse.
         device: cpu or cuda (default: cuda when there is a GPU).
@@ -729,6 +837,8 @@ class FeaturesArgs:
     sae: list[str] = field(default_factory=list)
     top_features: int = 5
     model: str | None = None
+    crosscoder_model: str | None = None
+    models: list[str] | None = None
     truncate: Literal["left", "error"] = "left"
     device: str | None = None
 

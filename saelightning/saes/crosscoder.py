@@ -201,13 +201,19 @@ class OneModel(torch.nn.Module):
     """A crosscoder seen from one of its models, shaped as that model's SAE (for InterpretableModel, generate).
 
     Decoding and steering go through model m's decoder block: latent i writes f_i d_i^m (+ b_dec^m), so an
-    InterpretableModel steer adds Δf · d_i^m to the model's own activation, its reconstruction error kept. The
-    crosscoder's latents read every model's activation, which one model's forward does not have: encode reads
-    x^m alone (the other models' blocks see zero), the part of the latents this model drives.
+    InterpretableModel steer adds Δf · d_i^m to the model's own activation, its reconstruction error kept.
     model: its index in the crosscoder, or its name in cfg.json's metadata.models.
+    partners: the crosscoder's other models (nanochat GPTs, or load_nanochat's Nanochat, whose tokenizer
+    InterpretableModel then checks against its own), in the crosscoder's order without model m.
+    Which encode is in use (`exact`):
+    - with partners (exact): InterpretableModel runs every partner, unsteered, on the same token ids at each
+      forward (each with its own KV cache in generation) and captures its activation at the hook; the latents
+      are the crosscoder's own encode of every model's activation, f = σ(Σ_m W_enc^m x^m + b_enc) (encode_all);
+    - without (approximate): encode reads x^m alone, the other models' blocks reading zero (the part of each
+      latent this model drives; exact only for a latent that reads this model alone).
     """
 
-    def __init__(self, cc, model: int | str):
+    def __init__(self, cc, model: int | str, partners=None):
         super().__init__()
         names = [m.get("name") for m in (getattr(cc, "metadata", None) or {}).get("models") or []]
         if isinstance(model, str):
@@ -218,10 +224,39 @@ class OneModel(torch.nn.Module):
         if not 0 <= model < cc.n_models:
             raise SAELightningError(f"model index {model} is out of range: the crosscoder reads {cc.n_models} models")
         self.cc, self.model_index, self.config = cc, model, cc.config
-        self.metadata = {**(getattr(cc, "metadata", None) or {}),
-                         "crosscoder_model": names[model] if model < len(names) else model}
         self.input_scale = float(cc.input_scale[model])
         self._block = slice(model * cc.d_model, (model + 1) * cc.d_model)
+        self.partners, self.partner_tokenizers = self._partners(cc, model, names, partners)
+        self.metadata = {**(getattr(cc, "metadata", None) or {}),
+                         "crosscoder_model": names[model] if model < len(names) else model,
+                         "crosscoder_tracking": "exact" if self.exact else "this model's block alone"}
+
+    @staticmethod
+    def _partners(cc, model: int, names: list, partners) -> tuple[list, list]:
+        """The partner GPTs in order and their tokenizers (None where a bare GPT was given), width-checked."""
+        if partners is None:
+            return [], []
+        partners = list(partners)
+        others = [i for i in range(cc.n_models) if i != model]
+        if len(partners) != len(others):
+            raise SAELightningError(f"partners gives {len(partners)} model(s) but the crosscoder reads "
+                                    f"{cc.n_models}: give the {len(others)} other one(s), in its order without "
+                                    f"model {model}")
+        gpts, tokenizers = [], []
+        for i, p in zip(others, partners):
+            gpt, tokenizer = (p.model, p.tokenizer) if hasattr(p, "model") and hasattr(p, "tokenizer") else (p, None)
+            name = names[i] if i < len(names) else f"model {i}"
+            if gpt.d_model != cc.d_model:
+                raise SAELightningError(f"partner {name!r} has width {gpt.d_model}, the crosscoder reads "
+                                        f"{cc.d_model}; give the models it was trained on")
+            gpts.append(gpt.eval())
+            tokenizers.append(tokenizer)
+        return gpts, tokenizers
+
+    @property
+    def exact(self) -> bool:
+        """True when the latents are the crosscoder's own (partners given), False for this block alone."""
+        return bool(self.partners)
 
     @property
     def W_enc(self) -> torch.Tensor:
@@ -235,7 +270,19 @@ class OneModel(torch.nn.Module):
     def b_dec(self) -> torch.Tensor:
         return self.cc.b_dec[self._block]
 
+    def stack(self, x: torch.Tensor, partner_x: list[torch.Tensor]) -> torch.Tensor:
+        """Model m's activation x [..., d] and the partners' (in their order) -> the crosscoder's input [..., M·d]."""
+        blocks = [p.to(x) for p in partner_x]
+        blocks.insert(self.model_index, x)
+        return torch.cat(blocks, dim=-1)
+
+    def encode_all(self, x: torch.Tensor) -> torch.Tensor:
+        """The crosscoder's latents of every model's raw activation [N, M·d] (its training scales applied)."""
+        scales = self.cc.input_scales().to(x)
+        return self.cc.encode(x if bool((scales == 1).all()) else x * scales)
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """The latents of model m's activation alone (already times input_scale), the other blocks zero."""
         full = x.new_zeros(*x.shape[:-1], self.config.d_in)
         full[..., self._block] = x
         return self.cc.encode(full)
