@@ -4,7 +4,8 @@ OUT/batch-{n}.json: {model_id, layer, sae_set, features: [...]} in the layout SA
 Neuronpedia runner writes (features_per_batch latents per file), and OUT/<hook_name>/: a copy of the
 exported SAE (SAELens layout: cfg.json, sae_weights.safetensors, sparsity.safetensors), ready to
 be uploaded to a Hugging Face repo. The statistics come from the same streaming pass as the
-dashboards. Nothing here touches the network.
+dashboards. A cross-layer transcoder gets OUT/layer{L}/batch-{n}.json per layer and OUT/clt/ (its export).
+Nothing here touches the network.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ from pathlib import Path
 
 from saelightning.atomic import atomic_dir
 from saelightning.command import parse
-from saelightning.dashboards import StatsArgs, compute_records
+from saelightning.dashboards import StatsArgs, clt_layers, compute_records, load_inputs
 from saelightning.errors import SAELightningError
 from saelightning.hooks import parse_hook
+from saelightning.saes.clt import CrossLayerTranscoder
 
 # hook kind -> the short name Neuronpedia-style source sets use (res-jb, att-kk, ...)
 SET_PREFIX = {"hook_resid_pre": "res-pre", "hook_resid_mid": "res-mid", "hook_resid_post": "res",
@@ -55,30 +57,56 @@ def feature_json(record: dict, n_prompts: int, context_size: int, dataset: str) 
     }
 
 
+def _batch_files(directory: Path, meta: dict, records: list[dict], model_id: str, sae_set: str, layer: int,
+                 per_batch: int) -> list[str]:
+    """batch-{n}.json files of these latents' records in `directory`; their names."""
+    dataset = meta["val_shard"] if not meta.get("chat") else \
+        f"{meta['val_shard']} + chat {meta['chat']} (chat_fraction {meta['chat_fraction']})"
+    directory.mkdir(parents=True, exist_ok=True)
+    names = []
+    for n, start in enumerate(range(0, len(records), per_batch)):
+        features = [feature_json(r, meta["n_rows"], meta["context_size"], dataset)
+                    for r in records[start:start + per_batch]]
+        batch = {"model_id": model_id, "layer": layer, "sae_set": sae_set, "features": features}
+        (directory / f"batch-{n}.json").write_text(json.dumps(batch, ensure_ascii=False, allow_nan=False))
+        names.append(f"batch-{n}.json")
+    return names
+
+
 def write_batches(out_dir, meta: dict, records: list[dict], sae_dir, model_id: str, sae_set: str,
                   per_batch: int = 128) -> list[Path]:
     """batch-{n}.json files and the weights copy, written atomically into out_dir."""
-    layer = meta["layer"]
-    n_prompts = meta["n_rows"]
     weights = Path(sae_dir)
     if not (weights / "cfg.json").is_file() or not (weights / "sae_weights.safetensors").is_file():
         raise SAELightningError(f"{weights} is not an exported SAE (cfg.json + sae_weights.safetensors); "
                                 "export it with `saelightning export` first")
-    manifest = {"model_id": model_id, "layer": layer, "sae_set": sae_set, "hook_name": meta["hook_name"],
+    manifest = {"model_id": model_id, "layer": meta["layer"], "sae_set": sae_set, "hook_name": meta["hook_name"],
                 "n_features": len(records), "n_tokens": meta["n_tokens"]}
-    names = []
-    dataset = meta["val_shard"] if not meta.get("chat") else \
-        f"{meta['val_shard']} + chat {meta['chat']} (chat_fraction {meta['chat_fraction']})"
     with atomic_dir(out_dir, "neuronpedia", manifest) as tmp:
-        for n, start in enumerate(range(0, len(records), per_batch)):
-            features = [feature_json(r, n_prompts, meta["context_size"], dataset)
-                        for r in records[start:start + per_batch]]
-            batch = {"model_id": model_id, "layer": layer, "sae_set": sae_set, "features": features}
-            (tmp / f"batch-{n}.json").write_text(json.dumps(batch, ensure_ascii=False, allow_nan=False))
-            names.append(f"batch-{n}.json")
+        names = _batch_files(tmp, meta, records, model_id, sae_set, meta["layer"], per_batch)
         shutil.copytree(weights, tmp / meta["hook_name"])
     out = Path(out_dir).expanduser().absolute()
     return [out / name for name in names]
+
+
+def write_clt_batches(args: NeuronpediaArgs, loaded, model_id: str, sae_set: str) -> list[Path]:
+    """A cross-layer transcoder's batches: OUT/layer{L}/batch-{n}.json for each model layer L it reads (layer L's
+    latents, as its dashboards show them: dashboards.clt_layers), and OUT/clt/: a copy of its export
+    (circuit-tracer's layout), written atomically."""
+    out = Path(args.out).expanduser().absolute()
+    paths, n_latents, n_tokens = [], 0, 0
+    with atomic_dir(out, "neuronpedia", {"model_id": model_id, "sae_set": sae_set,
+                                         "cross_layer_transcoder": str(args.sae)}) as tmp:
+        for _, layer, layer_loaded in clt_layers(loaded):
+            meta, records, _ = compute_records(args, layer_loaded)
+            names = _batch_files(tmp / f"layer{layer}", meta, records, model_id, sae_set, layer,
+                                 args.features_per_batch)
+            paths += [out / f"layer{layer}" / name for name in names]
+            n_latents, n_tokens = n_latents + len(records), meta["n_tokens"]
+        shutil.copytree(Path(args.sae), tmp / "clt")
+    print(f"{len(paths)} batch file(s) for {n_latents} latents of {loaded.sae.n_layers} layers ({model_id} "
+          f"{sae_set}, {n_tokens} tokens) and the CLT in {out / 'clt'}", file=sys.stderr)
+    return paths
 
 
 def _slug(text: str) -> str:
@@ -106,13 +134,22 @@ def cli_main(argv: Sequence[str]) -> int:
         return 0
     if args.features_per_batch < 1:
         raise SAELightningError("--features_per_batch must be >= 1")
-    meta, records, sae = compute_records(args)
-    layer, kind = parse_hook(meta["hook_name"], meta["n_layer"])
-    model_id = args.model_id or f"nanochat-d{meta['n_layer']}"
-    sae_set = args.sae_set or f"{SET_PREFIX[kind]}-saelightning"
+    loaded = load_inputs(args)
+    clt = isinstance(loaded.sae, CrossLayerTranscoder)
+    n_layer = loaded.nanochat.model.n_layer
+    model_id = args.model_id or f"nanochat-d{n_layer}"
+    if clt:
+        sae_set = args.sae_set or "clt-saelightning"
+    else:
+        sae_set = args.sae_set or f"{SET_PREFIX[parse_hook(loaded.hook, n_layer)[1]]}-saelightning"
     if _slug(model_id) != model_id or _slug(sae_set) != sae_set:
         raise SAELightningError(f"--model_id {model_id!r} / --sae_set {sae_set!r}: "
                                 "use lowercase letters, digits and '-'")
+    if clt:
+        write_clt_batches(args, loaded, model_id, sae_set)
+        return 0
+    meta, records, _ = compute_records(args, loaded)
+    layer = meta["layer"]
     paths = write_batches(args.out, meta, records, args.sae, model_id, sae_set, args.features_per_batch)
     print(f"{len(paths)} batch file(s) for {len(records)} latents ({model_id} layer {layer} {sae_set}) "
           f"and the weights in {Path(args.out) / meta['hook_name']}", file=sys.stderr)

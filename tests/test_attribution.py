@@ -37,6 +37,7 @@ from saelightning.tokens import val_batches
 from tests.fixtures_nanochat import make_nanochat_model
 from tests.numerics import reorder_atol
 from tests.test_browser import CHROMIUM, assert_clean, dump_dom
+from tests.test_neuronpedia import BATCH_FIELDS, check_fields, validate_feature
 
 pytestmark = pytest.mark.numerics
 
@@ -496,6 +497,36 @@ def test_each_clt_layers_dashboard_shows_that_layers_latents_and_its_summed_deco
         assert [t for t, _ in record["logits"]["pos"]][:3] == [nc.tokenizer.token_str(int(i))
                                                              for i in logits.topk(3).indices]
         assert record["logits"]["pos"][0][1] == pytest.approx(float(logits.max()), rel=5e-4)
+
+
+def test_neuronpedia_of_a_clt_writes_each_layers_batches_as_its_dashboards_show_them(graph_with_dashboards,
+                                                                                      demo_clt_dir, tmp_path):
+    out = tmp_path / "np"
+    argv = ["neuronpedia", "--sae", str(demo_clt_dir), "--model", "demo", "--data", "demo", "--tokens", "400",
+            "--top_k", "4", "--out", str(out), "--features-per-batch", "20", "--quiet"]
+    assert main(argv) == 0
+    for layer in range(4):
+        site = graph_with_dashboards / "dashboards" / f"layer{layer}"
+        rows = {r["index"]: r for r in _embedded(site / "index.html")["rows"]}
+        batches = [json.loads((out / f"layer{layer}" / f"batch-{n}.json").read_text()) for n in range(2)]
+        assert not (out / f"layer{layer}" / "batch-2.json").exists()  # 32 latents, 20 a file
+        features = []
+        for batch in batches:
+            check_fields(batch, BATCH_FIELDS, "batch")
+            assert (batch["model_id"], batch["layer"], batch["sae_set"]) == ("nanochat-d4", layer, "clt-saelightning")
+            features += batch["features"]
+        assert [f["feature_index"] for f in features] == list(range(32))
+        for f in features:  # the same latents, statistics and logit effects as that layer's dashboard
+            validate_feature(f, 10)
+            row = rows[f["feature_index"]]
+            assert f["frac_nonzero"] == pytest.approx(row["density"], rel=5e-4, abs=1e-12)
+            top = [a for a in f["activations"] if a["bin_min"] == -1]
+            if top:
+                assert top[0]["bin_max"] == pytest.approx(row["max_act"], rel=5e-4)
+            page = _embedded(site / "features" / f"{f['feature_index']}.html")["feature"]
+            assert f["pos_str"] == [t for t, _ in page["logits"]["pos"]]
+    assert (out / "clt" / "cfg.json").read_bytes() == (demo_clt_dir / "cfg.json").read_bytes()
+    assert main(argv + ["--model-id", "Bad Name"]) == 2
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (`make browser`)")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -188,20 +188,28 @@ def clt_hooks(clt: CrossLayerTranscoder) -> list[str]:
     return clt.metadata.get("hook_names_in") or [f"blocks.{i}.hook_mlp_in" for i in range(clt.n_layers)]
 
 
+def clt_layers(loaded: Loaded) -> Iterator[tuple[int, int, Loaded]]:
+    """(rank in the CLT, model layer, the inputs as one transcoder's) for each layer a loaded CLT reads: layer l's
+    latents as CrossLayerTranscoder.layer_transcoder gives them (read at blocks.l.hook_mlp_in, the decoder rows
+    summed over the layers they write), what the dashboards and the Neuronpedia batches of a CLT are made of."""
+    clt, n_layer = loaded.sae, loaded.nanochat.model.n_layer
+    for rank, hook in enumerate(clt_hooks(clt)):
+        layer, _ = parse_hook(hook, n_layer)
+        view = clt.layer_transcoder(rank)
+        view.metadata = {**clt.metadata, "hook_name": hook, "hook_name_out": f"blocks.{layer}.hook_mlp_out"}
+        yield rank, layer, dataclasses.replace(loaded, sae=view, hook=hook)
+
+
 def write_clt_sites(args: StatsArgs, loaded: Loaded) -> Path:
     """A cross-layer transcoder's dashboards: OUT/layer{L}/ for each model layer L it reads, each an ordinary
     viz site of that layer's latents (CrossLayerTranscoder.layer_transcoder: activations on blocks.L.hook_mlp_in,
     logit effects of the decoder rows summed over the layers it writes), and OUT/index.html listing them; the
     whole OUT is written atomically. Returns the index path."""
-    clt, n_layer = loaded.sae, loaded.nanochat.model.n_layer
     out = Path(args.out).expanduser().absolute()
     sites = []
     with atomic_dir(out, "viz", {"meta": {"cross_layer_transcoder": str(args.sae)}}) as tmp:
-        for rank, hook in enumerate(clt_hooks(clt)):
-            layer, _ = parse_hook(hook, n_layer)
-            view = clt.layer_transcoder(rank)
-            view.metadata = {**clt.metadata, "hook_name": hook, "hook_name_out": f"blocks.{layer}.hook_mlp_out"}
-            meta, records, _ = compute_records(args, dataclasses.replace(loaded, sae=view, hook=hook))
+        for rank, layer, layer_loaded in clt_layers(loaded):
+            meta, records, _ = compute_records(args, layer_loaded)
             write_site(tmp / f"layer{layer}", {**meta, "clt_layer": rank}, records, notes_from=out / f"layer{layer}")
             sites.append(meta)
         first = sites[0]
