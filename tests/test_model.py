@@ -221,7 +221,9 @@ def test_generate_applies_hooks_at_prefill_and_each_step():
 
 
 def test_trains_with_autograd():
-    model = make_nanochat_model("current", n_layer=2)
+    # 4 layers: backout subtracts block 2's output and block 3 follows; with 2 layers the subtracted block is
+    # the last one, norm() cancels the (1 - backout_lambda) scale and its gradient is 0 up to rounding
+    model = make_nanochat_model("current", n_layer=4)
     next(model.generate([1, 2], 1))  # rotary tables first built under inference_mode must not break training
     model.train()
     idx = tokens(512, 17, B=2)
@@ -234,7 +236,7 @@ def test_trains_with_autograd():
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    grads = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    grads = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 1e-6}
     assert {"smear_lambda", "backout_lambda", "resid_lambdas", "transformer.h.1.attn.ve_gate.weight"} <= grads
     assert losses[-1] < losses[0] - 0.3
 
