@@ -91,14 +91,21 @@ class Trace:
     def __init__(self, top_n: int | None = 8):
         self.top_n = top_n  # latents kept per token; None = all active ones (padded to the batch max)
         self._records: dict[str, list] = {}  # hook -> [(values, indices) or _Pending, ...]
+        # hook -> the batch of each record: ("generate", call, prompt rows) for a generate group, else ("forward", B)
+        self._batches: dict[str, list[tuple]] = {}
+        self.batch: tuple | None = None  # set by generate around each prompt group's forward
 
     def record(self, hook: str, f: torch.Tensor) -> None:
         """Record dense latents f [B, T, d_sae] now."""
-        self._records.setdefault(hook, []).append(self._top(f))
+        self._append(hook, self._top(f), f.shape[0])
 
     def defer(self, hook: str, x: torch.Tensor, encode_top) -> None:
         """Record the activation x [B, T, d]; encode_top(x_flat [N, d], top_n) runs when read."""
-        self._records.setdefault(hook, []).append(_Pending(x, encode_top))
+        self._append(hook, _Pending(x, encode_top), x.shape[0])
+
+    def _append(self, hook: str, rec, B: int) -> None:
+        self._records.setdefault(hook, []).append(rec)
+        self._batches.setdefault(hook, []).append(self.batch or ("forward", B))
 
     def _top(self, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return top_latents(f, self.top_n)
@@ -120,11 +127,40 @@ class Trace:
         return self._records
 
     def latents(self, hook: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """All records of a hook joined along T (the forwards must share the batch size)."""
+        """All records of a hook joined along T: [B, T, n]. The forwards must be of one batch of prompts
+        (generate runs the prompts of each length as a batch of its own: read those with prompt_latents)."""
+        records = self._checked(hook)
+        if len(set(self._batches[hook])) > 1:
+            raise SAELightningError(
+                f"the records at {hook!r} come from {len(set(self._batches[hook]))} different batches (generate "
+                f"runs each prompt length as its own batch); read one prompt's with prompt_latents({hook!r}, i)")
+        return _cat_padded(records, dim=1)
+
+    def prompt_latents(self, hook: str, prompt: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One prompt's records at a hook joined along T: [T, n]. `prompt` indexes the prompts of the
+        generate call tracked (its prefill, then one position per step), or the batch rows of plain forwards."""
+        records = self._checked(hook)
+        batches = self._batches[hook]
+        calls = {b[:2] if b[0] == "generate" else "forward" for b in batches}
+        if len(calls) > 1:
+            raise SAELightningError(f"the records at {hook!r} come from {len(calls)} generate calls or forwards; "
+                                    "track each generate call in its own track() to read a prompt's latents")
+        picked = []
+        for (values, indices), b in zip(records, batches):
+            rows = list(b[2]) if b[0] == "generate" else list(range(b[1]))
+            if prompt in rows:
+                r = rows.index(prompt)
+                picked.append((values[r], indices[r]))
+        if not picked:
+            raise SAELightningError(f"no record at {hook!r} holds prompt {prompt}; the tracked batches hold "
+                                    f"prompts 0..{max(max(b[2]) if b[0] == 'generate' else b[1] - 1 for b in batches)}")
+        return _cat_padded(picked, dim=0)
+
+    def _checked(self, hook: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
         records = self.records
         if hook not in records:
             raise SAELightningError(f"nothing was tracked at {hook!r}; tracked: {sorted(records)}")
-        return _cat_padded(records[hook], dim=1)
+        return records[hook]
 
 
 _ENCODE_CHUNK = 4096  # rows per deferred encode
@@ -255,6 +291,7 @@ class InterpretableModel:
         self._scales = {h: float(getattr(s, "input_scale", 1.0)) for h, s in self.saes.items()}
         self.steers: list[Steer] = []
         self._trace: Trace | None = None
+        self._calls = 0  # generate calls so far: a trace tells one call's prompt groups from another's
         self._interpretation: Trace | None = None  # the trace of interpretation_enabled()
         # a crosscoder view with partners (saes.OneModel): their activations of this forward, per hook, and
         # their KV caches, one per partner beside each of the main model's caches (dropped with it)
@@ -662,6 +699,7 @@ class InterpretableModel:
             return {h: [[] for _ in prompts] for h in self.saes} if top_features else {}
 
         feats = fresh()
+        self._calls += 1
         steps = decode_batched(prompts, self.model.n_layer, self.model.lm_head.weight.device, max_tokens,
                                temperature, top_k, seed,
                                lambda idx, cache, rows: self._step(idx, cache, top_features, feats, rows))
@@ -672,15 +710,22 @@ class InterpretableModel:
 
     def _step(self, idx, cache, top_features: int, feats: dict, rows: list[int]) -> torch.Tensor:
         """One forward of a prompt group; fills feats at the last position; returns its last logits."""
-        if not top_features:
-            return self.forward(idx, kv_cache=cache)[:, -1]
-        own = self._trace is None  # reuse an enclosing trace so user tracking sees every step too
-        trace = self._trace = Trace(top_features) if own else self._trace
+        outer = self._trace
+        if outer is not None:  # a user's trace: tag this group's records with its prompts
+            outer.batch = ("generate", self._calls, tuple(rows))
         try:
-            logits = self.forward(idx, kv_cache=cache)
+            if not top_features:
+                return self.forward(idx, kv_cache=cache)[:, -1]
+            own = outer is None  # reuse an enclosing trace so user tracking sees every step too
+            trace = self._trace = Trace(top_features) if own else outer
+            try:
+                logits = self.forward(idx, kv_cache=cache)
+            finally:
+                if own:
+                    self._trace = None
         finally:
-            if own:
-                self._trace = None
+            if outer is not None:
+                outer.batch = None
         for hook, recs in trace.records.items():  # reading records encodes this step's activations
             values, indices = recs[-1]
             values, indices = values[:, -1, :top_features].tolist(), indices[:, -1, :top_features].tolist()

@@ -174,6 +174,31 @@ def test_streamed_features_are_those_of_the_position_fed_in(im):
         assert [v for _, v in s.features[MLP][0]] == pytest.approx([float(v) for _, v in want], rel=1e-4)
 
 
+def test_tracked_generation_keeps_each_prompt_apart(im):
+    # two lengths, one prompt each: two batches of the same size, whose records a plain join along T would interleave
+    prompts = [[BOS, 5, 17, 250], [BOS, 9]]
+    with im.track(top_n=3) as trace:
+        steps = list(im.generate(prompts, 5, temperature=0.0))
+    with pytest.raises(SAELightningError, match="2 different batches.*prompt_latents"):
+        trace.latents(MLP)
+    for j, prompt in enumerate(prompts):
+        ids = prompt + [s.token_ids[j] for s in steps][:-1]  # the last new token is never fed back
+        with im.track(top_n=3) as full:
+            im(torch.tensor([ids]))
+        want_v, want_i = full.latents(MLP)
+        got_v, got_i = trace.prompt_latents(MLP, j)
+        assert got_i.shape == want_i[0].shape == (len(ids), 3)
+        assert torch.equal(got_i, want_i[0])
+        torch.testing.assert_close(got_v, want_v[0], rtol=1e-4, atol=1e-5)
+    with pytest.raises(SAELightningError, match="no record at .* holds prompt 2; .* prompts 0..1"):
+        trace.prompt_latents(MLP, 2)
+    with im.track(top_n=3) as two_calls:
+        list(im.generate(prompts[:1], 2, temperature=0.0))
+        list(im.generate(prompts[:1], 2, temperature=0.0))
+    with pytest.raises(SAELightningError, match="2 generate calls or forwards"):
+        two_calls.prompt_latents(MLP, 0)
+
+
 def test_sampling_is_seeded(im):
     run = lambda seed: [s.token_ids for s in im.generate([[BOS, 5], [BOS, 6]], 6, 1.0, 20, seed)]  # noqa: E731
     assert run(7) == run(7)
