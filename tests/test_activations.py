@@ -14,6 +14,7 @@ from saelightning.activations import HeldOut, read_activations, train_view, writ
 from saelightning.cache import CacheBlocks, CacheConfig, build_cache
 from saelightning.cli import main
 from saelightning.errors import SAELightningError
+from tests.fits import fit_config
 
 ARCHS = ["topk", "batchtopk", "matryoshka", "relu", "gated", "jumprelu"]
 HOOKS = ["resid", "layer.2/mlp"]
@@ -104,20 +105,9 @@ def test_a_bad_directory_is_one_line_naming_the_problem(tmp_path):
 def _config(tmp_path, run, acts, **trainer):
     saes = [{"hook_name": HOOKS[i % 2], "architecture": a, "d_sae": 32, "name": a,
              **({"k": 4} if a in ("topk", "batchtopk", "matryoshka") else {})} for i, a in enumerate(ARCHS)]
-    config = {
-        "seed_everything": 0,
-        "trainer": {"accelerator": "cpu", "max_steps": 10, "val_check_interval": 5, "log_every_n_steps": 3,
-                    "default_root_dir": str(tmp_path / run), "enable_progress_bar": False,
-                    "enable_model_summary": False, **trainer},
-        "model": {"saes": saes, "warmup_steps": 3, "dead_window_tokens": 128},
-        "data": {"activations": str(acts), "batch_size": 64, "buffer_tokens": 256, "num_workers": 1,
-                 "val_batches": 2, "scale_batches": 2},
-        "checkpoint": {"every_n_train_steps": 4},
-        "resample": {"every_n_steps": 5, "seed": 0},
-    }
-    path = tmp_path / f"{run}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    data = {"activations": str(acts), "batch_size": 64, "buffer_tokens": 256, "num_workers": 1, "val_batches": 2,
+            "scale_batches": 2}
+    return fit_config(tmp_path, run, saes, data, trainer)
 
 
 def test_every_architecture_trains_on_activations_resumes_bitwise_and_eval_reproduces_validation(acts_dir, tmp_path,

@@ -4,7 +4,6 @@ import json
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from saelightning import cache as cache_mod
@@ -13,6 +12,7 @@ from saelightning.cli import main
 from saelightning.data import ActivationDataModule
 from saelightning.errors import SAELightningError
 from saelightning.nanochat.checkpoint import load_nanochat
+from tests.fits import fit_config
 from tests.numerics import assert_close_reordered
 
 pytestmark = pytest.mark.numerics  # fp32 results compared across code paths: also run under other CPU kernels
@@ -260,23 +260,12 @@ def test_fit_from_an_unshuffled_cache_equals_the_live_fit(tmp_path, nanochat_cur
                  "--context-size", str(CTX), "--batch-rows", str(ROWS), "--seed", "0"]) == 0
 
     def fit(run, **data):
-        config = {
-            "seed_everything": 0,
-            "trainer": {"accelerator": "cpu", "max_steps": 8, "val_check_interval": 4, "log_every_n_steps": 3,
-                        "default_root_dir": str(tmp_path / run), "enable_progress_bar": False,
-                        "enable_model_summary": False},
-            "model": {"saes": [{"hook_name": HOOKS[0], "d_sae": 128, "k": 8}], "warmup_steps": 3,
-                      "dead_window_tokens": 128},
-            "data": {"model": str(nanochat_current_dir), "data_dir": str(tiny_shards_dir), "context_size": CTX,
-                     "batch_size": 64, "model_batch_rows": ROWS, "buffer_tokens": 256, "num_workers": 0,
-                     "val_batches": 1, "normalize": False, "seed": 0, **data},
-            "checkpoint": {"every_n_train_steps": 100},
-            "resample": {"every_n_steps": 5, "seed": 0},
-            "export": {"enabled": False},
-            "histograms": {"enabled": False},
-        }
-        path = tmp_path / f"{run}.yaml"
-        path.write_text(yaml.safe_dump(config))
+        data = {"model": str(nanochat_current_dir), "data_dir": str(tiny_shards_dir), "context_size": CTX,
+                "batch_size": 64, "model_batch_rows": ROWS, "buffer_tokens": 256, "num_workers": 0,
+                "val_batches": 1, "normalize": False, "seed": 0, **data}
+        path = fit_config(tmp_path, run, [{"hook_name": HOOKS[0], "d_sae": 128, "k": 8}], data,
+                          {"max_steps": 8, "val_check_interval": 4}, checkpoint={"every_n_train_steps": 100},
+                          export={"enabled": False}, histograms={"enabled": False})
         assert main(["fit", "--config", str(path)]) == 0
         return torch.load(tmp_path / run / "last.ckpt", weights_only=True)
 

@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from saelightning import load_nanochat
@@ -18,6 +17,7 @@ from saelightning.export import load_sae
 from saelightning.module import SAEModule, SAESpec
 from saelightning.saes import SAEConfig, build_sae
 from saelightning.saes.clt import CLT_ARCHITECTURES, CrossLayerTranscoder
+from tests.fits import fit_config
 
 pytestmark = [pytest.mark.numerics, pytest.mark.usefixtures("one_thread")]
 
@@ -177,20 +177,11 @@ CLT_SPEC = {"hook_name": "blocks.0.hook_mlp_in", "hook_name_out": "blocks.3.hook
 
 
 def _fit_config(tmp_path, shards_dir, run, spec=None, **trainer):
-    config = {
-        "seed_everything": 0,
-        "trainer": {"accelerator": "cpu", "max_steps": 8, "val_check_interval": 4, "log_every_n_steps": 2,
-                    "default_root_dir": str(tmp_path / run), "enable_progress_bar": False,
-                    "enable_model_summary": False, **trainer},
-        "model": {"saes": [spec or CLT_SPEC], "warmup_steps": 2, "dead_window_tokens": 128},
-        "data": {"model": "demo", "data_dir": str(shards_dir), "context_size": 32, "batch_size": 64,
-                 "model_batch_rows": 4, "buffer_tokens": 256, "num_workers": 1, "val_batches": 1, "scale_batches": 2},
-        "checkpoint": {"every_n_train_steps": 3},
-        "resample": {"every_n_steps": 0},
-    }
-    path = tmp_path / f"{run}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    data = {"model": "demo", "data_dir": str(shards_dir), "context_size": 32, "batch_size": 64,
+            "model_batch_rows": 4, "buffer_tokens": 256, "num_workers": 1, "val_batches": 1, "scale_batches": 2}
+    return fit_config(tmp_path, run, [spec or CLT_SPEC], data,
+                      {"max_steps": 8, "val_check_interval": 4, "log_every_n_steps": 2, **trainer},
+                      {"warmup_steps": 2}, checkpoint={"every_n_train_steps": 3}, resample={"every_n_steps": 0})
 
 
 def test_fit_trains_a_clt_over_the_demo_models_four_layers_and_exports_circuit_tracers_layout(tmp_path,

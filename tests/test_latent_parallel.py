@@ -38,6 +38,7 @@ from saelightning.saes.base import normal_rows
 from saelightning.saes.latent import LATENT_AXES, CollectiveCounter, LatentShard, communication_per_step
 from saelightning.saes.sparse import SparseLatents
 from tests.announce import wait_for
+from tests.fits import fit_config
 from tests.numerics import UNIT_ROUNDOFF
 from tests.test_metrics import _free_port
 from tests.test_synthetic import TINY
@@ -240,20 +241,11 @@ def _fit_config(tmp_path, run, latent=None, saes=FIT_SAES, **trainer):
         "strategy": {"class_path": "saelightning.parallel.LatentParallelStrategy",
                      "init_args": {"latent_parallel_size": latent, "process_group_backend": "gloo"}},
         "devices": trainer.pop("devices", latent)}
-    config = {
-        "seed_everything": 0,
-        "trainer": {"accelerator": "cpu", "max_steps": FIT_STEPS, "val_check_interval": 3, "log_every_n_steps": 2,
-                    "default_root_dir": str(tmp_path / run), "enable_progress_bar": False,
-                    "enable_model_summary": False, **strategy, **trainer},
-        "model": {"saes": saes, "warmup_steps": 2, "dead_window_tokens": 128},
-        "data": {"synthetic": {**TINY, "file": str(tmp_path / "model.safetensors")}, "batch_size": 64,
-                 "buffer_tokens": 256, "num_workers": 0, "val_batches": 2, "scale_batches": 2},
-        "checkpoint": {"every_n_train_steps": 2},
-        "resample": {"every_n_steps": 0},
-    }
-    path = tmp_path / f"{run}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    data = {"synthetic": {**TINY, "file": str(tmp_path / "model.safetensors")}, "batch_size": 64,
+            "buffer_tokens": 256, "num_workers": 0, "val_batches": 2, "scale_batches": 2}
+    return fit_config(tmp_path, run, saes, data,
+                      {"max_steps": FIT_STEPS, "val_check_interval": 3, "log_every_n_steps": 2, **strategy, **trainer},
+                      {"warmup_steps": 2}, checkpoint={"every_n_train_steps": 2}, resample={"every_n_steps": 0})
 
 
 def _fit(cfg, *extra, timeout=300):

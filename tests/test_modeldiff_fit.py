@@ -18,7 +18,7 @@ from saelightning.export import load_sae
 from saelightning.modeldiff import relative_norms
 from saelightning.nanochat.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 from saelightning.tokens import val_batches
-from tests.ddp import ddp_fit
+from tests.fits import ddp_fit, fit_config
 from tests.fixtures_data import TINY_VOCAB, tiny_texts
 from tests.fixtures_nanochat import FIXTURE_TAG, make_nanochat_checkpoint
 from tests.test_browser import CHROMIUM, assert_clean, dump_dom
@@ -47,23 +47,15 @@ def _chat_file(tmp_path):
 
 
 def _config(tmp_path, base, shards, run="run", models=None, chat=None, **trainer):
-    config = {
-        "seed_everything": 0,
-        "trainer": {"accelerator": "cpu", "max_steps": 6, "val_check_interval": 3, "log_every_n_steps": 2,
-                    "default_root_dir": str(tmp_path / run), "enable_progress_bar": False,
-                    "enable_model_summary": False, **trainer},
-        "model": {"saes": [{"hook_name": HOOK, "architecture": "crosscoder", "d_sae": 128, "k": 8, "name": "cc"},
-                           {"hook_name": f"chat/{HOOK}", "d_sae": 64, "k": 4, "name": "chat_sae"}],
-                  "warmup_steps": 3, "dead_window_tokens": 128},
-        "data": {"model": str(base), "data_dir": str(shards), "context_size": 32, "batch_size": 64,
-                 "model_batch_rows": 4, "buffer_tokens": 256, "num_workers": 1, "val_batches": 2, "scale_batches": 2,
-                 "models": models or [{"name": "base", "source": "base"}, {"name": "chat", "source": "sft"}],
-                 **({"chat": chat, "chat_fraction": 0.25} if chat else {})},
-        "checkpoint": {"every_n_train_steps": 2},
-    }
-    path = tmp_path / f"{run}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    saes = [{"hook_name": HOOK, "architecture": "crosscoder", "d_sae": 128, "k": 8, "name": "cc"},
+            {"hook_name": f"chat/{HOOK}", "d_sae": 64, "k": 4, "name": "chat_sae"}]
+    data = {"model": str(base), "data_dir": str(shards), "context_size": 32, "batch_size": 64,
+            "model_batch_rows": 4, "buffer_tokens": 256, "num_workers": 1, "val_batches": 2, "scale_batches": 2,
+            "models": models or [{"name": "base", "source": "base"}, {"name": "chat", "source": "sft"}],
+            **({"chat": chat, "chat_fraction": 0.25} if chat else {})}
+    return fit_config(tmp_path, run, saes, data,
+                      {"max_steps": 6, "val_check_interval": 3, "log_every_n_steps": 2, **trainer},
+                      checkpoint={"every_n_train_steps": 2}, resample={"every_n_steps": 0})
 
 
 def test_crosscoder_fit_reads_both_models_exports_them_and_diffs(tmp_path, two_stages, tiny_shards_dir, monkeypatch,

@@ -22,7 +22,7 @@ from saelightning.synthetic import (
     read_model,
     zipf_probabilities,
 )
-from tests.ddp import ddp_fit
+from tests.fits import ddp_fit, fit_config
 
 ARCHS = ["topk", "batchtopk", "matryoshka", "relu", "gated", "jumprelu"]
 TINY = dict(num_features=48, d_in=12, hierarchy_roots=2, hierarchy_branching=2, hierarchy_depth=2, correlation_rank=3,
@@ -133,22 +133,11 @@ def test_blocks_are_disjoint_across_ranks_and_workers_and_resume_by_count():
 # --- fits ---
 
 def _config(tmp_path, run, **trainer):
-    config = {
-        "seed_everything": 0,
-        "trainer": {"accelerator": "cpu", "max_steps": 10, "val_check_interval": 5, "log_every_n_steps": 3,
-                    "default_root_dir": str(tmp_path / run), "enable_progress_bar": False,
-                    "enable_model_summary": False, **trainer},
-        "model": {"saes": [{"hook_name": "synthetic", "architecture": a, "d_sae": 24, "name": a,
-                            **({"k": 3} if a in ("topk", "batchtopk", "matryoshka") else {})} for a in ARCHS],
-                  "warmup_steps": 3, "dead_window_tokens": 128},
-        "data": {"synthetic": {**TINY, "file": str(tmp_path / "model.safetensors")}, "batch_size": 64,
-                 "buffer_tokens": 256, "num_workers": 1, "val_batches": 2, "scale_batches": 2},
-        "checkpoint": {"every_n_train_steps": 4},
-        "resample": {"every_n_steps": 5, "seed": 0},
-    }
-    path = tmp_path / f"{run}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    saes = [{"hook_name": "synthetic", "architecture": a, "d_sae": 24, "name": a,
+             **({"k": 3} if a in ("topk", "batchtopk", "matryoshka") else {})} for a in ARCHS]
+    data = {"synthetic": {**TINY, "file": str(tmp_path / "model.safetensors")}, "batch_size": 64,
+            "buffer_tokens": 256, "num_workers": 1, "val_batches": 2, "scale_batches": 2}
+    return fit_config(tmp_path, run, saes, data, trainer)
 
 
 @pytest.fixture(scope="module")

@@ -11,28 +11,16 @@ import torch
 import yaml
 
 from saelightning.cli import main
-from tests.ddp import ddp_fit
+from tests.fits import ddp_fit, fit_config
 
 HOOK = "blocks.1.hook_resid_post"
 
 
 def _config(tmp_path, model_dir, shards_dir, run="run", saes=None, **trainer):
-    config = {
-        "seed_everything": 0,
-        "trainer": {"accelerator": "cpu", "max_steps": 10, "val_check_interval": 5, "log_every_n_steps": 3,
-                    "default_root_dir": str(tmp_path / run), "enable_progress_bar": False,
-                    "enable_model_summary": False, **trainer},
-        "model": {"saes": saes or [{"hook_name": HOOK, "d_sae": 128, "k": 8}], "warmup_steps": 3,
-                  "dead_window_tokens": 128},
-        "data": {"model": str(model_dir), "data_dir": str(shards_dir), "context_size": 32, "batch_size": 64,
-                 "model_batch_rows": 4, "buffer_tokens": 256, "num_workers": 1, "val_batches": 2, "scale_batches": 2},
-        "checkpoint": {"every_n_train_steps": 4},
-        "resample": {"every_n_steps": 5, "seed": 0},
-        "export": {"enabled": os.environ.get("DEV_NO_EXPORT") is None},
-    }
-    path = tmp_path / f"{run}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    data = {"model": str(model_dir), "data_dir": str(shards_dir), "context_size": 32, "batch_size": 64,
+            "model_batch_rows": 4, "buffer_tokens": 256, "num_workers": 1, "val_batches": 2, "scale_batches": 2}
+    return fit_config(tmp_path, run, saes or [{"hook_name": HOOK, "d_sae": 128, "k": 8}], data, trainer,
+                      export={"enabled": os.environ.get("DEV_NO_EXPORT") is None})
 
 
 def _weights(ckpt):

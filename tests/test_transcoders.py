@@ -23,7 +23,7 @@ from saelightning.runtime import Steer
 from saelightning.saes import SAEConfig, build_sae
 from saelightning.saes.base import TRANSCODER_ARCHITECTURES
 from saelightning.tokens import val_batches
-from tests.ddp import ddp_fit
+from tests.fits import ddp_fit, fit_config
 from tests.test_saes import adam_steps
 
 # fp32 results compared across code paths: also run under other CPU kernels; one torch thread (small ops)
@@ -160,20 +160,9 @@ TRANSCODER = {"hook_name": HOOK_IN, "hook_name_out": HOOK_OUT, "d_sae": 256, "k"
 
 
 def _fit_config(tmp_path, shards_dir, run, saes, **trainer):
-    config = {
-        "seed_everything": 0,
-        "trainer": {"accelerator": "cpu", "max_steps": 10, "val_check_interval": 5, "log_every_n_steps": 3,
-                    "default_root_dir": str(tmp_path / run), "enable_progress_bar": False,
-                    "enable_model_summary": False, **trainer},
-        "model": {"saes": saes, "warmup_steps": 3, "dead_window_tokens": 128},
-        "data": {"model": "demo", "data_dir": str(shards_dir), "context_size": 32, "batch_size": 64,
-                 "model_batch_rows": 4, "buffer_tokens": 256, "num_workers": 1, "val_batches": 2, "scale_batches": 2},
-        "checkpoint": {"every_n_train_steps": 4},
-        "resample": {"every_n_steps": 5, "seed": 0},
-    }
-    path = tmp_path / f"{run}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    data = {"model": "demo", "data_dir": str(shards_dir), "context_size": 32, "batch_size": 64,
+            "model_batch_rows": 4, "buffer_tokens": 256, "num_workers": 1, "val_batches": 2, "scale_batches": 2}
+    return fit_config(tmp_path, run, saes, data, trainer)
 
 
 def test_fit_trains_a_skip_transcoder_beside_an_sae_and_exports_the_saelens_transcoder_layout(tmp_path,
