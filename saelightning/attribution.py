@@ -69,8 +69,7 @@ class Transcoders:
                 if len(saes) > 1:
                     raise SAELightningError("give one CLT, or per-layer transcoders, not both or several CLTs")
                 self.clt = sae
-                names = sae.metadata.get("hook_names_in") or [f"blocks.{i}.hook_mlp_in" for i in range(sae.n_layers)]
-                self.clt_layers = [self._layer(h, "hook_mlp_in", n_layer) for h in names]
+                self.clt_layers = [self._layer(h, "hook_mlp_in", n_layer) for h in sae.hook_names_in]
             else:
                 self._add_transcoder(sae, n_layer)
         self.layers = self.clt_layers if self.clt is not None else sorted(self.per_layer)

@@ -220,8 +220,7 @@ class TranscoderLatents(torch.nn.Module):
 
     @classmethod
     def of_clt(cls, clt, n_layer: int) -> list["TranscoderLatents"]:
-        ins = clt.metadata.get("hook_names_in") or [f"blocks.{i}.hook_mlp_in" for i in range(clt.n_layers)]
-        outs = clt.metadata.get("hook_names_out") or [f"blocks.{i}.hook_mlp_out" for i in range(clt.n_layers)]
+        ins, outs = clt.hook_names_in, clt.hook_names_out
         return [cls(ins[i], enc, float(clt.input_scales[i]),
                     {outs[j]: clt.decoder(i, j) / float(clt.output_scales[j]) for j in range(i, clt.n_layers)})
                 for i, enc in enumerate(clt.encoders)]

@@ -35,7 +35,7 @@ from saelightning.tokens import rows_for_tokens, val_batches
 
 LATENT_BUDGET = 2**26  # floats of dense latents per batch (256 MB in fp32)
 
-__all__ = ["Loaded", "StatsArgs", "VizArgs", "cli_main", "clt_hooks", "compute_records", "density_summary",
+__all__ = ["Loaded", "StatsArgs", "VizArgs", "cli_main", "compute_records", "density_summary",
            "load_inputs", "parse_features", "write_clt_sites"]
 
 
@@ -183,17 +183,12 @@ def compute_records(args: StatsArgs, loaded: Loaded | None = None) -> tuple[dict
     return meta, records, sae
 
 
-def clt_hooks(clt: CrossLayerTranscoder) -> list[str]:
-    """The MLP input hook each layer of a CLT reads (cfg.json metadata.hook_names_in; layers 0.. by default)."""
-    return clt.metadata.get("hook_names_in") or [f"blocks.{i}.hook_mlp_in" for i in range(clt.n_layers)]
-
-
 def clt_layers(loaded: Loaded) -> Iterator[tuple[int, int, Loaded]]:
     """(rank in the CLT, model layer, the inputs as one transcoder's) for each layer a loaded CLT reads: layer l's
     latents as CrossLayerTranscoder.layer_transcoder gives them (read at blocks.l.hook_mlp_in, the decoder rows
     summed over the layers they write), what the dashboards and the Neuronpedia batches of a CLT are made of."""
     clt, n_layer = loaded.sae, loaded.nanochat.model.n_layer
-    for rank, hook in enumerate(clt_hooks(clt)):
+    for rank, hook in enumerate(clt.hook_names_in):
         layer, _ = parse_hook(hook, n_layer)
         view = clt.layer_transcoder(rank)
         view.metadata = {**clt.metadata, "hook_name": hook, "hook_name_out": f"blocks.{layer}.hook_mlp_out"}

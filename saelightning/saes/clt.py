@@ -76,6 +76,16 @@ class CrossLayerTranscoder(nn.Module):
         return self.n_layers * self.d
 
     @property
+    def hook_names_in(self) -> list[str]:
+        """The MLP input hook each layer reads (metadata hook_names_in, as training sets it; blocks.0.. without)."""
+        return self.metadata.get("hook_names_in") or [f"blocks.{i}.hook_mlp_in" for i in range(self.n_layers)]
+
+    @property
+    def hook_names_out(self) -> list[str]:
+        """The MLP output hook each layer writes (metadata hook_names_out; blocks.0.. without)."""
+        return self.metadata.get("hook_names_out") or [f"blocks.{i}.hook_mlp_out" for i in range(self.n_layers)]
+
+    @property
     def step_buffers(self) -> tuple[str, ...]:
         return tuple(f"encoders.{i}.{b}" for i, enc in enumerate(self.encoders) for b in enc.step_buffers)
 
