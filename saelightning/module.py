@@ -356,7 +356,7 @@ class SAEModule(pl.LightningModule):
                         raise SAELightningError("a cross-layer transcoder reads a nanochat model's MLPs; train it on "
                                                 "the model (or its cache), not on data.activations or data.synthetic")
                     sae = build_clt(spec, n_layer, d_model)
-                    keys = sae.metadata["hook_names_in"]
+                    keys = sae.hook_names_in
                 else:
                     n_models = len(keys) if spec.architecture in CROSSCODERS else 1
                     d_out = None if spec.hook_name_out is None else _width(spec.hook_name_out, n_layer, d_model,
@@ -402,7 +402,7 @@ class SAEModule(pl.LightningModule):
         for name, sae in self.saes.items():
             keys += self.keys[name]
             if isinstance(sae, CrossLayerTranscoder):
-                keys += sae.metadata["hook_names_out"]
+                keys += sae.hook_names_out
             elif self.specs[name].hook_name_out:
                 keys.append(self.specs[name].hook_name_out)
         return list(dict.fromkeys(keys))
@@ -620,7 +620,7 @@ class SAEModule(pl.LightningModule):
         total, outputs = 0.0, {}
         for name, sae in self.saes.items():
             if isinstance(sae, CrossLayerTranscoder):
-                xs, ys = ([acts[h] for h in sae.metadata[key]] for key in ("hook_names_in", "hook_names_out"))
+                xs, ys = [acts[h] for h in sae.hook_names_in], [acts[h] for h in sae.hook_names_out]
                 self._prepare(name, sae, xs, batch["scales"], ys)
                 sae.set_training_step(self.global_step)
                 preds, latents, losses = sae(xs, ys, sparse=True)
@@ -749,11 +749,11 @@ class SAEModule(pl.LightningModule):
 
     def _fill_scales(self, name: str, sae, scales: dict) -> None:
         if isinstance(sae, CrossLayerTranscoder):
-            values = tuple(scales[h] for key in ("hook_names_in", "hook_names_out") for h in sae.metadata[key])
-            if getattr(sae, "_filled", None) != values:  # a host-to-device copy: once a run, not every step
-                for buffer, key in ((sae.input_scales, "hook_names_in"), (sae.output_scales, "hook_names_out")):
-                    buffer.copy_(torch.tensor([scales[h] for h in sae.metadata[key]], dtype=buffer.dtype))
-                sae._filled = values
+            ins, outs = [scales[h] for h in sae.hook_names_in], [scales[h] for h in sae.hook_names_out]
+            if getattr(sae, "_filled", None) != (ins, outs):  # a host-to-device copy: once a run, not every step
+                for buffer, values in ((sae.input_scales, ins), (sae.output_scales, outs)):
+                    buffer.copy_(torch.tensor(values, dtype=buffer.dtype))
+                sae._filled = (ins, outs)
             return
         sae.input_scale.copy_(self.sae_scale(name, scales))
         if sae.config.is_transcoder:
@@ -763,7 +763,7 @@ class SAEModule(pl.LightningModule):
         """The scale of what SAE `name` predicts: a scalar, or per column for a cross-layer transcoder."""
         sae = self.saes[name]
         if isinstance(sae, CrossLayerTranscoder):
-            return torch.tensor([scales[h] for h in sae.metadata["hook_names_out"]]).repeat_interleave(sae.d)
+            return torch.tensor([scales[h] for h in sae.hook_names_out]).repeat_interleave(sae.d)
         if sae.config.is_transcoder:
             return torch.tensor(float(scales[self.target_hook(name)]))
         return sae.input_scales().detach().cpu()  # a crosscoder's: one per channel
