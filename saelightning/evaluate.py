@@ -245,13 +245,17 @@ def evaluate_batch(model, saes, tokens: torch.Tensor, bos_id: int, metrics: Mapp
     mask = keep[:, :-1] & keep[:, 1:]  # predictions inside a document only
     targets = tokens[:, 1:][mask]
     clean = _log_probs(model(tokens), mask) if spliced else None
+    single: dict[str, list] = {}  # the SAEs and transcoders, with their metrics: each writes one hook
     for hook, group in groups.items():
         for sae, m in zip(group, metrics[hook]):
             if isinstance(sae, CrossLayerTranscoder):
                 _evaluate_clt(model, sae, tokens, keep, m, spliced, clean, mask, targets)
-    groups = {h: [s for s in g if not isinstance(s, CrossLayerTranscoder)] for h, g in groups.items()}
-    metrics = {h: [m for s, m in zip(groups_all, metrics[h]) if not isinstance(s, CrossLayerTranscoder)]
-               for h, groups_all in as_sae_groups(saes).items()}
+            else:
+                single.setdefault(hook, []).append((sae, m))
+    if not single:
+        return
+    groups = {hook: [sae for sae, _ in pairs] for hook, pairs in single.items()}
+    metrics = {hook: [m for _, m in pairs] for hook, pairs in single.items()}
     if not spliced:
         outs = [output_hook(sae, hook) for hook, group in groups.items() for sae in group]
         acts = model.run_with_cache(tokens, list(dict.fromkeys(list(groups) + outs)))
