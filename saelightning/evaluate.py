@@ -35,7 +35,7 @@ from saelightning.hooks import forward_position, hook_width, parse_hook
 from saelightning.metrics import SAEMetrics, weight_metrics
 from saelightning.progress import progress_bar
 from saelightning.saes.base import CROSSCODERS
-from saelightning.saes.clt import CrossLayerTranscoder, n_latents, out_width
+from saelightning.saes.clt import CrossLayerTranscoder
 from saelightning.tokens import rows_for_tokens, val_batches
 
 
@@ -223,7 +223,7 @@ def transcoder_splice(sae, keep: torch.Tensor, stats: dict | None = None):
 
 def sae_metrics(groups: Mapping[str, Sequence], spliced: bool = True, device=None) -> dict[str, list[SAEMetrics]]:
     """Fresh SAEMetrics for every SAE of {hook: [sae, ...]}, in the same layout (of a transcoder's output)."""
-    return {hook: [SAEMetrics(out_width(sae), n_latents(sae), spliced).to(device or next(sae.parameters()).device)
+    return {hook: [SAEMetrics(sae.out_width, sae.n_latents, spliced).to(device or next(sae.parameters()).device)
                    for sae in group] for hook, group in groups.items()}
 
 

@@ -39,7 +39,7 @@ from saelightning.modeldiff import DiffThresholds, class_counts, class_name, cla
 from saelightning.optim import SkipAdam, WarmupDecay, default_lr
 from saelightning.saes import ARCHITECTURES, SAEConfig, build_sae
 from saelightning.saes.base import CROSSCODERS, SAEOptions
-from saelightning.saes.clt import CLT_ARCHITECTURES, CrossLayerTranscoder, n_latents, out_width
+from saelightning.saes.clt import CLT_ARCHITECTURES, CrossLayerTranscoder
 from saelightning.saes.latent import all_gather_cat, sum_partials
 from saelightning.saes.sparse import SparseLatents
 
@@ -370,22 +370,22 @@ class SAEModule(pl.LightningModule):
             if not _NAME.match(name) or name in self.saes:
                 raise SAELightningError(f"SAE name {name!r} is invalid or repeated; "
                                         "use unique names of letters, digits, _ and -")
-            self.saes[name], self.specs[name], self.states[name] = sae, spec, SAEState(n_latents(sae))
+            self.saes[name], self.specs[name], self.states[name] = sae, spec, SAEState(sae.n_latents)
             self.keys[name] = keys
         self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long))  # SAE training tokens, all ranks
         self.guard = NonFiniteGuard(max_nonfinite_steps)
         self._initialized: set[str] = set()  # SAEs known initialised (read from the buffer once, not every step)
         # a transcoder's metrics are of its output (what it predicts), width d_out
-        self.train_metrics = nn.ModuleDict({n: SAEMetrics(out_width(s), n_latents(s), False)
+        self.train_metrics = nn.ModuleDict({n: SAEMetrics(s.out_width, s.n_latents, False)
                                             for n, s in self.saes.items()})
-        self.val_metrics = nn.ModuleDict({n: SAEMetrics(out_width(s), n_latents(s), spliced_eval)
+        self.val_metrics = nn.ModuleDict({n: SAEMetrics(s.out_width, s.n_latents, spliced_eval)
                                           for n, s in self.saes.items()})
         # a crosscoder's reconstruction of each of its models, logged as val/explained_variance/<model>, ...
         self.model_metrics = nn.ModuleDict({
             n: nn.ModuleList([ReconstructionMetrics(s.d_model) for _ in range(s.n_models)])
             for n, s in self.saes.items() if self.is_crosscoder(n)})
         # against a synthetic source's true features (states are sums, not part of the checkpoint)
-        self.truth_metrics = nn.ModuleDict({n: GroundTruthMetrics(n_latents(s)) for n, s in self.saes.items()})
+        self.truth_metrics = nn.ModuleDict({n: GroundTruthMetrics(s.n_latents) for n, s in self.saes.items()})
         self._truth_on = False  # this validation has true features to compare with
         self.density_step = -1  # global step of the last completed density window (callbacks watch it)
         self.last_val_step: int | None = None  # global step of the last validation (its metrics go into exports)

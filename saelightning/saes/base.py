@@ -309,6 +309,16 @@ class SAE(nn.Module):
         # this rank's part of the latents (None: all of them); set here or by shard_latents
         self.shard: LatentShard | None = shard
 
+    @property
+    def n_latents(self) -> int:
+        """The number of latents (d_sae, all shards'); a cross-layer transcoder's counts every layer's."""
+        return self.config.d_sae
+
+    @property
+    def out_width(self) -> int:
+        """The width of what the decoder writes: d_out for a transcoder, else d_in (a CLT: every output layer)."""
+        return self.config.out_width
+
     # ---- latent parallelism (saes/latent.py) -------------------------------------------------
     sharded_architecture = True  # False where the architecture has no latent-sharded forward
 

@@ -29,16 +29,6 @@ from saelightning.saes.sparse import SparseLatents
 CLT_ARCHITECTURES = ("topk", "batchtopk", "relu", "jumprelu")
 
 
-def n_latents(sae) -> int:
-    """Latents of an SAE or transcoder, or of a cross-layer transcoder over all its layers."""
-    return sae.n_latents if isinstance(sae, CrossLayerTranscoder) else sae.config.d_sae
-
-
-def out_width(sae) -> int:
-    """The width of what it writes (a cross-layer transcoder: every output layer side by side)."""
-    return sae.out_width if isinstance(sae, CrossLayerTranscoder) else sae.config.out_width
-
-
 class CrossLayerTranscoder(nn.Module):
     """A CLT over n_layers consecutive layers of width config.d_in, config.d_sae latents per layer."""
 
