@@ -171,8 +171,8 @@ class CrossLayerTranscoder(nn.Module):
         stats = [self.encoders[0].reconstruction_stats(y.to(p.dtype), p) for y, p in zip(ys, preds)]
         key = self.encoders[0].reconstruction_loss
         total = {"loss": sum(s[key] for s in stats) + penalty}
-        sse = sum(s["fvu"] * (y - y.mean(0)).float().pow(2).sum().clamp_min(1e-12) for s, y in zip(stats, ys))
-        total["fvu"] = sse / sum((y - y.mean(0)).float().pow(2).sum().clamp_min(1e-12) for y in ys)
+        variances = [(y - y.mean(0)).float().pow(2).sum().clamp_min(1e-12) for y in ys]
+        total["fvu"] = sum(s["fvu"] * v for s, v in zip(stats, variances)) / sum(variances)
         total.update({f"fvu/layer{j}": s["fvu"] for j, s in enumerate(stats)})
         return preds, latents, total
 
