@@ -144,10 +144,11 @@ class BatchTopKSAE(TopKSAE):
 
     def forward(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None, sparse: bool = False,
                 target: torch.Tensor | None = None):
-        y = self.target_of(self._check_input(x), target)
+        x = self._check_input(x)
+        y = self.target_of(x, target)
         pre, latents, offsets = self.sparse_latents(x)
         partial = sparse_decode_ragged(latents.values, self._local_columns(latents.indices), offsets, self.W_dec)
-        x_hat = self.with_skip(self._latent_sum(partial) + self.b_dec, self._check_input(x))
+        x_hat = self.with_skip(self._latent_sum(partial) + self.b_dec, x)
         losses = self.reconstruction_stats(y, x_hat)
         losses["auxk_loss"] = self._aux(x, y, x_hat, pre, dead_mask)
         losses["loss"] = losses["fvu"] + self.sparsity_penalty(losses)

@@ -67,11 +67,12 @@ class JumpReLUSAE(SAE):
         return pre.relu() * (pre > self.threshold).to(pre.dtype)
 
     def forward(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None, target: torch.Tensor | None = None):
-        y = self.target_of(self._check_input(x), target)
+        x = self._check_input(x)
+        y = self.target_of(x, target)
         pre = self.pre_acts(x)
         bandwidth = self.config.bandwidth
         latents = JumpReLUSTE.apply(pre, self.threshold, bandwidth)
-        x_hat = self.output(latents, self._check_input(x))
+        x_hat = self.output(latents, x)
         losses = self.reconstruction_stats(y, x_hat)
         norms = self.decoder_norms()
         if self.config.sparsity_penalty == "l0":

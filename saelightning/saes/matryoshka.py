@@ -19,18 +19,19 @@ class MatryoshkaSAE(BatchTopKSAE):
 
     def forward(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None, sparse: bool = False,
                 target: torch.Tensor | None = None):
-        y = self.target_of(self._check_input(x), target)
+        x = self._check_input(x)
+        y = self.target_of(x, target)
         pre, latents, _ = self.sparse_latents(x)
         x_hats = self.prefix_reconstructions(latents)
         if self.config.skip_connection:  # every prefix's prediction has the skip term
-            x_hats = x_hats + self.with_skip(torch.zeros_like(x_hats[:, 0]), self._check_input(x)).unsqueeze(1)
+            x_hats = x_hats + self.with_skip(torch.zeros_like(x_hats[:, 0]), x).unsqueeze(1)
         err = (x_hats - y.to(x_hats.dtype).unsqueeze(1)).float().pow(2).sum((0, 2))
         total_variance = (y - y.mean(0)).float().pow(2).sum().clamp_min(1e-12)
         x_hat = x_hats[:, -1]  # the last prefix is the whole dictionary
         losses = self.reconstruction_stats(y, x_hat)
         losses["prefix_loss"] = (err / total_variance).sum()
         losses["auxk_loss"] = self._aux(x, y, x_hat, pre, dead_mask)
-        losses["loss"] = losses["prefix_loss"] + self.config.aux_coefficient * losses["auxk_loss"]
+        losses["loss"] = losses["prefix_loss"] + self.sparsity_penalty(losses)
         return x_hat, (latents if sparse else latents.dense()), losses
 
     def prefix_reconstructions(self, latents) -> torch.Tensor:

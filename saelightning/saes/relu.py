@@ -18,9 +18,10 @@ class ReLUSAE(SAE):
         return self.pre_acts(x).relu()
 
     def forward(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None, target: torch.Tensor | None = None):
-        y = self.target_of(self._check_input(x), target)
+        x = self._check_input(x)
+        y = self.target_of(x, target)
         latents = self.pre_acts(x).relu()  # latent-sharded: this rank's latents only
-        x_hat = self.output(latents, self._check_input(x))
+        x_hat = self.output(latents, x)
         losses = self.reconstruction_stats(y, x_hat)
         losses["l1_loss"] = self._latent_sum((latents * self.decoder_norms()).sum(-1)).mean()
         losses["loss"] = losses["sse"] + self.sparsity_penalty(losses)
