@@ -60,16 +60,31 @@ def save_sae(sae: SAE, out_dir, metadata: dict | None = None, sparsity: torch.Te
     """
     out_dir = Path(out_dir)
     folded = sae.fold_input_scale()
-    tensors = {name: t.detach().to("cpu").contiguous() for name, t in folded.saelens_tensors().items()}
-    for name, tensor in tensors.items():
-        if not bool(torch.isfinite(tensor).all()):
-            raise SAELightningError(f"SAE tensor {name} has NaN/inf values; refusing to export "
-                                    "(train with a lower lr or resume from an earlier checkpoint)")
+    files = {WEIGHTS_FILE: _finite(folded.saelens_tensors(), "SAE")}
     scale = sae.input_scale.tolist()  # a crosscoder: one per model
     cfg_text = _cfg_json(folded, scale, metadata)
-    extra = {} if sparsity is None else {SPARSITY_FILE: {"sparsity": _check_sparsity(sparsity, sae.config.d_sae)}}
-    _write_dir_atomically(out_dir, cfg_text, tensors, extra)
+    if sparsity is not None:
+        files[SPARSITY_FILE] = {"sparsity": _check_sparsity(sparsity, sae.config.d_sae)}
+    _write_dir_atomically(out_dir, cfg_text, files)
     return out_dir
+
+
+def _finite(tensors: dict[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
+    """The tensors detached, on the CPU and contiguous, as safetensors writes them; NaN/inf ones refused."""
+    out = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+    for name, tensor in out.items():
+        if not bool(torch.isfinite(tensor).all()):
+            raise SAELightningError(f"{what} tensor {name} has NaN/inf values; refusing to export "
+                                    "(train with a lower lr or resume from an earlier checkpoint)")
+    return out
+
+
+def _json_text(cfg: dict, what: str) -> str:
+    try:
+        return json.dumps(_jsonable(cfg), indent=2, allow_nan=False)
+    except (TypeError, ValueError) as err:
+        raise SAELightningError(f"{what} metadata cannot be written as JSON ({err}); "
+                                "pass plain numbers, strings, lists and dicts") from None
 
 
 def _cfg_json(sae: SAE, input_scale, metadata: dict | None) -> str:
@@ -96,11 +111,7 @@ def _cfg_json(sae: SAE, input_scale, metadata: dict | None) -> str:
         cfg["d_out"] = sae.config.d_out
         if meta.get("hook_name_out"):
             cfg["hook_name_out"] = meta["hook_name_out"]
-    try:
-        return json.dumps(_jsonable(cfg), indent=2, allow_nan=False)
-    except (TypeError, ValueError) as err:
-        raise SAELightningError(f"SAE metadata cannot be written as JSON ({err}); "
-                                "pass plain numbers, strings, lists and dicts") from None
+    return _json_text(cfg, "SAE")
 
 
 def _jsonable(value):
@@ -130,12 +141,12 @@ def _check_sparsity(sparsity: torch.Tensor, d_sae: int) -> torch.Tensor:
     return sparsity
 
 
-def _write_dir_atomically(out_dir: Path, cfg_text: str, tensors: dict, extra_files: dict) -> None:
+def _write_dir_atomically(out_dir: Path, cfg_text: str, files: dict[str, dict[str, torch.Tensor]]) -> None:
+    """cfg.json and each safetensors file {name: tensors} in out_dir, which is replaced only once all are written."""
     with atomic_dir(out_dir) as tmp:
         (tmp / CFG_FILE).write_text(cfg_text)
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        for name, file_tensors in extra_files.items():
-            save_file(file_tensors, str(tmp / name), metadata={"format": "pt"})
+        for name, tensors in files.items():
+            save_file(tensors, str(tmp / name), metadata={"format": "pt"})
 
 
 # --- cross-layer transcoders: circuit-tracer's file layout ---------------------------------------------------------
@@ -157,18 +168,12 @@ def save_clt(clt: CrossLayerTranscoder, out_dir, metadata: dict | None = None,
     files: dict[str, dict[str, torch.Tensor]] = {}
     L, d, d_sae = clt.n_layers, clt.d, clt.config.d_sae
     for i, enc in enumerate(folded.encoders):
-        t = {k: v.detach().to("cpu") for k, v in enc.saelens_tensors().items()}
-        enc_file = {f"W_enc_{i}": t["W_enc"].T, f"b_enc_{i}": t["b_enc"], f"b_dec_{i}": folded.b_dec[i].detach()}
+        t = enc.saelens_tensors()
+        enc_file = {f"W_enc_{i}": t["W_enc"].T, f"b_enc_{i}": t["b_enc"], f"b_dec_{i}": folded.b_dec[i]}
         if "threshold" in t:
             enc_file[f"threshold_{i}"] = t["threshold"]
-        files[f"W_enc_{i}.safetensors"] = enc_file
-        files[f"W_dec_{i}.safetensors"] = {f"W_dec_{i}": t["W_dec"].reshape(d_sae, L - i, d)}
-    for tensors in files.values():
-        for name, tensor in list(tensors.items()):
-            tensors[name] = tensor.to("cpu").contiguous()
-            if not bool(torch.isfinite(tensor).all()):
-                raise SAELightningError(f"CLT tensor {name} has NaN/inf values; refusing to export "
-                                        "(train with a lower lr or resume from an earlier checkpoint)")
+        files[f"W_enc_{i}.safetensors"] = _finite(enc_file, "CLT")
+        files[f"W_dec_{i}.safetensors"] = _finite({f"W_dec_{i}": t["W_dec"].reshape(d_sae, L - i, d)}, "CLT")
     meta = {"sae_lens_version": SAELENS_FORMAT_VERSION, **clt.metadata, **(metadata or {}),
             "saelightning_architecture": clt.config.architecture, "saelightning_config": asdict(clt.config),
             "input_scales_folded": clt.input_scales.tolist(), "output_scales_folded": clt.output_scales.tolist()}
@@ -179,17 +184,10 @@ def save_clt(clt: CrossLayerTranscoder, out_dir, metadata: dict | None = None,
            "skip_connection": False, "metadata": meta}
     if clt.config.architecture == "topk":
         cfg["k"] = clt.config.k
-    try:
-        cfg_text = json.dumps(_jsonable(cfg), indent=2, allow_nan=False)
-    except (TypeError, ValueError) as err:
-        raise SAELightningError(f"CLT metadata cannot be written as JSON ({err}); "
-                                "pass plain numbers, strings, lists and dicts") from None
+    cfg_text = _json_text(cfg, "CLT")
     if sparsity is not None:
         files[SPARSITY_FILE] = {"sparsity": _check_sparsity(sparsity, L * d_sae)}
-    with atomic_dir(out_dir) as tmp:
-        (tmp / CFG_FILE).write_text(cfg_text)
-        for name, tensors in files.items():
-            save_file(tensors, str(tmp / name), metadata={"format": "pt"})
+    _write_dir_atomically(out_dir, cfg_text, files)
     return out_dir
 
 
