@@ -308,8 +308,6 @@ class InterpretableModel:
         for hook, sae in pairs:
             if not hook:
                 raise SAELightningError("an SAE has no metadata['hook_name']; pass {hook_name: sae} instead")
-            if hook in out:
-                raise SAELightningError(f"two SAEs on {hook!r}; an InterpretableModel takes one SAE per hook point")
             parse_hook(hook, self.model.n_layer)
             if isinstance(sae, CrossLayerTranscoder):  # one view per layer it reads, each at its own input hook
                 for view in TranscoderLatents.of_clt(sae, self.model.n_layer):
