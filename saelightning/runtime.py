@@ -219,7 +219,7 @@ class TranscoderLatents(torch.nn.Module):
         return cls(hook, sae, float(sae.input_scale), {out: sae.W_dec / scale_out})
 
     @classmethod
-    def of_clt(cls, clt, n_layer: int) -> list["TranscoderLatents"]:
+    def of_clt(cls, clt) -> list["TranscoderLatents"]:
         ins, outs = clt.hook_names_in, clt.hook_names_out
         return [cls(ins[i], enc, float(clt.input_scales[i]),
                     {outs[j]: clt.decoder(i, j) / float(clt.output_scales[j]) for j in range(i, clt.n_layers)})
@@ -310,7 +310,7 @@ class InterpretableModel:
                 raise SAELightningError("an SAE has no metadata['hook_name']; pass {hook_name: sae} instead")
             parse_hook(hook, self.model.n_layer)
             if isinstance(sae, CrossLayerTranscoder):  # one view per layer it reads, each at its own input hook
-                for view in TranscoderLatents.of_clt(sae, self.model.n_layer):
+                for view in TranscoderLatents.of_clt(sae):
                     out[view.hook] = self._checked(view.hook, view, out)
                 continue
             if getattr(getattr(sae, "config", None), "is_transcoder", False):
