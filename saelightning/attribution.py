@@ -473,9 +473,7 @@ def _build(rm, target, max_n_logits, desired_logit_prob, max_feature_nodes, batc
     n_all = feats.shape[0]
     K = len(logit_ids)
     logit_rows = _rows(rm, feats, logit_ids, torch.arange(n_all, n_all + K), batch_size)
-    chosen = _choose_features(rm, feats, logit_ids, logit_rows, logit_probs, max_feature_nodes, batch_size)
-    feature_rows = chosen[1]
-    keep = chosen[0]
+    keep, feature_rows = _choose_features(rm, feats, logit_ids, logit_rows, logit_probs, max_feature_nodes, batch_size)
     # columns: the chosen features, then errors and tokens
     cols = torch.cat([keep, torch.arange(n_all, n_all + (L + 1) * T)])
     n = len(keep) + (L + 1) * T + K
